@@ -1,0 +1,668 @@
+"""Data package: every source on tiny seeded files in the real on-disk formats, the batch
+sampler, binarisation, and the configs in ``configs/data/``."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from PIL import Image
+
+from tests.fake_data import (
+    IDX_NAMES,
+    idx_bytes,
+    write_celeba,
+    write_idx,
+    write_idx_dataset,
+    write_image_folder,
+)
+from vae_experiments.data import (
+    CelebADataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    ImageDataModule,
+    ImageFiles,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    ShuffledBatchSampler,
+    TensorImages,
+    read_idx,
+)
+from vae_experiments.data.files import CenterCropResize
+
+DATA_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "data"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def make_digits(**overrides) -> DigitsDataModule:
+    kwargs = dict(
+        data_dir="unused",
+        batch_size=16,
+        num_workers=0,
+        seed=0,
+        split_seed=0,
+        val_size=0.1,
+        test_size=0.2,
+        binarize="none",
+    )
+    return DigitsDataModule(**{**kwargs, **overrides})
+
+
+def make_idx(data_dir: Path, cls: type = MNISTDataModule, **overrides) -> ImageDataModule:
+    kwargs = dict(
+        data_dir=str(data_dir),
+        batch_size=8,
+        num_workers=0,
+        seed=0,
+        split_seed=0,
+        val_size=16,
+        binarize="none",
+        download=False,
+    )
+    return cls(**{**kwargs, **overrides})
+
+
+def make_celeba(data_dir: Path, **overrides) -> CelebADataModule:
+    kwargs = dict(
+        data_dir=str(data_dir),
+        batch_size=4,
+        num_workers=0,
+        seed=0,
+        split_seed=0,
+        image_size=64,
+        crop_size=148,
+    )
+    return CelebADataModule(**{**kwargs, **overrides})
+
+
+def make_folder(path: Path, **overrides) -> ImageFolderDataModule:
+    kwargs = dict(
+        path=str(path),
+        data_dir="unused",
+        batch_size=4,
+        num_workers=0,
+        seed=0,
+        split_seed=0,
+        image_size=16,
+        channels=3,
+        val_size=0.1,
+        test_size=0.1,
+    )
+    return ImageFolderDataModule(**{**kwargs, **overrides})
+
+
+def all_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(loader)
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+
+def test_tensor_images_gathers_a_batch():
+    images = torch.arange(5 * 4, dtype=torch.uint8).reshape(5, 1, 2, 2)
+    dataset = TensorImages(images, torch.arange(5))
+    x, y = dataset[torch.tensor([4, 0])]
+    assert len(dataset) == 5
+    assert x.dtype == torch.uint8 and x.shape == (2, 1, 2, 2)
+    assert torch.equal(x, images[[4, 0]]) and y.tolist() == [4, 0] and y.dtype == torch.int64
+
+
+def test_tensor_images_rejects_float_images():
+    with pytest.raises(ValueError, match="uint8"):
+        TensorImages(torch.zeros(2, 1, 2, 2), torch.zeros(2))
+
+
+# --- sampler --------------------------------------------------------------------------------
+
+
+def test_eval_sampler_covers_every_index_once_in_order():
+    sampler = ShuffledBatchSampler(10, 3, shuffle=False, drop_last=False, seed=0)
+    batches = list(sampler)
+    assert len(sampler) == 4 and [len(b) for b in batches] == [3, 3, 3, 1]
+    assert all(b.dtype == torch.int64 and b.ndim == 1 for b in batches)
+    assert torch.equal(torch.cat(batches), torch.arange(10))
+
+
+def test_shuffle_depends_only_on_seed_and_epoch():
+    sampler = ShuffledBatchSampler(20, 5, shuffle=True, drop_last=True, seed=3)
+    epoch0 = torch.cat(list(sampler))
+    sampler.set_epoch(1)
+    epoch1 = torch.cat(list(sampler))
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(epoch1.sort().values, torch.arange(20))  # a permutation
+    expected = torch.randperm(20, generator=torch.Generator().manual_seed(3 + 1))
+    assert torch.equal(epoch1, expected)
+    again = ShuffledBatchSampler(20, 5, shuffle=True, drop_last=True, seed=3)
+    again.set_epoch(1)
+    assert torch.equal(torch.cat(list(again)), epoch1)
+
+
+def test_train_shards_are_disjoint_and_equal_length():
+    shards = [
+        list(ShuffledBatchSampler(21, 4, True, True, seed=0, rank=rank, world_size=2))
+        for rank in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) == 2  # 21 -> 20 -> 10 per rank -> 2 full batches
+    assert all(len(b) == 4 for shard in shards for b in shard)
+    first, second = (set(torch.cat(shard).tolist()) for shard in shards)
+    assert not first & second
+    lengths = [len(ShuffledBatchSampler(21, 4, True, True, 0, r, 2)) for r in (0, 1)]
+    assert lengths == [2, 2]
+
+
+def test_eval_shards_cover_everything_once():
+    shards = [list(ShuffledBatchSampler(5, 2, False, False, 0, r, 2)) for r in (0, 1)]
+    assert [torch.cat(s).tolist() for s in shards] == [[0, 2, 4], [1, 3]]
+
+
+def test_rank_and_world_size_are_resolved_lazily(monkeypatch):
+    sampler = ShuffledBatchSampler(40, 5, shuffle=True, drop_last=True, seed=0)
+    assert len(sampler) == 8  # no process group: rank 0 of 1
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    assert len(sampler) == 2 and len(list(sampler)) == 2
+
+
+@pytest.mark.parametrize(("world_size", "per_process"), [(1, 16), (2, 8)], ids=["single", "ddp2"])
+def test_batch_larger_than_training_split_fails_clearly(world_size, per_process):
+    sampler = ShuffledBatchSampler(16, 64, True, True, seed=0, rank=0, world_size=world_size)
+    message = (
+        f"data.batch_size=64 is larger than the training split ({per_process} images per "
+        "process); lower data.batch_size"
+    )
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        len(sampler)
+    with pytest.raises(ValueError, match="lower data.batch_size"):
+        list(sampler)
+
+
+def test_sampler_state_dict_round_trip():
+    sampler = ShuffledBatchSampler(10, 2, True, True, seed=0)
+    sampler.set_epoch(7)
+    restored = ShuffledBatchSampler(10, 2, True, True, seed=0)
+    restored.load_state_dict(sampler.state_dict())
+    assert restored.epoch == 7
+    assert [b.tolist() for b in restored] == [b.tolist() for b in sampler]
+
+
+# --- base validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 0}, "data.batch_size must be >= 1, got 0"),
+        ({"num_workers": -1}, "data.num_workers must be >= 0, got -1"),
+        ({"seed": "0"}, "data.seed must be an integer"),
+        ({"binarize": "sometimes"}, "data.binarize must be one of 'none', 'static', 'dynamic'"),
+        ({"val_size": 1.5}, "data.val_size must be an int >= 0"),
+        ({"test_size": -3}, "data.test_size must be an int >= 0"),
+    ],
+)
+def test_bad_config_values_fail_in_init(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_digits(**overrides)
+
+
+def test_split_that_leaves_no_training_images_fails():
+    with pytest.raises(ValueError, match=r"data.test_size=1797 .* leaves none for training"):
+        make_digits(test_size=1797).setup()
+
+
+# --- digits ---------------------------------------------------------------------------------
+
+
+def test_digits_splits_shapes_and_values():
+    datamodule = make_digits()
+    assert datamodule.image_shape == (1, 8, 8)
+    datamodule.setup()
+    splits = datamodule.splits
+    # test = round(0.2 * 1797) = 359, val = round(0.1 * 1438) = 144
+    assert {k: len(v) for k, v in splits.items()} == {"train": 1294, "val": 144, "test": 359}
+    for split in splits.values():
+        assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 8, 8)
+        assert split.labels.dtype == torch.int64 and set(split.labels.tolist()) == set(range(10))
+    x = datamodule.to_float(splits["train"].images)
+    assert x.dtype == torch.float32 and x.min() == 0.0 and x.max() == 1.0
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.shape == (16, 1, 8, 8) and images.dtype == torch.uint8 and labels.shape == (16,)
+    assert len(datamodule.train_dataloader()) == 1294 // 16
+    assert sum(len(b[0]) for b in datamodule.val_dataloader()) == 144
+
+
+def test_digits_splits_depend_on_split_seed_only():
+    def val_labels(**overrides) -> list[int]:
+        datamodule = make_digits(**overrides)
+        datamodule.setup()
+        return datamodule.splits["val"].labels.tolist()
+
+    assert val_labels() == val_labels(seed=123)
+    assert val_labels() != val_labels(split_seed=1)
+
+
+def test_setup_runs_once():
+    datamodule = make_digits()
+    datamodule.setup("fit")
+    splits = datamodule.splits
+    datamodule.setup("test")
+    assert datamodule.splits is splits
+
+
+# --- binarisation ---------------------------------------------------------------------------
+
+
+def values(dataset: TensorImages) -> set[int]:
+    return set(dataset.images.unique().tolist())
+
+
+def test_static_binarize_is_deterministic_0_255():
+    first, second = make_digits(binarize="static"), make_digits(binarize="static")
+    first.setup()
+    second.setup()
+    for name in ("train", "val", "test"):
+        assert values(first.splits[name]) == {0, 255}
+        assert torch.equal(first.splits[name].images, second.splits[name].images)
+
+
+def test_dynamic_binarize_keeps_train_grey_and_fixes_eval_splits():
+    dynamic, static = make_digits(binarize="dynamic"), make_digits(binarize="static")
+    dynamic.setup()
+    static.setup()
+    assert len(values(dynamic.splits["train"])) > 2
+    for name in ("val", "test"):
+        assert values(dynamic.splits[name]) == {0, 255}
+        assert torch.equal(dynamic.splits[name].images, static.splits[name].images)
+
+
+@pytest.mark.parametrize(
+    ("binarize", "trainer", "binary"),
+    [
+        ("dynamic", SimpleNamespace(training=True), True),
+        ("dynamic", SimpleNamespace(training=False), False),
+        ("dynamic", None, False),
+        ("none", SimpleNamespace(training=True), False),
+    ],
+)
+def test_on_after_batch_transfer(binarize, trainer, binary):
+    torch.manual_seed(0)
+    datamodule = make_digits(binarize=binarize)
+    datamodule.setup()
+    datamodule.trainer = trainer
+    batch = next(iter(datamodule.train_dataloader()))
+    x, labels = datamodule.on_after_batch_transfer(batch, 0)
+    assert x.dtype == torch.float32 and x.shape == (16, 1, 8, 8) and labels is batch[1]
+    if binary:
+        assert set(x.unique().tolist()) <= {0.0, 1.0}
+    else:
+        assert torch.equal(x, batch[0].float() / 255) and len(x.unique()) > 2
+
+
+class _Recorder(pl.LightningModule):
+    """Records what the batches look like inside the steps of a real Trainer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 1)
+        self.seen: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+
+    def training_step(self, batch, batch_idx):
+        self.seen["train"].append(batch[0])
+        return self.layer(batch[0].flatten(1)).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.seen["val"].append(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_lightning_trainer_converts_binarizes_and_reshuffles():
+    datamodule = make_digits(binarize="dynamic", batch_size=64)
+    module = _Recorder()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    for x in module.seen["train"] + module.seen["val"]:
+        assert x.dtype == torch.float32 and set(x.unique().tolist()) <= {0.0, 1.0}
+    assert trainer.train_dataloader.sampler.epoch == 1  # Lightning called set_epoch
+    # Each epoch draws a different permutation, so the first batches differ.
+    assert not torch.equal(module.seen["train"][0], module.seen["train"][2])
+
+
+# --- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_read_idx_round_trip(tmp_path, gz):
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    path = write_idx(tmp_path / "images-idx3-ubyte", images, gz=gz)
+    labels_path = write_idx(tmp_path / "labels-idx1-ubyte", np.array([1, 2, 3]), gz=gz)
+    assert np.array_equal(read_idx(path).numpy(), images)
+    assert read_idx(labels_path).tolist() == [1, 2, 3]
+
+
+def test_read_idx_bad_magic_names_the_file(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x0c\x03" + bytes(16))
+    with pytest.raises(ValueError, match=rf"{path}: bad IDX magic number 0x00000c03"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_read_idx_truncated_names_the_file(tmp_path, gz):
+    data = idx_bytes(np.zeros((4, 28, 28), dtype=np.uint8))
+    path = tmp_path / ("images.gz" if gz else "images")
+    if gz:
+        # A download cut short: the gzip stream ends early.
+        path.write_bytes(gzip.compress(data)[:40])
+    else:
+        path.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=rf"{path}: .*truncated"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("layout", ["torchvision", "flat"])
+@pytest.mark.parametrize("cls", [MNISTDataModule, FashionMNISTDataModule])
+def test_idx_datamodule_loads_both_layouts(tmp_path, gz, layout, cls):
+    folder = write_idx_dataset(tmp_path, gz=gz, layout=layout, name=cls.source.name)
+    datamodule = make_idx(tmp_path, cls)
+    assert datamodule.image_shape == (1, 28, 28)
+    datamodule.setup()
+    splits = datamodule.splits
+    assert {k: len(v) for k, v in splits.items()} == {"train": 48, "val": 16, "test": 32}
+    suffix = ".gz" if gz else ""
+    expected = read_idx(folder / (IDX_NAMES["test_images"] + suffix))
+    assert torch.equal(splits["test"].images, expected.unsqueeze(1))
+    train_val = torch.cat([splits["train"].labels, splits["val"].labels]).sort().values
+    written = read_idx(folder / (IDX_NAMES["train_labels"] + suffix)).long().sort().values
+    assert torch.equal(train_val, written)
+    images, labels = next(iter(datamodule.val_dataloader()))
+    assert images.shape == (8, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and labels.max() <= 9
+
+
+def test_idx_missing_files_lists_searched_folders(tmp_path):
+    data_dir = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError) as info:
+        make_idx(data_dir).setup()
+    message = str(info.value)
+    assert str(data_dir / "MNIST" / "raw") in message and f"  - {data_dir}\n" in message
+    assert "data.download=true" in message
+
+
+def test_idx_folder_missing_one_file_is_not_used(tmp_path):
+    folder = write_idx_dataset(tmp_path)
+    (folder / IDX_NAMES["test_labels"]).unlink()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        make_idx(tmp_path).setup()
+
+
+def test_fashion_missing_files_suggests_debian_package(tmp_path, monkeypatch):
+    source = dataclasses.replace(FashionMNISTDataModule.source, fallback_dirs=(tmp_path / "x",))
+    monkeypatch.setattr(FashionMNISTDataModule, "source", source)
+    with pytest.raises(FileNotFoundError) as info:
+        make_idx(tmp_path, FashionMNISTDataModule).setup()
+    assert str(tmp_path / "x") in str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in str(info.value)
+
+
+def test_prepare_data_downloads_only_when_allowed_and_missing(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    calls = []
+
+    def fake_mnist(root, train, download):
+        calls.append((root, train, download))
+        write_idx_dataset(Path(root), gz=True)  # where torchvision would put them
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", fake_mnist)
+    make_idx(tmp_path, download=False).prepare_data()
+    assert calls == []
+    datamodule = make_idx(tmp_path, download=True)
+    datamodule.prepare_data()
+    assert calls == [(str(tmp_path), True, True)]
+    datamodule.prepare_data()  # files are there now
+    assert len(calls) == 1
+    datamodule.setup()
+    assert len(datamodule.splits["test"]) == 32
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} not installed")
+def test_real_fashion_mnist_from_debian_fallback(tmp_path):
+    start = time.perf_counter()
+    datamodule = make_idx(tmp_path / "empty", FashionMNISTDataModule, val_size=5000)
+    datamodule.setup()
+    splits = datamodule.splits
+    assert {k: len(v) for k, v in splits.items()} == {"train": 55000, "val": 5000, "test": 10000}
+    assert splits["train"].images.shape[1:] == datamodule.image_shape == (1, 28, 28)
+    assert torch.bincount(splits["test"].labels).tolist() == [1000] * 10
+    assert time.perf_counter() - start < 5  # else mark it slow
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_error_names_the_file(tmp_path, damage):
+    image_dir = write_celeba(tmp_path, n=6)
+    bad = image_dir / "000002.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(b"not a jpeg" * 10 if damage == "garbage" else data[: len(data) // 2])
+    dataset = ImageFiles(sorted(image_dir.iterdir()), [0] * 6, CenterCropResize(148, 64), 3)
+    assert dataset[torch.tensor([0])][0].shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match=rf"{bad}: image file is corrupt or unreadable"):
+        dataset[torch.tensor([0, 1])]
+
+
+# --- CelebA ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kaggle", [False, True], ids=["torchvision", "kaggle"])
+def test_celeba_layouts_and_partition(tmp_path, kaggle):
+    write_celeba(tmp_path, n=12, kaggle=kaggle)
+    datamodule = make_celeba(tmp_path)
+    assert datamodule.image_shape == (3, 64, 64)
+    datamodule.setup()
+    assert {k: len(v) for k, v in datamodule.splits.items()} == {"train": 8, "val": 2, "test": 2}
+    assert [p.name for p in datamodule.splits["val"].paths] == ["000009.jpg", "000010.jpg"]
+    batches = all_batches(datamodule.train_dataloader())
+    assert len(batches) == 2
+    for images, labels in batches:
+        assert images.shape == (4, 3, 64, 64) and images.dtype == torch.uint8
+        assert labels.tolist() == [0] * 4
+
+
+def test_celeba_data_dir_may_be_the_celeba_folder(tmp_path):
+    write_celeba(tmp_path, n=6)
+    datamodule = make_celeba(tmp_path / "celeba", image_size=32)
+    datamodule.setup()
+    images, _ = datamodule.splits["test"][torch.tensor([0])]
+    assert images.shape == (1, 3, 32, 32) == (1, *datamodule.image_shape)
+
+
+def test_celeba_crop_then_resize_matches_pil(tmp_path):
+    image_dir = write_celeba(tmp_path, n=6)
+    datamodule = make_celeba(tmp_path)
+    datamodule.setup()
+    images, _ = datamodule.splits["train"][torch.tensor([0])]
+    photo = np.asarray(Image.open(image_dir / "000001.jpg"))  # (218, 178, 3)
+    crop = Image.fromarray(photo[35:183, 15:163])  # central 148 x 148
+    expected = np.asarray(crop.resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.array_equal(images[0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_celeba_not_found_says_where_and_how(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        make_celeba(tmp_path).setup()
+    message = str(info.value)
+    assert str(tmp_path / "celeba" / "list_eval_partition.txt") in message
+    assert str(tmp_path / "celeba" / "img_align_celeba") in message
+    assert "jessicali9530/celeba-dataset" in message and "Google Drive" in message
+
+
+def test_celeba_missing_listed_images(tmp_path):
+    image_dir = write_celeba(tmp_path, n=12)
+    (image_dir / "000003.jpg").unlink()
+    (image_dir / "000007.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"2 of the 12 .* first is {image_dir}/000003"):
+        make_celeba(tmp_path).setup()
+
+
+def test_celeba_crop_larger_than_image_fails():
+    with pytest.raises(ValueError, match="data.crop_size must be <= 178"):
+        make_celeba(Path("unused"), crop_size=200)
+
+
+# --- image folder ---------------------------------------------------------------------------
+
+
+def test_image_folder_labels_from_subfolders(tmp_path):
+    root = write_image_folder(tmp_path / "images", n=12)
+    (root / "cats" / "._img000.jpg").write_bytes(b"macOS fork, not an image")
+    datamodule = make_folder(root)
+    assert datamodule.image_shape == (3, 16, 16)
+    datamodule.setup()
+    splits = datamodule.splits
+    assert datamodule.class_names == ["cats", "dogs"]
+    # test = round(0.1 * 12) = 1, val = round(0.1 * 11) = 1
+    assert {k: len(v) for k, v in splits.items()} == {"train": 10, "val": 1, "test": 1}
+    paths = [p for split in splits.values() for p in split.paths]
+    assert len(set(paths)) == 12 and any(p.suffix == ".JPEG" for p in paths)
+    assert any("nested" in p.parts for p in paths)
+    for split in splits.values():
+        for path, label in zip(split.paths, split.labels.tolist(), strict=True):
+            assert label == ["cats", "dogs"].index(path.relative_to(root).parts[0])
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+
+
+def test_image_folder_grayscale_flat_folder(tmp_path):
+    root = write_image_folder(tmp_path, n=5, classes=(), size=(30, 40))
+    datamodule = make_folder(root, channels=1, image_size=8, val_size=1, test_size=1)
+    datamodule.setup()
+    images, labels = datamodule.splits["train"][torch.arange(3)]
+    assert images.shape == (3, 1, 8, 8) and labels.tolist() == [0, 0, 0]
+
+
+def test_image_folder_split_is_deterministic(tmp_path):
+    root = write_image_folder(tmp_path, n=20)
+    first, second = make_folder(root), make_folder(root, seed=5)
+    first.setup()
+    second.setup()
+    assert first.splits["val"].paths == second.splits["val"].paths
+
+
+def test_image_folder_resizes_shorter_side_then_crops(tmp_path):
+    # Left/right (wide) and top/bottom (tall) thirds are blue and get cropped away.
+    wide = np.full((20, 60, 3), (0, 0, 255), dtype=np.uint8)
+    wide[:, 20:40] = (200, 10, 10)
+    tall = np.full((60, 20, 3), (0, 0, 255), dtype=np.uint8)
+    tall[20:40] = (10, 200, 10)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    datamodule = make_folder(tmp_path, image_size=16, val_size=0, test_size=0)
+    datamodule.setup()
+    images, _ = datamodule.splits["train"][torch.arange(2)]  # sorted: tall.png, wide.png
+    assert images.shape == (2, 3, 16, 16)
+    # 60x20 -> 48x16 -> central 16x16 = the middle third, up to bilinear bleed at the edges.
+    assert (images[0, :, 1:-1, 1:-1] == torch.tensor([10, 200, 10]).view(3, 1, 1)).all()
+    assert (images[1, :, 1:-1, 1:-1] == torch.tensor([200, 10, 10]).view(3, 1, 1)).all()
+
+
+def test_image_folder_empty_and_missing(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(
+        FileNotFoundError, match=rf"no images found under data.path={tmp_path}.*\.png"
+    ):
+        make_folder(tmp_path).setup()
+    with pytest.raises(FileNotFoundError, match=rf"data.path={tmp_path / 'missing'} is not"):
+        make_folder(tmp_path / "missing").setup()
+
+
+def test_image_folder_rejects_two_channels():
+    with pytest.raises(ValueError, match="data.channels must be one of 1, 3, got 2"):
+        make_folder(Path("unused"), channels=2)
+
+
+def test_image_folder_with_worker_processes(tmp_path):
+    root = write_image_folder(tmp_path, n=12)
+    datamodule = make_folder(root, num_workers=2, val_size=0, test_size=0)
+    batches = all_batches(datamodule.train_dataloader())  # setup() runs lazily
+    assert [b[0].shape for b in batches] == [(4, 3, 16, 16)] * 3
+
+
+# --- configs --------------------------------------------------------------------------------
+
+
+def fake_idx(name: str):
+    def write(root: Path) -> dict:
+        write_idx_dataset(root, n_train=64, gz=True, name=name)
+        return {"data_dir": str(root), "val_size": 16}
+
+    return write
+
+
+def fake_celeba(root: Path) -> dict:
+    write_celeba(root)
+    return {"data_dir": str(root)}
+
+
+def fake_image_folder(root: Path) -> dict:
+    return {"path": str(write_image_folder(root / "images"))}
+
+
+# Config name -> writes fake files under a folder, returns the overrides pointing at them.
+CONFIG_FAKES = {
+    "digits": lambda root: {},
+    "mnist": fake_idx("MNIST"),
+    "fashion_mnist": fake_idx("FashionMNIST"),
+    "celeba": fake_celeba,
+    "image_folder": fake_image_folder,
+}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in DATA_CONFIG_DIR.glob("*.yaml")))
+def test_data_config_instantiates(tmp_path, name):
+    cfg = OmegaConf.load(DATA_CONFIG_DIR / f"{name}.yaml")
+    merged = OmegaConf.merge({"seed": 0}, {"data": cfg})
+    # Each new config needs a fake in CONFIG_FAKES; in-process loading keeps the test fast.
+    overrides = {**CONFIG_FAKES[name](tmp_path), "num_workers": 0}
+    merged.data = OmegaConf.merge(merged.data, overrides)
+    datamodule = instantiate(merged.data)
+    assert isinstance(datamodule, ImageDataModule)
+    image_shape = datamodule.image_shape  # known before loading
+    images, labels = next(iter(datamodule.val_dataloader()))
+    assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == image_shape
+    assert labels.dtype == torch.int64 and len(labels) == len(images)
+
+
+def test_image_folder_config_requires_path():
+    cfg = OmegaConf.merge(
+        {"seed": 0}, {"data": OmegaConf.load(DATA_CONFIG_DIR / "image_folder.yaml")}
+    )
+    with pytest.raises(MissingMandatoryValue, match="data.path"):
+        instantiate(cfg.data)

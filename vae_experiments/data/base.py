@@ -1,0 +1,291 @@
+"""Shared pieces of every data source.
+
+Batches stay uint8 (B, C, H, W) until they reach the device: the DataLoader moves a quarter of
+the bytes of float32, and :meth:`ImageDataModule.on_after_batch_transfer` converts them there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vae_experiments.data.checks import check_choice, check_int
+from vae_experiments.data.splits import binarize_uint8
+
+log = logging.getLogger(__name__)
+
+BINARIZE_CHOICES = ("none", "static", "dynamic")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class TensorImages(Dataset):
+    """In-memory images, indexed a whole batch at a time with one tensor gather.
+
+    Args:
+        images: uint8 images (N, C, H, W), values 0..255.
+        labels: int64 labels (N,).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} "
+                f"of shape {tuple(images.shape)}"
+            )
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}"
+            )
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Return uint8 images (B, C, H, W) and int64 labels (B,) for 1-D ``indices`` (B,)."""
+        return self.images[indices], self.labels[indices]
+
+
+class ShuffledBatchSampler(Sampler[Tensor]):
+    """Yields one 1-D int64 index tensor per batch, sharded across DDP processes.
+
+    The shuffle depends only on ``seed + epoch``, so every rank draws the same permutation and
+    takes a disjoint stride of it. With ``drop_last`` every rank gets the same number of full
+    batches (unequal counts make DDP hang); without it (evaluation) shards may differ by one
+    image and the last batch may be partial.
+
+    Args:
+        num_items: Number of images in the split.
+        batch_size: Images per batch.
+        shuffle: Draw a fresh permutation each epoch (see :meth:`set_epoch`).
+        drop_last: Drop the partial batch and trim the split to a multiple of the world size.
+        seed: Run seed; the permutation of epoch ``e`` is seeded with ``seed + e``.
+        rank: This process's rank; ``None`` asks ``torch.distributed`` when iterating.
+        world_size: Number of processes; ``None`` asks ``torch.distributed`` when iterating.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_items < 0:
+            raise ValueError(f"num_items must be >= 0, got {num_items}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        # Resolved lazily: the DataLoader may be built before the process group exists.
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (Lightning calls this at every epoch start)."""
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the resumable state (the epoch)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`."""
+        self.epoch = int(state["epoch"])
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        dist = torch.distributed
+        initialised = dist.is_available() and dist.is_initialized()
+        rank = self.rank if self.rank is not None else (dist.get_rank() if initialised else 0)
+        world_size = self.world_size
+        if world_size is None:
+            world_size = dist.get_world_size() if initialised else 1
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        return rank, world_size
+
+    def _shard_size(self, rank: int, world_size: int) -> int:
+        if self.drop_last:
+            return self.num_items // world_size
+        return len(range(rank, self.num_items, world_size))
+
+    def _num_batches(self, shard_size: int) -> int:
+        if not self.drop_last:
+            return math.ceil(shard_size / self.batch_size)
+        num_batches = shard_size // self.batch_size
+        if num_batches == 0:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the training split "
+                f"({shard_size} images per process); lower data.batch_size"
+            )
+        return num_batches
+
+    def __len__(self) -> int:
+        """Number of batches this rank yields per epoch."""
+        return self._num_batches(self._shard_size(*self._rank_and_world_size()))
+
+    def __iter__(self) -> Iterator[Tensor]:
+        rank, world_size = self._rank_and_world_size()
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator)
+        else:
+            order = torch.arange(self.num_items)
+        if self.drop_last:
+            order = order[: self.num_items - self.num_items % world_size]
+        shard = order[rank::world_size]
+        for batch in range(self._num_batches(len(shard))):
+            yield shard[batch * self.batch_size : (batch + 1) * self.batch_size]
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base DataModule: uint8 splits on the CPU, float32 in [0, 1] on the device.
+
+    Subclasses implement :attr:`image_shape` (from constructor arguments only, so a model can be
+    built before any data is read) and :meth:`load_splits`.
+
+    Args:
+        data_dir: Root folder of the datasets.
+        batch_size: Images per batch, per process.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        seed: Run seed; drives the training shuffle.
+        split_seed: Fixed seed for carving val/test and for static binarisation, so splits stay
+            the same when the run seed changes.
+        binarize: "none", "static" (every split binarised once at setup) or "dynamic" (val/test
+            binarised once, training batches resampled on the device every step).
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | os.PathLike[str],
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        split_seed: int,
+        binarize: str,
+    ) -> None:
+        super().__init__()
+        if not isinstance(data_dir, str | os.PathLike):
+            raise ValueError(f"data.data_dir must be a path, got {data_dir!r}")
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.seed = check_int("seed", seed)
+        self.split_seed = check_int("split_seed", split_seed)
+        self.binarize = check_choice("binarize", binarize, BINARIZE_CHOICES)
+        self.splits: dict[str, Dataset] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image, known without touching the disk."""
+        raise NotImplementedError
+
+    def load_splits(self) -> dict[str, Dataset]:
+        """Read the data and return the "train", "val" and "test" datasets (uint8 batches)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (and binarise) the splits once; later calls are no-ops."""
+        if self.splits is not None:
+            return
+        splits = self.load_splits()
+        if sorted(splits) != sorted(SPLIT_NAMES):
+            raise RuntimeError(f"load_splits() must return {SPLIT_NAMES}, got {sorted(splits)}")
+        for name, dataset in splits.items():
+            if isinstance(dataset, TensorImages) and dataset.images.shape[1:] != self.image_shape:
+                raise RuntimeError(
+                    f"{name} images have shape {tuple(dataset.images.shape[1:])}, but "
+                    f"image_shape is {self.image_shape}"
+                )
+        if self.binarize != "none":
+            splits = self._binarize_splits(splits)
+        self.splits = splits
+        log.info(
+            "%s: %s images of shape %s",
+            type(self).__name__,
+            ", ".join(f"{len(splits[name])} {name}" for name in SPLIT_NAMES),
+            self.image_shape,
+        )
+
+    def _binarize_splits(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:
+        generator = torch.Generator().manual_seed(self.split_seed)
+        binarized = dict(splits)
+        # val and test first, so they come out identical under "static" and "dynamic".
+        for name in ("val", "test", "train"):
+            if name == "train" and self.binarize == "dynamic":
+                continue
+            dataset = splits[name]
+            if not isinstance(dataset, TensorImages):
+                raise TypeError(f"binarize needs in-memory splits, got {type(dataset).__name__}")
+            binarized[name] = TensorImages(
+                binarize_uint8(dataset.images, generator), dataset.labels
+            )
+        return binarized
+
+    def _dataloader(self, split: str, train: bool) -> DataLoader:
+        if self.splits is None:
+            self.setup()
+        dataset = self.splits[split]
+        sampler = ShuffledBatchSampler(
+            len(dataset), self.batch_size, shuffle=train, drop_last=train, seed=self.seed
+        )
+        # batch_size=None: each sampler item is a whole index tensor, gathered by the dataset.
+        return DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled full batches of uint8 (B, C, H, W) images and int64 (B,) labels."""
+        return self._dataloader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in order, last batch possibly partial."""
+        return self._dataloader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in order, last batch possibly partial."""
+        return self._dataloader("test", train=False)
+
+    @staticmethod
+    def to_float(images: Tensor) -> Tensor:
+        """Convert uint8 images (B, C, H, W) to float32 in [0, 1] on their current device."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 images, got {images.dtype}")
+        return images.float().div_(255)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Turn a device batch into float32 images (B, C, H, W) in [0, 1] and int64 labels (B,).
+
+        Under ``binarize="dynamic"`` training images are resampled from Bernoulli(x) each step.
+        """
+        images, labels = batch
+        x = self.to_float(images)
+        if self.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
+            x = torch.bernoulli(x)
+        return x, labels

@@ -1,0 +1,133 @@
+"""CelebA aligned faces (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html), decoded per batch."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from vae_experiments.data.base import ImageDataModule
+from vae_experiments.data.checks import check_int
+from vae_experiments.data.files import CenterCropResize, ImageFiles
+
+log = logging.getLogger(__name__)
+
+ALIGNED_WIDTH = 178  # every img_align_celeba image is 178 x 218 (W x H)
+PARTITION_FILES = ("list_eval_partition.txt", "list_eval_partition.csv")
+PARTITION_SPLITS = {0: "train", 1: "val", 2: "test"}
+HOW_TO_GET = (
+    "Get CelebA from the official site (img_align_celeba.zip and list_eval_partition.txt from "
+    "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or from Kaggle (`kaggle datasets download "
+    "-d jessicali9530/celeba-dataset`), and unzip it into <data_dir>/celeba/. "
+    "torchvision.datasets.CelebA(root, download=True) writes the same layout but often fails on "
+    "Google Drive download quotas."
+)
+
+
+def read_partition(path: Path) -> list[tuple[str, int]]:
+    """Parse ``list_eval_partition.txt`` ("000001.jpg 0") or Kaggle's ``.csv`` ("000001.jpg,0").
+
+    Returns:
+        (file name, partition) pairs in file order; partition 0=train, 1=val, 2=test.
+    """
+    entries = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.replace(",", " ").split()
+        if not fields or (line_number == 1 and fields == ["image_id", "partition"]):
+            continue
+        if len(fields) != 2 or fields[1] not in {"0", "1", "2"}:
+            raise ValueError(f"{path}:{line_number}: expected '<image> <0|1|2>', got {line!r}")
+        entries.append((fields[0], int(fields[1])))
+    if not entries:
+        raise ValueError(f"{path} lists no images")
+    return entries
+
+
+class CelebADataModule(ImageDataModule):
+    """CelebA aligned faces, center-cropped and resized, with the official train/val/test split.
+
+    Looks in ``<data_dir>/celeba/`` (torchvision's layout; Kaggle's nested
+    ``img_align_celeba/img_align_celeba/`` and ``.csv`` partition also work), then in
+    ``<data_dir>/`` itself. Labels are all 0.
+
+    Args:
+        image_size: Output side S; images are (3, S, S).
+        crop_size: Side of the central square cropped first (148 keeps the face, as in most
+            CelebA VAE papers).
+        data_dir, batch_size, num_workers, seed: See :class:`ImageDataModule`.
+        split_seed: Accepted for a uniform config; the official partition is used.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        split_seed: int,
+        image_size: int,
+        crop_size: int,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            split_seed=split_seed,
+            binarize="none",
+        )
+        self.image_size = check_int("image_size", image_size, minimum=1)
+        self.crop_size = check_int("crop_size", crop_size, minimum=1)
+        if crop_size > ALIGNED_WIDTH:
+            raise ValueError(
+                f"data.crop_size must be <= {ALIGNED_WIDTH} (the width of CelebA's aligned "
+                f"images), got {crop_size}"
+            )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def find_files(self) -> tuple[Path, Path]:
+        """Return (image folder, partition file).
+
+        Raises:
+            FileNotFoundError: Naming every path looked at and how to get CelebA.
+        """
+        looked_at = []
+        for root in dict.fromkeys([self.data_dir / "celeba", self.data_dir]):
+            partitions = [root / name for name in PARTITION_FILES]
+            # Kaggle's zip nests the folder in a folder of the same name.
+            image_dirs = [root / "img_align_celeba" / "img_align_celeba", root / "img_align_celeba"]
+            looked_at += partitions + image_dirs
+            partition = next((p for p in partitions if p.is_file()), None)
+            image_dir = next((d for d in image_dirs if d.is_dir()), None)
+            if partition is not None and image_dir is not None:
+                return image_dir, partition
+        listing = "\n".join(f"  - {p}" for p in looked_at)
+        raise FileNotFoundError(
+            f"CelebA not found: need an img_align_celeba/ folder and a list_eval_partition file "
+            f"side by side. Looked at:\n{listing}\n{HOW_TO_GET}"
+        )
+
+    def load_splits(self) -> dict[str, Dataset]:
+        image_dir, partition_file = self.find_files()
+        entries = read_partition(partition_file)
+        # One directory listing instead of 200k stat calls.
+        present = set(os.listdir(image_dir))
+        missing = [name for name, _ in entries if name not in present]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of the {len(entries)} images listed in {partition_file} are "
+                f"missing, the first is {image_dir / missing[0]}. Re-extract img_align_celeba. "
+                f"{HOW_TO_GET}"
+            )
+        log.info("reading CelebA from %s", image_dir)
+        transform = CenterCropResize(self.crop_size, self.image_size)
+        splits = {}
+        for partition, split in PARTITION_SPLITS.items():
+            paths = [image_dir / name for name, p in entries if p == partition]
+            splits[split] = ImageFiles(paths, [0] * len(paths), transform, channels=3)
+        return splits

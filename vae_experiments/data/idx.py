@@ -1,0 +1,227 @@
+"""MNIST and Fashion-MNIST from IDX files (plain or gzipped), found on disk or downloaded.
+
+IDX format (http://yann.lecun.com/exdb/mnist/): a big-endian magic number whose low byte is the
+number of dimensions (0x0803 = uint8 images, 0x0801 = uint8 labels), one uint32 per dimension,
+then the raw bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from vae_experiments.data.base import ImageDataModule, TensorImages
+from vae_experiments.data.checks import check_bool, check_split_size
+from vae_experiments.data.splits import carve_splits
+
+log = logging.getLogger(__name__)
+
+_MAGIC_NDIM = {0x0801: 1, 0x0803: 3}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: str | os.PathLike[str]) -> Tensor:
+    """Read an IDX file of uint8 images (N, H, W) or labels (N,), plain or gzipped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: Bad magic number, or the data size does not match the header (truncated);
+            the message names the file.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        is_gzip = f.read(2) == b"\x1f\x8b"  # sniff rather than trust the suffix
+    try:
+        with gzip.open(path, "rb") if is_gzip else path.open("rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: cannot read IDX file, it is truncated or corrupt ({exc})"
+        ) from exc
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if magic not in _MAGIC_NDIM:
+        found = "an empty file" if magic is None else f"0x{magic:08x}"
+        raise ValueError(
+            f"{path}: bad IDX magic number {found}; expected 0x00000803 (uint8 images) or "
+            "0x00000801 (uint8 labels). Is this really an IDX file?"
+        )
+    ndim = _MAGIC_NDIM[magic]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: IDX header is truncated ({len(data)} bytes)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = math.prod(shape)
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{path}: IDX file is truncated or corrupt: header says shape {shape} "
+            f"({expected} bytes of data) but it holds {len(data) - header} bytes"
+        )
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).reshape(shape)
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """What differs between MNIST and Fashion-MNIST.
+
+    Attributes:
+        name: torchvision dataset class, which is also the folder it downloads into
+            (``<root>/<name>/raw/``).
+        fallback_dirs: Extra folders searched last (system-wide installs).
+        hint: Extra advice appended to the "files not found" error.
+    """
+
+    name: str
+    fallback_dirs: tuple[Path, ...] = ()
+    hint: str = ""
+
+
+MNIST = IdxSource("MNIST")
+FASHION_MNIST = IdxSource(
+    "FashionMNIST",
+    fallback_dirs=(Path("/usr/share/datasets/fashion-mnist"),),
+    hint=(
+        "; on Debian/Ubuntu `apt-get install dataset-fashion-mnist` then "
+        "data.data_dir=/usr/share/datasets/fashion-mnist"
+    ),
+)
+
+
+def find_idx_files(directory: Path) -> dict[str, Path] | None:
+    """Return the four IDX files in ``directory`` (plain preferred over .gz), or None if any lack."""
+    found = {}
+    for key, stem in IDX_FILES.items():
+        candidates = [directory / stem, directory / f"{stem}.gz"]
+        existing = [c for c in candidates if c.is_file()]
+        if not existing:
+            return None
+        found[key] = existing[0]
+    return found
+
+
+class IdxDataModule(ImageDataModule):
+    """28x28 grayscale IDX datasets: train (60k) minus ``val_size`` for val, t10k as test.
+
+    Files are looked for in ``<data_dir>/<name>/raw/`` (torchvision's layout), then in
+    ``<data_dir>`` itself (a folder holding the four files, like Debian's packages), then in the
+    source's fallback folders.
+
+    Args:
+        val_size: Validation images carved from train: int count or float fraction.
+        download: Let :meth:`prepare_data` download with torchvision when the files are missing.
+        data_dir, batch_size, num_workers, seed, split_seed, binarize: See
+            :class:`ImageDataModule`.
+    """
+
+    source: ClassVar[IdxSource]
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        split_seed: int,
+        val_size: int | float,
+        binarize: str,
+        download: bool,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            split_seed=split_seed,
+            binarize=binarize,
+        )
+        self.val_size = check_split_size("val_size", val_size)
+        self.download = check_bool("download", download)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, 28, 28)
+
+    def search_dirs(self) -> list[Path]:
+        """Folders searched for the IDX files, in order."""
+        dirs = [self.data_dir / self.source.name / "raw", self.data_dir, *self.source.fallback_dirs]
+        return list(dict.fromkeys(dirs))  # drop duplicates, keep order
+
+    def find_files(self) -> dict[str, Path] | None:
+        """The four IDX files from the first folder holding all of them, or None."""
+        for directory in self.search_dirs():
+            files = find_idx_files(directory)
+            if files is not None:
+                return files
+        return None
+
+    def prepare_data(self) -> None:
+        """Download with torchvision if allowed and the files are missing (rank zero only)."""
+        if not self.download or self.find_files() is not None:
+            return
+        import torchvision.datasets  # slow import, only needed online
+
+        log.info("downloading %s to %s", self.source.name, self.data_dir / self.source.name)
+        # One call fetches all four files into <data_dir>/<name>/raw/.
+        getattr(torchvision.datasets, self.source.name)(
+            root=str(self.data_dir), train=True, download=True
+        )
+
+    def load_splits(self) -> dict[str, Dataset]:
+        files = self.find_files()
+        if files is None:
+            looked_in = "\n".join(f"  - {d}" for d in self.search_dirs())
+            names = ", ".join(IDX_FILES.values())
+            raise FileNotFoundError(
+                f"{self.source.name} IDX files not found. Looked for {names} (each plain or .gz) "
+                f"in:\n{looked_in}\nPass data.download=true when online (torchvision saves them "
+                f"to {self.data_dir / self.source.name / 'raw'}), or put the four IDX files in "
+                f"one of those folders{self.source.hint}."
+            )
+        log.info("reading %s from %s", self.source.name, files["train_images"].parent)
+        train_images, train_labels = self._read_pair(files["train_images"], files["train_labels"])
+        test_images, test_labels = self._read_pair(files["test_images"], files["test_labels"])
+        indices = carve_splits(len(train_images), {"val": self.val_size}, self.split_seed)
+        return {
+            "train": TensorImages(train_images[indices["train"]], train_labels[indices["train"]]),
+            "val": TensorImages(train_images[indices["val"]], train_labels[indices["val"]]),
+            "test": TensorImages(test_images, test_labels),
+        }
+
+    def _read_pair(self, images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or images.shape[1:] != self.image_shape[1:]:
+            raise ValueError(
+                f"{images_path}: expected images of shape (N, 28, 28), got {tuple(images.shape)}"
+            )
+        if labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"{labels_path}: expected {images.shape[0]} labels to match {images_path}, "
+                f"got shape {tuple(labels.shape)}"
+            )
+        return images.unsqueeze(1), labels.long()  # (N, 1, 28, 28), (N,)
+
+
+class MNISTDataModule(IdxDataModule):
+    """Handwritten digits (LeCun et al.), 28x28 grayscale. See :class:`IdxDataModule`."""
+
+    source = MNIST
+
+
+class FashionMNISTDataModule(IdxDataModule):
+    """Zalando's Fashion-MNIST (https://arxiv.org/abs/1708.07747). See :class:`IdxDataModule`."""
+
+    source = FASHION_MNIST

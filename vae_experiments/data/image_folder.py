@@ -1,0 +1,118 @@
+"""Any folder of PNG/JPEG images, optionally grouped in class subfolders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from vae_experiments.data.base import ImageDataModule
+from vae_experiments.data.checks import check_choice, check_int, check_split_size
+from vae_experiments.data.files import ImageFiles, ResizeCenterCrop
+from vae_experiments.data.splits import carve_splits
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def collect_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """Find images under ``root`` recursively, in sorted (deterministic) order.
+
+    Hidden files and folders (names starting with ".", e.g. macOS ``._x.jpg`` forks) are skipped.
+
+    Returns:
+        (paths, labels, class names): the label of a file is the index of its top-level
+        subfolder among the sorted subfolders holding images; files directly in ``root`` get 0.
+    """
+    paths = []
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]  # prune in place
+        paths += [
+            Path(directory, name)
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        ]
+    paths.sort()
+    relative = [p.relative_to(root).parts for p in paths]
+    class_names = sorted({parts[0] for parts in relative if len(parts) > 1})
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = [index[parts[0]] if len(parts) > 1 else 0 for parts in relative]
+    return paths, labels, class_names
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Images under ``path``, resized (shorter side) and center-cropped to squares.
+
+    The test split is carved first, then val from the rest, both seeded by ``split_seed``.
+
+    Args:
+        path: Folder searched recursively for .png/.jpg/.jpeg files (any case).
+        image_size: Output side S; images are (channels, S, S).
+        channels: 1 (grayscale) or 3 (RGB).
+        val_size: Validation images: int count, or float fraction of the non-test images.
+        test_size: Test images: int count, or float fraction of all images.
+        data_dir: Accepted for a uniform config; ``path`` says where the images are.
+        batch_size, num_workers, seed, split_seed: See :class:`ImageDataModule`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        data_dir: str | os.PathLike[str],
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        split_seed: int,
+        image_size: int,
+        channels: int,
+        val_size: int | float,
+        test_size: int | float,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            split_seed=split_seed,
+            binarize="none",
+        )
+        if not isinstance(path, str | os.PathLike):
+            raise ValueError(f"data.path must be the folder of images, got {path!r}")
+        self.path = Path(path).expanduser()
+        self.image_size = check_int("image_size", image_size, minimum=1)
+        self.channels = check_choice("channels", channels, (1, 3))
+        self.val_size = check_split_size("val_size", val_size)
+        self.test_size = check_split_size("test_size", test_size)
+        self.class_names: list[str] = []
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def load_splits(self) -> dict[str, Dataset]:
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"data.path={self.path} is not a folder")
+        paths, labels, self.class_names = collect_images(self.path)
+        if not paths:
+            raise FileNotFoundError(
+                f"no images found under data.path={self.path} (looked recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)} in any case)"
+            )
+        log.info(
+            "found %d images in %d classes under %s", len(paths), len(self.class_names), self.path
+        )
+        label_tensor = torch.tensor(labels, dtype=torch.int64)
+        indices = carve_splits(
+            len(paths), {"test": self.test_size, "val": self.val_size}, self.split_seed
+        )
+        transform = ResizeCenterCrop(self.image_size)
+        return {
+            name: ImageFiles(
+                [paths[i] for i in idx.tolist()], label_tensor[idx], transform, self.channels
+            )
+            for name, idx in indices.items()
+        }

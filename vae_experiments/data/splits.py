@@ -1,0 +1,74 @@
+"""Deterministic split carving and static binarisation, both driven by ``split_seed``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+# Binarising in chunks keeps the float copy small (MNIST in one go would be ~190 MB of float32).
+_BINARIZE_CHUNK = 4096
+
+
+def resolve_split_size(size: int | float, available: int) -> int:
+    """Turn a split size (count, or fraction of ``available``) into a number of images."""
+    if isinstance(size, float):
+        # A fraction asks for a non-empty split, so round up tiny ones instead of returning 0.
+        return max(1, round(size * available))
+    return size
+
+
+def carve_splits(
+    num_items: int, sizes: Mapping[str, int | float], split_seed: int
+) -> dict[str, Tensor]:
+    """Carve named splits off a seeded permutation of ``range(num_items)``; the rest is "train".
+
+    Splits are carved in the order of ``sizes``; a float size is a fraction of the images left
+    after the earlier splits (so digits' ``val_size`` is a fraction of the non-test images).
+
+    Args:
+        num_items: Number of images to split.
+        sizes: Split name -> size, e.g. ``{"test": 0.2, "val": 0.1}``. Errors name the key
+            ``data.<name>_size``.
+        split_seed: Seed of the permutation, independent of the run seed.
+
+    Returns:
+        Split name -> sorted 1-D int64 indices, including "train"; together they cover every
+        index exactly once.
+    """
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(split_seed))
+    splits: dict[str, Tensor] = {}
+    start = 0
+    for name, size in sizes.items():
+        remaining = num_items - start
+        count = resolve_split_size(size, remaining)
+        if count >= remaining:
+            raise ValueError(
+                f"data.{name}_size={size} takes {count} of the {remaining} remaining images and "
+                f"leaves none for training; lower data.{name}_size"
+            )
+        # Sorted so each split keeps the source order (stable, readable evaluation batches).
+        splits[name] = perm[start : start + count].sort().values
+        start += count
+    splits["train"] = perm[start:].sort().values
+    return splits
+
+
+def binarize_uint8(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Sample each pixel from Bernoulli(intensity / 255), stored as uint8 0/255.
+
+    Keeping 0/255 in uint8 lets binarised and grayscale splits share the same float conversion.
+
+    Args:
+        images: uint8 images (N, C, H, W).
+        generator: Seeded generator, so the binarisation is reproducible.
+
+    Returns:
+        uint8 tensor (N, C, H, W) with values in {0, 255}.
+    """
+    out = torch.empty_like(images)
+    for start in range(0, images.shape[0], _BINARIZE_CHUNK):
+        chunk = images[start : start + _BINARIZE_CHUNK].float().div_(255)
+        out[start : start + _BINARIZE_CHUNK] = torch.bernoulli(chunk, generator=generator).mul_(255)
+    return out
