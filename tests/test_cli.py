@@ -1,0 +1,127 @@
+"""The command line as users type it: a run, a multirun sweep, and 2-process DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+QUICK = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=4",
+    "+trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "data.batch_size=16",
+    "++model.hidden_dims=[16]",
+    "++model.conv_channels=[4,8]",
+]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_train_py_writes_a_complete_run_directory(tmp_path):
+    run_dir = tmp_path / "my_run"
+    run_cli(
+        [sys.executable, str(REPO_ROOT / "train.py"), *QUICK, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )
+    assert {p.name for p in run_dir.iterdir()} >= {
+        ".hydra",
+        "checkpoints",
+        "tensorboard",
+        "images",
+        "metrics.json",
+        "train.log",
+    }
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["_target_"] == "vae_experiments.models.build_vae"
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.skipif(shutil.which("vae-train") is None, reason="package not installed")
+def test_console_script_shows_the_config(tmp_path):
+    result = run_cli(["vae-train", "--cfg", "job", "model=ae", "model.arch=mlp"], cwd=tmp_path)
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["arch"] == "mlp" and config["data"]["_target_"].endswith(
+        "DigitsDataModule"
+    )
+
+
+def test_sweep_over_models_and_latent_sizes(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    run_cli(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "-m",
+            "model=linear_ae,ae,vae",
+            "model.latent_dim=2,16",
+            *QUICK,
+            f"hydra.sweep.dir={sweep_dir}",
+            "logger=none",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == [str(i) for i in range(6)]
+    seen = set()
+    for job in jobs:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        seen.add(tuple(o for o in overrides if o.startswith(("model=", "model.latent_dim="))))
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert "test/recon_mse" in metrics
+        assert ("test/elbo" in metrics) == ("model=vae" in overrides)
+    assert len(seen) == 6
+
+
+def test_ddp_on_cpu_with_two_processes(tmp_path):
+    run_dir = tmp_path / "ddp"
+    result = run_cli(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "data.batch_size=32",
+            "model.conv_channels=[4,8]",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    # 1294 training digits split over 2 processes: 647 each, 20 full batches of 32 per epoch.
+    assert metrics["steps"] == 2 * 20
+    # One set of outputs: rank 0 wrote everything; no per-rank directories or configs.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: all from one process.
+    writers = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").glob("events.*")}
+    assert len(writers) == 1
+    assert len(list(run_dir.rglob("config.yaml"))) == 1
+    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,63 @@
+"""Callbacks: image grids for TensorBoard and as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+
+def image_grid(rows: list[torch.Tensor], min_side: int = 48) -> torch.Tensor:
+    """Stacks equal-length image batches (B, C, H, W) as rows of one grid (3, H', W').
+
+    Small images (digits are 8x8) are enlarged with nearest-neighbour scaling so that each is at
+    least ``min_side`` pixels high and the grid is readable.
+    """
+    images = torch.cat(rows).detach().float().clamp(0, 1).cpu()
+    scale = max(1, -(-min_side // images.shape[-2]))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    return make_grid(images, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
+
+
+class ImageGrids(pl.Callback):
+    """After every validation epoch (global rank 0 only): originals over reconstructions, and for
+    models with a prior, samples. Logged to TensorBoard and saved as PNG in ``output_dir``.
+
+    The same validation images and the same latent draws are used every epoch, so the grids show
+    how the model changes.
+    """
+
+    def __init__(self, num_images: int, output_dir: str | Path | None):
+        super().__init__()
+        self.num_images = num_images
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self._images: torch.Tensor | None = None
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ):
+        if batch_idx == 0 and self._images is None and self.num_images > 0:
+            self._images = batch[0][: self.num_images].detach().clone()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self._images is None:
+            return
+        model = pl_module.model
+        with torch.no_grad():
+            grids = {"reconstructions": image_grid([self._images, model.reconstruct(self._images)])}
+            if model.has_prior:
+                generator = torch.Generator(device=self._images.device).manual_seed(0)
+                samples = model.sample(self._images.shape[0] * 2, generator=generator)
+                grids["samples"] = image_grid(list(samples.chunk(2)))
+        for name, grid in grids.items():
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
+            if self.output_dir is not None:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                save_image(grid, self.output_dir / f"{name}.png")

@@ -1,0 +1,127 @@
+"""Builds data, model, trainer and logger from a composed config and runs fit + test."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
+
+from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
+from vae_experiments.training.callbacks import ImageGrids
+from vae_experiments.training.module import LitModel
+
+log = logging.getLogger(__name__)
+
+
+def build_logger(cfg: DictConfig | None, run_dir: Path) -> Logger | None:
+    """The ``logger=`` group's logger writing under ``run_dir``; None for ``logger=none``."""
+    if not cfg or cfg.get("_target_") is None:
+        return None
+    return instantiate(cfg, save_dir=str(run_dir))
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The config as ``{"model.latent_dim": 16, ...}`` with scalar values, for the HPARAMS tab."""
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(value, f"{prefix}{key}.")
+        else:
+            is_scalar = isinstance(node, int | float | str | bool)
+            flat[prefix[:-1]] = node if is_scalar else str(node)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container = {k: v for k, v in container.items() if k != "hydra"}
+    visit(container, "")
+    return flat
+
+
+def log_hparams(logger: Logger, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """Records the flattened config; TensorBoard also gets the test metrics (HPARAMS tab)."""
+    if isinstance(logger, TensorBoardLogger):
+        test_metrics = {k: v for k, v in metrics.items() if k.startswith("test/")}
+        logger.log_hyperparams(flat_hparams(cfg), metrics=test_metrics)
+    else:
+        logger.log_hyperparams(flat_hparams(cfg))
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Trains ``cfg.model`` on ``cfg.data``, tests the chosen checkpoint, writes ``metrics.json``.
+
+    Args:
+        cfg: the composed ``train.yaml`` config.
+        run_dir: the run's own directory; checkpoints, logs, images and metrics go there.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    run_dir = Path(run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    image_shape = list(datamodule.image_shape)
+    model = instantiate(cfg.model, image_shape=image_shape, _convert_="all")
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    module = LitModel(model, instantiate(cfg.optimizer), image_shape, lr_scheduler=scheduler)
+    log.info(
+        "model %s with %d parameters, image shape %s",
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()),
+        tuple(image_shape),
+    )
+
+    callbacks_cfg = cfg.callbacks
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename="best",
+        monitor=callbacks_cfg.checkpoint.monitor,
+        mode=callbacks_cfg.checkpoint.mode,
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    callbacks: list[pl.Callback] = [
+        checkpoint,
+        ImageGrids(callbacks_cfg.image_grids.num_images, run_dir / "images"),
+    ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
+    logger = build_logger(cfg.get("logger"), run_dir)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+    )
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+
+    test_ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" else ""
+    test_ckpt = test_ckpt or checkpoint.last_model_path or None
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+    metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}
+    metrics.update(
+        epochs=trainer.current_epoch,
+        steps=trainer.global_step,
+        train_seconds=round(train_seconds, 3),
+        world_size=trainer.world_size,
+    )
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / METRICS_FILE, metrics)
+        if logger is not None:
+            log_hparams(logger, cfg, metrics)
+            logger.finalize("success")
+        log.info("test metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+        log.info("run directory: %s", run_dir)
+    return metrics
