@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from vae_experiments.training.callbacks import ImageGrids
 from vae_experiments.training.module import LitModel
 
 log = logging.getLogger(__name__)
+# Lightning advertises a cloud logger on every run; keep our users' logs about their runs.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
 
 
 def build_logger(cfg: DictConfig | None, run_dir: Path) -> Logger | None:
@@ -68,6 +73,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
+    # Read the data before building anything else, so a missing or broken dataset fails first.
+    # Downloads happen once per machine (local rank 0); other ranks start after it finished.
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        datamodule.prepare_data()
+    datamodule.setup("fit")
     image_shape = list(datamodule.image_shape)
     model = instantiate(cfg.model, image_shape=image_shape, _convert_="all")
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
