@@ -52,3 +52,39 @@ def small_model_config(cfg: DictConfig) -> DictConfig:
         if "conv_channels" in cfg:
             cfg.conv_channels = [8, 16]
     return cfg
+
+
+def train_run(run_dir: Path, overrides: list[str]) -> Path:
+    """Trains in process as ``python train.py`` would (config saved where Hydra puts it)."""
+    from omegaconf import OmegaConf
+
+    from vae_experiments.training import train
+
+    cfg = compose_config([*FAST, *overrides])
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    train(cfg, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> Callable[[str], Path]:
+    """``trained_runs("vae")`` -> the directory of a small model trained on digits for a few
+    epochs; trained once per session per name. Names: ``vae`` (MLP, Bernoulli, latent 4), ``ae``
+    (MLP, latent 4), ``linear_ae`` (latent 4), ``vae_2d`` and ``ae_2d`` (latent 2)."""
+    recipes = {
+        "vae": ["model=vae", "model.arch=mlp", "model.hidden_dims=[64]", "trainer.max_epochs=5"],
+        "ae": ["model=ae", "model.arch=mlp", "model.hidden_dims=[64]", "trainer.max_epochs=5"],
+        "linear_ae": ["model=linear_ae", "trainer.max_epochs=5"],
+        "vae_2d": ["model=vae", "model.arch=mlp", "model.hidden_dims=[64]", "model.latent_dim=2"],
+        "ae_2d": ["model=ae", "model.arch=mlp", "model.hidden_dims=[64]", "model.latent_dim=2"],
+    }
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(f"run_{name}")
+            cache[name] = train_run(root / "run", [*recipes[name], "logger=none"])
+        return cache[name]
+
+    return get

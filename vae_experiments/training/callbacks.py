@@ -6,22 +6,9 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
-from torchvision.utils import make_grid, save_image
 
-
-def image_grid(rows: list[torch.Tensor], min_side: int = 48) -> torch.Tensor:
-    """Stacks equal-length image batches (B, C, H, W) as rows of one grid (3, H', W').
-
-    Small images (digits are 8x8) are enlarged with nearest-neighbour scaling so that each is at
-    least ``min_side`` pixels high and the grid is readable.
-    """
-    images = torch.cat(rows).detach().float().clamp(0, 1).cpu()
-    scale = max(1, -(-min_side // images.shape[-2]))
-    if scale > 1:
-        images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    return make_grid(images, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
+from vae_experiments.pictures import image_grid, save_grid
 
 
 class ImageGrids(pl.Callback):
@@ -59,5 +46,4 @@ class ImageGrids(pl.Callback):
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
             if self.output_dir is not None:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                save_image(grid, self.output_dir / f"{name}.png")
+                save_grid(grid, self.output_dir / f"{name}.png")
