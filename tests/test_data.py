@@ -176,16 +176,17 @@ def test_rank_and_world_size_are_resolved_lazily(monkeypatch):
 
 
 @pytest.mark.parametrize(("world_size", "per_process"), [(1, 16), (2, 8)], ids=["single", "ddp2"])
-def test_batch_larger_than_training_split_fails_clearly(world_size, per_process):
+def test_batch_larger_than_training_split_becomes_one_full_batch(world_size, per_process):
     sampler = ShuffledBatchSampler(16, 64, True, True, seed=0, rank=0, world_size=world_size)
-    message = (
-        f"data.batch_size=64 is larger than the training split ({per_process} images per "
-        "process); lower data.batch_size"
-    )
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    batches = list(sampler)
+    assert len(sampler) == 1 and len(batches) == 1
+    assert len(batches[0]) == per_process
+
+
+def test_empty_training_shard_fails_clearly():
+    sampler = ShuffledBatchSampler(1, 8, True, True, seed=0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="has no image for each of the processes"):
         len(sampler)
-    with pytest.raises(ValueError, match="lower data.batch_size"):
-        list(sampler)
 
 
 def test_sampler_state_dict_round_trip():

@@ -130,16 +130,22 @@ class ShuffledBatchSampler(Sampler[Tensor]):
             return self.num_items // world_size
         return len(range(rank, self.num_items, world_size))
 
+    def _batch_size(self, shard_size: int) -> int:
+        # A training batch larger than the shard becomes the whole shard (full-batch training,
+        # e.g. L-BFGS) rather than an epoch with no batches at all.
+        if self.drop_last and 0 < shard_size < self.batch_size:
+            return shard_size
+        return self.batch_size
+
     def _num_batches(self, shard_size: int) -> int:
         if not self.drop_last:
             return math.ceil(shard_size / self.batch_size)
-        num_batches = shard_size // self.batch_size
-        if num_batches == 0:
+        if shard_size == 0:
             raise ValueError(
-                f"data.batch_size={self.batch_size} is larger than the training split "
-                f"({shard_size} images per process); lower data.batch_size"
+                f"the training split ({self.num_items} images) has no image for each of the "
+                "processes; use fewer devices or more data"
             )
-        return num_batches
+        return shard_size // self._batch_size(shard_size)
 
     def __len__(self) -> int:
         """Number of batches this rank yields per epoch."""
@@ -155,8 +161,9 @@ class ShuffledBatchSampler(Sampler[Tensor]):
         if self.drop_last:
             order = order[: self.num_items - self.num_items % world_size]
         shard = order[rank::world_size]
+        batch_size = self._batch_size(len(shard))
         for batch in range(self._num_batches(len(shard))):
-            yield shard[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield shard[batch * batch_size : (batch + 1) * batch_size]
 
 
 class ImageDataModule(pl.LightningDataModule):
