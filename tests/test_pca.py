@@ -1,0 +1,134 @@
+"""PCA in closed form, principal angles, and the theory: a linear AE converges to PCA."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA as SklearnPCA
+
+from tests.conftest import REPO_ROOT, train_run
+from vae_experiments import load_run, read_metrics
+from vae_experiments.analysis.data import load_datamodule, load_split
+from vae_experiments.analysis.pca import fit_pca, principal_angles
+from vae_experiments.models.base import squared_error
+
+
+@pytest.fixture(scope="module")
+def digits_splits():
+    from tests.conftest import compose_config
+
+    datamodule = load_datamodule(compose_config([]))
+    return load_split(datamodule, "train")[0], load_split(datamodule, "test")[0]
+
+
+def test_pca_matches_sklearn(digits_splits):
+    train_x, _ = digits_splits
+    ours = fit_pca(train_x)
+    theirs = SklearnPCA(n_components=10, svd_solver="full").fit(train_x.flatten(1).double().numpy())
+    np.testing.assert_allclose(ours.variances[:10].numpy(), theirs.explained_variance_, rtol=1e-6)
+    # Directions agree up to sign.
+    cosines = (ours.components[:10] * torch.from_numpy(theirs.components_)).sum(1).abs()
+    np.testing.assert_allclose(cosines.numpy(), 1.0, atol=1e-6)
+
+
+def test_pca_error_is_the_discarded_variance(digits_splits):
+    train_x, _ = digits_splits
+    pca = fit_pca(train_x)
+    n = train_x.shape[0]
+    for k in [1, 5, 20]:
+        error = squared_error(train_x.double(), pca.reconstruct(train_x.double(), k)).mean()
+        discarded = pca.variances[k:].sum() * (n - 1) / n  # Eckart-Young
+        assert float(error) == pytest.approx(float(discarded), rel=1e-6)
+    with pytest.raises(ValueError, match="k=65 principal components"):
+        pca.encode(train_x, 65)
+
+
+def test_principal_angles():
+    basis = torch.eye(4)
+    assert principal_angles(basis[:, :2], basis[:, :2]).max() < 1e-6
+    assert principal_angles(basis[:, :2], basis[:, 2:]).min() == pytest.approx(math.pi / 2)
+    theta = 0.3
+    rotated = torch.stack([torch.tensor([math.cos(theta), 0, math.sin(theta), 0]), basis[:, 1]], 1)
+    angles = principal_angles(basis[:, :2], rotated * torch.tensor([2.0, -3.0]))  # scale-free
+    torch.testing.assert_close(
+        angles, torch.tensor([0.0, theta], dtype=torch.float64), atol=1e-6, rtol=0
+    )
+
+
+def test_linear_autoencoder_reaches_pca(tmp_path, digits_splits):
+    """Baldi & Hornik (1989): the linear AE's optimum is PCA's error and principal subspace."""
+    k = 4
+    run_dir = train_run(
+        tmp_path / "linear_ae",
+        [
+            "model=linear_ae",
+            f"model.latent_dim={k}",
+            "optimizer=lbfgs",
+            "data.batch_size=100000",
+            "trainer.max_epochs=30",
+            "logger=none",
+        ],
+    )
+    train_x, test_x = digits_splits
+    pca = fit_pca(train_x)
+    pca_error = float(squared_error(test_x, pca.reconstruct(test_x, k)).mean())
+    ae_error = read_metrics(run_dir)["test/recon_mse"]
+    assert ae_error == pytest.approx(pca_error, rel=0.02)
+
+    model, _ = load_run(run_dir)
+    decoder_columns = model.decoder.net[0].weight.detach()  # (D, k)
+    angles = principal_angles(decoder_columns, pca.components[:k].T)
+    assert math.degrees(float(angles.max())) < 5.0
+
+
+def test_compare_pca_command_writes_its_report(tmp_path):
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "compare_pca.py"),
+            "latent_dims=[2,3]",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "data.batch_size=64",
+            "methods.ae_conv=['model=ae','model.arch=conv','model.conv_channels=[4,8]']",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (out / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["method", "latent_dim", "test_recon_mse"]
+    assert {(r["method"], int(r["latent_dim"])) for r in rows} == {
+        (m, k) for m in ["pca", "linear_ae", "ae_mlp", "ae_conv"] for k in [2, 3]
+    }
+    assert all(float(r["test_recon_mse"]) > 0 for r in rows)
+    # The PCA figure is the closed form; each method's figure is its run's test metric.
+    pca_3 = next(
+        float(r["test_recon_mse"]) for r in rows if r["method"] == "pca" and r["latent_dim"] == "3"
+    )
+    assert pca_3 < next(
+        float(r["test_recon_mse"]) for r in rows if r["method"] == "pca" and r["latent_dim"] == "2"
+    )
+    for r in rows:
+        if r["method"] != "pca":
+            metrics = read_metrics(out / "runs" / f"{r['method']}_k{r['latent_dim']}")
+            assert float(r["test_recon_mse"]) == pytest.approx(metrics["test/recon_mse"], rel=1e-5)
+    assert "| pca |" in (out / "comparison.md").read_text()
+    for picture in ["error_vs_latent_dim.png", "reconstructions.png"]:
+        assert (out / picture).read_bytes().startswith(b"\x89PNG")
+    assert list((out / "tensorboard").glob("events.*"))
+    assert not (tmp_path / "outputs").exists()

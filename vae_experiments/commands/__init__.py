@@ -1,0 +1,1 @@
+"""Hydra/argparse entry points of the analysis scripts in scripts/."""
