@@ -1,0 +1,307 @@
+"""Likelihood evaluation of VAEs: the importance-weighted estimate of log p(x), bits per
+dimension and active latent units.
+
+The IWAE estimate (Burda et al. 2015, https://arxiv.org/abs/1509.00519) of an image x with K
+samples z_k ~ q(z | x) is::
+
+    log p(x) ~= log (1/K) sum_k w_k,    log w_k = log p(x | z_k) + log p(z_k) - log q(z_k | x)
+
+It is a lower bound on log p(x) in expectation, increases with K and tends to log p(x) as K grows;
+K = 1 is the single-sample ELBO, and the mean of the log-weights ``log w_k`` is an ELBO estimate
+from the same samples.
+
+Samples for many images go through the decoder at once. Memory stays bounded by chunking: no
+tensor of a decoder call has more than ``max_batch_elems`` elements (images x samples x the larger
+of the image size and the decoder's widest layer), and each image's log-sum-exp is accumulated
+across chunks in float64. The noise is drawn in blocks
+whose size depends only on the batch, K and the latent size, never on ``max_batch_elems``, so the
+chunking changes the result by float rounding only.
+
+Plain PyTorch, so it works in a notebook::
+
+    from vae_experiments import load_run
+    from vae_experiments.analysis.data import iterate_split, load_datamodule
+
+    model, cfg = load_run("outputs/2026-11-25/14-03-12")
+    batches = (x for x, _ in iterate_split(load_datamodule(cfg), "test"))
+    print(evaluate_vae(model, batches, k=5000, max_batch_elems=2**26))  # nats per image
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from vae_experiments.models import VAE, Gaussian, LatentModel, gaussian_kl
+
+#: Latent noise elements (images x samples x latent dims) drawn per random draw. Fixed, so the
+#: samples do not depend on how the work is chunked.
+NOISE_BLOCK_ELEMS = 2**22
+
+#: Burda et al.'s threshold on Cov_x(E_q[z_u | x]) for a latent unit to count as active.
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def check_vae(model: LatentModel) -> None:
+    """Raises ``ValueError`` unless ``model`` has a prior and a posterior (a VAE)."""
+    if not (getattr(model, "has_prior", False) and hasattr(model, "posterior")):
+        raise ValueError(
+            f"log-likelihood evaluation needs a VAE (a model with model.has_prior and a "
+            f"posterior q(z | x)), got {type(model).__name__}; train one with model=vae"
+        )
+
+
+def _noise_blocks(
+    batch_size: int, k: int, latent_dim: int, generator: torch.Generator | None, like: Tensor
+) -> Iterator[Tensor]:
+    """Standard normal noise (B, k_block, D) in blocks that together give k samples per image.
+
+    Drawn on the generator's device (a CPU generator gives the same samples on any device) and
+    moved to ``like``'s device and dtype.
+    """
+    device = generator.device if generator is not None else like.device
+    block = max(1, min(k, NOISE_BLOCK_ELEMS // (batch_size * latent_dim)))
+    for start in range(0, k, block):
+        size = min(block, k - start)
+        eps = torch.randn(batch_size, size, latent_dim, generator=generator, device=device)
+        yield eps.to(like.device, like.dtype)
+
+
+def decoder_row_elems(model: VAE, num_pixels: int, like: Tensor) -> int:
+    """Elements per latent row of the largest tensor in a decoder call: the image size, or a
+    wider layer's output (a hidden layer of 512 units on 8x8 digits, a conv decoder's first
+    block), measured with one row of ``like``'s device and dtype (model in eval mode)."""
+    sizes = [num_pixels]
+
+    def record(module, inputs, output):
+        if isinstance(output, Tensor):
+            sizes.append(output[0].numel())
+
+    leaves = [m for m in model.decoder.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(record) for m in leaves]
+    try:
+        model.decoder(like.new_zeros(1, model.latent_dim))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(sizes)
+
+
+def _chunk_sizes(
+    batch_size: int, block: int, row_elems: int, max_batch_elems: int
+) -> tuple[int, int]:
+    """(images, samples) per decoder call with images x samples x row_elems <= max_batch_elems
+    (or one image and one sample when even that is over the budget)."""
+    if block * row_elems <= max_batch_elems:
+        return max(1, min(batch_size, max_batch_elems // (block * row_elems))), block
+    return 1, max(1, max_batch_elems // row_elems)
+
+
+@contextmanager
+def _eval_mode(model: LatentModel) -> Iterator[None]:
+    """Evaluation mode (BatchNorm running statistics, no dropout) inside, the previous outside."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _log_weight_stats(
+    model: VAE,
+    x: Tensor,
+    k: int,
+    max_batch_elems: int,
+    generator: torch.Generator | None,
+) -> dict[str, Tensor]:
+    """Per-image statistics of K importance samples for images x (B, C, H, W).
+
+    Returns float64 (B,) tensors ``log_px`` (the IWAE estimate), ``mean_log_w`` (mean log-weight,
+    an ELBO estimate) and ``mean_log_px_z`` (mean log p(x | z)), and the posterior ``mu`` and
+    ``logvar`` (B, D) in the model's dtype.
+    """
+    check_vae(model)
+    if k < 1:
+        raise ValueError(f"k (importance samples per image) must be >= 1, got {k}")
+    if max_batch_elems < 1:
+        raise ValueError(f"max_batch_elems must be >= 1, got {max_batch_elems}")
+    with _eval_mode(model):
+        return _log_weight_stats_eval(model, x, k, max_batch_elems, generator)
+
+
+def _log_weight_stats_eval(
+    model: VAE,
+    x: Tensor,
+    k: int,
+    max_batch_elems: int,
+    generator: torch.Generator | None,
+) -> dict[str, Tensor]:
+    x = x.to(model.device)
+    batch_size, image_shape = x.shape[0], x.shape[1:]
+    num_pixels = image_shape.numel()
+    mu, logvar = model.posterior(x)  # (B, D) each
+    row_elems = decoder_row_elems(model, num_pixels, like=mu)
+    std = torch.exp(0.5 * logvar)
+    half_logvar_sum = 0.5 * logvar.sum(1)  # (B,)
+
+    lse = torch.full((batch_size,), -math.inf, dtype=torch.float64, device=x.device)
+    sum_log_w = torch.zeros(batch_size, dtype=torch.float64, device=x.device)
+    sum_log_px_z = torch.zeros_like(sum_log_w)
+    for eps in _noise_blocks(batch_size, k, model.latent_dim, generator, mu):
+        block = eps.shape[1]
+        images, samples = _chunk_sizes(batch_size, block, row_elems, max_batch_elems)
+        for i in range(0, batch_size, images):
+            rows = slice(i, i + images)
+            for s in range(0, block, samples):
+                e = eps[rows, s : s + samples]  # (n, m, D): n images, m samples each
+                n, m = e.shape[:2]
+                z = mu[rows, None] + std[rows, None] * e  # (n, m, D)
+                output = model.decoder(z.reshape(n * m, -1))  # (n * m, C, H, W)
+                targets = x[rows, None].expand(n, m, *image_shape).reshape(n * m, *image_shape)
+                log_px_z = model.likelihood.log_prob(targets, output).view(n, m)
+                # log p(z) - log q(z | x); the (2 pi)^(D/2) factors cancel. With z = mu + std *
+                # eps, log q only needs eps, which is exact (no division by std).
+                log_pz_qz = (
+                    0.5 * (e.square().sum(-1) - z.square().sum(-1)) + half_logvar_sum[rows, None]
+                )
+                log_w = log_px_z + log_pz_qz  # (n, m)
+                lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(log_w, 1).double())
+                sum_log_w[rows] += log_w.double().sum(1)
+                sum_log_px_z[rows] += log_px_z.double().sum(1)
+    return {
+        "log_px": lse - math.log(k),
+        "mean_log_w": sum_log_w / k,
+        "mean_log_px_z": sum_log_px_z / k,
+        "mu": mu,
+        "logvar": logvar,
+    }
+
+
+def iwae_log_likelihood(
+    model: VAE,
+    x: Tensor,
+    k: int,
+    max_batch_elems: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The importance-weighted estimate of log p(x) with k samples from q(z | x), per image.
+
+    Burda et al. 2015 (https://arxiv.org/abs/1509.00519), eq. 8:
+    ``log (1/k) sum_k p(x | z_k) p(z_k) / q(z_k | x)`` with ``z_k ~ q(z | x)``, p(z) = N(0, I),
+    log p(x | z) from ``model.likelihood`` summed over pixels. ``k=1`` gives a single-sample ELBO.
+
+    Args:
+        model: a VAE (anything with ``posterior``, ``decoder``, ``likelihood``); evaluated in
+            eval mode, its mode restored afterwards.
+        x: images (B, C, H, W), moved to the model's device.
+        k: importance samples per image.
+        max_batch_elems: the largest tensor of a decoder call has at most this many elements:
+            images x samples x pixels, or x the widest decoder layer where that is wider than
+            the image (:func:`decoder_row_elems`). Bounds memory (peak use is a few times this
+            many floats); does not change the samples.
+        generator: for reproducible samples; noise is drawn on its device.
+
+    Returns:
+        (B,) float64 estimates of log p(x) in nats per image.
+    """
+    return _log_weight_stats(model, x, k, max_batch_elems, generator)["log_px"]
+
+
+def bits_per_dim(log_px: float, num_dims: int, bit_depth: int | None = None) -> float:
+    """Bits per dimension of a log-likelihood ``log_px`` (nats per image of ``num_dims`` values).
+
+    ``-log_px / (num_dims ln 2)`` for a discrete likelihood (Bernoulli). For a density on data
+    scaled from ``bit_depth``-bit integers to [0, 1] (a Gaussian likelihood on 8-bit images),
+    the density of an integer-valued image is ``p(x) / 2**(bit_depth * num_dims)``, which adds
+    ``bit_depth`` bits per dimension: ``bpd = (-log_px / num_dims) / ln 2 + bit_depth``. (This is
+    the usual convention for pixels scaled by 1/256; our data are scaled by 1/255, a difference
+    of log2(256/255) = 0.006 bits.)
+    """
+    bpd = -log_px / (num_dims * math.log(2))
+    return bpd + bit_depth if bit_depth is not None else bpd
+
+
+def count_active_units(means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """Latent units whose posterior mean varies across the data: ``Cov_x(E_q[z_u | x]) > threshold``.
+
+    Burda et al. 2015, section 5.2. ``means`` (N, D) are the posterior means of the N images of
+    a split; the variance is the unbiased one over the N images.
+    """
+    if means.ndim != 2 or means.shape[0] < 2:
+        raise ValueError(
+            f"active units need posterior means (N, D) of N >= 2 images, got {tuple(means.shape)}"
+        )
+    return int((means.double().var(0) > threshold).sum())
+
+
+@torch.no_grad()
+def evaluate_vae(
+    model: VAE,
+    batches: Iterable[Tensor],
+    k: int,
+    max_batch_elems: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Likelihood evaluation of a VAE over a whole split, on the model's device.
+
+    The model is evaluated in eval mode (its mode restored afterwards).
+
+    Args:
+        model: a VAE.
+        batches: image batches (B, C, H, W) in [0, 1] (``(images, labels)`` pairs also work),
+            e.g. from :func:`vae_experiments.analysis.data.iterate_split`.
+        k: importance samples per image.
+        max_batch_elems: memory bound of :func:`iwae_log_likelihood`.
+        generator: for reproducible samples.
+
+    Returns:
+        Means over the images, in nats per image unless said otherwise:
+
+        - ``log_px``: the IWAE estimate of log p(x) with ``k`` samples;
+        - ``log_px_k``: ``k``;
+        - ``elbo``: the mean log-weight over the same samples (an ELBO estimate with k samples,
+          so lower variance than the single-sample ELBO of training); ``log_px - elbo`` is the
+          gain of importance weighting;
+        - ``recon``: the mean of -log p(x | z) over the samples;
+        - ``kl``: KL(q(z | x) || p(z)), analytic;
+        - ``bpd``: bits per dimension of ``log_px`` (:func:`bits_per_dim`; a Gaussian likelihood
+          is read as a density on 8-bit data scaled to [0, 1] and gets the 8-bit discretisation
+          term, ``bpd = (-log_px / D) / ln 2 + 8``; a Bernoulli likelihood none);
+        - ``active_units``: the number of latent units with Cov_x(E_q[z_u | x]) > 0.01 over the
+          split (:func:`count_active_units`; NaN for a single image);
+        - ``num_images``.
+    """
+    check_vae(model)
+    with _eval_mode(model):
+        sums = {"log_px": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
+        means, num_images, num_dims = [], 0, None
+        for batch in batches:
+            x = batch[0] if isinstance(batch, tuple | list) else batch
+            stats = _log_weight_stats(model, x, k, max_batch_elems, generator)
+            sums["log_px"] += float(stats["log_px"].sum())
+            sums["elbo"] += float(stats["mean_log_w"].sum())
+            sums["recon"] -= float(stats["mean_log_px_z"].sum())
+            sums["kl"] += float(gaussian_kl(stats["mu"], stats["logvar"]).double().sum())
+            means.append(stats["mu"].double().cpu())
+            num_images += x.shape[0]
+            num_dims = x[0].numel()
+    if num_images == 0:
+        raise ValueError("evaluate_vae got no images: the batches were empty")
+    results = {name: total / num_images for name, total in sums.items()}
+    bit_depth = 8 if isinstance(model.likelihood, Gaussian) else None
+    return {
+        "log_px": results["log_px"],
+        "log_px_k": k,
+        "elbo": results["elbo"],
+        "recon": results["recon"],
+        "kl": results["kl"],
+        "bpd": bits_per_dim(results["log_px"], num_dims, bit_depth),
+        "active_units": count_active_units(torch.cat(means)) if num_images > 1 else math.nan,
+        "num_images": num_images,
+    }

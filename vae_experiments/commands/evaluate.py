@@ -1,0 +1,184 @@
+"""``python scripts/evaluate.py run=<run dir or .ckpt>``: likelihood evaluation of a trained VAE.
+
+Computes the IWAE estimate of log p(x) with ``k`` samples, the ELBO from the same samples, KL,
+the reconstruction term, bits per dimension and active units on a split; merges
+``{split}/log_px``, ``{split}/log_px_k``, ``{split}/bpd`` and ``{split}/active_units`` into the
+run's ``metrics.json`` and TensorBoard, and writes the whole evaluation to
+``<run>/analysis/evaluate_<split>.json``. Hydra's log goes to ``<run>/analysis/evaluate.log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from vae_experiments.commands.common import (
+    ANALYSIS_SUBDIR,
+    register_resolvers,
+    resolve_device,
+    run_dir_of,
+)
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+#: metrics.json / TensorBoard keys this command adds, after the split name.
+METRIC_KEYS = ("log_px", "log_px_k", "bpd", "active_units")
+#: Defaults of eval.max_batch_elems (see configs/evaluate.yaml): small chunks stay in a CPU's
+#: cache; a GPU wants large calls.
+CPU_MAX_BATCH_ELEMS = 2**22
+GPU_MAX_BATCH_ELEMS = 2**26
+log = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """A bad command line: reported as one line, without a traceback."""
+
+
+register_resolvers()
+
+
+def format_table(results: dict[str, Any], training: dict[str, Any], split: str) -> str:
+    """The evaluation as a small text table (nats per image)."""
+    k = results["log_px_k"]
+    rows = [
+        (f"log p(x), IWAE k={k}", f"{results['log_px']:.3f}", "nats/image"),
+        (
+            "ELBO, same samples",
+            f"{results['elbo']:.3f}",
+            f"gap {results['log_px'] - results['elbo']:.3f}",
+        ),
+        ("recon, -log p(x|z)", f"{results['recon']:.3f}", ""),
+        ("KL(q(z|x) || p(z))", f"{results['kl']:.3f}", ""),
+        ("bits/dim", f"{results['bpd']:.4f}", ""),
+        ("active units", f"{results['active_units']}", f"of {results['latent_dim']}"),
+    ]
+    if f"{split}/elbo" in training:
+        rows.append(
+            (f"training's {split}/elbo", f"{training[f'{split}/elbo']:.3f}", "one sample per image")
+        )
+    width = max(len(name) for name, _, _ in rows)
+    return "\n".join(
+        f"  {name:<{width}}  {value:>10}  {note}".rstrip() for name, value, note in rows
+    )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Runs the evaluation of ``cfg`` (``configs/evaluate.yaml``) and writes its outputs.
+
+    Returns:
+        The evaluation record written to ``<run>/analysis/evaluate_<split>.json``.
+    """
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from vae_experiments.analysis.data import iterate_split, load_datamodule
+    from vae_experiments.analysis.likelihood import check_vae, evaluate_vae
+    from vae_experiments.runs import (
+        METRICS_FILE,
+        find_checkpoint,
+        load_run,
+        read_metrics,
+        write_json_atomic,
+    )
+
+    run_dir = run_dir_of(cfg.run)
+    if cfg.split not in ("train", "val", "test"):
+        raise UsageError(f"split must be train, val or test, got split={cfg.split}")
+    if cfg.checkpoint not in ("best", "last"):
+        raise UsageError(f"checkpoint must be best or last, got checkpoint={cfg.checkpoint}")
+    k = int(cfg.k)
+    if k < 1:
+        raise UsageError(f"k (importance samples per image) must be >= 1, got k={cfg.k}")
+    device = resolve_device(cfg.device)
+    max_batch_elems = cfg.eval.max_batch_elems
+    if max_batch_elems is None:
+        max_batch_elems = GPU_MAX_BATCH_ELEMS if device.startswith("cuda") else CPU_MAX_BATCH_ELEMS
+    if int(max_batch_elems) < 1:
+        raise UsageError(f"eval.max_batch_elems must be >= 1, got {cfg.eval.max_batch_elems}")
+    max_batch_elems = int(max_batch_elems)
+
+    run = Path(str(cfg.run)).expanduser()
+    ckpt_path = run if run.suffix == ".ckpt" else find_checkpoint(run_dir, cfg.checkpoint)
+    model, run_cfg = load_run(ckpt_path, map_location=device)
+    try:
+        check_vae(model)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (run={cfg.run})") from exc
+    datamodule = load_datamodule(run_cfg)
+    batch_size = int(cfg.eval.batch_size or datamodule.batch_size)
+    num_images = len(datamodule.splits[cfg.split])
+    log.info(
+        "evaluating %s (%s) on the %s split: %d images, k=%d, device %s",
+        run_dir,
+        ckpt_path.name,
+        cfg.split,
+        num_images,
+        k,
+        device,
+    )
+
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    start = time.perf_counter()
+    with tqdm(total=num_images, unit="img", desc=f"IWAE k={k}", dynamic_ncols=True) as bar:
+
+        def batches():
+            for x, _ in iterate_split(datamodule, cfg.split, batch_size, device):
+                yield x
+                bar.update(len(x))  # after the batch was evaluated
+
+        results = evaluate_vae(model, batches(), k, max_batch_elems, generator)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    results["latent_dim"] = model.latent_dim
+
+    metrics_path = run_dir / METRICS_FILE
+    metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
+    new = {f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS}
+    write_json_atomic(metrics_path, {**metrics, **new})
+    step = int(metrics.get("steps", 0))
+    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
+        for tag, value in new.items():
+            if not math.isnan(value):
+                writer.add_scalar(tag, value, global_step=step)
+
+    record = {
+        "run": str(run_dir.resolve()),
+        "checkpoint": str(ckpt_path.resolve()),
+        "split": cfg.split,
+        "k": k,
+        "seed": int(cfg.seed),
+        "device": device,
+        "max_batch_elems": max_batch_elems,
+        "batch_size": batch_size,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(num_images / seconds, 3),
+        "metrics": results,
+        "likelihood": type(model.likelihood).__name__,
+    }
+    record_path = run_dir / ANALYSIS_SUBDIR / f"evaluate_{cfg.split}.json"
+    write_json_atomic(record_path, record)
+
+    print(
+        f"\n{run_dir} ({ckpt_path.name}), {cfg.split} split: {num_images} images, "
+        f"{seconds:.1f} s ({num_images / seconds:.1f} images/s)\n"
+        + format_table(results, metrics, cfg.split)
+    )
+    log.info("added %s to %s", ", ".join(new), metrics_path)
+    log.info("wrote %s and TensorBoard scalars to %s", record_path, run_dir / "tensorboard")
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    """``python scripts/evaluate.py run=<run dir or .ckpt> [k=5000] [split=test] ...``."""
+    try:
+        evaluate(cfg)
+    except UsageError as exc:
+        raise SystemExit(f"error: {exc}") from None
