@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
 from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
 from vae_experiments.training.callbacks import ImageGrids
+from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.module import LitModel
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         checkpoint,
         ImageGrids(callbacks_cfg.image_grids.num_images, run_dir / "images"),
     ]
+    latent_cfg = callbacks_cfg.get("latent_samples")
+    if latent_cfg is not None and latent_cfg.enabled and not model.has_prior:
+        callbacks.append(
+            LatentSamples(
+                latent_cfg.num_samples, latent_cfg.components, run_dir / "images", seed=cfg.seed
+            )
+        )
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
     logger = build_logger(cfg.get("logger"), run_dir)

@@ -1,0 +1,314 @@
+"""Densities over latent codes: sample from an autoencoder, and see how well a density fits.
+
+A deterministic autoencoder has no prior to sample from. Fit a density to the training set's
+codes and decode draws from it: the factored Gaussian (:class:`DiagonalGaussian`, per-dimension
+mean and variance) is the simplest choice, a full-covariance Gaussian mixture
+(:class:`GaussianMixture`) follows the codes' clusters and correlations. The held-out
+log-likelihood of the test codes under each (:func:`heldout_log_likelihood`) says which fits the
+codes better; decoding draws from the worse fit gives implausible images. The same applies to a
+VAE's aggregate posterior (the codes of a VAE are its posterior means), where it can be set
+beside the prior the VAE was trained with (:class:`StandardNormal`).
+
+Plain PyTorch (+ scikit-learn to fit the mixture), so it works in a notebook::
+
+    codes = encode_split(model, (x for x, _ in iterate_split(dm, "train")))
+    density = fit_density("gmm", codes, components=10)
+    images = model.decode(density.sample(64))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vae_experiments.models import LatentModel
+
+DENSITIES = ("diag_gaussian", "gmm")
+LOG_2PI = math.log(2 * math.pi)
+
+
+@torch.no_grad()
+def encode_split(
+    model: LatentModel,
+    batches: Iterable[Tensor | Sequence[Tensor]],
+    return_labels: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Codes of every image in ``batches``, in order: ``model.encode`` (a VAE's posterior mean).
+
+    Args:
+        model: any :class:`LatentModel`; evaluated in eval mode (its mode is restored after).
+        batches: float image batches (B, C, H, W), or ``(images, labels)`` pairs as yielded by
+            :func:`vae_experiments.analysis.data.iterate_split`. Moved to the model's device.
+        return_labels: also return the labels (needs ``(images, labels)`` pairs).
+
+    Returns:
+        Codes (N, latent_dim) on the model's device; with ``return_labels``, also labels (N,).
+    """
+    was_training = model.training
+    model.eval()
+    codes, labels = [], []
+    try:
+        for batch in batches:
+            if isinstance(batch, Tensor):
+                images, batch_labels = batch, None
+            else:
+                images, batch_labels = batch[0], batch[1] if len(batch) > 1 else None
+            codes.append(model.encode(images.to(model.device)))
+            if return_labels:
+                if batch_labels is None:
+                    raise ValueError("return_labels=True needs (images, labels) batches")
+                labels.append(batch_labels)
+    finally:
+        model.train(was_training)
+    if not codes:
+        raise ValueError("encode_split got no batches: is the split empty?")
+    if return_labels:
+        return torch.cat(codes), torch.cat(labels)
+    return torch.cat(codes)
+
+
+def _check_codes(codes: Tensor, minimum: int, what: str) -> None:
+    if codes.ndim != 2:
+        raise ValueError(f"codes must have shape (N, latent_dim), got {tuple(codes.shape)}")
+    if codes.shape[0] < minimum:
+        raise ValueError(f"{what} needs at least {minimum} codes, got {codes.shape[0]}")
+    if not torch.isfinite(codes).all():
+        raise ValueError("codes contain NaN or inf: is the model's checkpoint broken?")
+
+
+def _standard_normal(n: int, dim: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """N(0, I) draws (n, dim) in ``like``'s dtype and device, drawn with ``generator``'s device."""
+    device = generator.device if generator is not None else like.device
+    eps = torch.randn(n, dim, generator=generator, device=device, dtype=like.dtype)
+    return eps.to(like.device)
+
+
+class LatentDensity:
+    """A density over codes: ``fit(codes)``, ``log_prob(z)`` in nats, ``sample(n)``."""
+
+    def fit(self, codes: Tensor) -> LatentDensity:
+        raise NotImplementedError
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """Log-density (N,) in nats of codes z (N, D)."""
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws (n, D) on the device of the codes it was fitted to."""
+        raise NotImplementedError
+
+
+class StandardNormal(LatentDensity):
+    """N(0, I): the prior of a VAE, for comparison with densities fitted to its codes."""
+
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        self.loc = torch.zeros(dim, device=device)
+
+    def fit(self, codes: Tensor) -> StandardNormal:
+        """Nothing to fit: only moves to the codes' device."""
+        _check_codes(codes, 1, "StandardNormal")
+        self.loc = torch.zeros(codes.shape[1], dtype=codes.dtype, device=codes.device)
+        return self
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return -0.5 * (z.square().sum(-1) + z.shape[-1] * LOG_2PI)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return _standard_normal(n, self.loc.shape[0], generator, self.loc)
+
+
+class DiagonalGaussian(LatentDensity):
+    """The factored Gaussian: each dimension's mean and variance, fitted by maximum likelihood.
+
+    Ignores every correlation between dimensions and every cluster in the codes.
+
+    Args:
+        min_variance: floor on each variance, relative to the mean variance over dimensions, so a
+            collapsed (constant) dimension does not give an infinite density.
+    """
+
+    def __init__(self, min_variance: float = 1e-6):
+        self.min_variance = min_variance
+        self.mean: Tensor | None = None
+        self.variance: Tensor | None = None
+
+    def fit(self, codes: Tensor) -> DiagonalGaussian:
+        """Sets mean and variance (D,) to the codes' (N, D) sample mean and (biased) variance."""
+        _check_codes(codes, 2, "DiagonalGaussian")
+        codes = codes.detach()
+        variance = codes.var(0, correction=0)
+        self.mean = codes.mean(0)
+        self.variance = variance.clamp_min(self.min_variance * variance.mean().clamp_min(1e-30))
+        return self
+
+    def _fitted(self) -> tuple[Tensor, Tensor]:
+        if self.mean is None:
+            raise RuntimeError("DiagonalGaussian is not fitted: call fit(codes) first")
+        return self.mean, self.variance
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        mean, variance = self._fitted()
+        return -0.5 * ((z - mean).square() / variance + variance.log() + LOG_2PI).sum(-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        mean, variance = self._fitted()
+        return mean + variance.sqrt() * _standard_normal(n, mean.shape[0], generator, mean)
+
+
+class GaussianMixture(LatentDensity):
+    """A mixture of ``components`` full-covariance Gaussians, fitted by EM (scikit-learn).
+
+    ``log_prob`` and ``sample`` are torch (float64 inside) on the codes' device.
+
+    Args:
+        components: number of mixture components.
+        seed: seeds the k-means initialisation of EM.
+        reg_covar: added to each covariance's diagonal, relative to the codes' mean variance
+            (scikit-learn's ``reg_covar`` is absolute; codes of AEs have any scale).
+        max_iter: EM iterations at most.
+    """
+
+    def __init__(
+        self, components: int = 10, seed: int = 0, reg_covar: float = 1e-6, max_iter: int = 200
+    ):
+        if components < 1:
+            raise ValueError(f"components must be >= 1, got {components}")
+        self.components = components
+        self.seed = seed
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.reg_covar_: float | None = None  # the absolute value passed to scikit-learn
+        self.converged_: bool | None = None
+        self.log_weights: Tensor | None = None  # (K,)
+        self.means: Tensor | None = None  # (K, D)
+        self.scale_tril: Tensor | None = None  # (K, D, D) Cholesky factors of the covariances
+        self._dtype = torch.float32  # of the codes it was fitted to; log_prob and sample return it
+
+    def fit(self, codes: Tensor) -> GaussianMixture:
+        """Fits the mixture to codes (N, D); needs N >= components."""
+        from sklearn.mixture import GaussianMixture as SklearnGaussianMixture
+
+        _check_codes(codes, self.components, f"a GaussianMixture with {self.components} components")
+        data = codes.detach().double().cpu().numpy()
+        self.reg_covar_ = float(self.reg_covar * max(data.var(0).mean(), 1e-30))
+        mixture = SklearnGaussianMixture(
+            n_components=self.components,
+            covariance_type="full",
+            reg_covar=self.reg_covar_,
+            max_iter=self.max_iter,
+            random_state=self.seed,
+        ).fit(data)
+        self.converged_ = bool(mixture.converged_)
+
+        def as_tensor(array: np.ndarray) -> Tensor:
+            return torch.as_tensor(np.asarray(array), dtype=torch.float64).to(codes.device)
+
+        self.log_weights = as_tensor(mixture.weights_).log()
+        self.means = as_tensor(mixture.means_)
+        self.scale_tril = torch.linalg.cholesky(as_tensor(mixture.covariances_))
+        self._dtype = codes.dtype
+        return self
+
+    def _fitted(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.means is None:
+            raise RuntimeError("GaussianMixture is not fitted: call fit(codes) first")
+        return self.log_weights, self.means, self.scale_tril
+
+    def component_log_prob(self, z: Tensor, chunk_size: int = 4096) -> Tensor:
+        """log w_k + log N(z | mu_k, Sigma_k): (N, K) in float64, in chunks of codes."""
+        log_weights, means, scale_tril = self._fitted()
+        dim = means.shape[1]
+        # log det Sigma_k = 2 sum log diag L_k
+        half_log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (K,)
+        out = []
+        for chunk in z.detach().to(torch.float64).split(chunk_size):
+            diff = (chunk.unsqueeze(0) - means.unsqueeze(1)).transpose(1, 2)  # (K, D, n)
+            white = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # L^-1 (z - mu)
+            mahalanobis = white.square().sum(1)  # (K, n)
+            log_normal = -0.5 * (mahalanobis + dim * LOG_2PI) - half_log_det.unsqueeze(1)
+            out.append((log_normal + log_weights.unsqueeze(1)).T)
+        return torch.cat(out)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return torch.logsumexp(self.component_log_prob(z), dim=1).to(self._dtype)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        log_weights, means, scale_tril = self._fitted()
+        device = generator.device if generator is not None else means.device
+        weights = log_weights.exp().to(device)
+        component = torch.multinomial(weights, n, replacement=True, generator=generator)
+        eps = _standard_normal(n, means.shape[1], generator, means)  # (n, D) float64
+        component = component.to(means.device)
+        z = means[component] + (scale_tril[component] @ eps.unsqueeze(-1)).squeeze(-1)
+        return z.to(self._dtype)
+
+
+def fit_density(kind: str, codes: Tensor, components: int = 10, seed: int = 0) -> LatentDensity:
+    """Fits ``diag_gaussian`` (per-dimension mean and variance) or ``gmm`` (a full-covariance
+    mixture of ``components`` Gaussians, EM seeded with ``seed``) to codes (N, D)."""
+    if kind == "diag_gaussian":
+        return DiagonalGaussian().fit(codes)
+    if kind == "gmm":
+        if codes.shape[0] < components:
+            raise ValueError(
+                f"a gmm with components={components} needs at least {components} codes, got "
+                f"{codes.shape[0]}; lower components or encode more images"
+            )
+        return GaussianMixture(components=components, seed=seed).fit(codes)
+    raise ValueError(f"unknown density {kind!r}; choose one of: {', '.join(DENSITIES)}")
+
+
+def heldout_log_likelihood(density: LatentDensity, codes: Tensor) -> float:
+    """Mean log-density of codes (N, D) not used for fitting, in nats per code."""
+    _check_codes(codes, 1, "heldout_log_likelihood")
+    return float(density.log_prob(codes).double().mean())
+
+
+def traversal_codes(
+    codes: Tensor, steps: int = 9, dims: Sequence[int] | None = None, quantile: float = 0.05
+) -> Tensor:
+    """Codes for a latent traversal: (len(dims) * steps, D), row-major by dimension.
+
+    Row ``i`` (``steps`` codes) sets every dimension to the codes' median except ``dims[i]``,
+    which goes linearly from its ``quantile`` to its ``1 - quantile`` quantile.
+    """
+    _check_codes(codes, 1, "traversal_codes")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    dim = codes.shape[1]
+    dims = list(range(dim)) if dims is None else list(dims)
+    if not dims or any(not 0 <= d < dim for d in dims):
+        raise ValueError(
+            f"dims must be a non-empty list of latent dimensions in [0, {dim}), got {dims}"
+        )
+    codes = codes.detach().float()
+    levels = torch.tensor([quantile, 0.5, 1 - quantile], device=codes.device)
+    low, center, high = torch.quantile(codes, levels, dim=0)  # (D,) each; an even N's median
+    # is the mean of the middle two, as numpy's
+    grid = center.repeat(len(dims), steps, 1)  # (rows, steps, D)
+    position = torch.linspace(0, 1, steps, device=codes.device)
+    for row, d in enumerate(dims):
+        grid[row, :, d] = low[d] + (high[d] - low[d]) * position
+    return grid.reshape(len(dims) * steps, dim)
+
+
+@torch.no_grad()
+def latent_traversal(
+    model: LatentModel, codes: Tensor, steps: int = 9, dims: Sequence[int] | None = None
+) -> Tensor:
+    """Decoded latent traversal: images (len(dims) * steps, C, H, W), ``steps`` per row.
+
+    One row per latent dimension in ``dims`` (all by default): that dimension swept from the
+    5% to the 95% quantile of ``codes`` (e.g. the training codes), the others at the codes' median.
+    """
+    z = traversal_codes(codes, steps, dims).to(model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        return model.decode(z)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,163 @@
+"""``python scripts/sample.py run=<run dir> density=gmm n=64``: sample from a latent density.
+
+Encodes the run's training split, fits a density to the codes (``gmm``, ``diag_gaussian``, or
+for a VAE its ``prior``), decodes ``n`` draws, and writes into ``<run dir>/analysis/``::
+
+    samples_<density>.png     the decoded draws
+    traversal.png             one row per latent dimension, swept from its 5% to 95% quantile
+    latent_scatter.png        test codes coloured by label (2-D codes, or their PCA projection)
+    latent_densities.json     test-split log-likelihood of the codes under every density
+    sample.log
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from vae_experiments.commands.common import register_resolvers, resolve_device, run_dir_of
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+DENSITIES_FILE = "latent_densities.json"
+log = logging.getLogger(__name__)
+
+register_resolvers()  # ${analysis_dir:...} in configs/sample.yaml, before Hydra composes it
+
+
+def sample_latents(
+    run: str | Path,
+    density: str = "gmm",
+    components: int = 10,
+    n: int = 64,
+    checkpoint: str = "best",
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 1000,
+    traversal_steps: int = 9,
+    traversal_dims: int | None = 16,
+) -> dict[str, Any]:
+    """Fits latent densities to a run's training codes and writes the pictures and the table.
+
+    Args: as the keys of ``configs/sample.yaml``.
+
+    Returns:
+        What ``<run dir>/analysis/latent_densities.json`` holds.
+    """
+    import torch
+
+    from vae_experiments.analysis.data import iterate_split, load_datamodule
+    from vae_experiments.analysis.latent import (
+        DENSITIES,
+        StandardNormal,
+        encode_split,
+        fit_density,
+        heldout_log_likelihood,
+        latent_traversal,
+    )
+    from vae_experiments.analysis.latent_plots import latent_scatter
+    from vae_experiments.pictures import image_grid, save_grid
+    from vae_experiments.runs import find_checkpoint, load_run, write_json_atomic
+
+    run_dir = run_dir_of(run)
+    out_dir = run_dir / "analysis"
+    device = resolve_device(device)
+    model, cfg = load_run(run, checkpoint=checkpoint, map_location=device)
+    kinds = [*DENSITIES, *(["prior"] if model.has_prior else [])]
+    if density not in kinds:
+        hint = " (prior: only for models trained with one, i.e. VAEs)" if density == "prior" else ""
+        raise ValueError(f"unknown density {density!r}; choose one of: {', '.join(kinds)}{hint}")
+    if n < 1 or components < 1:
+        raise ValueError(f"n and components must be >= 1, got n={n}, components={components}")
+
+    datamodule = load_datamodule(cfg, batch_size=batch_size)
+    train_codes = encode_split(model, iterate_split(datamodule, "train", device=device))
+    test_codes, test_labels = encode_split(
+        model, iterate_split(datamodule, "test", device=device), return_labels=True
+    )
+    log.info(
+        "%s codes of size %d: %d train, %d test",
+        type(model).__name__,
+        model.latent_dim,
+        len(train_codes),
+        len(test_codes),
+    )
+
+    densities = {kind: fit_density(kind, train_codes, components, seed) for kind in DENSITIES}
+    if model.has_prior:
+        densities["prior"] = StandardNormal(model.latent_dim).fit(train_codes)
+    heldout = {k: heldout_log_likelihood(d, test_codes) for k, d in densities.items()}
+    fitted = {k: heldout_log_likelihood(d, train_codes) for k, d in densities.items()}
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        samples = model.decode(densities[density].sample(n, generator=generator))
+    per_row = math.ceil(math.sqrt(n))
+    paths = {
+        "samples": save_grid(
+            image_grid(list(samples.split(per_row))), out_dir / f"samples_{density}.png"
+        )
+    }
+    dims = None if traversal_dims is None else list(range(min(traversal_dims, model.latent_dim)))
+    traversal = latent_traversal(model, train_codes, steps=traversal_steps, dims=dims)
+    paths["traversal"] = save_grid(
+        image_grid(list(traversal.split(traversal_steps))), out_dir / "traversal.png"
+    )
+    paths["latent_scatter"] = latent_scatter(
+        test_codes,
+        test_labels,
+        out_dir / "latent_scatter.png",
+        title=f"{type(model).__name__} test codes ({run_dir.name})",
+        seed=seed,
+    )
+
+    ckpt = Path(run) if Path(run).suffix == ".ckpt" else find_checkpoint(run_dir, checkpoint)
+    result = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt),
+        "model": type(model).__name__,
+        "latent_dim": model.latent_dim,
+        "num_train_codes": len(train_codes),
+        "num_test_codes": len(test_codes),
+        "components": components,
+        "seed": seed,
+        "gmm_converged": densities["gmm"].converged_,
+        "units": "mean log-density of a code, nats",
+        "test_log_lik": heldout,
+        "train_log_lik": fitted,
+        "sampled": {"density": density, "n": n, "png": str(paths["samples"])},
+    }
+    write_json_atomic(out_dir / DENSITIES_FILE, result)
+
+    rows = [
+        f"| {kind} | {heldout[kind]:.2f} | {fitted[kind]:.2f} |"
+        for kind in sorted(heldout, key=heldout.get, reverse=True)
+    ]
+    print(
+        f"Latent log-likelihood of {type(model).__name__} codes (nats per code, "
+        f"{model.latent_dim} dims; gmm with {components} components):\n"
+        "| density | test (held out) | train (fitted) |\n| --- | --- | --- |\n" + "\n".join(rows)
+    )
+    for path in [*paths.values(), out_dir / DENSITIES_FILE]:
+        print(f"wrote {path}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample_latents(
+        run=cfg.run,
+        density=cfg.density,
+        components=cfg.components,
+        n=cfg.n,
+        checkpoint=cfg.checkpoint,
+        seed=cfg.seed,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        traversal_steps=cfg.traversal_steps,
+        traversal_dims=cfg.traversal_dims,
+    )
