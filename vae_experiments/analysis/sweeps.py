@@ -1,0 +1,633 @@
+"""Sweep reports: every run's settings and test metrics in one table, and a metric plotted against
+a swept value.
+
+A sweep is any directory holding run directories (a directory with ``.hydra/config.yaml``) at any
+depth: a Hydra multirun (``multirun/<date>/<time>/<job>/``), a day of single runs
+(``outputs/<date>/``), or sweeps nested inside each other. From each run it reads::
+
+    .hydra/overrides.yaml   what was typed: ``model=vae``, ``model.latent_dim=16``, ...
+    .hydra/config.yaml      the composed config (fills in a key another run overrode)
+    .hydra/hydra.yaml       the config-group choices (``model: vae``), when Hydra wrote it
+    metrics.json            test metrics; missing when the run failed or has not finished
+    status.json             ``{"status": ..., "error": ...}``, when the run wrote one
+
+Plain Python, OmegaConf and matplotlib (no pyplot), so it works in a notebook::
+
+    records = collect_runs("multirun/2026-11-25/14-03-12")
+    table = summary_table(records, sort_by="test/recon_mse")
+    print(table.to_markdown())
+    plot_summary(table).savefig("recon_mse.png")
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from vae_experiments.runs import CONFIG_FILE, METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+HYDRA_FILE = Path(".hydra") / "hydra.yaml"
+STATUS_FILE = "status.json"
+FINISHED = "finished"
+INCOMPLETE = "incomplete"  # no status.json and no metrics.json: crashed, killed, or still running
+DELETED = "<deleted>"  # the value shown for a ``~key`` override
+
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading runs
+
+
+def parse_value(text: str) -> Any:
+    """An override's value as Hydra would type it: int, float, bool, None, list, dict or str.
+
+    YAML covers lists (``[8,16]``), booleans and ints; ``1e-3`` (not a float to YAML 1.1) is
+    tried as a float. Anything unparseable stays the string that was typed.
+    """
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"++model.hidden_dims=[16]"`` -> ``("model.hidden_dims", [16])``.
+
+    The ``+``/``++`` prefixes (add, add or override) are dropped; a deletion ``~key`` gives the
+    value ``"<deleted>"``.
+    """
+    text = text.strip()
+    if text.startswith("~"):
+        return text[1:].partition("=")[0], DELETED
+    key, sep, value = text.lstrip("+").partition("=")
+    if not sep:
+        raise ValueError(f"override {text!r} is not of the form key=value")
+    return key.strip(), parse_value(value)
+
+
+def format_value(value: Any) -> str:
+    """A setting or metric as a table cell: ``[8,16]`` as Hydra writes it, floats to 5 digits."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class RunRecord:
+    """One run of a sweep.
+
+    Attributes:
+        path: the run directory.
+        name: its path relative to the sweep directory (``"."`` when the sweep is the run).
+        overrides: ``.hydra/overrides.yaml`` in order, key -> parsed value, ``+``/``++`` stripped.
+        metrics: ``metrics.json`` (empty when missing).
+        status: ``status.json``'s status (``running``, ``finished``, ``failed``,
+            ``interrupted``); without one, ``finished`` when ``metrics.json`` exists, else
+            ``incomplete``.
+        error: why the run has no results (``status.json``'s error, or ``"no metrics.json"``).
+    """
+
+    path: Path
+    name: str
+    overrides: dict[str, Any]
+    metrics: dict[str, Any]
+    status: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Finished with metrics: a row of the comparison."""
+        return self.status == FINISHED and bool(self.metrics)
+
+    def setting(self, key: str) -> Any:
+        """The run's value of ``key``: its override, else its config-group choice (``model``) or
+        composed config value (``model.latent_dim``); ``None`` when it has none or the value is a
+        whole config node."""
+        if key in self.overrides:
+            return self.overrides[key]
+        if key in self._choices:
+            return self._choices[key]
+        if self._config is None:
+            return None
+        try:
+            node = OmegaConf.select(self._config, key, default=None)
+        except Exception:  # an interpolation that only resolves inside Hydra, e.g. ${now:...}
+            return None
+        if isinstance(node, ListConfig):
+            node = OmegaConf.to_container(node, resolve=False)
+            if any(isinstance(v, (dict, list)) for v in node):
+                return None
+        return None if isinstance(node, DictConfig) else node
+
+    @cached_property
+    def _config(self) -> DictConfig | None:
+        try:
+            return OmegaConf.load(self.path / CONFIG_FILE)
+        except Exception as err:  # a half-written config must not stop the report
+            log.warning("cannot read %s: %s", self.path / CONFIG_FILE, err)
+            return None
+
+    @cached_property
+    def _choices(self) -> dict[str, Any]:
+        path = self.path / HYDRA_FILE
+        if not path.is_file():
+            return {}
+        try:
+            choices = yaml.safe_load(path.read_text())["hydra"]["runtime"]["choices"]
+        except Exception:
+            return {}
+        return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sorts ``run/2`` before ``run/10``."""
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)
+    ]
+
+
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """Every directory under ``root`` (``root`` included) holding ``.hydra/config.yaml``, in
+    natural order of their paths. Hidden folders are not searched; symlinks are not followed."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if (Path(dirpath) / CONFIG_FILE).is_file():
+            found.append(Path(dirpath))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
+
+
+def _read_overrides(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / OVERRIDES_FILE
+    if not path.is_file():
+        return {}
+    items = yaml.safe_load(path.read_text()) or []
+    overrides = {}
+    for item in items:
+        try:
+            key, value = parse_override(str(item))
+        except ValueError as err:
+            log.warning("%s: %s", path, err)
+            continue
+        overrides[key] = value
+    return overrides
+
+
+def _read_status(run_dir: Path, has_metrics: bool) -> tuple[str, str | None]:
+    path = run_dir / STATUS_FILE
+    if path.is_file():
+        try:
+            status = json.loads(path.read_text())
+            return str(status.get("status", "unknown")), status.get("error")
+        except (json.JSONDecodeError, AttributeError) as err:
+            return "unknown", f"unreadable {STATUS_FILE}: {err}"
+    return (FINISHED, None) if has_metrics else (INCOMPLETE, f"no {METRICS_FILE}")
+
+
+def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> RunRecord:
+    """A :class:`RunRecord` of one run directory, named relative to ``sweep_dir``."""
+    run_dir = Path(run_dir)
+    name = run_dir.relative_to(sweep_dir).as_posix() if sweep_dir is not None else run_dir.name
+    metrics: dict[str, Any] = {}
+    metrics_error = None
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.is_file():
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError as err:
+            metrics_error = f"unreadable {METRICS_FILE}: {err}"
+    status, error = _read_status(run_dir, has_metrics=bool(metrics))
+    if status == FINISHED and not metrics:
+        error = metrics_error or f"no {METRICS_FILE}"
+    return RunRecord(
+        path=run_dir,
+        name=name,
+        overrides=_read_overrides(run_dir),
+        metrics=metrics,
+        status=status,
+        error=error,
+    )
+
+
+def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
+    """Every run under ``sweep_dir`` (at any depth), in natural order of their paths.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` is not a directory.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(
+            f"{sweep_dir} is not a directory; pass a sweep directory such as "
+            "multirun/<date>/<time> (or outputs/<date>)"
+        )
+    return [read_run(path, sweep_dir) for path in find_run_dirs(sweep_dir)]
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+def _order_key(value: Any) -> tuple:
+    """Sorts numbers numerically, before strings; missing values last."""
+    if value is None:
+        return (2, 0.0, "")
+    if is_number(value):
+        return (0, float(value), "")
+    return (1, 0.0, format_value(value))
+
+
+@dataclass
+class SummaryTable:
+    """The rows of a sweep report (see :func:`summary_table`).
+
+    Attributes:
+        records: finished runs in sort order, then the runs without results.
+        swept: keys whose value differs between runs, in the order they were typed.
+        fixed: keys with the same value in every run.
+        metrics: metric columns.
+        sort_by, descending: how the finished runs were ordered.
+        settings: run name -> key -> the run's value of every overridden key (read from the
+            run's config where it did not override it; ``None`` when it has none).
+    """
+
+    records: list[RunRecord]
+    swept: list[str]
+    fixed: dict[str, Any]
+    metrics: list[str]
+    sort_by: str | None
+    descending: bool
+    settings: dict[str, dict[str, Any]] = field(repr=False, default_factory=dict)
+
+    @property
+    def failures(self) -> list[RunRecord]:
+        return [r for r in self.records if not r.ok]
+
+    @property
+    def columns(self) -> list[str]:
+        """``run``, the swept keys, the metrics, then ``status`` when some run has no results."""
+        extra = ["status"] if self.failures else []
+        return ["run", *self.swept, *self.metrics, *extra]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per run, column -> raw value (``None`` where missing)."""
+        rows = []
+        for record in self.records:
+            row = {"run": record.name}
+            row.update({key: self.settings[record.name].get(key) for key in self.swept})
+            row.update({key: record.metrics.get(key) for key in self.metrics})
+            row["status"] = record.status
+            rows.append(row)
+        return rows
+
+    def to_markdown(self) -> str:
+        """The fixed settings, the table, and a section listing the runs without results."""
+        lines = []
+        if self.fixed:
+            fixed = ", ".join(f"{k}={format_value(v)}" for k, v in self.fixed.items())
+            lines += [f"fixed: {fixed}", ""]
+        order = f" (sorted by {self.sort_by}, {'descending' if self.descending else 'ascending'})"
+        lines += [f"{len(self.records)} runs{order if self.sort_by else ''}", ""]
+        columns = self.columns
+        lines.append("| " + " | ".join(_md_cell(c) for c in columns) + " |")
+        lines.append(
+            "|" + "|".join(" ---: " if c in self.metrics else " --- " for c in columns) + "|"
+        )
+        for row in self.rows():
+            cells = ["" if row[c] is None else format_value(row[c]) for c in columns]
+            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        if self.failures:
+            lines += ["", "## Failed or unfinished runs", ""]
+            for record in self.failures:
+                error = f": {_one_line(record.error)}" if record.error else ""
+                lines.append(f"- `{record.name}` ({record.path}): {record.status}{error}")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        """The same rows as CSV, full precision, empty cells where missing, plus ``status`` and
+        ``error`` columns."""
+        columns = ["run", *self.swept, *self.metrics, "status", "error"]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for record, row in zip(self.records, self.rows(), strict=True):
+            row["error"] = record.error
+            writer.writerow([_csv_cell(row[c]) for c in columns])
+        return buffer.getvalue()
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return format_value(value)
+
+
+def _metric_order(name: str) -> tuple:
+    return (0 if name.startswith("test/") else 1, name)
+
+
+def summary_table(
+    records: Sequence[RunRecord],
+    sort_by: str | None = "test/loss",
+    descending: bool = False,
+    metrics: Sequence[str] | None = None,
+) -> SummaryTable:
+    """Orders a sweep's runs by a metric and splits settings into swept and fixed.
+
+    Args:
+        records: from :func:`collect_runs`.
+        sort_by: the metric to order finished runs by (``None``: by swept values). Ties, and runs
+            lacking the metric, follow in order of their swept values (numbers numerically), then
+            of their names. Runs without results come last.
+        descending: largest first (for metrics where higher is better, e.g. ``test/elbo``).
+        metrics: metric columns; names or shell patterns (``test/*``). Default: every metric of
+            any run, ``sort_by`` first, then ``test/*``, then the others.
+
+    Raises:
+        ValueError: ``sort_by`` or a requested metric is in no run's metrics.
+    """
+    records = list(records)
+    available = sorted({k for r in records for k in r.metrics}, key=_metric_order)
+
+    if metrics is None:
+        columns = list(available)
+        if sort_by in columns:
+            columns.remove(sort_by)
+            columns.insert(0, sort_by)
+    else:
+        columns = []
+        for pattern in metrics:
+            matched = [m for m in available if fnmatch.fnmatchcase(m, pattern)]
+            if not matched:
+                raise ValueError(
+                    f"no run has a metric {pattern!r}; metrics found: {', '.join(available)}"
+                )
+            columns += [m for m in matched if m not in columns]
+    if sort_by is not None and available and sort_by not in available:
+        raise ValueError(
+            f"cannot sort by {sort_by!r}: no run has it; metrics found: {', '.join(available)}"
+        )
+
+    keys: list[str] = []
+    for record in records:
+        keys += [k for k in record.overrides if k not in keys]
+    settings = {r.name: {k: r.setting(k) for k in keys} for r in records}
+    swept, fixed = [], {}
+    for key in keys:
+        shown = {format_value(settings[r.name][key]) for r in records}
+        if len(shown) > 1:
+            swept.append(key)
+        else:
+            fixed[key] = settings[records[0].name][key]
+
+    def settings_key(record: RunRecord) -> tuple:
+        return (
+            tuple(_order_key(settings[record.name][k]) for k in swept),
+            natural_key(record.name),
+        )
+
+    def metric_key(record: RunRecord) -> tuple:
+        value = record.metrics.get(sort_by) if sort_by else None
+        if not is_number(value) or math.isnan(value):
+            return (1, 0.0)
+        return (0, -value if descending else value)
+
+    finished = sorted((r for r in records if r.ok), key=lambda r: (metric_key(r), settings_key(r)))
+    failed = sorted((r for r in records if not r.ok), key=settings_key)
+    return SummaryTable(
+        records=finished + failed,
+        swept=swept,
+        fixed=fixed,
+        metrics=columns,
+        sort_by=sort_by,
+        descending=descending,
+        settings=settings,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The plot
+
+
+def default_x(table: SummaryTable) -> str | None:
+    """The first swept key whose values (in finished runs) are all numbers, else ``None``."""
+    finished = [r for r in table.records if r.ok]
+    for key in table.swept:
+        values = [table.settings[r.name][key] for r in finished]
+        if values and all(is_number(v) for v in values):
+            return key
+    return None
+
+
+def plot_filename(metric: str) -> str:
+    """``test/recon_mse`` -> ``summary_test_recon_mse.png``."""
+    return "summary_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", metric).strip("_") or "metric") + ".png"
+
+
+def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None = None) -> Figure:
+    """A metric against a swept value, one line per combination of the other swept values.
+
+    Args:
+        table: from :func:`summary_table`.
+        metric: the y value (default: the table's ``sort_by``).
+        x: a swept key (default: :func:`default_x`). Numbers go on a numeric axis (log-scale
+            when they span two orders of magnitude or more), other values on a categorical one.
+            With no such key, a horizontal bar per run, in table order.
+
+    Raises:
+        ValueError: the metric is in no finished run, or ``x`` is not a swept key.
+    """
+    metric = metric or table.sort_by or (table.metrics[0] if table.metrics else None)
+    runs = [r for r in table.records if r.ok and is_number(r.metrics.get(metric))]
+    if not runs:
+        raise ValueError(f"no finished run has the metric {metric!r}; nothing to plot")
+    if x is not None and x not in table.swept:
+        swept = ", ".join(table.swept) or "none"
+        raise ValueError(f"--x {x!r} is not a swept key; swept keys: {swept}")
+    x = x if x is not None else default_x(table)
+    not_shown = len(table.records) - len(runs)
+    note = f"{len(runs)} runs" + (f"; {not_shown} without {metric} not shown" if not_shown else "")
+
+    if x is None:
+        return _bar_chart(table, runs, metric, note)
+
+    others = [k for k in table.swept if k != x]
+    groups: dict[tuple, list[RunRecord]] = {}
+    for record in runs:
+        label = tuple(table.settings[record.name][k] for k in others)
+        groups.setdefault(tuple(format_value(v) for v in label), []).append(record)
+
+    xs_all = [table.settings[r.name][x] for r in runs]
+    numeric = all(is_number(v) for v in xs_all)
+    if numeric:
+        position = {format_value(v): float(v) for v in xs_all}
+    else:
+        distinct = sorted({format_value(v): v for v in xs_all}.values(), key=_order_key)
+        position = {format_value(v): float(i) for i, v in enumerate(distinct)}
+
+    outside = len(groups) > 8  # a long legend goes beside the axes, not over the lines
+    fig = Figure(figsize=(9.0 if outside else 7.0, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    colors = _colors(len(groups))
+
+    def group_order(item):
+        return tuple(_order_key(table.settings[item[1][0].name][k]) for k in others)
+
+    for color, (label, members) in zip(
+        colors, sorted(groups.items(), key=group_order), strict=False
+    ):
+        points = sorted(
+            (position[format_value(table.settings[r.name][x])], float(r.metrics[metric]))
+            for r in members
+        )
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            markersize=6,
+            linewidth=1.8,
+            color=color,
+            label=", ".join(label) if others else None,
+        )
+
+    values = sorted(set(position.values()))
+    if numeric and values[0] > 0 and values[-1] / values[0] >= 100:
+        ax.set_xscale("log")
+    if len(values) <= 12:
+        labels = {p: k for k, p in position.items()}
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(values, [labels[v] for v in values])
+    if not numeric:
+        ax.set_xlim(values[0] - 0.5, values[-1] + 0.5)
+
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against {x}\n{note}", fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    if others:
+        ax.legend(
+            title=", ".join(others),
+            loc="upper left" if outside else "best",
+            bbox_to_anchor=(1.01, 1.0) if outside else None,
+            fontsize="small",
+        )
+    return fig
+
+
+def _colors(n: int) -> list:
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _bar_chart(table: SummaryTable, runs: list[RunRecord], metric: str, note: str) -> Figure:
+    """One horizontal bar per run, labelled by its swept values (the keys name the axis)."""
+
+    def value(record: RunRecord, key: str) -> str:
+        setting = table.settings[record.name].get(key)
+        return "-" if setting is None else format_value(setting)
+
+    labels = [", ".join(value(r, k) for k in table.swept) for r in runs]
+    if not table.swept or len(set(labels)) < len(labels):  # repeated settings: name the runs
+        labels = [
+            f"{r.name}: {label}" if label else r.name for r, label in zip(runs, labels, strict=True)
+        ]
+    heights = [float(r.metrics[metric]) for r in runs]
+    width = min(16.0, 5.5 + 0.075 * max(len(label) for label in labels))
+    fig = Figure(figsize=(width, max(2.5, 0.3 * len(runs) + 1.5)), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.barh(range(len(runs)), heights, color=_colors(1)[0])
+    ax.bar_label(bars, labels=[f"{h:.4g}" for h in heights], padding=3, fontsize="small")
+    ax.set_yticks(range(len(runs)), labels, fontsize="small")
+    ax.invert_yaxis()  # the table's first row on top
+    ax.margins(x=0.15)
+    ax.set_xlabel(metric)
+    ax.set_ylabel(", ".join(table.swept) or "run")
+    ax.set_title(f"{metric} per run\n{note}", fontsize="medium")
+    ax.grid(True, axis="x", alpha=0.3)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def write_summary(
+    table: SummaryTable,
+    out_dir: str | Path,
+    metric: str | None = None,
+    x: str | None = None,
+    plot: bool = True,
+) -> list[Path]:
+    """Writes ``summary.md``, ``summary.csv`` and ``summary_<metric>.png`` into ``out_dir``.
+
+    The plot is skipped (with a warning) when no finished run has the metric.
+
+    Returns:
+        The paths written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (("summary.md", table.to_markdown()), ("summary.csv", table.to_csv())):
+        (out_dir / name).write_text(text)
+        written.append(out_dir / name)
+    if plot:
+        metric = metric or table.sort_by or (table.metrics[0] if table.metrics else None)
+        if metric is not None and any(r.ok and metric in r.metrics for r in table.records):
+            path = out_dir / plot_filename(metric)
+            plot_summary(table, metric, x).savefig(path, dpi=120)
+            written.append(path)
+        else:
+            log.warning("no finished run has the metric %r: no plot written", metric)
+    return written
