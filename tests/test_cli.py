@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,12 +29,15 @@ QUICK = [
 ]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 300, expect_success: bool = True
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if expect_success:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -53,6 +58,7 @@ def test_train_py_writes_a_complete_run_directory(tmp_path):
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert config["model"]["_target_"] == "vae_experiments.models.build_vae"
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     assert not (tmp_path / "lightning_logs").exists()
 
 
@@ -91,6 +97,71 @@ def test_sweep_over_models_and_latent_sizes(tmp_path):
         assert "test/recon_mse" in metrics
         assert ("test/elbo" in metrics) == ("model=vae" in overrides)
     assert len(seen) == 6
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "-m",
+            "model=ae",
+            "model.arch=bogus,mlp",
+            *QUICK,
+            f"hydra.sweep.dir={sweep_dir}",
+            "logger=none",
+        ],
+        cwd=tmp_path,
+        expect_success=False,
+    )
+    assert result.returncode != 0  # the sweep as a whole reports the failure
+    failed = json.loads((sweep_dir / "0" / "status.json").read_text())
+    assert failed["status"] == "failed"
+    assert "unknown model.arch='bogus'; choose one of linear, mlp, conv" in failed["error"]
+    assert not (sweep_dir / "0" / "metrics.json").exists()
+    finished = json.loads((sweep_dir / "1" / "status.json").read_text())
+    assert finished["status"] == "finished"
+    assert (sweep_dir / "1" / "metrics.json").is_file()
+
+    summary = run_cli(
+        [sys.executable, str(REPO_ROOT / "scripts" / "summarize.py"), str(sweep_dir)], cwd=tmp_path
+    )
+    assert "unknown model.arch" in (sweep_dir / "summary.md").read_text()
+    assert summary.returncode == 0
+
+
+def test_ctrl_c_marks_the_run_interrupted_with_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "trainer=cpu",
+            "trainer.max_epochs=10000",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted"
+    assert status["resume_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert not (run_dir / "metrics.json").exists()
 
 
 def test_ddp_on_cpu_with_two_processes(tmp_path):

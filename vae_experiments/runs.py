@@ -6,6 +6,8 @@ A run directory (``outputs/<date>/<time>/`` or ``multirun/<date>/<time>/<job>/``
     checkpoints/best.ckpt     lowest validation loss
     checkpoints/last.ckpt     end of the last epoch
     metrics.json              test-split metrics at the end of training, plus epochs/steps/time
+    status.json               how the run ended: running, finished, failed (with the error) or
+                              interrupted (with the checkpoint to resume from)
     tensorboard/              TensorBoard events (logger=tensorboard)
     images/                   the latest reconstruction and sample grids as PNG
 
@@ -19,6 +21,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from vae_experiments.models import LatentModel
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
+STATUS_FILE = "status.json"
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -54,6 +58,18 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_status(run_dir: str | Path, status: str, **details: Any) -> None:
+    """Records how the run stands in ``status.json`` (atomically), with a UTC timestamp.
+
+    Args:
+        run_dir: the run directory.
+        status: ``running``, ``finished``, ``failed`` or ``interrupted``.
+        **details: JSON-serialisable extras, e.g. ``error=...`` or ``resume_from=...``.
+    """
+    record = {"status": status, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomic(Path(run_dir) / STATUS_FILE, {**record, **details})
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, float]:
