@@ -19,8 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from vae_experiments.runs import CONFIG_FILE
+
 ANALYSIS_SUBDIR = "analysis"
-RUN_CONFIG = Path(".hydra") / "config.yaml"  # as vae_experiments.runs.CONFIG_FILE
 
 
 def run_dir_of(run: str | Path | None) -> Path:
@@ -39,9 +40,9 @@ def run_dir_of(run: str | Path | None) -> Path:
     run_dir = path.parent.parent if path.suffix == ".ckpt" else path
     if path.suffix == ".ckpt" and not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass run=<run dir or .ckpt file>")
-    if not (run_dir / RUN_CONFIG).is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(
-            f"{run_dir} is not a run directory (no {RUN_CONFIG} in it); pass run=<the directory "
+            f"{run_dir} is not a run directory (no {CONFIG_FILE} in it); pass run=<the directory "
             "train.py printed, or a .ckpt file in its checkpoints/ folder>"
         )
     return run_dir
