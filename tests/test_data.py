@@ -643,6 +643,7 @@ CONFIG_FAKES = {
     "fashion_mnist": fake_idx("FashionMNIST"),
     "celeba": fake_celeba,
     "image_folder": fake_image_folder,
+    "synthetic": lambda root: {"num_train": 64, "num_val": 16, "num_test": 16},
 }
 
 
@@ -667,3 +668,80 @@ def test_image_folder_config_requires_path():
     )
     with pytest.raises(MissingMandatoryValue, match="data.path"):
         instantiate(cfg.data)
+
+
+def test_synthetic_images_are_smooth_seeded_and_shaped():
+    from vae_experiments.data import SyntheticDataModule
+
+    def make(split_seed):
+        datamodule = SyntheticDataModule(
+            image_shape=[3, 20, 33],
+            num_train=40,
+            num_val=8,
+            num_test=8,
+            data_dir="unused",
+            batch_size=16,
+            num_workers=0,
+            seed=0,
+            split_seed=split_seed,
+            binarize="none",
+        )
+        datamodule.setup()
+        return datamodule.splits["train"].images
+
+    images = make(0)
+    assert images.shape == (40, 3, 20, 33) and images.dtype == torch.uint8
+    assert torch.equal(images, make(0)) and not torch.equal(images, make(1))
+    # Smooth: neighbouring pixels differ far less than independent uniform pixels (~85).
+    step = (images[..., 1:].float() - images[..., :-1].float()).abs().mean()
+    assert step < 20
+    assert images.float().std() > 20  # but not flat
+
+
+def test_synthetic_rejects_bad_shape():
+    from vae_experiments.data import SyntheticDataModule
+
+    with pytest.raises(ValueError, match=r"data.image_shape must be \[channels, height, width\]"):
+        SyntheticDataModule(
+            image_shape=[2, 8, 8],
+            num_train=4,
+            num_val=4,
+            num_test=4,
+            data_dir="unused",
+            batch_size=4,
+            num_workers=0,
+            seed=0,
+            split_seed=0,
+            binarize="none",
+        )
+
+
+class _FakeStrategy:
+    def __init__(self, device):
+        self.root_device = torch.device(device)
+
+
+@pytest.mark.parametrize("on_device", ["auto", True, False])
+def test_splits_stay_on_cpu_when_training_on_cpu(on_device):
+    datamodule = make_digits(on_device=on_device)
+    datamodule.trainer = SimpleNamespace(strategy=_FakeStrategy("cpu"), training=True)
+    images, _ = next(iter(datamodule.train_dataloader()))
+    assert images.device.type == "cpu"
+
+
+def test_on_device_rejects_unknown_value():
+    with pytest.raises(ValueError, match="data.on_device must be one of 'auto', True, False"):
+        make_digits(on_device="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("on_device", "expected"), [("auto", "cuda"), (True, "cuda"), (False, "cpu")]
+)
+def test_splits_move_to_the_gpu_once(on_device, expected):
+    datamodule = make_digits(on_device=on_device)
+    datamodule.trainer = SimpleNamespace(strategy=_FakeStrategy("cuda:0"), training=True)
+    loader = datamodule.train_dataloader()
+    images, labels = next(iter(loader))
+    assert images.device.type == expected and labels.device.type == expected
+    assert datamodule.train_dataloader().dataset is loader.dataset  # moved once, then reused

@@ -8,6 +8,7 @@ from vae_experiments.data.digits import DigitsDataModule
 from vae_experiments.data.files import ImageFiles
 from vae_experiments.data.idx import FashionMNISTDataModule, MNISTDataModule, read_idx
 from vae_experiments.data.image_folder import ImageFolderDataModule
+from vae_experiments.data.synthetic import SyntheticDataModule
 
 __all__ = [
     "CelebADataModule",
@@ -18,6 +19,7 @@ __all__ = [
     "ImageFolderDataModule",
     "MNISTDataModule",
     "ShuffledBatchSampler",
+    "SyntheticDataModule",
     "TensorImages",
     "read_idx",
 ]

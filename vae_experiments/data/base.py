@@ -24,6 +24,10 @@ from vae_experiments.data.splits import binarize_uint8
 log = logging.getLogger(__name__)
 
 BINARIZE_CHOICES = ("none", "static", "dynamic")
+ON_DEVICE_CHOICES = ("auto", True, False)
+#: ``on_device="auto"`` keeps the splits on the GPU when they take at most this share of its free
+#: memory; the rest is left for the model, activations and the optimizer.
+ON_DEVICE_MAX_FREE_FRACTION = 0.25
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -99,6 +103,8 @@ class ShuffledBatchSampler(Sampler[Tensor]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        #: Where the yielded index tensors live: the device of the images they index.
+        self.index_device = torch.device("cpu")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch`` (Lightning calls this at every epoch start)."""
@@ -160,7 +166,7 @@ class ShuffledBatchSampler(Sampler[Tensor]):
             order = torch.arange(self.num_items)
         if self.drop_last:
             order = order[: self.num_items - self.num_items % world_size]
-        shard = order[rank::world_size]
+        shard = order[rank::world_size].to(self.index_device)
         batch_size = self._batch_size(len(shard))
         for batch in range(self._num_batches(len(shard))):
             yield shard[batch * batch_size : (batch + 1) * batch_size]
@@ -181,6 +187,9 @@ class ImageDataModule(pl.LightningDataModule):
             the same when the run seed changes.
         binarize: "none", "static" (every split binarised once at setup) or "dynamic" (val/test
             binarised once, training batches resampled on the device every step).
+        on_device: Keep in-memory splits on the accelerator, so a batch is one gather there and
+            nothing crosses the bus per step: True, False, or "auto" (when the trainer runs on a
+            GPU and all splits take at most a quarter of its free memory). Ignored on the CPU.
     """
 
     def __init__(
@@ -192,6 +201,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int,
         split_seed: int,
         binarize: str,
+        on_device: str | bool = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(data_dir, str | os.PathLike):
@@ -202,7 +212,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = check_int("seed", seed)
         self.split_seed = check_int("split_seed", split_seed)
         self.binarize = check_choice("binarize", binarize, BINARIZE_CHOICES)
+        self.on_device = check_choice("on_device", on_device, ON_DEVICE_CHOICES)
         self.splits: dict[str, Dataset] | None = None
+        # Splits moved to the accelerator, by split name; filled on first use of a dataloader.
+        self._device_splits: dict[str, Dataset] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -254,10 +267,12 @@ class ImageDataModule(pl.LightningDataModule):
     def _dataloader(self, split: str, train: bool) -> DataLoader:
         if self.splits is None:
             self.setup()
-        dataset = self.splits[split]
+        dataset = self._device_splits[split] if split in self._device_splits else self._place(split)
         sampler = ShuffledBatchSampler(
             len(dataset), self.batch_size, shuffle=train, drop_last=train, seed=self.seed
         )
+        if isinstance(dataset, TensorImages):
+            sampler.index_device = dataset.images.device
         # batch_size=None: each sampler item is a whole index tensor, gathered by the dataset.
         return DataLoader(
             dataset,
@@ -266,6 +281,46 @@ class ImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _accelerator(self) -> torch.device | None:
+        """The trainer's device when it is not the CPU, else None."""
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        if strategy is None:
+            return None
+        device = strategy.root_device
+        return None if device.type == "cpu" else device
+
+    def _place(self, split: str) -> Dataset:
+        """The split, moved to the accelerator once if ``on_device`` asks for it."""
+        dataset = self.splits[split]
+        device = self._accelerator()
+        if device is None or self.on_device is False or not isinstance(dataset, TensorImages):
+            return dataset
+        if self.on_device == "auto" and not self._fits_on(device):
+            return dataset
+        moved = TensorImages(dataset.images.to(device), dataset.labels.to(device))
+        self._device_splits[split] = moved
+        return moved
+
+    def _fits_on(self, device: torch.device) -> bool:
+        total = sum(
+            d.images.numel() + 8 * d.labels.numel()
+            for d in self.splits.values()
+            if isinstance(d, TensorImages)
+        )
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        fits = total <= ON_DEVICE_MAX_FREE_FRACTION * free
+        if not fits:
+            log.info(
+                "data.on_device=auto: the splits (%.1f GiB) stay in host memory; %.1f GiB free "
+                "on %s",
+                total / 2**30,
+                free / 2**30,
+                device,
+            )
+        return fits
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled full batches of uint8 (B, C, H, W) images and int64 (B,) labels."""

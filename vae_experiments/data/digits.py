@@ -29,7 +29,7 @@ class DigitsDataModule(ImageDataModule):
         data_dir: Accepted for a uniform config and ignored (the data ships with scikit-learn).
         val_size: Validation images: an int count, or a float fraction of the non-test images.
         test_size: Test images: an int count, or a float fraction of all images.
-        batch_size, num_workers, seed, split_seed, binarize: See :class:`ImageDataModule`.
+        batch_size, num_workers, seed, split_seed, binarize, on_device: See :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -42,6 +42,7 @@ class DigitsDataModule(ImageDataModule):
         val_size: int | float,
         test_size: int | float,
         binarize: str,
+        on_device: str | bool = "auto",
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -50,6 +51,7 @@ class DigitsDataModule(ImageDataModule):
             seed=seed,
             split_seed=split_seed,
             binarize=binarize,
+            on_device=on_device,
         )
         self.val_size = check_split_size("val_size", val_size)
         self.test_size = check_split_size("test_size", test_size)

@@ -123,7 +123,7 @@ class IdxDataModule(ImageDataModule):
     Args:
         val_size: Validation images carved from train: int count or float fraction.
         download: Let :meth:`prepare_data` download with torchvision when the files are missing.
-        data_dir, batch_size, num_workers, seed, split_seed, binarize: See
+        data_dir, batch_size, num_workers, seed, split_seed, binarize, on_device: See
             :class:`ImageDataModule`.
     """
 
@@ -139,6 +139,7 @@ class IdxDataModule(ImageDataModule):
         val_size: int | float,
         binarize: str,
         download: bool,
+        on_device: str | bool = "auto",
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -147,6 +148,7 @@ class IdxDataModule(ImageDataModule):
             seed=seed,
             split_seed=split_seed,
             binarize=binarize,
+            on_device=on_device,
         )
         self.val_size = check_split_size("val_size", val_size)
         self.download = check_bool("download", download)
