@@ -41,7 +41,9 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
     metrics, run_dir = run(tmp_path, overrides)
 
     expected = expected_test_metrics(name)
-    assert set(metrics) == expected | {"epochs", "steps", "train_seconds", "world_size"}
+    assert set(metrics) == expected | {
+        "epochs", "steps", "train_seconds", "seconds_per_epoch", "world_size"
+    }
     assert metrics["epochs"] == 2 and metrics["world_size"] == 1
     # digits: 1797 images, 20% test, 10% of the rest for validation; full batches of 32.
     assert metrics["steps"] == 2 * (1294 // 32)
@@ -84,6 +86,7 @@ def test_same_seed_same_run_and_other_seed_other_run(tmp_path):
     other, _ = run(tmp_path, [*overrides, "seed=4"], "c")
     for metrics in (first, second, other):
         metrics.pop("train_seconds")
+        metrics.pop("seconds_per_epoch")
     assert first == second
     assert first != other
 
@@ -145,3 +148,58 @@ def test_unknown_group_option_lists_the_available_ones(override, choices):
         compose_config([override])
     for choice in choices:
         assert choice in str(error.value)
+
+
+def test_term_means_weight_by_images_and_reduce_over_processes():
+    from vae_experiments.training.module import TermMeans
+
+    means = TermMeans()
+    assert means.pop() == {}
+    means.add({"loss": torch.tensor(1.0), "kl": torch.tensor(4.0)}, batch_size=3)
+    means.add({"loss": torch.tensor(2.0), "kl": torch.tensor(0.0)}, batch_size=1)
+    result = means.pop()
+    assert list(result) == ["loss", "kl"]
+    assert float(result["loss"]) == pytest.approx((3 * 1.0 + 1 * 2.0) / 4)
+    assert float(result["kl"]) == pytest.approx(12.0 / 4)
+    assert means.pop() == {}  # popped means start afresh
+
+    class TwoProcesses:  # another process added one image with loss 10 and kl 2
+        def reduce(self, tensor, reduce_op):
+            assert reduce_op == "sum"
+            return tensor + torch.tensor([10.0, 2.0, 1.0])
+
+    means.add({"loss": torch.tensor(2.0), "kl": torch.tensor(1.0)}, batch_size=4)
+    result = means.pop(TwoProcesses())
+    assert float(result["loss"]) == pytest.approx((8.0 + 10.0) / 5)
+    assert float(result["kl"]) == pytest.approx((4.0 + 2.0) / 5)
+
+
+def test_train_terms_are_logged_at_the_logging_interval(tmp_path):
+    import csv
+
+    overrides = ["model=ae", *SMALL, "logger=csv", "trainer.log_every_n_steps=5"]
+    metrics, run_dir = run(tmp_path, overrides)
+    with open(run_dir / "csv" / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss")]
+    # 80 steps: one point per 5 steps, at steps 4, 9, ..., 79 (Lightning counts from 0).
+    assert metrics["steps"] == 80
+    assert [int(row["step"]) for row in rows] == list(range(4, 80, 5))
+    losses = [float(row["train/loss"]) for row in rows]
+    assert losses[-1] < losses[0]
+
+
+def test_channels_last_trains_a_conv_model(tmp_path):
+    metrics, run_dir = run(tmp_path, ["model=vae", *SMALL, "channels_last=true"])
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    model, _ = load_run(run_dir)  # a plain model again, in the default memory format
+    x = load_test_images(["model=vae"])[:4]
+    assert model.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.slow
+def test_compiled_loss_trains_like_the_eager_one(tmp_path):
+    overrides = ["model=vae", "model.arch=mlp", "model.hidden_dims=[32]", "trainer.max_epochs=2"]
+    eager, _ = run(tmp_path, overrides, "eager")
+    compiled, _ = run(tmp_path, [*overrides, "compile=true"], "compiled")
+    for key in ("test/loss", "test/recon_mse", "test/kl"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key

@@ -1,7 +1,9 @@
-"""Callbacks: image grids for TensorBoard and as PNG files."""
+"""Callbacks: image grids for TensorBoard and as PNG files; epoch timing."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -47,3 +49,27 @@ class ImageGrids(pl.Callback):
                     logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
             if self.output_dir is not None:
                 save_grid(grid, self.output_dir / f"{name}.png")
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of every training epoch, its validation pass and checkpointing included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch_seconds: list[float] = []
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is not None:
+            self.epoch_seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    @property
+    def seconds_per_epoch(self) -> float | None:
+        """Median epoch time; the first epoch (warm-up: allocation, compilation) is left out
+        when there are others."""
+        times = self.epoch_seconds[1:] if len(self.epoch_seconds) > 1 else self.epoch_seconds
+        return statistics.median(times) if times else None

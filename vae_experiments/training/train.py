@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
 from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
-from vae_experiments.training.callbacks import ImageGrids
+from vae_experiments.training.callbacks import EpochTimer, ImageGrids
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.module import LitModel
 
@@ -82,7 +82,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     image_shape = list(datamodule.image_shape)
     model = instantiate(cfg.model, image_shape=image_shape, _convert_="all")
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = LitModel(model, instantiate(cfg.optimizer), image_shape, lr_scheduler=scheduler)
+    module = LitModel(
+        model,
+        instantiate(cfg.optimizer),
+        image_shape,
+        lr_scheduler=scheduler,
+        compile=cfg.get("compile", False),
+        channels_last=cfg.get("channels_last", False),
+    )
     log.info(
         "model %s with %d parameters, image shape %s",
         type(model).__name__,
@@ -100,7 +107,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         save_last=True,
         auto_insert_metric_name=False,
     )
+    timer = EpochTimer()
     callbacks: list[pl.Callback] = [
+        timer,
         checkpoint,
         ImageGrids(callbacks_cfg.image_grids.num_images, run_dir / "images"),
     ]
@@ -133,6 +142,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         epochs=trainer.current_epoch,
         steps=trainer.global_step,
         train_seconds=round(train_seconds, 3),
+        seconds_per_epoch=round(timer.seconds_per_epoch or 0.0, 4),
         world_size=trainer.world_size,
     )
     if trainer.is_global_zero:

@@ -1,0 +1,559 @@
+"""Times our training path against a plain PyTorch loop: same process, data, model, seed, batch.
+
+    python scripts/benchmark.py                      # every case; CPU-sized subsets on a CPU
+    python scripts/benchmark.py --cases mlp_vae      # one case
+    python scripts/benchmark.py --variants compile,bf16,channels_last   # options, vs our default
+    python scripts/benchmark.py --full               # full datasets even on a CPU
+
+For each training case it runs (a) the plain loop written below (Adam, the model's own loss, one
+validation pass per epoch, data as one uint8 tensor on the device) and (b) our path exactly as
+``python train.py`` builds it, with a user's defaults on (TensorBoard logger, progress bar, best
+and last checkpoints, image grids), and prints the median seconds per epoch after the first
+(warm-up) epoch, the ratio ours / plain, training images per second and peak memory. The IWAE
+case times ``vae_experiments.analysis.likelihood.evaluate_vae`` against a plainly written batched
+log-sum-exp with the same chunk budget. The table is printed and written as markdown
+(``--markdown``); BENCHMARKS.md keeps the latest table per machine.
+
+Fashion-MNIST is read from ``$VAE_DATA_DIR`` / ``data/`` or Debian's
+``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``); the 64x64 case
+uses generated images (``data=synthetic``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclass
+class Case:
+    """One training case: the ``train.py`` overrides, and how to shrink it on a CPU."""
+
+    title: str
+    overrides: list[str]
+    cpu_overrides: list[str] = field(default_factory=list)
+
+
+TRAINING_CASES = {
+    "mlp_vae": Case(
+        "MLP VAE 784-512-16, Bernoulli, Fashion-MNIST, batch 128",
+        [
+            "model=vae",
+            "model.arch=mlp",
+            "model.hidden_dims=[512]",
+            "model.latent_dim=16",
+            "data=fashion_mnist",
+            "data.batch_size=128",
+        ],
+    ),
+    "conv_vae": Case(
+        "conv VAE (default), Fashion-MNIST, batch 128",
+        ["model=vae", "model.arch=conv", "data=fashion_mnist", "data.batch_size=128"],
+        ["+trainer.limit_train_batches=40", "+trainer.limit_val_batches=10"],
+    ),
+    "conv_vae_64": Case(
+        "conv VAE (default), 64x64 RGB generated (CelebA-sized), batch 64",
+        [
+            "model=vae",
+            "model.arch=conv",
+            "data=synthetic",
+            "data.image_shape=[3,64,64]",
+            "data.num_train=162770",
+            "data.num_val=19867",
+            "data.num_test=19962",
+            "data.batch_size=64",
+        ],
+        ["data.num_train=1280", "data.num_val=320", "data.num_test=64"],
+    ),
+}
+IWAE_CASE = "iwae"
+ALL_CASES = [*TRAINING_CASES, IWAE_CASE]
+
+#: --variants name -> (overrides for our path, applies to conv nets only)
+VARIANTS = {
+    "compile": (["compile=true"], False),
+    "bf16": (["trainer.precision=bf16-mixed"], False),
+    "channels_last": (["channels_last=true"], True),
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class PeakMemory:
+    """Peak memory while inside: CUDA's allocator peak, or on a CPU the process's resident set
+    sampled every 5 ms, above what it was on entry."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self, start: int) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_bytes = max(self.peak_bytes, self._rss() - start)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif Path("/proc/self/statm").exists():
+            self._thread = threading.Thread(target=self._poll, args=(self._rss(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def label(self) -> str:
+        kind = "GPU alloc" if self.device.type == "cuda" else "+RSS"
+        return f"{self.peak_bytes / 2**20:,.0f} MiB {kind}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def steady_seconds(epoch_seconds: list[float]) -> float:
+    """Median epoch time without the first (warm-up) epoch, when there are others."""
+    return statistics.median(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds)
+
+
+# ----------------------------------------------------------------------------- configs and data
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def load_data(cfg) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
+    """The uint8 splits (N, C, H, W) of ``cfg.data``, through our data module."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return {name: split.images for name, split in datamodule.splits.items()}, datamodule.image_shape
+
+
+def build_model(cfg, image_shape) -> torch.nn.Module:
+    from hydra.utils import instantiate
+
+    torch.manual_seed(cfg.seed)
+    return instantiate(cfg.model, image_shape=list(image_shape), _convert_="all")
+
+
+# ----------------------------------------------------------------------------- (a) the plain loop
+
+
+def plain_training(
+    model: torch.nn.Module,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    max_train_batches: int | None,
+    max_val_batches: int | None,
+    device: torch.device,
+) -> list[float]:
+    """A hand-written loop: returns the seconds of each epoch."""
+    model.to(device)
+    train_images, val_images = train_images.to(device), val_images.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    num_batches = len(train_images) // batch_size
+    if max_train_batches is not None:
+        num_batches = min(num_batches, max_train_batches)
+    val_starts = range(0, len(val_images), batch_size)
+    if max_val_batches is not None:
+        val_starts = val_starts[:max_val_batches]
+    epoch_seconds, step = [], 0
+    for epoch in range(epochs):
+        synchronize(device)
+        start = time.perf_counter()
+        model.train()
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(len(train_images), generator=generator).to(device)
+        for batch in range(num_batches):
+            x = train_images[order[batch * batch_size : (batch + 1) * batch_size]]
+            loss = model.loss(x.float().div_(255), step=step)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        model.eval()
+        total = torch.zeros((), device=device)
+        with torch.no_grad():
+            for first in val_starts:
+                x = val_images[first : first + batch_size].float().div_(255)
+                total += model.loss(x)["loss"] * len(x)
+        val_loss = (total / min(len(val_images), len(val_starts) * batch_size)).item()
+        synchronize(device)
+        epoch_seconds.append(time.perf_counter() - start)
+        del val_loss  # computed as a real loop would (one host sync per epoch), then unused
+    return epoch_seconds
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> float:
+    """The model's evaluation loss averaged over uint8 ``images`` (N, C, H, W)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for first in range(0, len(images), batch_size):
+        x = images[first : first + batch_size].to(device).float().div_(255)
+        total += float(model.loss(x)["loss"]) * len(x)
+    return total / len(images)
+
+
+# ----------------------------------------------------------------------------- (b) our path
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send stdout/stderr (progress bar, Lightning's messages) to a file while inside."""
+    import logging
+
+    handler = logging.FileHandler(path.with_suffix(".messages"))
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "pytorch_lightning")]
+    saved = [(lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        with (
+            open(path, "w") as log,
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
+            yield
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
+
+
+def our_training(cfg, run_dir: Path) -> dict[str, float]:
+    """``python train.py`` as Hydra runs it, in this process: returns its metrics."""
+    from omegaconf import OmegaConf
+
+    from vae_experiments.training import train
+
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    with output_to(run_dir / "train.log"):
+        return train(cfg, run_dir)
+
+
+# ----------------------------------------------------------------------------- IWAE
+
+
+@torch.no_grad()
+def plain_iwae(
+    model, images: torch.Tensor, k: int, max_batch_elems: int, batch_size: int
+) -> torch.Tensor:
+    """log p(x) per image by a batched log-sum-exp over k importance samples (Bernoulli VAE)."""
+    model.eval()
+    num_pixels = images[0].numel()
+    latent_dim = model.latent_dim
+    log_normal_const = 0.5 * latent_dim * math.log(2 * math.pi)
+    results = []
+    for first in range(0, len(images), batch_size):
+        x = images[first : first + batch_size].float().div_(255)  # (B, C, H, W)
+        mu, logvar = model.encoder(x).chunk(2, dim=1)  # (B, D)
+        std = torch.exp(0.5 * logvar)
+        samples = max(1, min(k, max_batch_elems // (len(x) * max(num_pixels, 512))))
+        log_w = []
+        for start in range(0, k, samples):
+            eps = torch.randn(len(x), min(samples, k - start), latent_dim, device=x.device)
+            z = mu[:, None] + std[:, None] * eps  # (B, S, D)
+            logits = model.decoder(z.flatten(0, 1)).view(len(x), -1, num_pixels)  # (B, S, P)
+            target = x.flatten(1)[:, None].expand_as(logits)
+            log_px_z = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(2)
+            log_pz = -0.5 * z.square().sum(2) - log_normal_const
+            log_qz = -0.5 * (eps.square() + logvar[:, None]).sum(2) - log_normal_const
+            log_w.append(log_px_z + log_pz - log_qz)  # (B, S)
+        log_w = torch.cat(log_w, dim=1).double()  # (B, k)
+        results.append(torch.logsumexp(log_w, dim=1) - math.log(k))
+    return torch.cat(results)
+
+
+def our_iwae(model, images: torch.Tensor, k: int, max_batch_elems: int, batch_size: int) -> float:
+    from vae_experiments.analysis.likelihood import evaluate_vae
+
+    batches = (
+        images[i : i + batch_size].float().div_(255) for i in range(0, len(images), batch_size)
+    )
+    return evaluate_vae(model, batches, k, max_batch_elems)["log_px"]
+
+
+# ----------------------------------------------------------------------------- the cases
+
+
+@dataclass
+class Row:
+    case: str
+    path: str
+    images: int
+    seconds: float
+    memory: str
+    note: str = ""
+    ratio: float | None = None
+
+    @property
+    def per_second(self) -> float:
+        return self.images / self.seconds
+
+
+def time_training_case(
+    name: str, case: Case, args: argparse.Namespace, device: torch.device, workdir: Path
+) -> tuple[list[Row], Path]:
+    overrides = [
+        *case.overrides,
+        *([] if args.full or device.type == "cuda" else case.cpu_overrides),
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+        "trainer.devices=1",
+        f"seed={args.seed}",
+    ]
+    cfg = compose(overrides)
+    splits, image_shape = load_data(cfg)
+    batch_size = cfg.data.batch_size
+    limit_train = cfg.trainer.get("limit_train_batches")
+    limit_val = cfg.trainer.get("limit_val_batches")
+    train_batches = len(splits["train"]) // batch_size
+    if isinstance(limit_train, int):
+        train_batches = min(train_batches, limit_train)
+    images_per_epoch = train_batches * batch_size
+
+    model = build_model(cfg, image_shape)
+    with PeakMemory(device) as memory:
+        epoch_seconds = plain_training(
+            model,
+            splits["train"],
+            splits["val"],
+            batch_size,
+            args.epochs,
+            cfg.optimizer.lr,
+            args.seed,
+            limit_train if isinstance(limit_train, int) else None,
+            limit_val if isinstance(limit_val, int) else None,
+            device,
+        )
+    plain = Row(name, "plain", images_per_epoch, steady_seconds(epoch_seconds), memory.label)
+    plain.note = f"test loss {mean_loss(model, splits['test'], batch_size):.2f}"
+    del model
+    rows = [plain]
+
+    variants = [("ours", [])]
+    for variant in args.variants:
+        variant_overrides, conv_only = VARIANTS[variant]
+        if not conv_only or cfg.model.arch == "conv":
+            variants.append((f"ours + {variant}", variant_overrides))
+    run_dir = None
+    for label, extra in variants:
+        run_cfg = compose([*overrides, *extra])
+        run_dir = workdir / name / label.replace(" + ", "_")
+        with PeakMemory(device) as memory:
+            metrics = our_training(run_cfg, run_dir)
+        row = Row(name, label, images_per_epoch, metrics["seconds_per_epoch"], memory.label)
+        row.note = f"test loss {metrics['test/loss']:.2f}"
+        row.ratio = row.seconds / plain.seconds
+        if label != "ours":
+            row.note += f"; {rows[1].seconds / row.seconds:.2f}x vs ours"
+        rows.append(row)
+    return rows, workdir / name / "ours"
+
+
+def time_iwae_case(
+    args: argparse.Namespace, device: torch.device, trained_run: Path | None
+) -> list[Row]:
+    from vae_experiments.commands.evaluate import CPU_MAX_BATCH_ELEMS, GPU_MAX_BATCH_ELEMS
+
+    cfg = compose([*TRAINING_CASES["mlp_vae"].overrides, f"seed={args.seed}"])
+    splits, image_shape = load_data(cfg)
+    if trained_run is not None:
+        from vae_experiments import load_run
+
+        model, _ = load_run(trained_run, map_location=device)
+        source = "trained by the mlp_vae case"
+    else:
+        model = build_model(cfg, image_shape)
+        source = "untrained"
+    model.to(device).eval()
+    num_images = args.iwae_images or (10_000 if args.full or device.type == "cuda" else 48)
+    images = splits["test"][:num_images].to(device)
+    budget = GPU_MAX_BATCH_ELEMS if device.type == "cuda" else CPU_MAX_BATCH_ELEMS
+    batch_size = 128
+    rows = []
+    for label, run in (("plain", plain_iwae), ("ours", our_iwae)):
+        torch.manual_seed(args.seed)
+        with PeakMemory(device) as memory:
+            synchronize(device)
+            start = time.perf_counter()
+            log_px = run(model, images, args.iwae_k, budget, batch_size)
+            log_px = float(log_px.mean()) if isinstance(log_px, torch.Tensor) else log_px
+            synchronize(device)
+            seconds = time.perf_counter() - start
+        row = Row(IWAE_CASE, label, len(images), seconds, memory.label)
+        row.note = f"log p(x) {log_px:.2f} ({source}, k={args.iwae_k})"
+        rows.append(row)
+    rows[1].ratio = rows[1].seconds / rows[0].seconds
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) -> str:
+    import pytorch_lightning
+
+    lines = [
+        f"### {device_name(device)}",
+        "",
+        f"{datetime.date.today()}, torch {torch.__version__}, Lightning {pytorch_lightning.__version__}, "
+        f"{args.epochs} epochs per training case (median after the first), seed {args.seed}.",
+        f"Command: `python scripts/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "| case | path | images | s/epoch (s) | images/s | ours/plain | peak memory | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        ratio = f"**{row.ratio:.3f}**" if row.ratio is not None else ""
+        lines.append(
+            f"| {row.case} | {row.path} | {row.images:,} | {row.seconds:.3f} | "
+            f"{row.per_second:,.0f} | {ratio} | {row.memory} | {row.note} |"
+        )
+    lines += ["", "Cases:"]
+    for name, case in TRAINING_CASES.items():
+        lines.append(f"- `{name}`: {case.title}")
+    lines.append(
+        f"- `{IWAE_CASE}`: IWAE log p(x) of the MLP VAE, k={args.iwae_k} (time for all its images)"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--cases", default=",".join(ALL_CASES), help=f"comma-separated, from {ALL_CASES}"
+    )
+    parser.add_argument(
+        "--variants",
+        default="",
+        help=f"options to time on our path, comma-separated, from {list(VARIANTS)}",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per training run (>= 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    parser.add_argument("--full", action="store_true", help="full datasets on a CPU too")
+    parser.add_argument("--iwae-k", type=int, default=5000, help="importance samples per image")
+    parser.add_argument(
+        "--iwae-images", type=int, default=None, help="test images (default: 10,000; 48 on a CPU)"
+    )
+    parser.add_argument("--markdown", type=Path, default=Path("benchmark.md"))
+    args = parser.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [c for c in args.cases if c not in ALL_CASES] + [
+        v for v in args.variants if v not in VARIANTS
+    ]
+    if unknown:
+        parser.error(
+            f"unknown case or variant {unknown}; cases: {ALL_CASES}, variants: {list(VARIANTS)}"
+        )
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2: the first epoch is warm-up and is not timed")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device_arg = args.device
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    print(f"benchmark on {device_name(device)}", flush=True)
+
+    rows: list[Row] = []
+    trained_run = None
+    with tempfile.TemporaryDirectory(prefix="vae-benchmark-") as tmp:
+        for name in args.cases:
+            start = time.perf_counter()
+            if name == IWAE_CASE:
+                case_rows = time_iwae_case(args, device, trained_run)
+            else:
+                case_rows, run_dir = time_training_case(
+                    name, TRAINING_CASES[name], args, device, Path(tmp)
+                )
+                if name == "mlp_vae":
+                    trained_run = run_dir
+            rows += case_rows
+            for row in case_rows:
+                ratio = f"  ours/plain {row.ratio:.3f}" if row.ratio is not None else ""
+                print(
+                    f"{row.case:12s} {row.path:22s} {row.seconds:8.3f} s  "
+                    f"{row.per_second:9,.0f} images/s  {row.memory}{ratio}  {row.note}",
+                    flush=True,
+                )
+            print(f"  ({name}: {time.perf_counter() - start:.0f} s)", flush=True)
+    table = markdown(rows, args, device)
+    args.markdown.write_text(table)
+    print()
+    print(table)
+    print(f"written to {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
