@@ -92,8 +92,13 @@ def _meta_file(npy: Path) -> Path:
     return npy.with_suffix(".json")
 
 
-def load_cache(npy: Path, fingerprint: str, num_files: int) -> DecodedImages | None:
+def load_cache(
+    npy: Path, fingerprint: str, num_files: int, quiet: bool = False
+) -> DecodedImages | None:
     """Map the cache at ``npy`` if it is complete and was built from the files as they are now.
+
+    Args:
+        quiet: Do not log why a cache is not used.
 
     Returns:
         The decoded images, or None if the cache is missing, incomplete or stale.
@@ -103,19 +108,21 @@ def load_cache(npy: Path, fingerprint: str, num_files: int) -> DecodedImages | N
         if meta["version"] != CACHE_VERSION or meta["num_files"] != num_files:
             return None
         if meta["fingerprint"] != fingerprint:
-            log.info("the images changed since %s was built; rebuilding it", npy)
+            if not quiet:
+                log.info("the images changed since %s was built; rebuilding it", npy)
             return None
         # "c": copy-on-write, so torch gets a writable array without a copy in memory.
         array = np.load(npy, mmap_mode="c")
         skipped = [Path(p) for p in meta["skipped"]]
         skipped_positions = set(meta["skipped_positions"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        if _meta_file(npy).exists():
+        if _meta_file(npy).exists() and not quiet:
             log.warning("ignoring unreadable cache %s (%s); rebuilding it", npy, exc)
         return None
     kept = [i for i in range(num_files) if i not in skipped_positions]
     if array.dtype != np.uint8 or list(array.shape) != meta["shape"] or len(kept) != len(array):
-        log.warning("ignoring cache %s: its array does not match %s", npy, _meta_file(npy))
+        if not quiet:
+            log.warning("ignoring cache %s: its array does not match %s", npy, _meta_file(npy))
         return None
     return DecodedImages(torch.from_numpy(array), kept, skipped, npy)
 
@@ -149,7 +156,7 @@ def ensure_cache(
     _make_folder(npy.parent)
     with _build_lock(npy):
         # Another process may have built it while this one waited for the lock.
-        cached = load_cache(npy, fingerprint, len(files))
+        cached = load_cache(npy, fingerprint, len(files), quiet=True)
         if cached is None:
             build_cache(files, npy, fingerprint, image_shape, skip_corrupt, threads)
             cached = load_cache(npy, fingerprint, len(files))
