@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -218,3 +219,19 @@ def test_bad_cache_keys_fail_in_init(tmp_path):
         make_folder(tmp_path, cache_dir=None)
     with pytest.raises(ValueError, match="data.skip_corrupt must be true or false"):
         make_folder(tmp_path, skip_corrupt=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cached_splits_move_to_the_gpu(tmp_path):
+    write_celeba(tmp_path, n=12)
+    datamodule = make_celeba(tmp_path, num_workers=2)
+    strategy = SimpleNamespace(root_device=torch.device("cuda:0"))
+    datamodule.trainer = SimpleNamespace(strategy=strategy, training=True)
+    loader = datamodule.train_dataloader()
+    images, labels = next(iter(loader))
+    assert images.device.type == "cuda" and labels.device.type == "cuda"
+    assert loader.num_workers == 0
+    per_file = make_celeba(tmp_path, cache=False)
+    per_file.setup()
+    on_gpu = loader.dataset.images.cpu()
+    assert torch.equal(on_gpu, per_file.splits["train"][torch.arange(len(on_gpu))][0])

@@ -58,6 +58,7 @@ class CelebADataModule(FileImageDataModule):
         cache, cache_dir, skip_corrupt: See :class:`FileImageDataModule`. With
             ``skip_corrupt``, images the partition file lists but the folder lacks are left
             out too.
+        on_device: See :class:`ImageDataModule`; only cached splits can move to the GPU.
         data_dir, batch_size, num_workers, seed: See :class:`ImageDataModule`.
         split_seed: Accepted for a uniform config; the official partition is used.
     """
@@ -74,6 +75,7 @@ class CelebADataModule(FileImageDataModule):
         cache: bool,
         cache_dir: str | os.PathLike[str],
         skip_corrupt: bool,
+        on_device: str | bool = "auto",
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -85,6 +87,7 @@ class CelebADataModule(FileImageDataModule):
             cache=cache,
             cache_dir=cache_dir,
             skip_corrupt=skip_corrupt,
+            on_device=on_device,
         )
         self.image_size = check_int("image_size", image_size, minimum=1)
         self.crop_size = check_int("crop_size", crop_size, minimum=1)

@@ -57,6 +57,7 @@ class ImageFolderDataModule(FileImageDataModule):
         val_size: Validation images: int count, or float fraction of the non-test images.
         test_size: Test images: int count, or float fraction of all images.
         cache, cache_dir, skip_corrupt: See :class:`FileImageDataModule`.
+        on_device: See :class:`ImageDataModule`; only cached splits can move to the GPU.
         data_dir: Accepted for a uniform config; ``path`` says where the images are.
         batch_size, num_workers, seed, split_seed: See :class:`ImageDataModule`.
     """
@@ -76,6 +77,7 @@ class ImageFolderDataModule(FileImageDataModule):
         cache: bool,
         cache_dir: str | os.PathLike[str],
         skip_corrupt: bool,
+        on_device: str | bool = "auto",
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -87,6 +89,7 @@ class ImageFolderDataModule(FileImageDataModule):
             cache=cache,
             cache_dir=cache_dir,
             skip_corrupt=skip_corrupt,
+            on_device=on_device,
         )
         if not isinstance(path, str | os.PathLike):
             raise ValueError(f"data.path must be the folder of images, got {path!r}")
