@@ -81,6 +81,9 @@ def make_celeba(data_dir: Path, **overrides) -> CelebADataModule:
         split_seed=0,
         image_size=64,
         crop_size=148,
+        cache=True,
+        cache_dir=str(data_dir / "cache"),
+        skip_corrupt=False,
     )
     return CelebADataModule(**{**kwargs, **overrides})
 
@@ -97,6 +100,9 @@ def make_folder(path: Path, **overrides) -> ImageFolderDataModule:
         channels=3,
         val_size=0.1,
         test_size=0.1,
+        cache=True,
+        cache_dir=str(path / ".cache"),  # hidden: not collected as images
+        skip_corrupt=False,
     )
     return ImageFolderDataModule(**{**kwargs, **overrides})
 
@@ -482,14 +488,16 @@ def test_corrupt_image_error_names_the_file(tmp_path, damage):
 # --- CelebA ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "per_file"])
 @pytest.mark.parametrize("kaggle", [False, True], ids=["torchvision", "kaggle"])
-def test_celeba_layouts_and_partition(tmp_path, kaggle):
+def test_celeba_layouts_and_partition(tmp_path, kaggle, cache):
     write_celeba(tmp_path, n=12, kaggle=kaggle)
-    datamodule = make_celeba(tmp_path)
+    datamodule = make_celeba(tmp_path, cache=cache)
     assert datamodule.image_shape == (3, 64, 64)
     datamodule.setup()
     assert {k: len(v) for k, v in datamodule.splits.items()} == {"train": 8, "val": 2, "test": 2}
-    assert [p.name for p in datamodule.splits["val"].paths] == ["000009.jpg", "000010.jpg"]
+    assert [p.name for p in datamodule.split_paths["val"]] == ["000009.jpg", "000010.jpg"]
+    assert isinstance(datamodule.splits["val"], TensorImages if cache else ImageFiles)
     batches = all_batches(datamodule.train_dataloader())
     assert len(batches) == 2
     for images, labels in batches:
@@ -551,11 +559,12 @@ def test_image_folder_labels_from_subfolders(tmp_path):
     assert datamodule.class_names == ["cats", "dogs"]
     # test = round(0.1 * 12) = 1, val = round(0.1 * 11) = 1
     assert {k: len(v) for k, v in splits.items()} == {"train": 10, "val": 1, "test": 1}
-    paths = [p for split in splits.values() for p in split.paths]
+    paths = [p for split in datamodule.split_paths.values() for p in split]
     assert len(set(paths)) == 12 and any(p.suffix == ".JPEG" for p in paths)
     assert any("nested" in p.parts for p in paths)
-    for split in splits.values():
-        for path, label in zip(split.paths, split.labels.tolist(), strict=True):
+    for name, split in splits.items():
+        split_paths = datamodule.split_paths[name]
+        for path, label in zip(split_paths, split.labels.tolist(), strict=True):
             assert label == ["cats", "dogs"].index(path.relative_to(root).parts[0])
     images, labels = next(iter(datamodule.train_dataloader()))
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
@@ -574,7 +583,7 @@ def test_image_folder_split_is_deterministic(tmp_path):
     first, second = make_folder(root), make_folder(root, seed=5)
     first.setup()
     second.setup()
-    assert first.splits["val"].paths == second.splits["val"].paths
+    assert first.split_paths["val"] == second.split_paths["val"]
 
 
 def test_image_folder_resizes_shorter_side_then_crops(tmp_path):
@@ -611,7 +620,8 @@ def test_image_folder_rejects_two_channels():
 
 def test_image_folder_with_worker_processes(tmp_path):
     root = write_image_folder(tmp_path, n=12)
-    datamodule = make_folder(root, num_workers=2, val_size=0, test_size=0)
+    datamodule = make_folder(root, num_workers=2, val_size=0, test_size=0, cache=False)
+    assert datamodule.train_dataloader().num_workers == 2
     batches = all_batches(datamodule.train_dataloader())  # setup() runs lazily
     assert [b[0].shape for b in batches] == [(4, 3, 16, 16)] * 3
 
@@ -633,7 +643,7 @@ def fake_celeba(root: Path) -> dict:
 
 
 def fake_image_folder(root: Path) -> dict:
-    return {"path": str(write_image_folder(root / "images"))}
+    return {"path": str(write_image_folder(root / "images")), "data_dir": str(root)}
 
 
 # Config name -> writes fake files under a folder, returns the overrides pointing at them.

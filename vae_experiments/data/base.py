@@ -181,7 +181,8 @@ class ImageDataModule(pl.LightningDataModule):
     Args:
         data_dir: Root folder of the datasets.
         batch_size: Images per batch, per process.
-        num_workers: DataLoader worker processes (0 loads in the main process).
+        num_workers: DataLoader worker processes for splits decoded per batch (in-memory splits
+            are served from the main process).
         seed: Run seed; drives the training shuffle.
         split_seed: Fixed seed for carving val/test and for static binarisation, so splits stay
             the same when the run seed changes.
@@ -273,13 +274,16 @@ class ImageDataModule(pl.LightningDataModule):
         )
         if isinstance(dataset, TensorImages):
             sampler.index_device = dataset.images.device
+        # In memory (host or device), a batch is one gather: worker processes would only add
+        # copies, and cannot share device tensors.
+        workers = 0 if isinstance(dataset, TensorImages) else self.num_workers
         # batch_size=None: each sampler item is a whole index tensor, gathered by the dataset.
         return DataLoader(
             dataset,
             sampler=sampler,
             batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
         )
 
     def _accelerator(self) -> torch.device | None:

@@ -1,4 +1,4 @@
-"""CelebA aligned faces (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html), decoded per batch."""
+"""CelebA aligned faces (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
-from vae_experiments.data.base import ImageDataModule
 from vae_experiments.data.checks import check_int
+from vae_experiments.data.file_datamodule import FileImageDataModule, warn_skipped
 from vae_experiments.data.files import CenterCropResize, ImageFiles
 
 log = logging.getLogger(__name__)
@@ -45,17 +43,22 @@ def read_partition(path: Path) -> list[tuple[str, int]]:
     return entries
 
 
-class CelebADataModule(ImageDataModule):
+class CelebADataModule(FileImageDataModule):
     """CelebA aligned faces, center-cropped and resized, with the official train/val/test split.
 
     Looks in ``<data_dir>/celeba/`` (torchvision's layout; Kaggle's nested
     ``img_align_celeba/img_align_celeba/`` and ``.csv`` partition also work), then in
-    ``<data_dir>/`` itself. Labels are all 0.
+    ``<data_dir>/`` itself. Labels are all 0. Each split is decoded once into a cache (see
+    :class:`FileImageDataModule`).
 
     Args:
         image_size: Output side S; images are (3, S, S).
         crop_size: Side of the central square cropped first (148 keeps the face, as in most
             CelebA VAE papers).
+        cache, cache_dir, skip_corrupt: See :class:`FileImageDataModule`. With
+            ``skip_corrupt``, images the partition file lists but the folder lacks are left
+            out too.
+        on_device: See :class:`ImageDataModule`; only cached splits can move to the GPU.
         data_dir, batch_size, num_workers, seed: See :class:`ImageDataModule`.
         split_seed: Accepted for a uniform config; the official partition is used.
     """
@@ -69,6 +72,10 @@ class CelebADataModule(ImageDataModule):
         split_seed: int,
         image_size: int,
         crop_size: int,
+        cache: bool,
+        cache_dir: str | os.PathLike[str],
+        skip_corrupt: bool,
+        on_device: str | bool = "auto",
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -77,6 +84,10 @@ class CelebADataModule(ImageDataModule):
             seed=seed,
             split_seed=split_seed,
             binarize="none",
+            cache=cache,
+            cache_dir=cache_dir,
+            skip_corrupt=skip_corrupt,
+            on_device=on_device,
         )
         self.image_size = check_int("image_size", image_size, minimum=1)
         self.crop_size = check_int("crop_size", crop_size, minimum=1)
@@ -89,6 +100,9 @@ class CelebADataModule(ImageDataModule):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (3, self.image_size, self.image_size)
+
+    def cache_name(self, split: str) -> str:
+        return f"celeba-{split}-crop{self.crop_size}-{self.image_size}px"
 
     def find_files(self) -> tuple[Path, Path]:
         """Return (image folder, partition file).
@@ -108,26 +122,34 @@ class CelebADataModule(ImageDataModule):
                 return image_dir, partition
         listing = "\n".join(f"  - {p}" for p in looked_at)
         raise FileNotFoundError(
-            f"CelebA not found: need an img_align_celeba/ folder and a list_eval_partition file "
-            f"side by side. Looked at:\n{listing}\n{HOW_TO_GET}"
+            f"CelebA not found under data.data_dir={self.data_dir}: need an img_align_celeba/ "
+            f"folder and a list_eval_partition file side by side. Looked at:\n{listing}\n"
+            f"{HOW_TO_GET}"
         )
 
-    def load_splits(self) -> dict[str, Dataset]:
+    def list_files(self) -> dict[str, ImageFiles]:
         image_dir, partition_file = self.find_files()
         entries = read_partition(partition_file)
         # One directory listing instead of 200k stat calls.
         present = set(os.listdir(image_dir))
+        if not any(name.lower().endswith(".jpg") for name in present):
+            raise FileNotFoundError(
+                f"the CelebA image folder {image_dir} holds no .jpg files, but {partition_file} "
+                f"lists {len(entries)}. Extract img_align_celeba.zip there. {HOW_TO_GET}"
+            )
         missing = [name for name, _ in entries if name not in present]
-        if missing:
+        if missing and not self.skip_corrupt:
             raise FileNotFoundError(
                 f"{len(missing)} of the {len(entries)} images listed in {partition_file} are "
-                f"missing, the first is {image_dir / missing[0]}. Re-extract img_align_celeba. "
-                f"{HOW_TO_GET}"
+                f"missing, the first is {image_dir / missing[0]}. Re-extract img_align_celeba, "
+                f"or set data.skip_corrupt=true to train without them. {HOW_TO_GET}"
             )
+        if missing:
+            warn_skipped([image_dir / name for name in missing], len(entries))
         log.info("reading CelebA from %s", image_dir)
         transform = CenterCropResize(self.crop_size, self.image_size)
         splits = {}
         for partition, split in PARTITION_SPLITS.items():
-            paths = [image_dir / name for name, p in entries if p == partition]
+            paths = [image_dir / name for name, p in entries if p == partition and name in present]
             splits[split] = ImageFiles(paths, [0] * len(paths), transform, channels=3)
         return splits

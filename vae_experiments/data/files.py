@@ -1,4 +1,4 @@
-"""Image files decoded on demand, for datasets too big to hold in memory (CelebA, folders)."""
+"""Image files decoded on demand (CelebA, folders), and cheap checks that they are readable."""
 
 from __future__ import annotations
 
@@ -14,6 +14,18 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 _MODES = {1: "L", 3: "RGB"}
+_JPEG_END = b"\xff\xd9"  # EOI marker: a JPEG cut short lacks it
+_TAIL_BYTES = 1024
+
+
+class CorruptImageError(ValueError):
+    """An image file that PIL cannot read; the message starts with the file's path."""
+
+    def __init__(self, path: Path, reason: str, hint: str = "") -> None:
+        message = f"{path}: image file is corrupt or unreadable ({reason})"
+        super().__init__(f"{message}. {hint}" if hint else message)
+        self.path = path
+        self.reason = reason
 
 
 class ImageFiles(Dataset):
@@ -50,7 +62,7 @@ class ImageFiles(Dataset):
         """Decode and transform one image to a uint8 array (H, W, C).
 
         Raises:
-            ValueError: PIL cannot decode the file (names the file).
+            CorruptImageError: PIL cannot decode the file (a ValueError naming the file).
         """
         path = self.paths[index]
         try:
@@ -60,7 +72,7 @@ class ImageFiles(Dataset):
             raise
         except (OSError, SyntaxError, ValueError) as exc:
             # PIL signals broken files with all three; the path is what the user needs.
-            raise ValueError(f"{path}: image file is corrupt or unreadable ({exc})") from exc
+            raise CorruptImageError(path, str(exc)) from exc
         array = np.asarray(self.transform(image), dtype=np.uint8)
         return array.reshape(*array.shape[:2], self.channels)
 
@@ -70,6 +82,40 @@ class ImageFiles(Dataset):
         batch = np.stack([self.load(i) for i in index_list])  # (B, H, W, C)
         images = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
         return images, self.labels[indices]
+
+    def subset(self, keep: Sequence[int]) -> ImageFiles:
+        """The same files and labels at positions ``keep`` (in that order)."""
+        keep = list(keep)
+        return ImageFiles(
+            [self.paths[i] for i in keep], self.labels[keep], self.transform, self.channels
+        )
+
+
+def find_damage(path: Path) -> str | None:
+    """Cheaply check that an image file is complete; return what is wrong, or None if fine.
+
+    Reads the header (catches empty, HTML or otherwise non-image files), checks a PNG's chunk
+    checksums (``Image.verify``), and looks for the end marker of a JPEG. Only a JPEG without
+    its end marker is decoded in full, so files with trailing bytes after the marker are not
+    rejected by mistake. Damage inside a complete JPEG's compressed data is not caught here:
+    libjpeg often decodes it to wrong pixels without an error.
+    """
+    try:
+        with Image.open(path) as image:
+            image_format = image.format
+            if image_format == "PNG":
+                image.verify()
+                return None
+        if image_format == "JPEG":
+            with path.open("rb") as f:
+                f.seek(max(0, path.stat().st_size - _TAIL_BYTES))
+                if _JPEG_END in f.read():
+                    return None
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError) as exc:  # includes FileNotFoundError
+        return str(exc)
+    return None
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:

@@ -26,7 +26,19 @@ from vae_experiments.data.splits import carve_splits
 
 log = logging.getLogger(__name__)
 
-_MAGIC_NDIM = {0x0801: 1, 0x0803: 3}
+_UINT8 = 0x08
+_TYPE_NAMES = {
+    0x08: "uint8",
+    0x09: "int8",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
+NOT_SKIPPABLE = (
+    "An IDX file is one array read whole, so data.skip_corrupt cannot skip part of it: replace "
+    "the file."
+)
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -36,12 +48,13 @@ IDX_FILES = {
 
 
 def read_idx(path: str | os.PathLike[str]) -> Tensor:
-    """Read an IDX file of uint8 images (N, H, W) or labels (N,), plain or gzipped.
+    """Read an IDX file of uint8 values, e.g. images (N, H, W) or labels (N,), plain or gzipped.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: Bad magic number, or the data size does not match the header (truncated);
-            the message names the file.
+        ValueError: The file is not IDX (bad magic number), holds another data type than
+            uint8, or its size does not match its header (truncated, or a corrupt gzip stream);
+            the message names the file and what is wrong.
     """
     path = Path(path)
     with path.open("rb") as f:
@@ -51,25 +64,40 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
             data = f.read()
     except (EOFError, OSError, zlib.error) as exc:
         raise ValueError(
-            f"{path}: cannot read IDX file, it is truncated or corrupt ({exc})"
+            f"{path}: cannot read IDX file, its gzip stream is truncated or corrupt ({exc}). "
+            f"{NOT_SKIPPABLE}"
         ) from exc
-    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
-    if magic not in _MAGIC_NDIM:
-        found = "an empty file" if magic is None else f"0x{magic:08x}"
+    if len(data) < 4:
         raise ValueError(
-            f"{path}: bad IDX magic number {found}; expected 0x00000803 (uint8 images) or "
-            "0x00000801 (uint8 labels). Is this really an IDX file?"
+            f"{path}: bad IDX magic number: the file holds only {len(data)} bytes. {NOT_SKIPPABLE}"
         )
-    ndim = _MAGIC_NDIM[magic]
+    magic = int.from_bytes(data[:4], "big")
+    type_code, ndim = data[2], data[3]
+    if data[:2] != b"\x00\x00" or ndim == 0:
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{magic:08x} (starts {data[:16]!r}); expected "
+            "0x00000803 (uint8 images) or 0x00000801 (uint8 labels). Is this really an IDX "
+            f"file, not e.g. an HTML page saved by a failed download? {NOT_SKIPPABLE}"
+        )
+    if type_code != _UINT8:
+        type_name = _TYPE_NAMES.get(type_code, "an unknown type")
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{magic:08x}: data type code 0x{type_code:02x} "
+            f"({type_name}), but images and labels must be 0x08 (uint8). {NOT_SKIPPABLE}"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path}: IDX header is truncated ({len(data)} bytes)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = math.prod(shape)
-    if len(data) - header != expected:
         raise ValueError(
-            f"{path}: IDX file is truncated or corrupt: header says shape {shape} "
-            f"({expected} bytes of data) but it holds {len(data) - header} bytes"
+            f"{path}: IDX header is truncated: {len(data)} bytes, the {ndim} dimensions need "
+            f"{header}. {NOT_SKIPPABLE}"
+        )
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected, found = math.prod(shape), len(data) - header
+    if found != expected:
+        problem = "truncated" if found < expected else f"{found - expected} bytes too long"
+        raise ValueError(
+            f"{path}: IDX file is {problem}: its header says shape {shape} ({expected} bytes "
+            f"of data) but it holds {found} bytes. {NOT_SKIPPABLE}"
         )
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).reshape(shape)
 
@@ -182,6 +210,14 @@ class IdxDataModule(ImageDataModule):
             root=str(self.data_dir), train=True, download=True
         )
 
+    def how_to_get(self) -> str:
+        """Where the files come from, for error messages."""
+        return (
+            f"Pass data.download=true when online (torchvision saves them to "
+            f"{self.data_dir / self.source.name / 'raw'}), or put the four IDX files in one of "
+            f"the folders searched{self.source.hint}."
+        )
+
     def load_splits(self) -> dict[str, Dataset]:
         files = self.find_files()
         if files is None:
@@ -189,9 +225,7 @@ class IdxDataModule(ImageDataModule):
             names = ", ".join(IDX_FILES.values())
             raise FileNotFoundError(
                 f"{self.source.name} IDX files not found. Looked for {names} (each plain or .gz) "
-                f"in:\n{looked_in}\nPass data.download=true when online (torchvision saves them "
-                f"to {self.data_dir / self.source.name / 'raw'}), or put the four IDX files in "
-                f"one of those folders{self.source.hint}."
+                f"in:\n{looked_in}\n{self.how_to_get()}"
             )
         log.info("reading %s from %s", self.source.name, files["train_images"].parent)
         train_images, train_labels = self._read_pair(files["train_images"], files["train_labels"])
@@ -204,7 +238,11 @@ class IdxDataModule(ImageDataModule):
         }
 
     def _read_pair(self, images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
-        images, labels = read_idx(images_path), read_idx(labels_path)
+        try:
+            images, labels = read_idx(images_path), read_idx(labels_path)
+        except ValueError as exc:
+            # Delete first: a download skips files that exist, broken or not.
+            raise ValueError(f"{exc} Delete it and get it again. {self.how_to_get()}") from exc
         if images.ndim != 3 or images.shape[1:] != self.image_shape[1:]:
             raise ValueError(
                 f"{images_path}: expected images of shape (N, 28, 28), got {tuple(images.shape)}"

@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
-from vae_experiments.data.base import ImageDataModule
 from vae_experiments.data.checks import check_choice, check_int, check_split_size
+from vae_experiments.data.file_datamodule import FileImageDataModule
 from vae_experiments.data.files import ImageFiles, ResizeCenterCrop
 from vae_experiments.data.splits import carve_splits
 
@@ -44,10 +43,12 @@ def collect_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, class_names
 
 
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderDataModule(FileImageDataModule):
     """Images under ``path``, resized (shorter side) and center-cropped to squares.
 
-    The test split is carved first, then val from the rest, both seeded by ``split_seed``.
+    The test split is carved first, then val from the rest, both seeded by ``split_seed``, from
+    the list of files before any unreadable one is skipped (so skipping does not move images
+    between splits).
 
     Args:
         path: Folder searched recursively for .png/.jpg/.jpeg files (any case).
@@ -55,6 +56,8 @@ class ImageFolderDataModule(ImageDataModule):
         channels: 1 (grayscale) or 3 (RGB).
         val_size: Validation images: int count, or float fraction of the non-test images.
         test_size: Test images: int count, or float fraction of all images.
+        cache, cache_dir, skip_corrupt: See :class:`FileImageDataModule`.
+        on_device: See :class:`ImageDataModule`; only cached splits can move to the GPU.
         data_dir: Accepted for a uniform config; ``path`` says where the images are.
         batch_size, num_workers, seed, split_seed: See :class:`ImageDataModule`.
     """
@@ -71,6 +74,10 @@ class ImageFolderDataModule(ImageDataModule):
         channels: int,
         val_size: int | float,
         test_size: int | float,
+        cache: bool,
+        cache_dir: str | os.PathLike[str],
+        skip_corrupt: bool,
+        on_device: str | bool = "auto",
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -79,6 +86,10 @@ class ImageFolderDataModule(ImageDataModule):
             seed=seed,
             split_seed=split_seed,
             binarize="none",
+            cache=cache,
+            cache_dir=cache_dir,
+            skip_corrupt=skip_corrupt,
+            on_device=on_device,
         )
         if not isinstance(path, str | os.PathLike):
             raise ValueError(f"data.path must be the folder of images, got {path!r}")
@@ -93,14 +104,23 @@ class ImageFolderDataModule(ImageDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
-    def load_splits(self) -> dict[str, Dataset]:
+    def cache_name(self, split: str) -> str:
+        mode = "rgb" if self.channels == 3 else "gray"
+        return f"folder-{self.path.resolve().name}-{split}-{mode}-{self.image_size}px"
+
+    def list_files(self) -> dict[str, ImageFiles]:
         if not self.path.is_dir():
-            raise FileNotFoundError(f"data.path={self.path} is not a folder")
+            what = "does not exist" if not self.path.exists() else "is a file"
+            raise FileNotFoundError(
+                f"data.path={self.path} is not a folder (it {what}); set data.path to the "
+                "folder holding your images"
+            )
         paths, labels, self.class_names = collect_images(self.path)
         if not paths:
             raise FileNotFoundError(
                 f"no images found under data.path={self.path} (looked recursively for "
-                f"{', '.join(IMAGE_EXTENSIONS)} in any case)"
+                f"{', '.join(IMAGE_EXTENSIONS)} in any case, skipping hidden files); put images "
+                "there or point data.path at the folder that holds them"
             )
         log.info(
             "found %d images in %d classes under %s", len(paths), len(self.class_names), self.path

@@ -1,0 +1,235 @@
+"""Broken inputs, one test each: the error names the file and what is wrong, before training
+starts; ``skip_corrupt=true`` leaves unreadable image files out and says how many."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fake_data import IDX_NAMES, idx_bytes, write_celeba, write_idx_dataset
+from tests.fake_data import write_image_folder as write_folder
+from tests.test_data import make_celeba, make_folder, make_idx
+from vae_experiments.data import FashionMNISTDataModule, read_idx
+from vae_experiments.data.files import CorruptImageError
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype(np.uint8)
+
+
+# --- IDX ------------------------------------------------------------------------------------
+
+
+def write_raw(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BROKEN_IDX = {
+    "html": (b"<!DOCTYPE html><html>rate limited</html>", "bad IDX magic number 0x3c21444f"),
+    "empty": (b"", "bad IDX magic number: the file holds only 0 bytes"),
+    "no_dims": (b"\x00\x00\x08\x00", "bad IDX magic number 0x00000800"),
+    "float": (b"\x00\x00\x0d\x03" + bytes(12), r"bad .* type code 0x0d \(float32\)"),
+    "int32": (b"\x00\x00\x0c\x01" + bytes(4), r"bad .* type code 0x0c \(int32\)"),
+    "header": (b"\x00\x00\x08\x03\x00\x00", "IDX header is truncated: 6 bytes"),
+    "payload": (idx_bytes(IMAGES)[:-100], "IDX file is truncated"),
+    "too_long": (idx_bytes(IMAGES) + bytes(7), "IDX file is 7 bytes too long"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_IDX)
+def test_broken_idx_file_says_what_is_wrong(tmp_path, name):
+    data, problem = BROKEN_IDX[name]
+    path = write_raw(tmp_path / "train-images-idx3-ubyte", data)
+    with pytest.raises(ValueError, match=rf"^{path}: {problem}") as info:
+        read_idx(path)
+    assert "data.skip_corrupt cannot skip part of it" in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "bytes_flipped"])
+def test_corrupt_gzip_idx_names_the_file(tmp_path, damage):
+    packed = bytearray(gzip.compress(idx_bytes(IMAGES)))
+    if damage == "cut_short":
+        packed = packed[: len(packed) // 2]
+    else:
+        packed[len(packed) // 2 : len(packed) // 2 + 16] = bytes(16)
+    path = write_raw(tmp_path / "train-images-idx3-ubyte.gz", bytes(packed))
+    with pytest.raises(ValueError, match=rf"^{path}: .*gzip stream is truncated or corrupt"):
+        read_idx(path)
+
+
+def test_broken_idx_in_a_datamodule_says_how_to_replace_it(tmp_path):
+    folder = write_idx_dataset(tmp_path, gz=True)
+    bad = folder / f"{IDX_NAMES['test_labels']}.gz"
+    bad.write_bytes(bad.read_bytes()[:30])
+    with pytest.raises(ValueError) as info:
+        make_idx(tmp_path).setup()
+    message = str(info.value)
+    assert message.startswith(f"{bad}: ")
+    assert "data.skip_corrupt cannot" in message and "Delete it and get it again" in message
+    assert "data.download=true" in message
+
+
+def test_broken_fashion_idx_points_at_the_debian_package(tmp_path, monkeypatch):
+    source = dataclasses.replace(FashionMNISTDataModule.source, fallback_dirs=())
+    monkeypatch.setattr(FashionMNISTDataModule, "source", source)
+    folder = write_idx_dataset(tmp_path, name="FashionMNIST", layout="flat")
+    write_raw(folder / IDX_NAMES["train_images"], b"\x00\x00\x0b\x03" + bytes(12))
+    with pytest.raises(ValueError, match=r"data type code 0x0b \(int16\)") as info:
+        make_idx(tmp_path, FashionMNISTDataModule).setup()
+    assert "apt-get install dataset-fashion-mnist" in str(info.value)
+
+
+def test_idx_images_of_the_wrong_shape(tmp_path):
+    folder = write_idx_dataset(tmp_path)
+    write_raw(folder / IDX_NAMES["test_images"], idx_bytes(np.zeros((32, 32, 32), np.uint8)))
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 28, 28\), got \(32, 32"):
+        make_idx(tmp_path).setup()
+
+
+# --- image files ----------------------------------------------------------------------------
+
+
+def damage_file(path: Path, damage: str) -> None:
+    data = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"<html>404 Not Found</html>")
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "bad_crc":  # PNG: compressed data overwritten, chunk checksum now wrong
+        broken = bytearray(data)
+        broken[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+        path.write_bytes(bytes(broken))
+    else:
+        raise ValueError(damage)
+
+
+# write_folder(n=12): img000.png in cats/, img001.jpg in dogs/.
+DAMAGES = [
+    ("cats/img000.png", "garbage"),
+    ("cats/img000.png", "empty"),
+    ("cats/img000.png", "truncated"),
+    ("cats/img000.png", "bad_crc"),
+    ("dogs/img001.jpg", "garbage"),
+    ("dogs/img001.jpg", "truncated"),
+]
+DAMAGE_IDS = [f"{Path(f).suffix[1:]}_{d}" for f, d in DAMAGES]
+CACHE_IDS = ["cached", "per_file"]
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=CACHE_IDS)
+@pytest.mark.parametrize(("name", "damage"), DAMAGES, ids=DAMAGE_IDS)
+def test_broken_image_fails_at_setup_naming_it(tmp_path, name, damage, cache):
+    root = write_folder(tmp_path / "images", n=12)
+    damage_file(root / name, damage)
+    datamodule = make_folder(root, cache=cache)
+    with pytest.raises(CorruptImageError) as info:
+        datamodule.setup()  # before any batch is drawn
+    message = str(info.value)
+    assert message.startswith(f"{root / name}: image file is corrupt or unreadable")
+    assert "data.skip_corrupt=true" in message
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=CACHE_IDS)
+@pytest.mark.parametrize(("name", "damage"), DAMAGES, ids=DAMAGE_IDS)
+def test_skip_corrupt_leaves_the_broken_image_out(tmp_path, caplog, name, damage, cache):
+    root = write_folder(tmp_path / "images", n=12)
+    damage_file(root / name, damage)
+    datamodule = make_folder(root, cache=cache, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        datamodule.setup()
+    served = [p for paths in datamodule.split_paths.values() for p in paths]
+    assert len(served) == 11 and root / name not in served
+    assert sum(len(split) for split in datamodule.splits.values()) == 11
+    assert "skipped 1 of 12 image files as corrupt or unreadable" in caplog.text
+    assert str(root / name) in caplog.text
+
+
+def test_skip_corrupt_reports_the_count_and_first_names(tmp_path, caplog):
+    root = write_folder(tmp_path / "images", n=12, classes=())
+    broken = sorted(root.iterdir())[:7]
+    for path in broken:
+        damage_file(path, "garbage")
+    datamodule = make_folder(root, val_size=0, test_size=0, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        datamodule.setup()
+    assert len(datamodule.splits["train"]) == 5
+    assert "skipped 7 of 12 image files" in caplog.text and "and 2 more" in caplog.text
+    assert all(str(p) in caplog.text for p in broken[:5])
+
+
+def test_per_file_check_names_every_broken_file(tmp_path):
+    root = write_folder(tmp_path / "images", n=12, classes=())
+    broken = sorted(root.iterdir())[:3]
+    for path in broken:
+        damage_file(path, "truncated")
+    with pytest.raises(CorruptImageError, match="2 more in the train split") as info:
+        make_folder(root, val_size=0, test_size=0, cache=False).setup()
+    assert all(str(p) in str(info.value) for p in broken)
+
+
+def test_jpeg_with_bytes_after_its_end_marker_is_accepted(tmp_path):
+    root = write_folder(tmp_path / "images", n=4, classes=())
+    jpeg = root / "img001.jpg"
+    jpeg.write_bytes(jpeg.read_bytes() + bytes(4096))  # e.g. padding some cameras write
+    datamodule = make_folder(root, val_size=0, test_size=0, cache=False)
+    datamodule.setup()
+    assert len(datamodule.splits["train"]) == 4
+
+
+def test_image_skipped_in_the_cache_fails_without_skip_corrupt(tmp_path):
+    root = write_folder(tmp_path / "images", n=12)
+    damage_file(root / "dogs/img001.jpg", "truncated")
+    make_folder(root, skip_corrupt=True).setup()
+    with pytest.raises(CorruptImageError, match="when it was built with data.skip_corrupt=true"):
+        make_folder(root).setup()
+
+
+# --- CelebA ---------------------------------------------------------------------------------
+
+
+def test_celeba_broken_jpeg_fails_while_building_the_cache(tmp_path):
+    image_dir = write_celeba(tmp_path, n=12)
+    damage_file(image_dir / "000004.jpg", "truncated")
+    with pytest.raises(CorruptImageError, match=rf"^{image_dir / '000004.jpg'}: image file"):
+        make_celeba(tmp_path).prepare_data()
+    assert not list((tmp_path / "cache").glob("*.npy"))
+
+
+def test_celeba_skip_corrupt_and_missing_listed_images(tmp_path, caplog):
+    image_dir = write_celeba(tmp_path, n=12)
+    damage_file(image_dir / "000004.jpg", "garbage")
+    (image_dir / "000010.jpg").unlink()  # listed in the partition file, val split
+    datamodule = make_celeba(tmp_path, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        datamodule.setup()
+    assert {k: len(v) for k, v in datamodule.splits.items()} == {"train": 7, "val": 1, "test": 2}
+    assert str(image_dir / "000004.jpg") in caplog.text
+    assert str(image_dir / "000010.jpg") in caplog.text
+
+
+def test_celeba_missing_listed_image_suggests_skip_corrupt(tmp_path):
+    image_dir = write_celeba(tmp_path, n=12)
+    (image_dir / "000010.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"first is {image_dir / '000010.jpg'}") as info:
+        make_celeba(tmp_path).setup()
+    assert "data.skip_corrupt=true" in str(info.value)
+
+
+def test_celeba_empty_image_folder_names_it(tmp_path):
+    image_dir = write_celeba(tmp_path, n=6)
+    for path in image_dir.iterdir():
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"image folder {image_dir} holds no \.jpg files"):
+        make_celeba(tmp_path).setup()
+
+
+def test_image_folder_not_a_folder_says_what_to_set(tmp_path):
+    (tmp_path / "one.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"is not a folder \(it is a file\); set data.path"):
+        make_folder(tmp_path / "one.png").setup()

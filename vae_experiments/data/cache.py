@@ -1,0 +1,313 @@
+"""A split of image files decoded once into a memory-mapped uint8 array on disk.
+
+The cache of a split is ``<cache_dir>/<name>-<key>.npy``, an array (N, C, H, W) that
+``np.load(mmap_mode="c")`` maps without reading it, beside ``<name>-<key>.json``. The key hashes
+what decides the pixels: the transform (crop and size), the channels and the list of files. The
+JSON holds a fingerprint of the files (path, size and modification time of each) and is written
+last, so it marks a complete build: a cache counts only when its JSON exists and its fingerprint
+matches the files now. A build writes into a temporary file in the same folder, syncs it to
+disk and renames it into place, so an interrupted build never leaves a cache that looks valid.
+One process builds a cache at a time (a lock file beside it); the others wait and then use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vae_experiments.data.files import CorruptImageError, ImageFiles
+from vae_experiments.data.parallel import map_chunks
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locking; concurrent builds stay correct, only wasteful
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_COPY_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """A split read from its cache.
+
+    Attributes:
+        images: uint8 (N_kept, C, H, W), memory-mapped copy-on-write (reads share the page cache).
+        kept: positions in the source file list of the N_kept images, in order.
+        skipped: files left out as unreadable when the cache was built (``skip_corrupt``).
+        path: the ``.npy`` file.
+    """
+
+    images: Tensor
+    kept: list[int]
+    skipped: list[Path]
+    path: Path
+
+
+def cache_file(cache_dir: Path, name: str, files: ImageFiles) -> Path:
+    """The ``.npy`` path of ``files`` decoded: ``<cache_dir>/<name>-<key>.npy``.
+
+    Args:
+        cache_dir: Folder of caches.
+        name: Readable prefix, e.g. ``celeba-train-crop148-64px``.
+        files: The split; its transform, channels and paths make the key.
+    """
+    description = {
+        "version": CACHE_VERSION,
+        "transform": repr(files.transform),
+        "channels": files.channels,
+        "paths": [str(p) for p in files.paths],
+    }
+    key = hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
+    return cache_dir / f"{name}-{key}.npy"
+
+
+def source_fingerprint(paths: Sequence[Path]) -> str:
+    """Hash of every file's path, size and modification time: changes when any file does.
+
+    Raises:
+        FileNotFoundError: A file is gone (names it).
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _meta_file(npy: Path) -> Path:
+    return npy.with_suffix(".json")
+
+
+def load_cache(
+    npy: Path, fingerprint: str, num_files: int, quiet: bool = False
+) -> DecodedImages | None:
+    """Map the cache at ``npy`` if it is complete and was built from the files as they are now.
+
+    Args:
+        quiet: Do not log why a cache is not used.
+
+    Returns:
+        The decoded images, or None if the cache is missing, incomplete or stale.
+    """
+    try:
+        meta = json.loads(_meta_file(npy).read_text())
+        if meta["version"] != CACHE_VERSION or meta["num_files"] != num_files:
+            return None
+        if meta["fingerprint"] != fingerprint:
+            if not quiet:
+                log.info("the images changed since %s was built; rebuilding it", npy)
+            return None
+        # "c": copy-on-write, so torch gets a writable array without a copy in memory.
+        array = np.load(npy, mmap_mode="c")
+        skipped = [Path(p) for p in meta["skipped"]]
+        skipped_positions = set(meta["skipped_positions"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if _meta_file(npy).exists() and not quiet:
+            log.warning("ignoring unreadable cache %s (%s); rebuilding it", npy, exc)
+        return None
+    kept = [i for i in range(num_files) if i not in skipped_positions]
+    if array.dtype != np.uint8 or list(array.shape) != meta["shape"] or len(kept) != len(array):
+        if not quiet:
+            log.warning("ignoring cache %s: its array does not match %s", npy, _meta_file(npy))
+        return None
+    return DecodedImages(torch.from_numpy(array), kept, skipped, npy)
+
+
+def ensure_cache(
+    files: ImageFiles,
+    npy: Path,
+    image_shape: tuple[int, int, int],
+    skip_corrupt: bool,
+    threads: int,
+) -> DecodedImages:
+    """Return the cache of ``files`` at ``npy``, building it first if missing or stale.
+
+    Args:
+        files: The split's files, labels and transform (decoded with ``files.load``).
+        npy: Where the cache goes (see :func:`cache_file`).
+        image_shape: (C, H, W) every decoded image must have.
+        skip_corrupt: Leave unreadable files out (recorded in the cache) instead of raising.
+        threads: Decoding threads (PIL releases the GIL while decoding and resizing).
+
+    Raises:
+        CorruptImageError: A file cannot be decoded and ``skip_corrupt`` is false; nothing is
+            left behind.
+        PermissionError: ``npy``'s folder cannot be written (the message says what to set).
+    """
+    fingerprint = source_fingerprint(files.paths)
+    cached = load_cache(npy, fingerprint, len(files))
+    if cached is not None:
+        log.info("using the decoded images in %s", npy)
+        return cached
+    _make_folder(npy.parent)
+    with _build_lock(npy):
+        # Another process may have built it while this one waited for the lock.
+        cached = load_cache(npy, fingerprint, len(files), quiet=True)
+        if cached is None:
+            build_cache(files, npy, fingerprint, image_shape, skip_corrupt, threads)
+            cached = load_cache(npy, fingerprint, len(files))
+    if cached is None:
+        raise RuntimeError(f"{npy} was just built but cannot be read back")
+    return cached
+
+
+def build_cache(
+    files: ImageFiles,
+    npy: Path,
+    fingerprint: str,
+    image_shape: tuple[int, int, int],
+    skip_corrupt: bool,
+    threads: int,
+) -> None:
+    """Decode every file into ``npy`` and write its JSON; see :func:`ensure_cache`."""
+    for stale in npy.parent.glob(f"{npy.name}.tmp*"):  # left by a killed build (we hold the lock)
+        stale.unlink(missing_ok=True)
+    tmp = npy.with_name(f"{npy.name}.tmp{os.getpid()}")
+    compact = npy.with_name(f"{npy.name}.tmp{os.getpid()}c")
+    start = time.perf_counter()
+    log.info("decoding %d images into %s (%d threads)", len(files), npy, threads)
+    try:
+        skipped = _decode_into(files, tmp, image_shape, skip_corrupt, threads, npy.name)
+        if skipped:
+            skipped_set = set(skipped)
+            _copy_rows(tmp, compact, [i for i in range(len(files)) if i not in skipped_set])
+            tmp.unlink()
+            tmp = compact
+        _fsync(tmp)
+        meta = {
+            "version": CACHE_VERSION,
+            "fingerprint": fingerprint,
+            "num_files": len(files),
+            "shape": [len(files) - len(skipped), *image_shape],
+            "skipped_positions": skipped,
+            "skipped": [str(files.paths[i]) for i in skipped],
+            "transform": repr(files.transform),
+            "channels": files.channels,
+        }
+        # The JSON marks a complete cache: drop the old one before the array changes.
+        _meta_file(npy).unlink(missing_ok=True)
+        os.replace(tmp, npy)
+        _write_atomic(_meta_file(npy), json.dumps(meta, indent=1))
+        _fsync_folder(npy.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+        compact.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    log.info(
+        "decoded %d images in %.1f s (%.0f images/s) into %s",
+        len(files),
+        seconds,
+        len(files) / max(seconds, 1e-9),
+        npy,
+    )
+
+
+def _decode_into(
+    files: ImageFiles,
+    tmp: Path,
+    image_shape: tuple[int, int, int],
+    skip_corrupt: bool,
+    threads: int,
+    desc: str,
+) -> list[int]:
+    """Decode image i into row i of a new array at ``tmp``; return the skipped positions."""
+    shape = (len(files), *image_shape)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    expected = (*image_shape[1:], image_shape[0])  # (H, W, C) from PIL
+
+    def decode(start: int, stop: int) -> list[int]:
+        skipped = []
+        for i in range(start, stop):
+            try:
+                image = files.load(i)
+            except CorruptImageError:
+                if not skip_corrupt:
+                    raise
+                skipped.append(i)
+                continue
+            if image.shape != expected:
+                raise RuntimeError(f"{files.paths[i]} decoded to {image.shape}, not {expected}")
+            out[i] = image.transpose(2, 0, 1)
+        return skipped
+
+    skipped = map_chunks(decode, len(files), threads, f"caching {desc}")
+    out.flush()  # the mapping closes when ``out`` goes out of scope
+    return skipped
+
+
+def _copy_rows(source: Path, target: Path, rows: list[int]) -> None:
+    """Write the given rows of the array at ``source`` as a new array at ``target``."""
+    array = np.load(source, mmap_mode="r")
+    out = np.lib.format.open_memmap(
+        target, mode="w+", dtype=np.uint8, shape=(len(rows), *array.shape[1:])
+    )
+    for start in range(0, len(rows), _COPY_CHUNK):
+        out[start : start + _COPY_CHUNK] = array[rows[start : start + _COPY_CHUNK]]
+    out.flush()
+    del out, array
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError as exc:
+        raise PermissionError(
+            f"cannot write the decoded-image cache in {folder} ({exc}). Set data.cache_dir to a "
+            "writable folder, or data.cache=false to decode the files every epoch instead."
+        ) from exc
+
+
+@contextlib.contextmanager
+def _build_lock(npy: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<npy>.lock`` (released when the process dies, too)."""
+    with open(npy.with_name(f"{npy.name}.lock"), "a") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process to finish building %s", npy)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the renames durable; not every platform can open a folder.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
