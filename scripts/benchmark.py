@@ -210,7 +210,8 @@ def plain_training(
         generator = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(len(train_images), generator=generator).to(device)
         for batch in range(num_batches):
-            x = train_images[order[batch * batch_size : (batch + 1) * batch_size]]
+            # index_select: as fast as a careful hand-written loop gets (x[idx] is far slower).
+            x = train_images.index_select(0, order[batch * batch_size : (batch + 1) * batch_size])
             loss = model.loss(x.float().div_(255), step=step)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

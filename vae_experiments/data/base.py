@@ -58,7 +58,9 @@ class TensorImages(Dataset):
 
     def __getitem__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Return uint8 images (B, C, H, W) and int64 labels (B,) for 1-D ``indices`` (B,)."""
-        return self.images[indices], self.labels[indices]
+        # index_select, not images[indices]: advanced indexing of a uint8 (N, C, H, W) tensor is
+        # ~40x slower on a CPU (1.4 ms vs 0.03 ms for 128 Fashion-MNIST images).
+        return self.images.index_select(0, indices), self.labels.index_select(0, indices)
 
 
 class ShuffledBatchSampler(Sampler[Tensor]):
