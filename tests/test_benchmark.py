@@ -1,0 +1,68 @@
+"""The benchmark script runs and compares like with like (no timing assertions: the script's
+table is the record, see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unknown_case_is_rejected_with_the_choices(capsys):
+    benchmark = load_benchmark()
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--cases", "mlp_vea"])
+    assert "unknown case or variant ['mlp_vea']" in capsys.readouterr().err
+
+
+def test_plain_iwae_agrees_with_ours():
+    import torch
+
+    from vae_experiments.models import build_vae
+
+    benchmark = load_benchmark()
+    torch.manual_seed(0)
+    model = build_vae(
+        image_shape=[1, 8, 8],
+        latent_dim=3,
+        arch="mlp",
+        hidden_dims=[16],
+        conv_channels=[8],
+        likelihood="bernoulli",
+        sigma=0.1,
+        learn_sigma=False,
+        beta=1.0,
+        kl_warmup_steps=0,
+    ).eval()
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    plain = benchmark.plain_iwae(model, images, k=2000, max_batch_elems=2**16, batch_size=4)
+    ours = benchmark.our_iwae(model, images, k=2000, max_batch_elems=2**16, batch_size=4)
+    # Different random draws of the same estimator, k=2000: equal to well under a nat.
+    assert float(plain.mean()) == pytest.approx(ours, abs=0.05)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_a_case_and_writes_markdown(tmp_path):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    benchmark = load_benchmark()
+    output = tmp_path / "table.md"
+    benchmark.main(["--cases", "mlp_vae", "--epochs", "2", "--markdown", str(output)])
+    table = output.read_text()
+    assert "| mlp_vae | plain |" in table and "| mlp_vae | ours |" in table
+    # Same model, data and seed: both paths reach nearly the same test loss.
+    plain, ours = (float(x) for x in re.findall(r"test loss ([\d.]+)", table))
+    assert ours == pytest.approx(plain, rel=0.02)
