@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
@@ -72,6 +73,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     """
     run_dir = Path(run_dir)
     pl.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
 
     datamodule = instantiate(cfg.data)
     # Read the data before building anything else, so a missing or broken dataset fails first.
@@ -123,8 +125,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
     logger = build_logger(cfg.get("logger"), run_dir)
+    trainer_options = {}
+    if cfg.trainer.get("benchmark", "unset") is None:
+        trainer_options["benchmark"] = not cfg.trainer.get("deterministic", False)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
+        **trainer_options,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         default_root_dir=str(run_dir),
