@@ -118,7 +118,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert result.returncode != 0  # the sweep as a whole reports the failure
     failed = json.loads((sweep_dir / "0" / "status.json").read_text())
     assert failed["status"] == "failed"
-    assert "unknown model.arch='bogus'; choose one of linear, mlp, conv" in failed["error"]
+    assert "model.arch=bogus is invalid: must be one of linear, mlp, conv" in failed["error"]
     assert not (sweep_dir / "0" / "metrics.json").exists()
     finished = json.loads((sweep_dir / "1" / "status.json").read_text())
     assert finished["status"] == "finished"
@@ -127,7 +127,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     summary = run_cli(
         [sys.executable, str(REPO_ROOT / "scripts" / "summarize.py"), str(sweep_dir)], cwd=tmp_path
     )
-    assert "unknown model.arch" in (sweep_dir / "summary.md").read_text()
+    assert "model.arch=bogus is invalid" in (sweep_dir / "summary.md").read_text()
     assert summary.returncode == 0
 
 
