@@ -10,6 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vae_experiments.commands.did_you_mean import suggest_keys_on_failure
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
@@ -19,6 +21,7 @@ def _is_first_process() -> bool:
     return all(int(os.environ.get(name, 0)) == 0 for name in ranks)
 
 
+@suggest_keys_on_failure(CONFIG_DIR, "train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """``python train.py model=vae data=digits ...``: trains one model; returns its test loss
