@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from vae_experiments.training.multirun_ddp import job_command
 
 QUICK = [
     "trainer=cpu",
@@ -196,3 +197,68 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     assert len(writers) == 1
     assert len(list(run_dir.rglob("config.yaml"))) == 1
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_sweep_job_command_is_the_job_as_a_single_run():
+    argv = ["train.py", "-m", "--config-name", "train", "model.latent_dim=2,4", "trainer=ddp"]
+    hydra_overrides = [
+        "hydra.sweep.dir=/tmp/s",
+        "hydra.mode=MULTIRUN",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "hydra.verbose=true",
+    ]
+    command = job_command(argv, ["model.latent_dim=4", "trainer=ddp"], hydra_overrides)
+    assert command == [
+        "train.py",
+        "--config-name",
+        "train",
+        "hydra.verbose=true",
+        "model.latent_dim=4",
+        "trainer=ddp",
+    ]
+
+
+@pytest.mark.slow  # about 30 s: two DDP jobs of two processes each
+def test_ddp_jobs_of_a_sweep_each_write_one_directory(tmp_path):
+    # Lightning starts rank 1 by re-running the command line: under -m that would be the whole
+    # sweep again. Each job must run once, with both ranks in the job's own directory.
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "-m",
+            "model.latent_dim=2,4",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            *QUICK[1:],
+            "logger=none",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert output.count("Launching 2 jobs locally") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job, latent_dim in (("0", 2), ("1", 4)):
+        job_dir = sweep_dir / job
+        assert json.loads((job_dir / "status.json").read_text())["status"] == "finished"
+        assert json.loads((job_dir / "metrics.json").read_text())["world_size"] == 2
+        assert len(list(job_dir.rglob("config.yaml"))) == 1
+        assert sorted(p.name for p in (job_dir / "checkpoints").iterdir()) == [
+            "best.ckpt",
+            "last.ckpt",
+        ]
+        rank0 = (job_dir / "train.log").read_text()
+        rank1 = (job_dir / "train_ddp_process_1.log").read_text()
+        assert "GLOBAL_RANK: 0, MEMBER: 1/2" in rank0
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in rank1
+        # Both ranks built this job's model (the parameter count depends on the latent size).
+        model_line = next(line for line in rank0.splitlines() if "model VAE with" in line)
+        assert model_line.split(" - ")[1] in rank1
+        config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+        assert config["model"]["latent_dim"] == latent_dim

@@ -33,13 +33,15 @@ def main(cfg: DictConfig) -> float:
     # Heavy imports after Hydra has parsed the arguments, so --help and --cfg stay fast.
     from vae_experiments.runs import CHECKPOINT_DIR, write_status
     from vae_experiments.training import train
+    from vae_experiments.training.multirun_ddp import ddp_sweep_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     record = _is_first_process()
     if record:
         write_status(run_dir, "running", pid=os.getpid())
     try:
-        metrics = train(cfg, run_dir)
+        with ddp_sweep_job():
+            metrics = train(cfg, run_dir)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
         if record:
             last = run_dir / CHECKPOINT_DIR / "last.ckpt"
