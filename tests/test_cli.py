@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from vae_experiments.training.multirun_ddp import job_command
+from vae_experiments.training.multirun_ddp import check_children_can_start, job_command
 
 QUICK = [
     "trainer=cpu",
@@ -262,3 +262,29 @@ def test_ddp_jobs_of_a_sweep_each_write_one_directory(tmp_path):
         assert model_line.split(" - ")[1] in rank1
         config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
         assert config["model"]["latent_dim"] == latent_dim
+
+
+def test_ddp_in_a_launcher_worker_fails_early_with_what_to_do_instead(monkeypatch):
+    from importlib.machinery import ModuleSpec
+
+    monkeypatch.setattr(
+        sys.modules["__main__"], "__spec__", ModuleSpec("submitit.core._submit", None)
+    )
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    ddp = {"strategy": "ddp", "accelerator": "cpu", "devices": 2}
+    with pytest.raises(ValueError) as error:
+        check_children_can_start(ddp)
+    assert "trainer.strategy=ddp starts its extra processes by re-running the command line" in (
+        str(error.value)
+    )
+    assert "`python -m submitit.core._submit`" in str(error.value)
+    assert "hydra/launcher=slurm and hydra.launcher.tasks_per_node=<devices>" in str(error.value)
+    check_children_can_start({**ddp, "strategy": "ddp_spawn"})  # no command to re-run
+    check_children_can_start({**ddp, "devices": 1})  # no extra process
+    check_children_can_start({**ddp, "devices": "auto"})  # one CPU device
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    check_children_can_start(ddp)  # srun started the processes
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # python train.py
+    monkeypatch.delenv("SLURM_NTASKS")
+    check_children_can_start(ddp)

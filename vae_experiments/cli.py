@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> float:
     if record:
         write_status(run_dir, "running", pid=os.getpid())
     try:
-        with ddp_sweep_job():
+        with ddp_sweep_job(cfg.trainer):
             metrics = train(cfg, run_dir)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
         if record:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -64,18 +65,60 @@ def job_command(
     return [argv[0], *_config_flags(argv[1:]), *kept, *task_overrides]
 
 
+def _starts_children_by_command(trainer_cfg: Mapping[str, Any]) -> bool:
+    """True if Lightning would start this node's extra ranks by re-running the command line."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not isinstance(strategy, str) or not strategy.startswith("ddp"):
+        return False
+    if any(word in strategy for word in ("spawn", "fork", "notebook")):
+        return False
+    if "LOCAL_RANK" in os.environ or "SLURM_NTASKS" in os.environ:
+        return False  # torchrun or srun started the ranks
+    devices = trainer_cfg.get("devices", "auto")
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return len(devices) > 1
+    if str(devices) in ("auto", "-1"):
+        return trainer_cfg.get("accelerator", "auto") != "cpu"
+    return str(devices) not in ("0", "1")
+
+
+def check_children_can_start(trainer_cfg: Mapping[str, Any]) -> None:
+    """Raises ValueError if DDP would re-run a command line that is not this app's.
+
+    Launchers that run each job in a worker started as ``python -m <module>`` (submitit's
+    ``submitit.core._submit``, joblib's loky workers) leave Lightning nothing to re-run: it would
+    start that module with our overrides.
+    """
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if main_spec is None or not _starts_children_by_command(trainer_cfg):
+        return
+    raise ValueError(
+        f"trainer.strategy={trainer_cfg.get('strategy')} starts its extra processes by re-running "
+        f"the command line, but this job runs inside a launcher's worker (`python -m "
+        f"{main_spec.name}`, e.g. hydra/launcher=joblib or submitit_local) that cannot be re-run. "
+        "Sweep DDP jobs with the default launcher (one job after another), or on SLURM with "
+        "hydra/launcher=slurm and hydra.launcher.tasks_per_node=<devices> (srun starts the "
+        "processes)"
+    )
+
+
 @contextmanager
-def ddp_sweep_job() -> Iterator[None]:
+def ddp_sweep_job(trainer_cfg: Mapping[str, Any]) -> Iterator[None]:
     """Runs the body as one job of a multirun, ready for DDP (a no-op outside multiruns).
 
     While active, ``sys.argv`` is this job's command as a single run and Hydra's ``run.dir`` is
     the job's output directory, which Lightning appends to the children's command; so every rank
     of the job shares the job's directory and the sweep is not started again. On exit the
     environment variables are restored and the process group, if any, is destroyed.
+
+    Args:
+        trainer_cfg: the ``trainer`` config, to fail early where children cannot be started
+            (see :func:`check_children_can_start`).
     """
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         yield
         return
+    check_children_can_start(trainer_cfg)
     hydra_cfg = HydraConfig.get()
     saved_argv, saved_environ = sys.argv, dict(os.environ)
     saved_run_dir = OmegaConf.to_container(hydra_cfg.run, resolve=False)["dir"]
