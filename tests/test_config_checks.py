@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import compose_config
+from tests.conftest import DATA_CONFIGS, MODEL_CONFIGS, compose_config
 from vae_experiments.config_checks import (
     ConfigError,
     check_config,
@@ -81,12 +81,12 @@ def test_each_rule_names_the_key_the_value_and_what_is_allowed(overrides, messag
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("config", ["ae", "denoising_ae", "linear_ae", "vae"])
+@pytest.mark.parametrize("config", MODEL_CONFIGS)
 def test_every_shipped_model_config_passes(config):
     assert config_problems(compose_config([f"model={config}"])) == []
 
 
-@pytest.mark.parametrize("config", ["digits", "mnist", "fashion_mnist", "celeba", "image_folder"])
+@pytest.mark.parametrize("config", DATA_CONFIGS)
 def test_every_shipped_data_config_passes(config):
     assert config_problems(compose_config([f"data={config}"])) == []
 
@@ -152,6 +152,14 @@ class CenteredDigits(DigitsDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx):
         x, labels = super().on_after_batch_transfer(batch, dataloader_idx)
         return x * 2 - 1, labels
+
+
+def test_conv_arch_check_runs_on_the_data_modules_shape(tmp_path):
+    from vae_experiments.training import train
+
+    cfg = compose_config(["data=synthetic", "data.image_shape=[1,2,2]", "model.arch=conv"])
+    with pytest.raises(ConfigError, match="model.arch=conv cannot take the 2x2 images of Synth"):
+        train(cfg, tmp_path / "run")
 
 
 def test_data_modules_declare_their_value_range():
