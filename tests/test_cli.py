@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from vae_experiments.training.multirun_ddp import check_children_can_start, job_command
 
 QUICK = [
     "trainer=cpu",
@@ -118,7 +119,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert result.returncode != 0  # the sweep as a whole reports the failure
     failed = json.loads((sweep_dir / "0" / "status.json").read_text())
     assert failed["status"] == "failed"
-    assert "unknown model.arch='bogus'; choose one of linear, mlp, conv" in failed["error"]
+    assert "model.arch=bogus is invalid: must be one of linear, mlp, conv" in failed["error"]
     assert not (sweep_dir / "0" / "metrics.json").exists()
     finished = json.loads((sweep_dir / "1" / "status.json").read_text())
     assert finished["status"] == "finished"
@@ -127,7 +128,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     summary = run_cli(
         [sys.executable, str(REPO_ROOT / "scripts" / "summarize.py"), str(sweep_dir)], cwd=tmp_path
     )
-    assert "unknown model.arch" in (sweep_dir / "summary.md").read_text()
+    assert "model.arch=bogus is invalid" in (sweep_dir / "summary.md").read_text()
     assert summary.returncode == 0
 
 
@@ -196,3 +197,94 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     assert len(writers) == 1
     assert len(list(run_dir.rglob("config.yaml"))) == 1
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_sweep_job_command_is_the_job_as_a_single_run():
+    argv = ["train.py", "-m", "--config-name", "train", "model.latent_dim=2,4", "trainer=ddp"]
+    hydra_overrides = [
+        "hydra.sweep.dir=/tmp/s",
+        "hydra.mode=MULTIRUN",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "hydra.verbose=true",
+    ]
+    command = job_command(argv, ["model.latent_dim=4", "trainer=ddp"], hydra_overrides)
+    assert command == [
+        "train.py",
+        "--config-name",
+        "train",
+        "hydra.verbose=true",
+        "model.latent_dim=4",
+        "trainer=ddp",
+    ]
+
+
+@pytest.mark.slow  # about 30 s: two DDP jobs of two processes each
+def test_ddp_jobs_of_a_sweep_each_write_one_directory(tmp_path):
+    # Lightning starts rank 1 by re-running the command line: under -m that would be the whole
+    # sweep again. Each job must run once, with both ranks in the job's own directory.
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "-m",
+            "model.latent_dim=2,4",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            *QUICK[1:],
+            "logger=none",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert output.count("Launching 2 jobs locally") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job, latent_dim in (("0", 2), ("1", 4)):
+        job_dir = sweep_dir / job
+        assert json.loads((job_dir / "status.json").read_text())["status"] == "finished"
+        assert json.loads((job_dir / "metrics.json").read_text())["world_size"] == 2
+        assert len(list(job_dir.rglob("config.yaml"))) == 1
+        assert sorted(p.name for p in (job_dir / "checkpoints").iterdir()) == [
+            "best.ckpt",
+            "last.ckpt",
+        ]
+        rank0 = (job_dir / "train.log").read_text()
+        rank1 = (job_dir / "train_ddp_process_1.log").read_text()
+        assert "GLOBAL_RANK: 0, MEMBER: 1/2" in rank0
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in rank1
+        # Both ranks built this job's model (the parameter count depends on the latent size).
+        model_line = next(line for line in rank0.splitlines() if "model VAE with" in line)
+        assert model_line.split(" - ")[1] in rank1
+        config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+        assert config["model"]["latent_dim"] == latent_dim
+
+
+def test_ddp_in_a_launcher_worker_fails_early_with_what_to_do_instead(monkeypatch):
+    from importlib.machinery import ModuleSpec
+
+    monkeypatch.setattr(
+        sys.modules["__main__"], "__spec__", ModuleSpec("submitit.core._submit", None)
+    )
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    ddp = {"strategy": "ddp", "accelerator": "cpu", "devices": 2}
+    with pytest.raises(ValueError) as error:
+        check_children_can_start(ddp)
+    assert "trainer.strategy=ddp starts its extra processes by re-running the command line" in (
+        str(error.value)
+    )
+    assert "`python -m submitit.core._submit`" in str(error.value)
+    assert "hydra/launcher=slurm and hydra.launcher.tasks_per_node=<devices>" in str(error.value)
+    check_children_can_start({**ddp, "strategy": "ddp_spawn"})  # no command to re-run
+    check_children_can_start({**ddp, "devices": 1})  # no extra process
+    check_children_can_start({**ddp, "devices": "auto"})  # one CPU device
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    check_children_can_start(ddp)  # srun started the processes
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # python train.py
+    monkeypatch.delenv("SLURM_NTASKS")
+    check_children_can_start(ddp)

@@ -10,6 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vae_experiments.commands.did_you_mean import suggest_keys_on_failure
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
@@ -19,6 +21,7 @@ def _is_first_process() -> bool:
     return all(int(os.environ.get(name, 0)) == 0 for name in ranks)
 
 
+@suggest_keys_on_failure(CONFIG_DIR, "train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """``python train.py model=vae data=digits ...``: trains one model; returns its test loss
@@ -30,13 +33,15 @@ def main(cfg: DictConfig) -> float:
     # Heavy imports after Hydra has parsed the arguments, so --help and --cfg stay fast.
     from vae_experiments.runs import CHECKPOINT_DIR, write_status
     from vae_experiments.training import train
+    from vae_experiments.training.multirun_ddp import ddp_sweep_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     record = _is_first_process()
     if record:
         write_status(run_dir, "running", pid=os.getpid())
     try:
-        metrics = train(cfg, run_dir)
+        with ddp_sweep_job(cfg.trainer):
+            metrics = train(cfg, run_dir)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
         if record:
             last = run_dir / CHECKPOINT_DIR / "last.ckpt"

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vae_experiments.commands.did_you_mean import suggest_keys_on_failure, unknown_key_messages
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 log = logging.getLogger(__name__)
@@ -20,7 +23,13 @@ def run_config(cfg: DictConfig, overrides: list[str], latent_dim: int) -> DictCo
     overrides come last, so a method may change e.g. its optimizer or batch size.
     """
     overrides = [*overrides, f"model.latent_dim={latent_dim}"]
-    run_cfg = hydra.compose(config_name="train", overrides=overrides)
+    try:
+        run_cfg = hydra.compose(config_name="train", overrides=overrides)
+    except ConfigCompositionException as error:
+        hints = unknown_key_messages(CONFIG_DIR, "train", overrides)
+        if not hints:
+            raise
+        raise ConfigCompositionException("\n".join([str(error), *hints])) from error
     with open_dict(run_cfg):
         for key in ("data", "trainer", "seed"):
             run_cfg[key] = cfg[key]
@@ -100,6 +109,7 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
     return results
 
 
+@suggest_keys_on_failure(CONFIG_DIR, "compare_pca")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare_pca")
 def main(cfg: DictConfig) -> None:
     compare(cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -24,6 +24,7 @@ from vae_experiments.commands.common import (
     resolve_device,
     run_dir_of,
 )
+from vae_experiments.commands.did_you_mean import suggest_keys_on_failure
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 #: metrics.json / TensorBoard keys this command adds, after the split name.
@@ -175,6 +176,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+@suggest_keys_on_failure(CONFIG_DIR, "evaluate")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """``python scripts/evaluate.py run=<run dir or .ckpt> [k=5000] [split=test] ...``."""

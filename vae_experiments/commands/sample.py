@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vae_experiments.commands.common import register_resolvers, resolve_device, run_dir_of
+from vae_experiments.commands.did_you_mean import suggest_keys_on_failure
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 DENSITIES_FILE = "latent_densities.json"
@@ -147,6 +148,7 @@ def sample_latents(
     return result
 
 
+@suggest_keys_on_failure(CONFIG_DIR, "sample")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     sample_latents(

@@ -220,6 +220,11 @@ class ImageDataModule(pl.LightningDataModule):
         # Splits moved to the accelerator, by split name; filled on first use of a dataloader.
         self._device_splits: dict[str, Dataset] = {}
 
+    # (low, high) of the pixel values the model sees: to_float maps uint8 to [0, 1]. A subclass
+    # that scales differently (e.g. normalised to mean 0) declares its own; training checks it
+    # against the likelihood (a Bernoulli needs [0, 1]).
+    value_range: tuple[float, float] = (0.0, 1.0)
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image, known without touching the disk."""

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
+from vae_experiments.config_checks import check_config, check_model_fits_data
 from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids
 from vae_experiments.training.latent_callback import LatentSamples
@@ -72,10 +73,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         The metrics written to ``metrics.json``.
     """
     run_dir = Path(run_dir)
+    check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
 
     datamodule = instantiate(cfg.data)
+    check_model_fits_data(
+        cfg.model,
+        datamodule.image_shape,
+        getattr(datamodule, "value_range", None),
+        type(datamodule).__name__,
+    )
     # Read the data before building anything else, so a missing or broken dataset fails first.
     # Downloads happen once per machine (local rank 0); other ranks start after it finished.
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:

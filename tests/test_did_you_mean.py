@@ -1,0 +1,124 @@
+"""A misspelled key on the command line is answered with the closest valid one, and an unknown
+model, dataset or trainer with the list of available ones."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import CONFIG_DIR, REPO_ROOT
+from tests.test_cli import run_cli
+from vae_experiments import cli
+from vae_experiments.commands.did_you_mean import closest_key_message, unknown_key_messages
+
+
+def run_main(monkeypatch, capsys, args: list[str]) -> str:
+    """Runs ``python train.py <args>`` in this process; returns its stderr (it must fail)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        (
+            "model.latent_dims=8",
+            "model.latent_dims is not a config key: did you mean `model.latent_dim`?",
+        ),
+        (
+            "trainer.max_epoch=3",
+            "trainer.max_epoch is not a config key: did you mean `trainer.max_epochs`?",
+        ),
+        ("data.batchsize=4", "data.batchsize is not a config key: did you mean `data.batch_size`?"),
+        ("seeed=1", "seeed is not a config key: did you mean `seed`?"),
+        ("hydra.run.dirr=x", "hydra.run.dirr is not a config key: did you mean `hydra.run.dir`?"),
+    ],
+)
+def test_misspelled_key_gets_the_closest_valid_name(monkeypatch, capsys, override, suggestion):
+    err = run_main(monkeypatch, capsys, [override])
+    assert f"Could not override '{override.split('=')[0]}'" in err  # Hydra's message stays
+    assert err.rstrip().endswith(suggestion)
+
+
+def test_misspelled_key_in_a_sweep(monkeypatch, capsys, tmp_path):
+    err = run_main(
+        monkeypatch, capsys, ["-m", "model.latent_dims=8,16", f"hydra.sweep.dir={tmp_path}"]
+    )
+    assert "did you mean `model.latent_dim`?" in err
+
+
+def test_key_missing_for_one_choice_of_a_swept_group(monkeypatch, capsys, tmp_path):
+    err = run_main(
+        monkeypatch,
+        capsys,
+        [
+            "-m",
+            "model=ae,vae",
+            "model.beta=4",
+            "trainer.max_epochs=1",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+    )
+    assert "model.beta is not a config key; model has: _target_, arch," in err
+    assert err.rstrip().endswith("(with model=ae)")
+
+
+def test_misspelled_key_inside_a_group_chosen_on_the_command_line():
+    messages = unknown_key_messages(
+        str(CONFIG_DIR),
+        "train",
+        ["model=denoising_ae", "model.noise.sdt=0.1", "model.latent_dim=3"],
+    )
+    assert messages == ["model.noise.sdt is not a config key: did you mean `model.noise.std`?"]
+
+
+def test_added_keys_and_valid_overrides_get_no_message():
+    overrides = [
+        "+trainer.limit_train_batches=4",
+        "trainer.limit_train_batches=5",
+        "++model.conv_channels=[8]",
+        "model=ae,vae",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+    ]
+    assert unknown_key_messages(str(CONFIG_DIR), "train", overrides) == []
+
+
+def test_closest_key_message_walks_the_path():
+    tree = {"model": {"noise": {"std": 0.1}, "latent_dim": 2}, "seed": 0}
+    assert closest_key_message(tree, "model.noise.std") is None
+    assert closest_key_message(tree, "model.nois.std").endswith("did you mean `model.noise.std`?")
+    assert closest_key_message(tree, "model.zzz") == (
+        "model.zzz is not a config key; model has: latent_dim, noise"
+    )
+    assert closest_key_message(tree, "model.latent_dim.x") is None  # below a value: Hydra says
+
+
+@pytest.mark.parametrize(
+    ("group", "options"),
+    [
+        ("model", ["ae", "denoising_ae", "linear_ae", "vae"]),
+        ("data", ["celeba", "digits", "fashion_mnist", "image_folder", "mnist"]),
+        ("trainer", ["cpu", "ddp", "default", "gpu"]),
+    ],
+)
+def test_unknown_option_lists_the_available_ones(monkeypatch, capsys, group, options):
+    err = run_main(monkeypatch, capsys, [f"{group}=nonesuch"])
+    assert f"Could not find '{group}/nonesuch'" in err
+    listed = err.split(f"Available options in '{group}':")[1].split()
+    assert listed[: len(options)] == options
+    assert "is not a config key" not in err
+
+
+def test_the_analysis_commands_suggest_too(tmp_path):
+    result = run_cli(
+        [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "kk=3"],
+        cwd=tmp_path,
+        expect_success=False,
+    )
+    assert result.returncode == 1
+    assert "kk is not a config key: did you mean `k`?" in result.stderr
