@@ -42,7 +42,11 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
 
     expected = expected_test_metrics(name)
     assert set(metrics) == expected | {
-        "epochs", "steps", "train_seconds", "seconds_per_epoch", "world_size"
+        "epochs",
+        "steps",
+        "train_seconds",
+        "seconds_per_epoch",
+        "world_size",
     }
     assert metrics["epochs"] == 2 and metrics["world_size"] == 1
     # digits: 1797 images, 20% test, 10% of the rest for validation; full batches of 32.
