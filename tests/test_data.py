@@ -740,7 +740,7 @@ def test_splits_stay_on_cpu_when_training_on_cpu(on_device):
 
 
 def test_on_device_rejects_unknown_value():
-    with pytest.raises(ValueError, match="data.on_device must be one of 'auto', True, False"):
+    with pytest.raises(ValueError, match="data.on_device must be auto, true or false, got 'gpu'"):
         make_digits(on_device="gpu")
 
 

@@ -24,7 +24,6 @@ from vae_experiments.data.splits import binarize_uint8
 log = logging.getLogger(__name__)
 
 BINARIZE_CHOICES = ("none", "static", "dynamic")
-ON_DEVICE_CHOICES = ("auto", True, False)
 #: ``on_device="auto"`` keeps the splits on the GPU when they take at most this share of its free
 #: memory; the rest is left for the model, activations and the optimizer.
 ON_DEVICE_MAX_FREE_FRACTION = 0.25
@@ -215,7 +214,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = check_int("seed", seed)
         self.split_seed = check_int("split_seed", split_seed)
         self.binarize = check_choice("binarize", binarize, BINARIZE_CHOICES)
-        self.on_device = check_choice("on_device", on_device, ON_DEVICE_CHOICES)
+        if not (on_device == "auto" or isinstance(on_device, bool)):
+            raise ValueError(f"data.on_device must be auto, true or false, got {on_device!r}")
+        self.on_device = on_device
         self.splits: dict[str, Dataset] | None = None
         # Splits moved to the accelerator, by split name; filled on first use of a dataloader.
         self._device_splits: dict[str, Dataset] = {}
