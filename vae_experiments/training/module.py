@@ -59,8 +59,8 @@ class LitModel(pl.LightningModule):
         image_shape: (C, H, W) of the data, stored in checkpoints so a run can be rebuilt.
         lr_scheduler: optional Lightning lr-scheduler dict whose ``scheduler`` is a partial taking
             the optimizer; other keys (``interval``, ``monitor``, ...) are passed to Lightning.
-        compile: run ``model.loss`` through ``torch.compile`` (static shapes: training batches are
-            all full, so only the evaluation's last partial batch compiles a second graph).
+        compile: run the encoder and decoder through ``torch.compile`` (training batches all have
+            the same shape; evaluation's last partial batch and no-grad mode compile once more).
         channels_last: store conv weights and input batches in NHWC memory format.
     """
 
@@ -78,7 +78,14 @@ class LitModel(pl.LightningModule):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self._loss = torch.compile(model.loss, dynamic=False) if compile else model.loss
+        if compile:
+            # The networks, not the loss: the loss branches on Python values (the step of a KL
+            # warm-up, train/eval), which would recompile; the networks see only fixed shapes.
+            # Module.compile() compiles in place, so checkpoint keys do not change.
+            for name in ("encoder", "decoder"):
+                network = getattr(model, name, None)
+                if isinstance(network, torch.nn.Module):
+                    network.compile()
         self.optimizer_factory = optimizer
         self._means = {stage: TermMeans() for stage in ("train", "val", "test")}
         self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler else None
@@ -90,7 +97,7 @@ class LitModel(pl.LightningModule):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         training = stage == "train"
-        terms = self._loss(x, step=self.global_step if training else None)
+        terms = self.model.loss(x, step=self.global_step if training else None)
         self._means[stage].add(terms, x.shape[0])
         if training and self._logs_this_step():
             self._log_means("train", sync=False)
