@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
+from vae_experiments.commands import run_dirs
 from vae_experiments.commands.did_you_mean import suggest_keys_on_failure
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+log = logging.getLogger(__name__)
+run_dirs.register_resolvers()
 
 
 def _is_first_process() -> bool:
@@ -21,28 +28,83 @@ def _is_first_process() -> bool:
     return all(int(os.environ.get(name, 0)) == 0 for name in ranks)
 
 
+def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, Path | None]:
+    """The config and checkpoint to continue the run in ``run_dir`` with (``resume=``)."""
+    from vae_experiments.config_checks import ConfigError
+    from vae_experiments.runs import CONFIG_FILE
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError("resume= continues one run; resume each run of a sweep on its own")
+    if cfg.get("ckpt_path"):
+        raise ConfigError(
+            "resume= and ckpt_path= cannot go together: resume continues a run in its own "
+            "directory from its newest checkpoint, ckpt_path starts a new run from a checkpoint"
+        )
+    saved = OmegaConf.load(run_dir / CONFIG_FILE)
+    try:
+        resumed, changed = run_dirs.resumed_config(saved, cfg, HydraConfig.get().overrides.task)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    resume = Path(str(cfg.resume)).expanduser()
+    checkpoint = resume if resume.suffix == ".ckpt" else run_dirs.newest_checkpoint(run_dir)
+    if checkpoint is None:
+        log.warning("%s has no checkpoint yet: training it again from the start", run_dir)
+    else:
+        log.info("resuming %s from %s", run_dir, checkpoint)
+    if changed and record:
+        # The run's config says what it was trained with; the earlier one is kept beside it.
+        config_path = run_dir / CONFIG_FILE
+        number = len(list(config_path.parent.glob("config.before-resume-*.yaml"))) + 1
+        config_path.rename(config_path.with_name(f"config.before-resume-{number}.yaml"))
+        OmegaConf.save(resumed, config_path)
+        log.info("changed on resume: %s", " ".join(changed))
+    return resumed, checkpoint
+
+
 @suggest_keys_on_failure(CONFIG_DIR, "train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     """``python train.py model=vae data=digits ...``: trains one model; returns its test loss
     (the value Hydra's sweepers minimise).
 
     ``<run dir>/status.json`` says how the run ended; in a sweep, a failed job is recorded there
-    and the other jobs still run.
+    and the other jobs still run. ``resume=<run dir>`` continues an interrupted run there.
     """
     # Heavy imports after Hydra has parsed the arguments, so --help and --cfg stay fast.
     from vae_experiments.runs import CHECKPOINT_DIR, write_status
     from vae_experiments.training import train
+    from vae_experiments.training.interrupt import RunInterrupted
     from vae_experiments.training.multirun_ddp import ddp_sweep_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     record = _is_first_process()
+    # A bad resume= or ckpt_path= fails here, before the run's status.json is touched.
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume"):
+        cfg, ckpt_path = _resume(cfg, run_dir, record)
+    elif ckpt_path and not Path(ckpt_path).expanduser().is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     if record:
-        write_status(run_dir, "running", pid=os.getpid())
+        details = {"resumed_from": str(ckpt_path)} if ckpt_path else {}
+        write_status(run_dir, "running", pid=os.getpid(), **details)
     try:
         with ddp_sweep_job(cfg.trainer):
-            metrics = train(cfg, run_dir)
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
+            metrics = train(cfg, run_dir, ckpt_path=ckpt_path)
+    except RunInterrupted as stop:
+        if record:
+            checkpoint = stop.checkpoint or run_dirs.newest_checkpoint(run_dir)
+            write_status(
+                run_dir,
+                "interrupted",
+                signal=stop.signal_name,
+                step=stop.step,
+                epoch=stop.epoch,
+                resume_from=str(checkpoint) if checkpoint else None,
+                resume_command=f"python train.py resume={run_dir}",
+            )
+            log.warning("%s. Continue it with: python train.py resume=%s", stop, run_dir)
+        raise SystemExit(stop.exit_code) from None
+    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C; Lightning turns it into sys.exit
         if record:
             last = run_dir / CHECKPOINT_DIR / "last.ckpt"
             write_status(run_dir, "interrupted", resume_from=str(last) if last.is_file() else None)
@@ -59,3 +121,10 @@ def main(cfg: DictConfig) -> float:
     if record:
         write_status(run_dir, "finished")
     return metrics["test/loss"]
+
+
+def main() -> None:
+    """``python train.py`` / ``vae-train``: refuses a run directory that holds a run, then runs
+    Hydra."""
+    run_dirs.refuse_existing_run_dir(sys.argv[1:])
+    _main()

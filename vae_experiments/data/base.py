@@ -106,18 +106,23 @@ class ShuffledBatchSampler(Sampler[Tensor]):
         self.epoch = 0
         #: Where the yielded index tensors live: the device of the images they index.
         self.index_device = torch.device("cpu")
+        # (epoch, batches to skip): set by resume_at, used by the next pass over that epoch.
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch`` (Lightning calls this at every epoch start)."""
         self.epoch = epoch
 
-    def state_dict(self) -> dict[str, Any]:
-        """Return the resumable state (the epoch)."""
-        return {"epoch": self.epoch}
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Continue an interrupted run: the next pass yields epoch ``epoch``'s batches from
+        ``batches_done`` on (the next epoch's from the start if ``epoch`` was complete).
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict`."""
-        self.epoch = int(state["epoch"])
+        ``len()`` still counts the whole epoch, as Lightning expects of a resumed loader.
+        """
+        if batches_done >= len(self):
+            epoch, batches_done = epoch + 1, 0
+        self.epoch = epoch
+        self._resume = (epoch, batches_done) if batches_done > 0 else None
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         dist = torch.distributed
@@ -169,7 +174,11 @@ class ShuffledBatchSampler(Sampler[Tensor]):
             order = order[: self.num_items - self.num_items % world_size]
         shard = order[rank::world_size].to(self.index_device)
         batch_size = self._batch_size(len(shard))
-        for batch in range(self._num_batches(len(shard))):
+        first = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            first = self._resume[1]
+        self._resume = None
+        for batch in range(first, self._num_batches(len(shard))):
             yield shard[batch * batch_size : (batch + 1) * batch_size]
 
 
@@ -220,6 +229,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.splits: dict[str, Dataset] | None = None
         # Splits moved to the accelerator, by split name; filled on first use of a dataloader.
         self._device_splits: dict[str, Dataset] = {}
+        # (epoch, training batches done in it) from a checkpoint being resumed.
+        self._resume_position: tuple[int, int] | None = None
 
     # (low, high) of the pixel values the model sees: to_float maps uint8 to [0, 1]. A subclass
     # that scales differently (e.g. normalised to mean 0) declares its own; training checks it
@@ -280,6 +291,9 @@ class ImageDataModule(pl.LightningDataModule):
         sampler = ShuffledBatchSampler(
             len(dataset), self.batch_size, shuffle=train, drop_last=train, seed=self.seed
         )
+        if train and self._resume_position is not None:
+            sampler.resume_at(*self._resume_position)
+            self._resume_position = None
         if isinstance(dataset, TensorImages):
             sampler.index_device = dataset.images.device
         # In memory (host or device), a batch is one gather: worker processes would only add
@@ -292,6 +306,9 @@ class ImageDataModule(pl.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
+            # Its own generator: each iter() draws a worker base seed, which would otherwise
+            # advance the global RNG and shift every later random draw (resumed runs too).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _accelerator(self) -> torch.device | None:
@@ -333,6 +350,29 @@ class ImageDataModule(pl.LightningDataModule):
                 device,
             )
         return fits
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands, saved in every checkpoint: the epoch and how many of its
+        batches were trained on. A resumed run continues with the next batch of the same
+        permutation, where Lightning alone would start the interrupted epoch again."""
+        trainer = getattr(self, "trainer", None)
+        # Also while validating inside fit: ModelCheckpoint saves at the end of validation.
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # Checkpoints are written between steps, so every batch fetched so far was trained on
+        # (the data fetcher's look-ahead is not counted here).
+        epoch, done = (
+            trainer.current_epoch,
+            trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+        )
+        if done >= trainer.num_training_batches:  # also when limit_train_batches ends epochs
+            epoch, done = epoch + 1, 0
+        return {"train_epoch": epoch, "train_batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the next training loader starts where it says."""
+        if "train_epoch" in state:
+            self._resume_position = (int(state["train_epoch"]), int(state["train_batches_done"]))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled full batches of uint8 (B, C, H, W) images and int64 (B,) labels."""

@@ -14,10 +14,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import check_config, check_model_fits_data
 from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids
+from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
+from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.module import LitModel
 
@@ -62,15 +65,22 @@ def log_hparams(logger: Logger, cfg: DictConfig, metrics: dict[str, float]) -> N
         logger.log_hyperparams(flat_hparams(cfg))
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+def train(
+    cfg: DictConfig, run_dir: str | Path, ckpt_path: str | Path | None = None
+) -> dict[str, float]:
     """Trains ``cfg.model`` on ``cfg.data``, tests the chosen checkpoint, writes ``metrics.json``.
 
     Args:
         cfg: the composed ``train.yaml`` config.
         run_dir: the run's own directory; checkpoints, logs, images and metrics go there.
+        ckpt_path: a checkpoint to continue training from (model, optimizer, scheduler, loop
+            position within the epoch and random number generators).
 
     Returns:
         The metrics written to ``metrics.json``.
+
+    Raises:
+        RunInterrupted: SIGINT, SIGTERM or SIGUSR1 stopped training; its checkpoint was saved.
     """
     run_dir = Path(run_dir)
     check_config(cfg)
@@ -116,10 +126,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         save_top_k=1,
         save_last=True,
         auto_insert_metric_name=False,
+        # best.ckpt and last.ckpt are replaced in place (atomically), never versioned as
+        # last-v1.ckpt: a resumed run, or the checkpoint an interruption wrote, keeps the names.
+        enable_version_counter=False,
     )
     timer = EpochTimer()
+    interruption = Interruption(run_dir / CHECKPOINT_DIR / "last.ckpt")
     callbacks: list[pl.Callback] = [
         timer,
+        interruption,
         checkpoint,
         ImageGrids(callbacks_cfg.image_grids.num_images, run_dir / "images"),
     ]
@@ -142,10 +157,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    with interruption.catching_signals(trainer):
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            signal_name = interruption.received or "SIGTERM"
+            raise RunInterrupted(
+                signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
+            ) from None
     train_seconds = time.perf_counter() - start
 
     test_ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" else ""

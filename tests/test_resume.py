@@ -1,0 +1,335 @@
+"""No lost work: exact resume, stopping on signals with a checkpoint, atomic checkpoint files, and
+a directory of its own for every run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import FAST, REPO_ROOT, compose_config, train_run
+from tests.test_cli import run_cli
+from vae_experiments import read_metrics
+from vae_experiments.commands.run_dirs import claim_fresh_dir, resumed_config
+from vae_experiments.data import ShuffledBatchSampler
+from vae_experiments.training import train
+from vae_experiments.training.checkpoint_io import save_atomic
+from vae_experiments.training.interrupt import Interruption, RunInterrupted
+
+# A VAE on dynamically binarised digits: the batches, the binarisation and the reparameterised
+# noise all depend on where training stands and on the random number generators.
+RESUMABLE = [
+    "model=vae",
+    "model.arch=mlp",
+    "model.hidden_dims=[32]",
+    "data.binarize=dynamic",
+    "logger=none",
+]
+STEPS_PER_EPOCH = 1294 // 32  # digits' training split in FAST's batches of 32
+TRAIN_PY = str(REPO_ROOT / "train.py")
+
+
+def checkpoint(run_dir: Path, name: str = "last") -> dict:
+    return torch.load(run_dir / "checkpoints" / f"{name}.ckpt", weights_only=True)
+
+
+def assert_same_training(run_a: Path, run_b: Path) -> None:
+    """Both runs ended with identical weights, step and test metrics."""
+    last_a, last_b = checkpoint(run_a), checkpoint(run_b)
+    assert last_a["global_step"] == last_b["global_step"]
+    assert last_a["state_dict"].keys() == last_b["state_dict"].keys()
+    for key, value in last_a["state_dict"].items():
+        assert torch.equal(value, last_b["state_dict"][key]), key
+    metrics_a, metrics_b = read_metrics(run_a), read_metrics(run_b)
+    for key in metrics_a:
+        if key.startswith("test/"):
+            assert metrics_a[key] == metrics_b[key], key
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """Two epochs without a stop."""
+    return train_run(tmp_path_factory.mktemp("straight") / "run", RESUMABLE)
+
+
+def start_run(run_dir: Path, extra: list[str] = ()) -> Path:
+    cfg = compose_config([*FAST, *RESUMABLE, *extra])
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return run_dir
+
+
+def test_resuming_after_an_epoch_ends_like_a_straight_run(tmp_path, straight_run):
+    run_dir = train_run(tmp_path / "run", [*RESUMABLE, "trainer.max_epochs=1"])
+    assert checkpoint(run_dir)["global_step"] == STEPS_PER_EPOCH
+    train(compose_config([*FAST, *RESUMABLE]), run_dir, ckpt_path=run_dir / "checkpoints/last.ckpt")
+    assert_same_training(straight_run, run_dir)
+
+
+@pytest.mark.parametrize(
+    "stop_step",
+    [1, STEPS_PER_EPOCH + 17, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH - 1],
+    ids=["first-step", "mid-epoch", "epoch-end", "last-step"],
+)
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(
+    tmp_path, straight_run, monkeypatch, stop_step
+):
+    """SIGTERM arrives during step ``stop_step``; the run stops after it with a checkpoint, and
+    the resumed run ends as if it had never stopped."""
+
+    def send_sigterm(self, trainer, *args):
+        if trainer.global_step == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Interruption, "on_train_batch_end", send_sigterm, raising=False)
+    run_dir = start_run(tmp_path / "run")
+    with pytest.raises(RunInterrupted) as stopped:
+        train(compose_config([*FAST, *RESUMABLE]), run_dir)
+    assert stopped.value.signal_name == "SIGTERM"
+    assert stopped.value.step == stop_step
+    assert stopped.value.checkpoint == run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint(run_dir)["global_step"] == stop_step
+    assert not (run_dir / "metrics.json").exists()
+
+    monkeypatch.undo()
+    train(compose_config([*FAST, *RESUMABLE]), run_dir, ckpt_path=run_dir / "checkpoints/last.ckpt")
+    assert_same_training(straight_run, run_dir)
+
+
+def test_sampler_resumes_inside_an_epoch():
+    sampler = ShuffledBatchSampler(20, 4, shuffle=True, drop_last=True, seed=1)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.resume_at(epoch=3, batches_done=2)
+    assert len(sampler) == 5  # Lightning counts the whole epoch
+    assert [b.tolist() for b in sampler] == [b.tolist() for b in full[2:]]
+    assert [b.tolist() for b in sampler] == [b.tolist() for b in full]  # once only
+
+    sampler.resume_at(epoch=3, batches_done=5)  # epoch 3 was complete: epoch 4 from its start
+    sampler.set_epoch(4)
+    expected = ShuffledBatchSampler(20, 4, shuffle=True, drop_last=True, seed=1)
+    expected.set_epoch(4)
+    assert [b.tolist() for b in sampler] == [b.tolist() for b in expected]
+
+
+def test_data_loading_leaves_the_global_rng_alone():
+    datamodule = importlib.import_module("hydra.utils").instantiate(compose_config(FAST).data)
+    datamodule.setup()
+    state = torch.get_rng_state()
+    for _ in range(2):
+        next(iter(datamodule.train_dataloader()))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def start_training(run_dir: Path, extra: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, TRAIN_PY, *FAST, *RESUMABLE, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_signal_to_train_py_then_resume_ends_like_a_straight_run(tmp_path, signal_name):
+    epochs = ["trainer.max_epochs=6"]
+    straight = train_run(tmp_path / "straight", [*RESUMABLE, *epochs])
+
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, epochs)
+    try:
+        wait_for(run_dir / "checkpoints" / "last.ckpt", process)  # the first epoch is done
+        time.sleep(random.Random(signal_name).uniform(0.0, 0.3))  # somewhere in a later epoch
+        process.send_signal(getattr(signal, signal_name))
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + getattr(signal, signal_name), output[-3000:]
+    assert f"stopped by {signal_name}" in output
+    assert f"python train.py resume={run_dir}" in output
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["signal"] == signal_name
+    assert status["resume_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert checkpoint(run_dir)["global_step"] == status["step"]
+    assert not (run_dir / "metrics.json").exists()
+
+    result = run_cli([sys.executable, TRAIN_PY, f"resume={run_dir}"], cwd=tmp_path)
+    assert "resuming" in result.stdout + result.stderr
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+    assert_same_training(straight, run_dir)
+
+
+def test_a_killed_run_always_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL (no chance to clean up) at random moments, resuming after each: the newest
+    checkpoint always loads, and the run still finishes."""
+    run_dir = tmp_path / "run"
+    # An epoch of two steps, so that checkpoints are written many times a second.
+    fast_epochs = ["trainer.max_epochs=400", "+trainer.limit_train_batches=2", "logger=none"]
+    draw = random.Random(0)
+    process = start_training(run_dir, fast_epochs)
+    for attempt in range(4):
+        try:
+            wait_for(run_dir / "checkpoints" / "last.ckpt", process)
+            time.sleep(draw.uniform(0.0, 1.0))
+            process.kill()
+            process.wait(timeout=30)
+        finally:
+            process.kill()
+        for name in ("last", "best"):
+            loaded = checkpoint(run_dir, name)
+            assert loaded["global_step"] > 0, (attempt, name)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        process = subprocess.Popen(
+            [sys.executable, TRAIN_PY, f"resume={run_dir}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert checkpoint(run_dir)["global_step"] == 400 * 2
+
+
+def test_an_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    save_atomic({"step": 1}, path)
+
+    def torch_save_dies_halfway(obj, f):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torch_save_dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_resume_changes_only_values_and_keeps_the_old_config(tmp_path):
+    run_dir = tmp_path / "run"
+    quick = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "logger=none"]
+    run_cli([sys.executable, TRAIN_PY, *FAST, *quick, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    original = (run_dir / ".hydra" / "config.yaml").read_text()
+
+    refused = run_cli(
+        [sys.executable, TRAIN_PY, f"resume={run_dir}", "model=ae"],
+        cwd=tmp_path,
+        expect_success=False,
+    )
+    assert refused.returncode != 0
+    assert "model=ae: a resumed run keeps its config groups" in refused.stderr
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+
+    run_cli([sys.executable, TRAIN_PY, f"resume={run_dir}", "trainer.max_epochs=2"], cwd=tmp_path)
+    assert read_metrics(run_dir)["epochs"] == 2 and read_metrics(run_dir)["steps"] == 6
+    assert (run_dir / ".hydra" / "config.before-resume-1.yaml").read_text() == original
+    resumed = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert resumed.trainer.max_epochs == 2 and resumed.model.latent_dim == 4
+
+
+def test_resumed_config_applies_typed_values_from_the_command_line():
+    saved = compose_config(["model=ae", "model.hidden_dims=[8]"])
+    composed = compose_config(["trainer.max_epochs=7", "model.hidden_dims=[16,8]"])
+    config, changed = resumed_config(
+        saved, composed, ["resume=x", "trainer.max_epochs=7", "model.hidden_dims=[16,8]"]
+    )
+    assert config.trainer.max_epochs == 7 and list(config.model.hidden_dims) == [16, 8]
+    assert config.model._target_ == saved.model._target_  # still the autoencoder
+    assert changed == ["trainer.max_epochs=7", "model.hidden_dims=[16,8]"]
+    with pytest.raises(ValueError, match="data=mnist: a resumed run keeps"):
+        resumed_config(saved, composed, ["data=mnist"])
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("resume={tmp}/nowhere", "does not exist; pass the run directory"),
+        ("resume={tmp}", "has no .hydra/config.yaml"),
+        ("resume={tmp}/missing.ckpt", "no such checkpoint file"),
+    ],
+)
+def test_resume_of_something_that_is_no_run_says_so(tmp_path, argument, message):
+    result = run_cli(
+        [sys.executable, TRAIN_PY, argument.format(tmp=tmp_path)],
+        cwd=tmp_path,
+        expect_success=False,
+    )
+    assert result.returncode != 0 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no directory was made for it
+
+
+def test_ckpt_path_starts_a_new_run_from_a_checkpoint(tmp_path):
+    first = train_run(tmp_path / "first", [*RESUMABLE, "trainer.max_epochs=1"])
+    second = start_run(tmp_path / "second")
+    train(compose_config([*FAST, *RESUMABLE]), second, ckpt_path=first / "checkpoints/last.ckpt")
+    assert read_metrics(second)["steps"] == 2 * STEPS_PER_EPOCH
+    assert checkpoint(first)["global_step"] == STEPS_PER_EPOCH  # the first run is untouched
+
+
+def test_every_run_gets_a_directory_of_its_own(tmp_path):
+    pattern = str(tmp_path / "outputs" / "12-00-00")
+    chosen = [claim_fresh_dir(pattern) for _ in range(3)]
+    assert chosen == [pattern, f"{pattern}_1", f"{pattern}_2"]
+    assert all(Path(path).is_dir() for path in chosen)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import setup_globals
+
+    monkeypatch.chdir(tmp_path)
+    dirs = []
+    try:
+        for _ in range(2):
+            with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+                cfg = compose(config_name="train", return_hydra_config=True)
+            # The same second for both: Hydra's ${now:...} stood still.
+            OmegaConf.register_new_resolver("now", lambda pattern: "12-00-00", replace=True)
+            dirs.append(cfg.hydra.run.dir)
+            assert cfg.hydra.run.dir == dirs[-1]  # chosen once, then kept
+    finally:
+        setup_globals()  # Hydra's own ${now:...} again
+    assert dirs == ["outputs/12-00-00/12-00-00", "outputs/12-00-00/12-00-00_1"]
+    assert all((tmp_path / d).is_dir() for d in dirs)
+    assert cfg.hydra.output_subdir == ".hydra"
+
+
+def test_a_directory_that_holds_a_run_is_never_written_again(tmp_path):
+    run_dir = tmp_path / "runs" / "mine"
+    quick = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none"]
+    command = [sys.executable, TRAIN_PY, *FAST, *quick, f"hydra.run.dir={run_dir}"]
+    run_cli(command, cwd=tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    again = run_cli(command, cwd=tmp_path, expect_success=False)
+    assert again.returncode != 0
+    assert f"hydra.run.dir={run_dir} names a directory that already holds a run" in again.stderr
+    assert f"resume={run_dir}" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before

@@ -1,0 +1,180 @@
+"""Where a training run's files go: a directory of its own for each new run, the same one again
+for a resumed run, and never a directory that another run already wrote.
+
+Hydra writes ``<run dir>/.hydra/`` before our code runs, so the choice is made while Hydra
+resolves ``hydra.run.dir``, by the resolvers registered here (``configs/train.yaml``):
+
+- ``${run_dir:${resume},<pattern>}``: the directory ``resume`` names, or else a new directory
+  from ``<pattern>`` (``outputs/<date>/<time>``) that :func:`claim_fresh_dir` has created, so two
+  runs started in the same second get two directories;
+- ``${fresh_dir:<pattern>}``: the same for a sweep's directory;
+- ``${config_subdir:${resume}}``: ``.hydra``, or nothing when resuming, so that the run's saved
+  config is not replaced by the one composed for the ``resume=`` command line.
+
+A directory given on the command line (``hydra.run.dir=runs/x``) is checked by
+:func:`refuse_existing_run_dir` before Hydra starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vae_experiments.runs import CHECKPOINT_DIR, CONFIG_FILE, STATUS_FILE
+
+log = logging.getLogger(__name__)
+
+#: Files that mark a directory as holding a run.
+RUN_MARKERS = (CONFIG_FILE, Path(STATUS_FILE), Path(CHECKPOINT_DIR))
+#: Config groups of train.yaml: a resumed run keeps its choices.
+CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer")
+
+
+def claim_fresh_dir(pattern: str) -> str:
+    """``pattern`` if no such path exists, else ``pattern_1``, ``pattern_2``, ...; the chosen
+    directory is created here (atomically), so a concurrent run cannot choose it too."""
+    candidate, number = pattern, 0
+    while True:
+        try:
+            Path(candidate).mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = f"{pattern}_{number}"
+
+
+def run_dir_of_resume(resume: str | os.PathLike[str]) -> Path:
+    """The run directory that ``resume=`` names: the directory itself, or the run holding a
+    ``.ckpt`` file (in its ``checkpoints/`` folder, or Lightning's ``hpc_ckpt_<n>.ckpt`` in it).
+
+    Raises:
+        FileNotFoundError: with what was looked for, if it is no run directory.
+    """
+    path = Path(resume).expanduser()
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
+        for parent in (path.parent, path.parent.parent):
+            if (parent / CONFIG_FILE).is_file():
+                return parent
+        raise FileNotFoundError(f"resume={resume}: the checkpoint is not inside a run directory")
+    if not (path / CONFIG_FILE).is_file():
+        what = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
+        raise FileNotFoundError(
+            f"resume={resume}: {path} {what}; pass the run directory that train.py printed "
+            "(outputs/<date>/<time>), or a .ckpt file in its checkpoints/ folder"
+        )
+    return path
+
+
+def run_dir(resume: str | None, pattern: str) -> str:
+    """Resolver of ``hydra.run.dir``: the resumed run's directory, or a fresh one."""
+    if resume is None:
+        return claim_fresh_dir(pattern)
+    try:
+        return str(run_dir_of_resume(resume))
+    except FileNotFoundError as error:
+        # SystemExit passes through OmegaConf as it is: one line instead of a long traceback.
+        raise SystemExit(f"error: {error}") from None
+
+
+def config_subdir(resume: str | None) -> str | None:
+    """Resolver of ``hydra.output_subdir``: none when resuming (the run keeps its config)."""
+    return ".hydra" if resume is None else None
+
+
+def register_resolvers() -> None:
+    """Registers ``run_dir``, ``fresh_dir`` and ``config_subdir`` (once). Cached: a directory is
+    chosen once per command, and Hydra hands the choice on to a sweep's jobs."""
+    resolvers = {"run_dir": run_dir, "fresh_dir": claim_fresh_dir, "config_subdir": config_subdir}
+    for name, function in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function, use_cache=True)
+
+
+def holds_a_run(directory: Path) -> bool:
+    """Whether ``directory`` has a run's config, status or checkpoints in it."""
+    return any((directory / marker).exists() for marker in RUN_MARKERS)
+
+
+def refuse_existing_run_dir(argv: Sequence[str]) -> None:
+    """Exits with a message if ``hydra.run.dir=`` (or, with ``-m``, ``hydra.sweep.dir=``) on the
+    command line names a directory where a run already is: Hydra would overwrite its config.
+
+    Not checked when resuming, in the extra processes of a distributed run (they join the
+    first one's directory) and in a SLURM job that was requeued (it continues its own run).
+    """
+    if any(arg.startswith(("resume=", "+resume=", "++resume=")) for arg in argv):
+        return
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    if any(int(os.environ.get(name, 0)) != 0 for name in ranks):
+        return
+    if int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0:
+        return
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    for arg in argv:
+        if not arg.startswith(key) or "${" in arg:
+            continue
+        directory = Path(arg[len(key) :].strip("'\"")).expanduser()
+        taken = (
+            [d for d in directory.iterdir() if d.is_dir() and holds_a_run(d)]
+            if multirun and directory.is_dir()
+            else ([directory] if holds_a_run(directory) else [])
+        )
+        if taken:
+            raise SystemExit(
+                f"error: {arg} names a directory that already holds "
+                f"{'runs' if multirun else 'a run'} ({taken[0]}); nothing is overwritten. "
+                f"Choose another directory, continue that run with resume={taken[0]}, or "
+                "delete it first"
+            )
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written of ``checkpoints/last.ckpt`` (epoch ends and interruptions)
+    and Lightning's SLURM ``hpc_ckpt_<n>.ckpt``; None if the run has neither."""
+    candidates = [run_dir / CHECKPOINT_DIR / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
+
+
+def resumed_config(
+    saved: DictConfig, composed: DictConfig, overrides: Sequence[str]
+) -> tuple[DictConfig, list[str]]:
+    """The saved config of a run with this command line's ``key=value`` overrides applied.
+
+    ``composed`` is the config Hydra built from the command line (defaults plus overrides), so
+    each override's value is already parsed and typed there.
+
+    Returns:
+        The config, and the overrides that changed a value.
+
+    Raises:
+        ValueError: for an override that picks a config group (``model=ae``) or deletes a key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    config = saved.copy()
+    changed = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key in ("resume", "ckpt_path"):
+            continue
+        if key in CONFIG_GROUPS or "/" in key or override.is_delete():
+            raise ValueError(
+                f"{override.input_line}: a resumed run keeps its config groups and keys; only "
+                "values can change (e.g. trainer.max_epochs=60). Start a new run for this, "
+                "or start one from this run's weights with ckpt_path=<its last.ckpt>"
+            )
+        value: Any = OmegaConf.select(composed, key)
+        if OmegaConf.select(config, key) != value:
+            with open_dict(config):
+                OmegaConf.update(config, key, value, force_add=True)
+            changed.append(override.input_line)
+    return config, changed

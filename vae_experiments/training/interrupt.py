@@ -1,0 +1,181 @@
+"""Stopping on a signal with a checkpoint, and resuming exactly where training stopped.
+
+A cluster's time limit (SIGTERM, or SLURM's ``--signal=USR1``) and Ctrl-C (SIGINT) stop training
+after the current step; a checkpoint of that moment is written before the process exits. With
+the data module's position in the epoch (``ImageDataModule.state_dict``) and the random number
+generators' states saved here, a resumed run trains on the same batches with the same noise as
+a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+class RunInterrupted(Exception):
+    """Training stopped on a signal; ``checkpoint`` (if any) holds the state to resume from."""
+
+    def __init__(self, signal_name: str, checkpoint: Path | None, step: int, epoch: int) -> None:
+        self.signal_name = signal_name
+        self.checkpoint = checkpoint
+        self.step = step
+        self.epoch = epoch
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint saved"
+        super().__init__(f"stopped by {signal_name} at step {step} (epoch {epoch}); {saved}")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, the shell's convention for a process ended by a signal."""
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM))
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of torch's (CPU and CUDA), numpy's and Python's global generators, as
+    tensors, ints and lists only (checkpoints load with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restores what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class Interruption(pl.Callback):
+    """Saves a checkpoint when a stop signal ends training, and carries RNG states in every
+    checkpoint so that a resumed run continues with the same random numbers.
+
+    Use :meth:`catching_signals` around ``trainer.fit``. The first SIGINT, SIGTERM or SIGUSR1
+    asks Lightning to stop after the current step (on every process of a DDP run, through
+    Lightning's own SIGTERM flag); this callback then writes ``checkpoint_path``. A second
+    Ctrl-C stops at once, without a checkpoint.
+
+    Args:
+        checkpoint_path: where the interruption's checkpoint goes (``checkpoints/last.ckpt``, so
+            that it is what a resume reads).
+    """
+
+    def __init__(self, checkpoint_path: str | Path) -> None:
+        super().__init__()
+        self.checkpoint_path = Path(checkpoint_path)
+        self.received: str | None = None
+        self.saved: Path | None = None
+        self._trainer: pl.Trainer | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    @contextmanager
+    def catching_signals(self, trainer: pl.Trainer) -> Iterator[None]:
+        """Handles the stop signals while inside (only in the main thread, where Python can)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._trainer = trainer
+        names = [name for name in STOP_SIGNALS if hasattr(signal, name)]
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            # Under SLURM, Lightning answers SIGUSR1 itself: it saves hpc_ckpt_<n>.ckpt and
+            # requeues the job, which resumes from that checkpoint.
+            names.remove("SIGUSR1")
+        previous = {name: signal.signal(getattr(signal, name), self._on_signal) for name in names}
+        try:
+            yield
+        finally:
+            for name, handler in previous.items():
+                signal.signal(getattr(signal, name), handler)
+            self._trainer = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.received is None:
+            log.warning(
+                "%s received: stopping after this step and saving a checkpoint to %s%s",
+                name,
+                self.checkpoint_path,
+                " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
+            )
+        self.received = self.received or name
+        trainer = self._trainer
+        if trainer is None:
+            return
+        # Lightning checks this flag after every step (and shares it between DDP processes)
+        # and raises SIGTERMException, whichever signal set it. Validation is let finish
+        # (Lightning sets the flag itself on SIGTERM): a run stopped inside it cannot resume
+        # exactly, and the checkpoint at its end would be lost.
+        in_validation = trainer.validating or trainer.sanity_checking
+        trainer._signal_connector.received_sigterm = not in_validation
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.received is not None and self._trainer is not None:
+            trainer._signal_connector.received_sigterm = False  # see _on_signal
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.received is not None and self._trainer is not None:
+            trainer._signal_connector.received_sigterm = True
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.received = self.received or "SIGTERM"
+        if trainer.sanity_checking or trainer.validating or trainer.global_step == 0:
+            log.warning("stopped before training began: no checkpoint to save")
+            return
+        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            log.error("the weights are not finite: keeping the last checkpoint as it is")
+            return
+        # dump + strategy.save rather than trainer.save_checkpoint, whose barrier could wait
+        # forever for DDP processes that stop at another point; global rank 0 writes the file.
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        trainer.strategy.save_checkpoint(checkpoint, self.checkpoint_path)
+        self.saved = self.checkpoint_path
+        log.warning(
+            "saved a checkpoint at step %d (epoch %d) to %s",
+            trainer.global_step,
+            trainer.current_epoch,
+            self.checkpoint_path,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng_to_restore = state_dict.get("rng")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Restored here rather than on load: the sanity check between the two draws numbers.
+        # (on_train_epoch_start is not called again when a run resumes mid-epoch.)
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
