@@ -325,7 +325,7 @@ class LitModel(pl.LightningModule):
         if clip:
             tries.append(f"a lower trainer.gradient_clip_val (now {clip:g})")
         else:
-            tries.append("trainer.gradient_clip_val=1.0 (clips the gradient norm)")
+            tries.append("trainer.gradient_clip_val=1.0 (clips the gradients)")
         precision = str(trainer.precision)
         if precision not in ("32-true", "64-true"):
             tries.append(f"trainer.precision=32-true (now {precision})")
