@@ -182,6 +182,13 @@ def test_term_means_record_the_first_non_finite_step_and_terms():
     assert later.first_nonfinite().values == {"kl": inf}
     assert later._first_bad_step.tolist() == [7, 7, 6]
 
+    # Adding reads nothing back to the host: meta tensors have no values to read.
+    on_meta = TermMeans()
+    for step in range(3):
+        on_meta.add({"loss": torch.empty((), device="meta")}, 4, step=step)
+    with pytest.raises(NotImplementedError):
+        on_meta.first_nonfinite()  # reading the record is the one sync
+
     # Without a step (evaluation) nothing is recorded.
     evaluation = TermMeans()
     evaluation.add(terms(nan, nan, nan), 4)
