@@ -38,6 +38,14 @@ from vae_experiments.data import DigitsDataModule
             "model.noise.kind=salt is invalid: must be one of gaussian, mask",
         ),
         (["data.batch_size=0"], "data.batch_size=0 is invalid: must be an integer >= 1"),
+        (
+            ["trainer.gradient_clip_val=-1"],
+            "trainer.gradient_clip_val=-1 is invalid: must be null (no clipping) or a number >= 0",
+        ),
+        (
+            ["trainer.gradient_clip_algorithm=l2"],
+            "trainer.gradient_clip_algorithm=l2 is invalid: must be one of norm, value",
+        ),
         (["data.num_workers=-1"], "data.num_workers=-1 is invalid: must be an integer >= 0"),
         (
             ["data.binarize=always"],
@@ -100,6 +108,8 @@ def test_edge_values_that_are_allowed():
             "model.noise.p=0",
             "data.batch_size=1",
             "trainer.max_epochs=-1",
+            "trainer.gradient_clip_val=0",
+            "trainer.gradient_clip_algorithm=value",
         ]
     )
     assert config_problems(cfg) == []

@@ -18,6 +18,7 @@ from vae_experiments.models.likelihoods import LIKELIHOODS, RECON_LOSSES
 from vae_experiments.models.networks import ARCHS, conv_feature_sizes
 
 TEST_CKPT_CHOICES = ("best", "last")
+GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,18 @@ def _int_list(*, non_empty: bool) -> Callable[[Any], str | None]:
     return rule
 
 
+def _optional(rule: Callable[[Any], str | None], off: str) -> Callable[[Any], str | None]:
+    """``rule``, or null (which means ``off``)."""
+
+    def optional_rule(value: Any) -> str | None:
+        allowed = None if value is None else rule(value)
+        if allowed is None:
+            return None
+        return f"must be null ({off}) or {allowed.removeprefix('must be ')}"
+
+    return optional_rule
+
+
 def _max_epochs(value: Any) -> str | None:
     if value is None or (_is_int(value) and (value >= 0 or value == -1)):
         return None
@@ -101,6 +114,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "data.binarize": _one_of(BINARIZE_CHOICES),
     "data.image_size": _int_at_least(1),
     "trainer.max_epochs": _max_epochs,
+    # A negative clip value would flip the gradients' sign (torch clips by max_norm / norm).
+    "trainer.gradient_clip_val": _optional(_number(0), off="no clipping"),
+    "trainer.gradient_clip_algorithm": _one_of(GRADIENT_CLIP_ALGORITHMS),
 }
 
 

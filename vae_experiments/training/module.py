@@ -2,30 +2,78 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 
 from vae_experiments.models import LatentModel
 
+log = logging.getLogger(__name__)
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+NEVER = torch.iinfo(torch.int64).max  # the "first non-finite step" of a term that never was
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss term (or non-finite weights) and was stopped before
+    a checkpoint could hold the broken weights. The message says when, which terms, which
+    checkpoint is the last good one, and what to try."""
+
+
+@dataclass(frozen=True)
+class NonFiniteTerms:
+    """The first step at which some loss terms were not finite, and their values there.
+
+    Attributes:
+        step: the global step (as passed to :meth:`TermMeans.add`).
+        values: the terms that were non-finite at ``step``, in the model's order, with their
+            values (nan, inf or -inf).
+    """
+
+    step: int
+    values: dict[str, float]
+
+    def describe(self, prefix: str = "") -> str:
+        """``"train/recon and train/loss became nan, train/kl became inf"``."""
+        by_value: dict[str, list[str]] = {}
+        for name, value in self.values.items():
+            by_value.setdefault(str(value), []).append(f"{prefix}{name}")
+        return ", ".join(f"{_and(names)} became {value}" for value, names in by_value.items())
+
+
+def _and(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 class TermMeans:
     """Running image-weighted means of named loss terms, kept on the device: adding a batch
-    costs two small kernels and no host sync; the means are read once per logging interval."""
+    costs a few small kernels and no host sync; the means are read once per logging interval.
+
+    Given the step, :meth:`add` also records on the device the first step at which each term
+    was not finite, and its value there; :meth:`first_nonfinite` reads that record (a sync).
+    """
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self._sums: torch.Tensor | None = None  # (num_terms + 1,): weighted sums, then the count
+        self._first_bad_step: torch.Tensor | None = None  # (num_terms,) int64; NEVER if finite
+        self._first_bad_value: torch.Tensor | None = None  # (num_terms,): the value at that step
 
     def reset(self) -> None:
+        """Starts the means afresh; the record of non-finite steps is kept."""
         self._sums = None
 
-    def add(self, terms: Mapping[str, torch.Tensor], batch_size: int) -> None:
-        """Adds a batch's terms (each a scalar mean over its ``batch_size`` images)."""
+    def add(
+        self, terms: Mapping[str, torch.Tensor], batch_size: int, step: int | None = None
+    ) -> None:
+        """Adds a batch's terms (each a scalar mean over its ``batch_size`` images); with
+        ``step``, records which of them are not finite at that step."""
         values = torch.stack([value.detach().float() for value in terms.values()])
         weighted = torch.cat([values * batch_size, values.new_full((1,), batch_size)])
         if self._sums is None:
@@ -33,6 +81,42 @@ class TermMeans:
             self._sums = weighted
         else:
             self._sums += weighted
+        if step is not None:
+            self._record_nonfinite(values, step)
+
+    def _record_nonfinite(self, values: torch.Tensor, step: int) -> None:
+        steps = torch.where(torch.isfinite(values), NEVER, step)  # (num_terms,)
+        if self._first_bad_step is None:
+            self._first_bad_step, self._first_bad_value = steps, values
+            return
+        first = steps < self._first_bad_step
+        self._first_bad_step = torch.where(first, steps, self._first_bad_step)
+        self._first_bad_value = torch.where(first, values, self._first_bad_value)
+
+    def first_nonfinite(self, strategy: Any = None) -> NonFiniteTerms | None:
+        """The first recorded step at which any term was not finite, over all processes when
+        ``strategy`` is given (its ``all_gather`` is a collective: call it on every process);
+        None if every term was finite."""
+        if self._first_bad_step is None:
+            return None
+        steps, values = self._first_bad_step, self._first_bad_value
+        if strategy is not None:
+            steps, values = strategy.all_gather(steps), strategy.all_gather(values)
+        # (processes, num_terms) on the host: one sync.
+        num_terms = len(self.names)
+        steps = steps.reshape(-1, num_terms).tolist()
+        values = values.reshape(-1, num_terms).tolist()
+        first = min(min(row) for row in steps)
+        if first == NEVER:
+            return None
+        bad = {}
+        for process_steps, process_values in zip(steps, values, strict=True):
+            for name, term_step, value in zip(
+                self.names, process_steps, process_values, strict=True
+            ):
+                if term_step == first:
+                    bad.setdefault(name, value)
+        return NonFiniteTerms(first, {name: bad[name] for name in self.names if name in bad})
 
     def pop(self, strategy: Any = None) -> dict[str, torch.Tensor]:
         """The means since the last reset (summed over processes through ``strategy.reduce`` when
@@ -52,6 +136,13 @@ class LitModel(pl.LightningModule):
     training terms every ``trainer.log_every_n_steps`` steps as the mean over those steps,
     validation and test terms once per epoch as the mean over all images of all processes.
     Terms are accumulated on the device, so a step costs no host sync and no logging call.
+
+    A non-finite training term stops training with :class:`NonFiniteLossError`. The device
+    records the first step at which a term was not finite; the host reads that record where it
+    syncs anyway (each logging interval) and before anything can write a checkpoint (the last
+    batch of an epoch, the start of validation, the end of the training epoch), where it also
+    checks the weights. So no checkpoint holds weights trained through a non-finite loss.
+    Non-finite validation and test terms are logged as warnings.
 
     Args:
         model: the model to train.
@@ -89,6 +180,7 @@ class LitModel(pl.LightningModule):
         self.optimizer_factory = optimizer
         self._means = {stage: TermMeans() for stage in ("train", "val", "test")}
         self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler else None
+        self._saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
         # The composed config is saved by Hydra; the checkpoint needs only the data's shape.
         self.save_hyperparameters({"image_shape": [int(s) for s in image_shape]}, logger=False)
 
@@ -96,11 +188,9 @@ class LitModel(pl.LightningModule):
         x = batch[0]
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        training = stage == "train"
-        terms = self.model.loss(x, step=self.global_step if training else None)
-        self._means[stage].add(terms, x.shape[0])
-        if training and self._logs_this_step():
-            self._log_means("train", sync=False)
+        step = self.global_step if stage == "train" else None
+        terms = self.model.loss(x, step=step)
+        self._means[stage].add(terms, x.shape[0], step=step)
         return terms["loss"]
 
     def _logs_this_step(self) -> bool:
@@ -111,6 +201,8 @@ class LitModel(pl.LightningModule):
     def _log_means(self, stage: str, sync: bool) -> None:
         """Log the means accumulated in ``stage`` since the last call, then start afresh."""
         means = self._means[stage].pop(self.trainer.strategy if sync else None)
+        if stage != "train" and means:
+            self._warn_if_nonfinite(stage, means)
         for name, value in means.items():
             self.log(
                 f"{stage}/{name}",
@@ -123,8 +215,50 @@ class LitModel(pl.LightningModule):
                 sync_dist=sync,
             )
 
+    def _warn_if_nonfinite(self, stage: str, means: Mapping[str, torch.Tensor]) -> None:
+        """Warns naming the non-finite terms of an evaluation epoch (one sync per epoch)."""
+        finite = torch.isfinite(torch.stack(list(means.values()))).tolist()
+        bad = {
+            name: float(value)
+            for (name, value), ok in zip(means.items(), finite, strict=True)
+            if not ok
+        }
+        if not bad or not self.trainer.is_global_zero:
+            return
+        terms = ", ".join(f"{stage}/{name}={value}" for name, value in bad.items())
+        if stage == "test":
+            log.warning("non-finite test terms: %s", terms)
+            return
+        if self.trainer.sanity_checking:
+            log.warning("non-finite val terms in the sanity check: %s", terms)
+            return
+        message = f"non-finite val terms in epoch {self.current_epoch} (step {self.global_step}): "
+        message += terms
+        checkpoint = self.trainer.checkpoint_callback
+        monitor = getattr(checkpoint, "monitor", None) or ""
+        value = bad.get(monitor.removeprefix("val/")) if monitor.startswith("val/") else None
+        if value is not None:
+            # ModelCheckpoint scores nan as the worst value; only an inf "better" than any wins.
+            if value == (-math.inf if checkpoint.mode == "min" else math.inf):
+                message += (
+                    f"; {monitor}={value} counts as the best score, for checkpoints/best.ckpt"
+                )
+            elif checkpoint.best_model_path:
+                message += f"; {monitor}={value} does not replace an earlier checkpoints/best.ckpt"
+            else:
+                message += f"; with {monitor}={value}, checkpoints/best.ckpt holds this epoch "
+                message += "until an epoch with a finite score replaces it"
+        log.warning(message)
+
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        logs = self._logs_this_step()
+        # Where the host reads the metrics anyway, and before the epoch's checkpoint.
+        if logs or batch_idx + 1 == self.trainer.num_training_batches:
+            self._raise_if_nonfinite()
+        if logs:
+            self._log_means("train", sync=False)
+        return loss
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
@@ -134,6 +268,68 @@ class LitModel(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._means["train"].reset()
+
+    def on_train_epoch_end(self) -> None:
+        # Before ModelCheckpoint's hook: Lightning calls the module's first.
+        self._raise_if_nonfinite(weights=True)
+
+    def on_validation_start(self) -> None:
+        # Checkpoints are written at the end of validation. Also called in the sanity check,
+        # before any training step (nothing recorded yet; the weights are the initial ones).
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self._raise_if_nonfinite(weights=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._saved_at = (checkpoint["epoch"], checkpoint["global_step"])
+
+    def _raise_if_nonfinite(self, weights: bool = False) -> None:
+        """Raises :class:`NonFiniteLossError` if a training term was not finite at a step so
+        far, or (with ``weights``) if a weight is not finite. A sync, and in multi-process
+        runs a collective: every process calls it at the same points and raises alike."""
+        fault = self._means["train"].first_nonfinite(self.trainer.strategy)
+        if fault is not None:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {fault.step} (epoch {self.current_epoch}, both "
+                f"counted from 0): {fault.describe('train/')}. {self._fault_advice()}"
+            )
+        if not weights:
+            return
+        # One small kernel per tensor and one sync, once per epoch. DDP keeps the weights of
+        # all processes equal, so they all agree.
+        parameters = list(self.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in parameters]).tolist()
+        bad = [name for (name, _), ok in zip(parameters, finite, strict=True) if not ok]
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteLossError(
+                f"non-finite weights at step {self.global_step} (epoch {self.current_epoch}, "
+                f"both counted from 0), though every loss term was finite: {shown}. "
+                f"{self._fault_advice()}"
+            )
+
+    def _fault_advice(self) -> str:
+        """Which checkpoint is the last good one, and the settings to try."""
+        trainer = self.trainer
+        checkpoint = trainer.checkpoint_callback
+        last = getattr(checkpoint, "last_model_path", "") or ""
+        if last and self._saved_at is not None:
+            epoch, step = self._saved_at
+            kept = f"The last good checkpoint is kept: {last} (epoch {epoch}, step {step})."
+        elif last:
+            kept = f"The last good checkpoint is kept: {last}."
+        else:
+            kept = "No checkpoint was written yet (the first is written after validation)."
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        tries = ["a lower optimizer.lr" + (f" (now {lr:g})" if lr is not None else "")]
+        clip = trainer.gradient_clip_val
+        if clip:
+            tries.append(f"a lower trainer.gradient_clip_val (now {clip:g})")
+        else:
+            tries.append("trainer.gradient_clip_val=1.0 (clips the gradients)")
+        precision = str(trainer.precision)
+        if precision not in ("32-true", "64-true"):
+            tries.append(f"trainer.precision=32-true (now {precision})")
+        return f"Training stopped. {kept} To try: {_and(tries)}."
 
     def on_validation_epoch_start(self) -> None:
         self._means["val"].reset()
