@@ -11,8 +11,8 @@ validation pass per epoch, data as one uint8 tensor on the device) and (b) our p
 and last checkpoints, image grids), and prints the median seconds per epoch after the first
 (warm-up) epoch, the ratio ours / plain, training images per second and peak memory. The IWAE
 case times ``vae_experiments.analysis.likelihood.evaluate_vae`` against a plainly written batched
-log-sum-exp with the same chunk budget. The table is printed and written as markdown
-(``--markdown``); BENCHMARKS.md keeps the latest table per machine.
+log-sum-exp with the same chunk budget. The table is printed and written into BENCHMARKS.md
+(``--markdown``) as this machine's section, replacing its previous one.
 
 Fashion-MNIST is read from ``$VAE_DATA_DIR`` / ``data/`` or Debian's
 ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``); the 64x64 case
@@ -27,6 +27,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -478,6 +479,20 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) ->
     return "\n".join(lines) + "\n"
 
 
+def write_section(path: Path, section: str) -> None:
+    """Puts ``section`` (a markdown part starting ``### <machine>``) into ``path``: it replaces
+    the part with the same heading, so the file keeps the latest table of each machine."""
+    heading = section.splitlines()[0]
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    parts = re.split(r"(?m)^(?=### )", text)
+    if heading in (part.splitlines()[0] for part in parts[1:]):
+        parts = [section if part.splitlines()[0] == heading else part for part in parts]
+    else:
+        parts.append(section)
+    parts = [part.rstrip("\n") + "\n" for part in parts]
+    path.write_text("\n".join(parts))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -499,7 +514,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--iwae-images", type=int, default=None, help="test images (default: 10,000; 48 on a CPU)"
     )
-    parser.add_argument("--markdown", type=Path, default=Path("benchmark.md"))
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=REPO_ROOT / "BENCHMARKS.md",
+        help="file whose section for this machine gets the table (others are kept)",
+    )
     args = parser.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -550,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             print(f"  ({name}: {time.perf_counter() - start:.0f} s)", flush=True)
     table = markdown(rows, args, device)
-    args.markdown.write_text(table)
+    write_section(args.markdown, table)
     print()
     print(table)
     print(f"written to {args.markdown}")

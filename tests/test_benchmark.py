@@ -66,3 +66,16 @@ def test_benchmark_runs_a_case_and_writes_markdown(tmp_path):
     # Same model, data and seed: both paths reach nearly the same test loss.
     plain, ours = (float(x) for x in re.findall(r"test loss ([\d.]+)", table))
     assert ours == pytest.approx(plain, rel=0.02)
+
+
+def test_the_table_replaces_only_its_own_machines_section(tmp_path):
+    benchmark = load_benchmark()
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nHow to run it.\n\n### CPU A\n\nold A\n\n### GPU B\n\nold B\n")
+    benchmark.write_section(path, "### CPU A\n\nnew A\n")
+    benchmark.write_section(path, "### GPU C\n\nnew C\n")
+    text = path.read_text()
+    assert text == (
+        "# Benchmarks\n\nHow to run it.\n\n### CPU A\n\nnew A\n\n### GPU B\n\nold B\n\n"
+        "### GPU C\n\nnew C\n"
+    )

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tests.conftest import FAST, REPO_ROOT, compose_config, train_run
 from tests.test_cli import run_cli
 from vae_experiments import read_metrics
-from vae_experiments.commands.run_dirs import claim_fresh_dir, resumed_config
+from vae_experiments.commands.run_dirs import claim_fresh_dir, register_resolvers, resumed_config
 from vae_experiments.data import ShuffledBatchSampler
 from vae_experiments.training import train
 from vae_experiments.training.checkpoint_io import save_atomic
@@ -305,6 +305,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     from hydra.core.utils import setup_globals
 
     monkeypatch.chdir(tmp_path)
+    register_resolvers()  # as importing vae_experiments.cli does
     dirs = []
     try:
         for _ in range(2):

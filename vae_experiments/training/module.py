@@ -310,8 +310,9 @@ class LitModel(pl.LightningModule):
     def _fault_advice(self) -> str:
         """Which checkpoint is the last good one, and the settings to try."""
         trainer = self.trainer
-        checkpoint = trainer.checkpoint_callback
-        last = getattr(checkpoint, "last_model_path", "") or ""
+        # The newest checkpoint: the one of the callback that keeps the latest (no monitor).
+        latest = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", 0) is None]
+        last = latest[0].best_model_path if latest else ""
         if last and self._saved_at is not None:
             epoch, step = self._saved_at
             kept = f"The last good checkpoint is kept: {last} (epoch {epoch}, step {step})."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,12 @@ from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.module import LitModel
 
 log = logging.getLogger(__name__)
+# Resuming: our data module restores the position in the epoch itself (Lightning looks for it
+# on the DataLoader), and the checkpoint folder of the run being resumed is meant to be full.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# ckpt_path= from another run: its checkpoint callbacks' state stays with that run, as it should.
+warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 # Lightning advertises a cloud logger on every run; keep our users' logs about their runs.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
@@ -118,16 +125,24 @@ def train(
     )
 
     callbacks_cfg = cfg.callbacks
-    checkpoint = ModelCheckpoint(
+    # best.ckpt and last.ckpt are replaced in place (atomically), never versioned as
+    # last-v1.ckpt: a resumed run, or the checkpoint an interruption wrote, keeps the names.
+    best = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename="best",
         monitor=callbacks_cfg.checkpoint.monitor,
         mode=callbacks_cfg.checkpoint.mode,
         save_top_k=1,
-        save_last=True,
         auto_insert_metric_name=False,
-        # best.ckpt and last.ckpt are replaced in place (atomically), never versioned as
-        # last-v1.ckpt: a resumed run, or the checkpoint an interruption wrote, keeps the names.
+        enable_version_counter=False,
+    )
+    # Its own callback: with save_last, Lightning 2.6 rewrites last.ckpt only in the epochs
+    # that improve best.ckpt, and a resume would repeat the epochs since.
+    last = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
         enable_version_counter=False,
     )
     timer = EpochTimer()
@@ -135,7 +150,8 @@ def train(
     callbacks: list[pl.Callback] = [
         timer,
         interruption,
-        checkpoint,
+        best,
+        last,
         ImageGrids(callbacks_cfg.image_grids.num_images, run_dir / "images"),
     ]
     latent_cfg = callbacks_cfg.get("latent_samples")
@@ -171,8 +187,8 @@ def train(
             ) from None
     train_seconds = time.perf_counter() - start
 
-    test_ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" else ""
-    test_ckpt = test_ckpt or checkpoint.last_model_path or None
+    test_ckpt = best.best_model_path if cfg.test_ckpt == "best" else ""
+    test_ckpt = test_ckpt or last.best_model_path or None
     results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
     metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}
     metrics.update(
