@@ -362,43 +362,52 @@ def time_training_case(
         train_batches = min(train_batches, limit_train)
     images_per_epoch = train_batches * batch_size
 
-    model = build_model(cfg, image_shape)
-    with PeakMemory(device) as memory:
-        epoch_seconds = plain_training(
-            model,
-            splits["train"],
-            splits["val"],
-            batch_size,
-            args.epochs,
-            cfg.optimizer.lr,
-            args.seed,
-            limit_train if isinstance(limit_train, int) else None,
-            limit_val if isinstance(limit_val, int) else None,
-            device,
-        )
-    plain = Row(name, "plain", images_per_epoch, steady_seconds(epoch_seconds), memory.label)
-    plain.note = f"test loss {mean_loss(model, splits['test'], batch_size):.2f}"
-    del model
-    rows = [plain]
-
     variants = [("ours", [])]
     for variant in args.variants:
         variant_overrides, conv_only = VARIANTS[variant]
         if not conv_only or cfg.model.arch == "conv":
             variants.append((f"ours + {variant}", variant_overrides))
-    run_dir = None
-    for label, extra in variants:
-        run_cfg = compose([*overrides, *extra])
-        run_dir = workdir / name / label.replace(" + ", "_")
+    # Each path runs --repeats times, alternating, so that a slow spell of a shared machine
+    # does not fall on one path only; a path's time is its fastest run (as timeit reports).
+    rows = {label: None for label in ["plain", *(label for label, _ in variants)]}
+    times: dict[str, list[float]] = {label: [] for label in rows}
+    for repeat in range(args.repeats):
+        model = build_model(cfg, image_shape)
         with PeakMemory(device) as memory:
-            metrics = our_training(run_cfg, run_dir)
-        row = Row(name, label, images_per_epoch, metrics["seconds_per_epoch"], memory.label)
-        row.note = f"test loss {metrics['test/loss']:.2f}"
-        row.ratio = row.seconds / plain.seconds
-        if label != "ours":
-            row.note += f"; {rows[1].seconds / row.seconds:.2f}x vs ours"
-        rows.append(row)
-    return rows, workdir / name / "ours"
+            epoch_seconds = plain_training(
+                model,
+                splits["train"],
+                splits["val"],
+                batch_size,
+                args.epochs,
+                cfg.optimizer.lr,
+                args.seed,
+                limit_train if isinstance(limit_train, int) else None,
+                limit_val if isinstance(limit_val, int) else None,
+                device,
+            )
+        times["plain"].append(steady_seconds(epoch_seconds))
+        rows["plain"] = Row(name, "plain", images_per_epoch, 0.0, memory.label)
+        rows["plain"].note = f"test loss {mean_loss(model, splits['test'], batch_size):.2f}"
+        del model
+        for label, extra in variants:
+            run_dir = workdir / name / f"{label.replace(' + ', '_')}_{repeat}"
+            with PeakMemory(device) as memory:
+                metrics = our_training(compose([*overrides, *extra]), run_dir)
+            times[label].append(metrics["seconds_per_epoch"])
+            rows[label] = Row(name, label, images_per_epoch, 0.0, memory.label)
+            rows[label].note = f"test loss {metrics['test/loss']:.2f}"
+    for label, row in rows.items():
+        row.seconds = min(times[label])
+        if args.repeats > 1:
+            row.note += f"; {args.repeats} runs: {', '.join(f'{t:.2f}' for t in times[label])} s"
+    plain, ours = rows["plain"], rows["ours"]
+    for label, row in rows.items():
+        if label != "plain":
+            row.ratio = row.seconds / plain.seconds
+        if label not in ("plain", "ours"):
+            row.note += f"; {ours.seconds / row.seconds:.2f}x vs ours"
+    return list(rows.values()), workdir / name / "ours_0"
 
 
 def time_iwae_case(
@@ -505,6 +514,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per training run (>= 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each path, alternating (fastest counts)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
@@ -530,6 +542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"unknown case or variant {unknown}; cases: {ALL_CASES}, variants: {list(VARIANTS)}"
         )
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.epochs < 2:
         parser.error("--epochs must be >= 2: the first epoch is warm-up and is not timed")
     return args

@@ -334,3 +334,13 @@ def test_a_directory_that_holds_a_run_is_never_written_again(tmp_path):
     assert f"hydra.run.dir={run_dir} names a directory that already holds a run" in again.stderr
     assert f"resume={run_dir}" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_last_ckpt_is_rewritten_every_epoch_even_when_best_is_not(tmp_path):
+    # mode=max on a falling val/loss: the first epoch stays the "best", later ones are not.
+    run_dir = train_run(
+        tmp_path / "run", [*RESUMABLE, "trainer.max_epochs=3", "callbacks.checkpoint.mode=max"]
+    )
+    assert checkpoint(run_dir, "best")["global_step"] == STEPS_PER_EPOCH
+    assert checkpoint(run_dir, "last")["global_step"] == 3 * STEPS_PER_EPOCH
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]

@@ -1,4 +1,4 @@
-"""Callbacks: image grids for TensorBoard and as PNG files; epoch timing."""
+"""Callbacks: image grids for TensorBoard and as PNG files; epoch timing; checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from vae_experiments.pictures import image_grid, save_grid
@@ -52,20 +53,26 @@ class ImageGrids(pl.Callback):
 
 
 class EpochTimer(pl.Callback):
-    """Wall time of every training epoch, its validation pass and checkpointing included."""
+    """Wall time of every training epoch, from its start to the next epoch's start (or the end
+    of training): its validation pass, image grids and checkpoint writing are included."""
 
     def __init__(self) -> None:
         super().__init__()
         self.epoch_seconds: list[float] = []
         self._start: float | None = None
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _close_epoch(self) -> None:
+        now = time.perf_counter()
         if self._start is not None:
-            self.epoch_seconds.append(time.perf_counter() - self._start)
-            self._start = None
+            self.epoch_seconds.append(now - self._start)
+        self._start = now
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_epoch()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_epoch()
+        self._start = None
 
     @property
     def seconds_per_epoch(self) -> float | None:
@@ -73,3 +80,14 @@ class EpochTimer(pl.Callback):
         when there are others."""
         times = self.epoch_seconds[1:] if len(self.epoch_seconds) > 1 else self.epoch_seconds
         return statistics.median(times) if times else None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose state key is built once: Lightning formats it for every hook of
+    every step (its profiler's action names), and ModelCheckpoint's is a dict's repr."""
+
+    @property
+    def state_key(self) -> str:
+        if "_state_key" not in self.__dict__:
+            self.__dict__["_state_key"] = super().state_key
+        return self.__dict__["_state_key"]

@@ -61,13 +61,15 @@ class TermMeans:
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        self._sums: torch.Tensor | None = None  # (num_terms + 1,): weighted sums, then the count
+        self._sums: torch.Tensor | None = None  # (num_terms,): sums weighted by batch size
+        self._count = 0  # images added: batch sizes are host integers, so no tensor is needed
         self._first_bad_step: torch.Tensor | None = None  # (num_terms,) int64; NEVER if finite
         self._first_bad_value: torch.Tensor | None = None  # (num_terms,): the value at that step
 
     def reset(self) -> None:
         """Starts the means afresh; the record of non-finite steps is kept."""
         self._sums = None
+        self._count = 0
 
     def add(
         self, terms: Mapping[str, torch.Tensor], batch_size: int, step: int | None = None
@@ -75,12 +77,12 @@ class TermMeans:
         """Adds a batch's terms (each a scalar mean over its ``batch_size`` images); with
         ``step``, records which of them are not finite at that step."""
         values = torch.stack([value.detach().float() for value in terms.values()])
-        weighted = torch.cat([values * batch_size, values.new_full((1,), batch_size)])
         if self._sums is None:
             self.names = list(terms)
-            self._sums = weighted
+            self._sums = values * batch_size
         else:
-            self._sums += weighted
+            self._sums.add_(values, alpha=batch_size)
+        self._count += batch_size
         if step is not None:
             self._record_nonfinite(values, step)
 
@@ -123,8 +125,10 @@ class TermMeans:
         given), and a reset. Empty when nothing was added."""
         if self._sums is None:
             return {}
-        sums = self._sums if strategy is None else strategy.reduce(self._sums, reduce_op="sum")
-        self._sums = None
+        sums = torch.cat([self._sums, self._sums.new_full((1,), self._count)])
+        if strategy is not None:
+            sums = strategy.reduce(sums, reduce_op="sum")
+        self.reset()
         means = sums[:-1] / sums[-1]
         return dict(zip(self.names, means.unbind(), strict=True))
 

@@ -13,13 +13,13 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import check_config, check_model_fits_data
 from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
-from vae_experiments.training.callbacks import EpochTimer, ImageGrids
+from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
@@ -127,7 +127,7 @@ def train(
     callbacks_cfg = cfg.callbacks
     # best.ckpt and last.ckpt are replaced in place (atomically), never versioned as
     # last-v1.ckpt: a resumed run, or the checkpoint an interruption wrote, keeps the names.
-    best = ModelCheckpoint(
+    best = RunCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename="best",
         monitor=callbacks_cfg.checkpoint.monitor,
@@ -138,7 +138,7 @@ def train(
     )
     # Its own callback: with save_last, Lightning 2.6 rewrites last.ckpt only in the epochs
     # that improve best.ckpt, and a resume would repeat the epochs since.
-    last = ModelCheckpoint(
+    last = RunCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename="last",
         monitor=None,
