@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py                      # every case; CPU-sized subsets on a CPU
     python scripts/benchmark.py --cases mlp_vae      # one case
-    python scripts/benchmark.py --variants compile,bf16,channels_last   # options, vs our default
+    python scripts/benchmark.py --variants compile,bf16,nchw   # options, against our defaults
     python scripts/benchmark.py --full               # full datasets even on a CPU
 
 For each training case it runs (a) the plain loop written below (Adam, the model's own loss, one
@@ -92,7 +92,7 @@ ALL_CASES = [*TRAINING_CASES, IWAE_CASE]
 VARIANTS = {
     "compile": (["compile=true"], False),
     "bf16": (["trainer.precision=bf16-mixed"], False),
-    "channels_last": (["channels_last=true"], True),
+    "nchw": (["channels_last=false"], True),  # the default is channels_last=true
 }
 
 
