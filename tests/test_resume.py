@@ -344,3 +344,31 @@ def test_last_ckpt_is_rewritten_every_epoch_even_when_best_is_not(tmp_path):
     assert checkpoint(run_dir, "best")["global_step"] == STEPS_PER_EPOCH
     assert checkpoint(run_dir, "last")["global_step"] == 3 * STEPS_PER_EPOCH
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_sweep_directory_that_holds_runs_is_refused(tmp_path):
+    from vae_experiments.commands.run_dirs import refuse_existing_run_dir
+
+    sweep = tmp_path / "multirun" / "mine"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(SystemExit, match="already holds runs"):
+        refuse_existing_run_dir(["-m", f"hydra.sweep.dir={sweep}", "model=ae,vae"])
+    refuse_existing_run_dir(["-m", f"hydra.sweep.dir={tmp_path / 'multirun' / 'new'}"])
+    refuse_existing_run_dir([f"hydra.sweep.dir={sweep}"])  # not a sweep: run.dir counts
+
+
+def test_resume_and_ckpt_path_together_are_refused(tmp_path):
+    run_dir = train_run(tmp_path / "run", [*RESUMABLE, "trainer.max_epochs=1"])
+    result = run_cli(
+        [
+            sys.executable,
+            TRAIN_PY,
+            f"resume={run_dir}",
+            f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+        ],
+        cwd=tmp_path,
+        expect_success=False,
+    )
+    assert result.returncode != 0
+    assert "resume= and ckpt_path= cannot go together" in result.stderr
