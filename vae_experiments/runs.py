@@ -20,10 +20,11 @@ import importlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -36,11 +37,14 @@ METRICS_FILE = "metrics.json"
 STATUS_FILE = "status.json"
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Writes JSON so that a crash mid-write leaves the previous file intact.
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Opens a file whose content replaces ``path`` only when the block completes, so that a
+    crash or kill mid-write leaves the previous file intact.
 
-    The data goes to a temporary file in the same directory, is flushed and fsynced, then
-    replaces the target with ``os.replace`` (atomic on POSIX and Windows).
+    The data goes to a temporary file in the same directory (a rename across filesystems would
+    be a copy), is flushed and fsynced, then replaces the target with ``os.replace`` (atomic on
+    POSIX and Windows); the directory is fsynced too, so the rename survives a power loss.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,15 +53,27 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX; Windows cannot open a directory
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Writes ``obj`` as JSON with :func:`atomic_write`."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def write_status(run_dir: str | Path, status: str, **details: Any) -> None:
