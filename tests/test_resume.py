@@ -3,7 +3,6 @@ a directory of its own for every run."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import FAST, REPO_ROOT, compose_config, train_run
@@ -123,7 +123,7 @@ def test_sampler_resumes_inside_an_epoch():
 
 
 def test_data_loading_leaves_the_global_rng_alone():
-    datamodule = importlib.import_module("hydra.utils").instantiate(compose_config(FAST).data)
+    datamodule = instantiate(compose_config(FAST).data)
     datamodule.setup()
     state = torch.get_rng_state()
     for _ in range(2):
