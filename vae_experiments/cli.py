@@ -22,12 +22,6 @@ log = logging.getLogger(__name__)
 run_dirs.register_resolvers()
 
 
-def _is_first_process() -> bool:
-    """False in the extra processes of a distributed run (they must not write run files)."""
-    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
-    return all(int(os.environ.get(name, 0)) == 0 for name in ranks)
-
-
 def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, Path | None]:
     """The config and checkpoint to continue the run in ``run_dir`` with (``resume=``)."""
     from vae_experiments.config_checks import ConfigError
@@ -71,13 +65,13 @@ def _main(cfg: DictConfig) -> float:
     and the other jobs still run. ``resume=<run dir>`` continues an interrupted run there.
     """
     # Heavy imports after Hydra has parsed the arguments, so --help and --cfg stay fast.
-    from vae_experiments.runs import CHECKPOINT_DIR, write_status
+    from vae_experiments.runs import CHECKPOINT_DIR, is_first_process, write_status
     from vae_experiments.training import train
     from vae_experiments.training.interrupt import RunInterrupted
     from vae_experiments.training.multirun_ddp import ddp_sweep_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    record = _is_first_process()
+    record = is_first_process()
     # A bad resume= or ckpt_path= fails here, before the run's status.json is touched.
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume"):

@@ -76,6 +76,13 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         f.write("\n")
 
 
+def is_first_process() -> bool:
+    """False in the extra processes of a distributed run: they share the first one's run
+    directory and must not write its files."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(int(os.environ.get(name, 0)) == 0 for name in ranks)
+
+
 def write_status(run_dir: str | Path, status: str, **details: Any) -> None:
     """Records how the run stands in ``status.json`` (atomically), with a UTC timestamp.
 

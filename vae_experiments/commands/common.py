@@ -24,28 +24,39 @@ from vae_experiments.runs import CONFIG_FILE
 ANALYSIS_SUBDIR = "analysis"
 
 
-def run_dir_of(run: str | Path | None) -> Path:
-    """The run directory of ``run``: a run directory, or a checkpoint ``<run>/checkpoints/x.ckpt``.
+def run_dir_of(run: str | Path | None, key: str = "run") -> Path:
+    """The run directory of ``run``: a run directory, or a checkpoint in one (in its
+    ``checkpoints/`` folder, or Lightning's SLURM ``hpc_ckpt_<n>.ckpt`` beside it).
+
+    Args:
+        run: what the command line gave.
+        key: the command-line key it came from, for the messages (``run``, ``resume``).
 
     Raises:
         ValueError: if ``run`` is missing (None, empty).
-        FileNotFoundError: if it holds no ``.hydra/config.yaml`` (not a run directory).
+        FileNotFoundError: if it is no run directory (none holds ``.hydra/config.yaml``).
     """
     if run is None or str(run) in ("", "???"):
         raise ValueError(
-            "no run given: the command needs run=<run directory or checkpoint> (one run per command: "
-            "-m can sweep other settings, loop in the shell over several runs)"
+            f"no run given: the command needs {key}=<run directory or checkpoint> (one run per "
+            "command: -m can sweep other settings, loop in the shell over several runs)"
         )
     path = Path(str(run)).expanduser()
-    run_dir = path.parent.parent if path.suffix == ".ckpt" else path
-    if path.suffix == ".ckpt" and not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass run=<run dir or .ckpt file>")
-    if not (run_dir / CONFIG_FILE).is_file():
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}={run}: no such checkpoint file")
+        for run_dir in (path.parent.parent, path.parent):
+            if (run_dir / CONFIG_FILE).is_file():
+                return run_dir
+        raise FileNotFoundError(f"{key}={run}: the checkpoint is not inside a run directory")
+    if not (path / CONFIG_FILE).is_file():
+        what = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
         raise FileNotFoundError(
-            f"{run_dir} is not a run directory (no {CONFIG_FILE} in it); pass run=<the directory "
-            "train.py printed, or a .ckpt file in its checkpoints/ folder>"
+            f"{key}={run}: {path} is not a run directory: it {what}; pass the run directory "
+            "that train.py printed (outputs/<date>/<time>), or a .ckpt file in its "
+            "checkpoints/ folder"
         )
-    return run_dir
+    return path
 
 
 def analysis_dir(run: str | Path | None) -> str:

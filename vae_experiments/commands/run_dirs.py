@@ -17,7 +17,6 @@ A directory given on the command line (``hydra.run.dir=runs/x``) is checked by
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +24,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae_experiments.runs import CHECKPOINT_DIR, CONFIG_FILE, STATUS_FILE
-
-log = logging.getLogger(__name__)
+from vae_experiments.commands.common import run_dir_of
+from vae_experiments.runs import CHECKPOINT_DIR, CONFIG_FILE, STATUS_FILE, is_first_process
 
 #: Files that mark a directory as holding a run.
 RUN_MARKERS = (CONFIG_FILE, Path(STATUS_FILE), Path(CHECKPOINT_DIR))
@@ -48,36 +46,12 @@ def claim_fresh_dir(pattern: str) -> str:
             candidate = f"{pattern}_{number}"
 
 
-def run_dir_of_resume(resume: str | os.PathLike[str]) -> Path:
-    """The run directory that ``resume=`` names: the directory itself, or the run holding a
-    ``.ckpt`` file (in its ``checkpoints/`` folder, or Lightning's ``hpc_ckpt_<n>.ckpt`` in it).
-
-    Raises:
-        FileNotFoundError: with what was looked for, if it is no run directory.
-    """
-    path = Path(resume).expanduser()
-    if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
-        for parent in (path.parent, path.parent.parent):
-            if (parent / CONFIG_FILE).is_file():
-                return parent
-        raise FileNotFoundError(f"resume={resume}: the checkpoint is not inside a run directory")
-    if not (path / CONFIG_FILE).is_file():
-        what = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
-        raise FileNotFoundError(
-            f"resume={resume}: {path} {what}; pass the run directory that train.py printed "
-            "(outputs/<date>/<time>), or a .ckpt file in its checkpoints/ folder"
-        )
-    return path
-
-
 def run_dir(resume: str | None, pattern: str) -> str:
     """Resolver of ``hydra.run.dir``: the resumed run's directory, or a fresh one."""
     if resume is None:
         return claim_fresh_dir(pattern)
     try:
-        return str(run_dir_of_resume(resume))
+        return str(run_dir_of(resume, key="resume"))
     except FileNotFoundError as error:
         # SystemExit passes through OmegaConf as it is: one line instead of a long traceback.
         raise SystemExit(f"error: {error}") from None
@@ -111,10 +85,7 @@ def refuse_existing_run_dir(argv: Sequence[str]) -> None:
     """
     if any(arg.startswith(("resume=", "+resume=", "++resume=")) for arg in argv):
         return
-    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
-    if any(int(os.environ.get(name, 0)) != 0 for name in ranks):
-        return
-    if int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0:
+    if not is_first_process() or int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0:
         return
     multirun = any(arg in ("-m", "--multirun") for arg in argv)
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
