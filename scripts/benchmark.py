@@ -40,8 +40,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vae_experiments.configs import CONFIG_DIR as PACKAGE_CONFIG_DIR
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_DIR = Path(PACKAGE_CONFIG_DIR)
 
 
 @dataclass
@@ -413,7 +415,7 @@ def time_training_case(
 def time_iwae_case(
     args: argparse.Namespace, device: torch.device, trained_run: Path | None
 ) -> list[Row]:
-    from vae_experiments.commands.evaluate import CPU_MAX_BATCH_ELEMS, GPU_MAX_BATCH_ELEMS
+    from vae_experiments.cli.evaluate import CPU_MAX_BATCH_ELEMS, GPU_MAX_BATCH_ELEMS
 
     cfg = compose([*TRAINING_CASES["mlp_vae"].overrides, f"seed={args.seed}"])
     splits, image_shape = load_data(cfg)

@@ -1,7 +1,7 @@
 """Likelihood evaluation of a trained VAE: ``python scripts/evaluate.py run=<run dir>``
 (see configs/evaluate.yaml)."""
 
-from vae_experiments.commands.evaluate import main
+from vae_experiments.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

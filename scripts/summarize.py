@@ -2,7 +2,7 @@
 
 import sys
 
-from vae_experiments.commands.summarize import main
+from vae_experiments.cli.summarize import main
 
 if __name__ == "__main__":
     sys.exit(main())

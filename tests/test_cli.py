@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from vae_experiments.training.multirun_ddp import check_children_can_start, job_command
+from vae_experiments.cli.multirun_ddp import check_children_can_start, job_command
 
 QUICK = [
     "trainer=cpu",

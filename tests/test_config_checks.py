@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tests.conftest import DATA_CONFIGS, MODEL_CONFIGS, compose_config
-from vae_experiments.config_checks import (
+from vae_experiments.data import DigitsDataModule
+from vae_experiments.training.config_checks import (
     ConfigError,
     check_config,
     check_model_fits_data,
     config_problems,
 )
-from vae_experiments.data import DigitsDataModule
 
 
 @pytest.mark.parametrize(

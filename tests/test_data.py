@@ -26,6 +26,7 @@ from tests.fake_data import (
     write_idx_dataset,
     write_image_folder,
 )
+from vae_experiments.configs import CONFIG_DIR
 from vae_experiments.data import (
     CelebADataModule,
     DigitsDataModule,
@@ -40,7 +41,7 @@ from vae_experiments.data import (
 )
 from vae_experiments.data.files import CenterCropResize
 
-DATA_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "data"
+DATA_CONFIG_DIR = Path(CONFIG_DIR) / "data"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 

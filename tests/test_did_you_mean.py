@@ -9,15 +9,15 @@ import pytest
 
 from tests.conftest import CONFIG_DIR, REPO_ROOT
 from tests.test_cli import run_cli
-from vae_experiments import cli
-from vae_experiments.commands.did_you_mean import closest_key_message, unknown_key_messages
+from vae_experiments.cli import train as train_cli
+from vae_experiments.cli.did_you_mean import closest_key_message, unknown_key_messages
 
 
 def run_main(monkeypatch, capsys, args: list[str]) -> str:
     """Runs ``python train.py <args>`` in this process; returns its stderr (it must fail)."""
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
     with pytest.raises(SystemExit) as exit_:
-        cli.main()
+        train_cli.main()
     assert exit_.value.code == 1
     return capsys.readouterr().err
 

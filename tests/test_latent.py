@@ -32,7 +32,7 @@ from vae_experiments.analysis.latent import (
     traversal_codes,
 )
 from vae_experiments.analysis.latent_plots import latent_scatter, project_2d
-from vae_experiments.commands.common import analysis_dir, run_dir_of
+from vae_experiments.cli.common import analysis_dir, run_dir_of
 from vae_experiments.models import LatentModel
 from vae_experiments.models.factory import build_autoencoder, build_vae
 from vae_experiments.models.likelihoods import SquaredError
@@ -350,7 +350,7 @@ def test_sample_command_on_an_ae(trained_runs, tmp_path):
 
 
 def test_sample_command_on_a_vae_offers_its_prior(trained_runs):
-    from vae_experiments.commands.sample import sample_latents  # what main() calls, in process
+    from vae_experiments.cli.sample import sample_latents  # what main() calls, in process
 
     run = trained_runs("vae_2d")
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -378,7 +378,7 @@ def test_sample_command_rejects_bad_runs_and_densities(trained_runs, tmp_path):
     assert run_dir_of(run / "checkpoints" / "best.ckpt") == run
     assert analysis_dir(run) == str(run / "analysis")
 
-    from vae_experiments.commands.sample import sample_latents
+    from vae_experiments.cli.sample import sample_latents
 
     with pytest.raises(ValueError, match="only for models trained with one"):
         sample_latents(run, density="prior")

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from tests.conftest import FAST, REPO_ROOT, compose_config, train_run
 from tests.test_cli import run_cli
 from vae_experiments import read_metrics
-from vae_experiments.commands.run_dirs import claim_fresh_dir, register_resolvers, resumed_config
+from vae_experiments.cli.run_dirs import claim_fresh_dir, register_resolvers, resumed_config
+from vae_experiments.configs import CONFIG_DIR
 from vae_experiments.data import ShuffledBatchSampler
 from vae_experiments.training import train
 from vae_experiments.training.checkpoint_io import save_atomic
@@ -309,7 +310,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     dirs = []
     try:
         for _ in range(2):
-            with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
                 cfg = compose(config_name="train", return_hydra_config=True)
             # The same second for both: Hydra's ${now:...} stood still.
             OmegaConf.register_new_resolver("now", lambda pattern: "12-00-00", replace=True)
@@ -347,7 +348,7 @@ def test_last_ckpt_is_rewritten_every_epoch_even_when_best_is_not(tmp_path):
 
 
 def test_a_sweep_directory_that_holds_runs_is_refused(tmp_path):
-    from vae_experiments.commands.run_dirs import refuse_existing_run_dir
+    from vae_experiments.cli.run_dirs import refuse_existing_run_dir
 
     sweep = tmp_path / "multirun" / "mine"
     (sweep / "0" / ".hydra").mkdir(parents=True)

@@ -23,7 +23,7 @@ from vae_experiments.analysis.sweeps import (
     summary_table,
     write_summary,
 )
-from vae_experiments.commands.summarize import main
+from vae_experiments.cli.summarize import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

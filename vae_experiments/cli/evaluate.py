@@ -18,15 +18,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from vae_experiments.commands.common import (
+from vae_experiments.cli.common import (
     ANALYSIS_SUBDIR,
     register_resolvers,
     resolve_device,
     run_dir_of,
 )
-from vae_experiments.commands.did_you_mean import suggest_keys_on_failure
+from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
+from vae_experiments.configs import CONFIG_DIR
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 #: metrics.json / TensorBoard keys this command adds, after the split name.
 METRIC_KEYS = ("log_px", "log_px_k", "bpd", "active_units")
 #: Defaults of eval.max_batch_elems (see configs/evaluate.yaml): small chunks stay in a CPU's

@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae_experiments.commands.common import run_dir_of
+from vae_experiments.cli.common import run_dir_of
 from vae_experiments.runs import CHECKPOINT_DIR, CONFIG_FILE, STATUS_FILE, is_first_process
 
 #: Files that mark a directory as holding a run.

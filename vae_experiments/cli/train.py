@@ -13,10 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vae_experiments.commands import run_dirs
-from vae_experiments.commands.did_you_mean import suggest_keys_on_failure
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+from vae_experiments.cli import run_dirs
+from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
+from vae_experiments.configs import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 run_dirs.register_resolvers()
@@ -24,8 +23,8 @@ run_dirs.register_resolvers()
 
 def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, Path | None]:
     """The config and checkpoint to continue the run in ``run_dir`` with (``resume=``)."""
-    from vae_experiments.config_checks import ConfigError
     from vae_experiments.runs import CONFIG_FILE
+    from vae_experiments.training.config_checks import ConfigError
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError("resume= continues one run; resume each run of a sweep on its own")
@@ -65,10 +64,10 @@ def _main(cfg: DictConfig) -> float:
     and the other jobs still run. ``resume=<run dir>`` continues an interrupted run there.
     """
     # Heavy imports after Hydra has parsed the arguments, so --help and --cfg stay fast.
+    from vae_experiments.cli.multirun_ddp import ddp_sweep_job
     from vae_experiments.runs import CHECKPOINT_DIR, is_first_process, write_status
     from vae_experiments.training import train
     from vae_experiments.training.interrupt import RunInterrupted
-    from vae_experiments.training.multirun_ddp import ddp_sweep_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     record = is_first_process()

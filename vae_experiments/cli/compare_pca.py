@@ -10,9 +10,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae_experiments.commands.did_you_mean import suggest_keys_on_failure, unknown_key_messages
+from vae_experiments.cli.did_you_mean import suggest_keys_on_failure, unknown_key_messages
+from vae_experiments.configs import CONFIG_DIR
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 log = logging.getLogger(__name__)
 
 

@@ -20,10 +20,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from vae_experiments.commands.common import register_resolvers, resolve_device, run_dir_of
-from vae_experiments.commands.did_you_mean import suggest_keys_on_failure
+from vae_experiments.cli.common import register_resolvers, resolve_device, run_dir_of
+from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
+from vae_experiments.configs import CONFIG_DIR
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 DENSITIES_FILE = "latent_densities.json"
 log = logging.getLogger(__name__)
 
