@@ -165,11 +165,9 @@ def compose(overrides: list[str]):
 
 def load_data(cfg) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
     """The uint8 splits (N, C, H, W) of ``cfg.data``, through our data module."""
-    from hydra.utils import instantiate
+    from vae_experiments.runs import load_data as load_run_data
 
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = load_run_data(cfg)
     return {name: split.images for name, split in datamodule.splits.items()}, datamodule.image_shape
 
 
@@ -273,12 +271,9 @@ def output_to(path: Path) -> Iterator[None]:
 
 def our_training(cfg, run_dir: Path) -> dict[str, float]:
     """``python train.py`` as Hydra runs it, in this process: returns its metrics."""
-    from omegaconf import OmegaConf
-
     from vae_experiments.training import train
 
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    run_dir.mkdir(parents=True, exist_ok=True)
     with output_to(run_dir / "train.log"):
         return train(cfg, run_dir)
 

@@ -57,14 +57,10 @@ def small_model_config(cfg: DictConfig) -> DictConfig:
 
 
 def train_run(run_dir: Path, overrides: list[str]) -> Path:
-    """Trains in process as ``python train.py`` would (config saved where Hydra puts it)."""
-    from omegaconf import OmegaConf
-
+    """Trains in process as ``python train.py`` would (train() saves the run's config.yaml)."""
     from vae_experiments.training import train
 
     cfg = compose_config([*FAST, *overrides])
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     train(cfg, run_dir)
     return run_dir
 

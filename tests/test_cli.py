@@ -195,7 +195,8 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: all from one process.
     writers = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").glob("events.*")}
     assert len(writers) == 1
-    assert len(list(run_dir.rglob("config.yaml"))) == 1
+    configs = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("config.yaml"))
+    assert configs == [".hydra/config.yaml", "config.yaml"]  # Hydra's record and the run's
     assert not (tmp_path / "outputs").exists()
 
 

@@ -18,7 +18,7 @@ from torch.distributions import MultivariateNormal, Normal
 
 from tests.conftest import REPO_ROOT
 from vae_experiments import load_run, read_metrics
-from vae_experiments.analysis.data import load_datamodule, load_split
+from vae_experiments.analysis.data import load_split
 from vae_experiments.analysis.likelihood import (
     bits_per_dim,
     count_active_units,
@@ -26,6 +26,7 @@ from vae_experiments.analysis.likelihood import (
     iwae_log_likelihood,
 )
 from vae_experiments.models import build_autoencoder, build_vae
+from vae_experiments.runs import load_data
 
 IMAGE_SHAPE = (1, 2, 3)
 SIGMA = 0.5
@@ -132,7 +133,7 @@ def test_iwae_converges_with_a_wrong_posterior_and_k1_is_the_elbo():
 def trained_vae(trained_runs):
     """The session's small trained VAE and its test split (359 digits)."""
     model, cfg = load_run(trained_runs("vae"))
-    x, _ = load_split(load_datamodule(cfg), "test")
+    x, _ = load_split(load_data(cfg), "test")
     return model, x
 
 
@@ -249,7 +250,7 @@ def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     run = shutil.copytree(trained_runs("vae"), tmp_path / "run")  # leave the shared run alone
-    config_before = (run / ".hydra" / "config.yaml").read_bytes()
+    config_before = (run / "config.yaml").read_bytes()
     metrics_before = read_metrics(run)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -270,7 +271,7 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     assert record["metrics"]["log_px"] == metrics["test/log_px"]
     assert record["metrics"]["log_px"] >= record["metrics"]["elbo"]
 
-    assert (run / ".hydra" / "config.yaml").read_bytes() == config_before
+    assert (run / "config.yaml").read_bytes() == config_before
     assert (run / "analysis" / "evaluate.log").is_file()
     assert list(cwd.iterdir()) == []  # no outputs/ (or anything else) where it was run
 

@@ -14,16 +14,17 @@ from sklearn.decomposition import PCA as SklearnPCA
 
 from tests.conftest import REPO_ROOT, train_run
 from vae_experiments import load_run, read_metrics
-from vae_experiments.analysis.data import load_datamodule, load_split
+from vae_experiments.analysis.data import load_split
 from vae_experiments.analysis.pca import fit_pca, principal_angles
 from vae_experiments.models.base import squared_error
+from vae_experiments.runs import load_data
 
 
 @pytest.fixture(scope="module")
 def digits_splits():
     from tests.conftest import compose_config
 
-    datamodule = load_datamodule(compose_config([]))
+    datamodule = load_data(compose_config([]))
     return load_split(datamodule, "train")[0], load_split(datamodule, "test")[0]
 
 

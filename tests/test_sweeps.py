@@ -368,6 +368,7 @@ def test_summary_of_a_real_tiny_sweep(tmp_path):
             "trainer.max_epochs=1",
         ]
         run_dir = train_run(sweep / str(job), overrides)
+        (run_dir / ".hydra").mkdir()  # what Hydra records of the command line
         (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     table = summary_table(collect_runs(sweep), sort_by="test/recon_mse")
     assert table.swept == ["model.latent_dim"]

@@ -1,29 +1,13 @@
-"""A run's data outside the trainer: the data module, and float batches of any split."""
+"""A run's data outside the trainer: float batches of any split (see ``runs.load_data``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vae_experiments.data import ImageDataModule, ShuffledBatchSampler
-from vae_experiments.runs import call_target
-
-
-def load_datamodule(cfg: DictConfig, **overrides) -> ImageDataModule:
-    """Builds and sets up the data module of a run's config (e.g. from ``load_run``).
-
-    Args:
-        cfg: a composed training config (``cfg.data`` is used, interpolations resolved).
-        **overrides: constructor arguments to replace, e.g. ``batch_size=1000``.
-    """
-    params = OmegaConf.to_container(cfg.data, resolve=True)
-    params.update(overrides)
-    datamodule = call_target(params)
-    datamodule.setup()
-    return datamodule
 
 
 def iterate_split(

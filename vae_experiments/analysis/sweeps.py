@@ -1,15 +1,7 @@
 """Sweep reports: every run's settings and test metrics in one table, and a metric plotted against
 a swept value.
 
-A sweep is any directory holding run directories (a directory with ``.hydra/config.yaml``) at any
-depth: a Hydra multirun (``multirun/<date>/<time>/<job>/``), a day of single runs
-(``outputs/<date>/``), or sweeps nested inside each other. From each run it reads::
-
-    .hydra/overrides.yaml   what was typed: ``model=vae``, ``model.latent_dim=16``, ...
-    .hydra/config.yaml      the composed config (fills in a key another run overrode)
-    .hydra/hydra.yaml       the config-group choices (``model: vae``), when Hydra wrote it
-    metrics.json            test metrics; missing when the run failed or has not finished
-    status.json             ``{"status": ..., "error": ...}``, when the run wrote one
+The runs are read by :mod:`vae_experiments.runs.records` (what each file of a run gives).
 
 Plain Python, OmegaConf and matplotlib (no pyplot), so it works in a notebook::
 
@@ -24,72 +16,44 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
-import json
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vae_experiments.runs import CONFIG_FILE, METRICS_FILE
+from vae_experiments.runs.records import (
+    DELETED,
+    RunRecord,
+    collect_runs,
+    find_run_dirs,
+    natural_key,
+    parse_override,
+    parse_value,
+    read_run,
+)
 
 log = logging.getLogger(__name__)
 
-OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-HYDRA_FILE = Path(".hydra") / "hydra.yaml"
-STATUS_FILE = "status.json"
-FINISHED = "finished"
-INCOMPLETE = "incomplete"  # no status.json and no metrics.json: crashed, killed, or still running
-DELETED = "<deleted>"  # the value shown for a ``~key`` override
-
-_MISSING = object()
-
-
-# --------------------------------------------------------------------------------------------
-# Reading runs
-
-
-def parse_value(text: str) -> Any:
-    """An override's value as Hydra would type it: int, float, bool, None, list, dict or str.
-
-    YAML covers lists (``[8,16]``), booleans and ints; ``1e-3`` (not a float to YAML 1.1) is
-    tried as a float. Anything unparseable stays the string that was typed.
-    """
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"++model.hidden_dims=[16]"`` -> ``("model.hidden_dims", [16])``.
-
-    The ``+``/``++`` prefixes (add, add or override) are dropped; a deletion ``~key`` gives the
-    value ``"<deleted>"``.
-    """
-    text = text.strip()
-    if text.startswith("~"):
-        return text[1:].partition("=")[0], DELETED
-    key, sep, value = text.lstrip("+").partition("=")
-    if not sep:
-        raise ValueError(f"override {text!r} is not of the form key=value")
-    return key.strip(), parse_value(value)
+__all__ = [
+    "DELETED",
+    "RunRecord",
+    "SummaryTable",
+    "collect_runs",
+    "find_run_dirs",
+    "parse_override",
+    "parse_value",
+    "plot_summary",
+    "read_run",
+    "summary_table",
+    "write_summary",
+]
 
 
 def format_value(value: Any) -> str:
@@ -109,159 +73,6 @@ def format_value(value: Any) -> str:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass
-class RunRecord:
-    """One run of a sweep.
-
-    Attributes:
-        path: the run directory.
-        name: its path relative to the sweep directory (``"."`` when the sweep is the run).
-        overrides: ``.hydra/overrides.yaml`` in order, key -> parsed value, ``+``/``++`` stripped.
-        metrics: ``metrics.json`` (empty when missing).
-        status: ``status.json``'s status (``running``, ``finished``, ``failed``,
-            ``interrupted``); without one, ``finished`` when ``metrics.json`` exists, else
-            ``incomplete``.
-        error: why the run has no results (``status.json``'s error, or ``"no metrics.json"``).
-    """
-
-    path: Path
-    name: str
-    overrides: dict[str, Any]
-    metrics: dict[str, Any]
-    status: str
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Finished with metrics: a row of the comparison."""
-        return self.status == FINISHED and bool(self.metrics)
-
-    def setting(self, key: str) -> Any:
-        """The run's value of ``key``: its override, else its config-group choice (``model``) or
-        composed config value (``model.latent_dim``); ``None`` when it has none or the value is a
-        whole config node."""
-        if key in self.overrides:
-            return self.overrides[key]
-        if key in self._choices:
-            return self._choices[key]
-        if self._config is None:
-            return None
-        try:
-            node = OmegaConf.select(self._config, key, default=None)
-        except Exception:  # an interpolation that only resolves inside Hydra, e.g. ${now:...}
-            return None
-        if isinstance(node, ListConfig):
-            node = OmegaConf.to_container(node, resolve=False)
-            if any(isinstance(v, (dict, list)) for v in node):
-                return None
-        return None if isinstance(node, DictConfig) else node
-
-    @cached_property
-    def _config(self) -> DictConfig | None:
-        try:
-            return OmegaConf.load(self.path / CONFIG_FILE)
-        except Exception as err:  # a half-written config must not stop the report
-            log.warning("cannot read %s: %s", self.path / CONFIG_FILE, err)
-            return None
-
-    @cached_property
-    def _choices(self) -> dict[str, Any]:
-        path = self.path / HYDRA_FILE
-        if not path.is_file():
-            return {}
-        try:
-            choices = yaml.safe_load(path.read_text())["hydra"]["runtime"]["choices"]
-        except Exception:
-            return {}
-        return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sorts ``run/2`` before ``run/10``."""
-    return [
-        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)
-    ]
-
-
-def find_run_dirs(root: str | Path) -> list[Path]:
-    """Every directory under ``root`` (``root`` included) holding ``.hydra/config.yaml``, in
-    natural order of their paths. Hidden folders are not searched; symlinks are not followed."""
-    root = Path(root)
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        if (Path(dirpath) / CONFIG_FILE).is_file():
-            found.append(Path(dirpath))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
-
-
-def _read_overrides(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / OVERRIDES_FILE
-    if not path.is_file():
-        return {}
-    items = yaml.safe_load(path.read_text()) or []
-    overrides = {}
-    for item in items:
-        try:
-            key, value = parse_override(str(item))
-        except ValueError as err:
-            log.warning("%s: %s", path, err)
-            continue
-        overrides[key] = value
-    return overrides
-
-
-def _read_status(run_dir: Path, has_metrics: bool) -> tuple[str, str | None]:
-    path = run_dir / STATUS_FILE
-    if path.is_file():
-        try:
-            status = json.loads(path.read_text())
-            return str(status.get("status", "unknown")), status.get("error")
-        except (json.JSONDecodeError, AttributeError) as err:
-            return "unknown", f"unreadable {STATUS_FILE}: {err}"
-    return (FINISHED, None) if has_metrics else (INCOMPLETE, f"no {METRICS_FILE}")
-
-
-def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> RunRecord:
-    """A :class:`RunRecord` of one run directory, named relative to ``sweep_dir``."""
-    run_dir = Path(run_dir)
-    name = run_dir.relative_to(sweep_dir).as_posix() if sweep_dir is not None else run_dir.name
-    metrics: dict[str, Any] = {}
-    metrics_error = None
-    metrics_path = run_dir / METRICS_FILE
-    if metrics_path.is_file():
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError as err:
-            metrics_error = f"unreadable {METRICS_FILE}: {err}"
-    status, error = _read_status(run_dir, has_metrics=bool(metrics))
-    if status == FINISHED and not metrics:
-        error = metrics_error or f"no {METRICS_FILE}"
-    return RunRecord(
-        path=run_dir,
-        name=name,
-        overrides=_read_overrides(run_dir),
-        metrics=metrics,
-        status=status,
-        error=error,
-    )
-
-
-def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
-    """Every run under ``sweep_dir`` (at any depth), in natural order of their paths.
-
-    Raises:
-        FileNotFoundError: ``sweep_dir`` is not a directory.
-    """
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(
-            f"{sweep_dir} is not a directory; pass a sweep directory such as "
-            "multirun/<date>/<time> (or outputs/<date>)"
-        )
-    return [read_run(path, sweep_dir) for path in find_run_dirs(sweep_dir)]
 
 
 # --------------------------------------------------------------------------------------------

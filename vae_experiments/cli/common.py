@@ -1,4 +1,5 @@
-"""Shared by the analysis commands about one trained run: where their outputs go.
+"""Shared by the analysis commands about one trained run: where their outputs go (a Hydra
+resolver) and which device they use.
 
 ``python scripts/<command>.py run=<run dir or checkpoint>`` writes into ``<run dir>/analysis/``.
 Hydra's own output follows it there, through the ``analysis_dir`` resolver in the command's
@@ -19,44 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from vae_experiments.runs import CONFIG_FILE
-
-ANALYSIS_SUBDIR = "analysis"
-
-
-def run_dir_of(run: str | Path | None, key: str = "run") -> Path:
-    """The run directory of ``run``: a run directory, or a checkpoint in one (in its
-    ``checkpoints/`` folder, or Lightning's SLURM ``hpc_ckpt_<n>.ckpt`` beside it).
-
-    Args:
-        run: what the command line gave.
-        key: the command-line key it came from, for the messages (``run``, ``resume``).
-
-    Raises:
-        ValueError: if ``run`` is missing (None, empty).
-        FileNotFoundError: if it is no run directory (none holds ``.hydra/config.yaml``).
-    """
-    if run is None or str(run) in ("", "???"):
-        raise ValueError(
-            f"no run given: the command needs {key}=<run directory or checkpoint> (one run per "
-            "command: -m can sweep other settings, loop in the shell over several runs)"
-        )
-    path = Path(str(run)).expanduser()
-    if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise FileNotFoundError(f"{key}={run}: no such checkpoint file")
-        for run_dir in (path.parent.parent, path.parent):
-            if (run_dir / CONFIG_FILE).is_file():
-                return run_dir
-        raise FileNotFoundError(f"{key}={run}: the checkpoint is not inside a run directory")
-    if not (path / CONFIG_FILE).is_file():
-        what = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
-        raise FileNotFoundError(
-            f"{key}={run}: {path} is not a run directory: it {what}; pass the run directory "
-            "that train.py printed (outputs/<date>/<time>), or a .ckpt file in its "
-            "checkpoints/ folder"
-        )
-    return path
+from vae_experiments.runs import ANALYSIS_DIR, run_dir_of
 
 
 def analysis_dir(run: str | Path | None) -> str:
@@ -66,7 +30,7 @@ def analysis_dir(run: str | Path | None) -> str:
     would wrap an exception into a long traceback; SystemExit passes through as it is).
     """
     try:
-        return str(run_dir_of(run) / ANALYSIS_SUBDIR)
+        return str(run_dir_of(run) / ANALYSIS_DIR)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
 

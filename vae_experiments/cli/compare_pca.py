@@ -52,16 +52,16 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
         plot_reconstructions,
         write_csv,
     )
-    from vae_experiments.analysis.data import load_datamodule, load_split
+    from vae_experiments.analysis.data import load_split
     from vae_experiments.analysis.pca import fit_pca
     from vae_experiments.models.base import squared_error
-    from vae_experiments.runs import load_run
+    from vae_experiments.runs import load_data, load_run
     from vae_experiments.training import train
 
     latent_dims = [int(k) for k in cfg.latent_dims]
     if not latent_dims or min(latent_dims) < 1:
         raise ValueError(f"latent_dims must be a non-empty list of sizes >= 1, got {latent_dims}")
-    datamodule = load_datamodule(cfg)
+    datamodule = load_data(cfg)
     train_x, _ = load_split(datamodule, "train")
     test_x, _ = load_split(datamodule, "test")
     shown = test_x[: cfg.num_images]
@@ -78,8 +78,6 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
         for k in latent_dims:
             run_dir = out_dir / "runs" / f"{method}_k{k}"
             run_cfg = run_config(cfg, list(overrides), k)
-            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(run_cfg, run_dir / ".hydra" / "config.yaml")
             log.info("training %s with latent size %d -> %s", method, k, run_dir)
             metrics = train(run_cfg, run_dir)
             results.append(Result(method, k, metrics["test/recon_mse"]))

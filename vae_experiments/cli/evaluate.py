@@ -12,14 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 from vae_experiments.cli.common import (
-    ANALYSIS_SUBDIR,
     register_resolvers,
     resolve_device,
     run_dir_of,
@@ -78,11 +76,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from vae_experiments.analysis.data import iterate_split, load_datamodule
+    from vae_experiments.analysis.data import iterate_split
     from vae_experiments.analysis.likelihood import check_vae, evaluate_vae
     from vae_experiments.runs import (
+        ANALYSIS_DIR,
+        CHECKPOINT_CHOICES,
         METRICS_FILE,
         find_checkpoint,
+        load_data,
         load_run,
         read_metrics,
         write_json_atomic,
@@ -91,7 +92,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir = run_dir_of(cfg.run)
     if cfg.split not in ("train", "val", "test"):
         raise UsageError(f"split must be train, val or test, got split={cfg.split}")
-    if cfg.checkpoint not in ("best", "last"):
+    if cfg.checkpoint not in CHECKPOINT_CHOICES:
         raise UsageError(f"checkpoint must be best or last, got checkpoint={cfg.checkpoint}")
     k = int(cfg.k)
     if k < 1:
@@ -104,14 +105,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UsageError(f"eval.max_batch_elems must be >= 1, got {cfg.eval.max_batch_elems}")
     max_batch_elems = int(max_batch_elems)
 
-    run = Path(str(cfg.run)).expanduser()
-    ckpt_path = run if run.suffix == ".ckpt" else find_checkpoint(run_dir, cfg.checkpoint)
+    ckpt_path = find_checkpoint(cfg.run, cfg.checkpoint)
     model, run_cfg = load_run(ckpt_path, map_location=device)
     try:
         check_vae(model)
     except ValueError as exc:
         raise UsageError(f"{exc} (run={cfg.run})") from exc
-    datamodule = load_datamodule(run_cfg)
+    datamodule = load_data(run_cfg)
     batch_size = int(cfg.eval.batch_size or datamodule.batch_size)
     num_images = len(datamodule.splits[cfg.split])
     log.info(
@@ -163,7 +163,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": results,
         "likelihood": type(model.likelihood).__name__,
     }
-    record_path = run_dir / ANALYSIS_SUBDIR / f"evaluate_{cfg.split}.json"
+    record_path = run_dir / ANALYSIS_DIR / f"evaluate_{cfg.split}.json"
     write_json_atomic(record_path, record)
 
     print(

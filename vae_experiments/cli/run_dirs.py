@@ -24,11 +24,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae_experiments.cli.common import run_dir_of
-from vae_experiments.runs import CHECKPOINT_DIR, CONFIG_FILE, STATUS_FILE, is_first_process
+from vae_experiments.runs import holds_a_run, is_first_process, run_dir_of
 
-#: Files that mark a directory as holding a run.
-RUN_MARKERS = (CONFIG_FILE, Path(STATUS_FILE), Path(CHECKPOINT_DIR))
 #: Config groups of train.yaml: a resumed run keeps its choices.
 CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer")
 
@@ -71,11 +68,6 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function, use_cache=True)
 
 
-def holds_a_run(directory: Path) -> bool:
-    """Whether ``directory`` has a run's config, status or checkpoints in it."""
-    return any((directory / marker).exists() for marker in RUN_MARKERS)
-
-
 def refuse_existing_run_dir(argv: Sequence[str]) -> None:
     """Exits with a message if ``hydra.run.dir=`` (or, with ``-m``, ``hydra.sweep.dir=``) on the
     command line names a directory where a run already is: Hydra would overwrite its config.
@@ -105,14 +97,6 @@ def refuse_existing_run_dir(argv: Sequence[str]) -> None:
                 f"Choose another directory, continue that run with resume={taken[0]}, or "
                 "delete it first"
             )
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently written of ``checkpoints/last.ckpt`` (epoch ends and interruptions)
-    and Lightning's SLURM ``hpc_ckpt_<n>.ckpt``; None if the run has neither."""
-    candidates = [run_dir / CHECKPOINT_DIR / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [path for path in candidates if path.is_file()]
-    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
 
 
 def resumed_config(

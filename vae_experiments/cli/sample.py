@@ -51,7 +51,7 @@ def sample_latents(
     """
     import torch
 
-    from vae_experiments.analysis.data import iterate_split, load_datamodule
+    from vae_experiments.analysis.data import iterate_split
     from vae_experiments.analysis.latent import (
         DENSITIES,
         StandardNormal,
@@ -62,12 +62,19 @@ def sample_latents(
     )
     from vae_experiments.analysis.latent_plots import latent_scatter
     from vae_experiments.pictures import image_grid, save_grid
-    from vae_experiments.runs import find_checkpoint, load_run, write_json_atomic
+    from vae_experiments.runs import (
+        ANALYSIS_DIR,
+        find_checkpoint,
+        load_data,
+        load_run,
+        write_json_atomic,
+    )
 
     run_dir = run_dir_of(run)
-    out_dir = run_dir / "analysis"
+    out_dir = run_dir / ANALYSIS_DIR
+    ckpt = find_checkpoint(run, checkpoint)
     device = resolve_device(device)
-    model, cfg = load_run(run, checkpoint=checkpoint, map_location=device)
+    model, cfg = load_run(ckpt, map_location=device)
     kinds = [*DENSITIES, *(["prior"] if model.has_prior else [])]
     if density not in kinds:
         hint = " (prior: only for models trained with one, i.e. VAEs)" if density == "prior" else ""
@@ -75,7 +82,7 @@ def sample_latents(
     if n < 1 or components < 1:
         raise ValueError(f"n and components must be >= 1, got n={n}, components={components}")
 
-    datamodule = load_datamodule(cfg, batch_size=batch_size)
+    datamodule = load_data(cfg, batch_size=batch_size)
     train_codes = encode_split(model, iterate_split(datamodule, "train", device=device))
     test_codes, test_labels = encode_split(
         model, iterate_split(datamodule, "test", device=device), return_labels=True
@@ -116,7 +123,6 @@ def sample_latents(
         seed=seed,
     )
 
-    ckpt = Path(run) if Path(run).suffix == ".ckpt" else find_checkpoint(run_dir, checkpoint)
     result = {
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt),

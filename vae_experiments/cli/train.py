@@ -1,4 +1,4 @@
-"""Command-line entry points (Hydra)."""
+"""``python train.py`` / ``vae-train``: the Hydra entry point of training."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vae_experiments.cli import run_dirs
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
@@ -23,8 +23,8 @@ run_dirs.register_resolvers()
 
 def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, Path | None]:
     """The config and checkpoint to continue the run in ``run_dir`` with (``resume=``)."""
-    from vae_experiments.runs import CONFIG_FILE
-    from vae_experiments.training.config_checks import ConfigError
+    from vae_experiments.runs import load_config, newest_checkpoint, save_config
+    from vae_experiments.targets import ConfigError
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError("resume= continues one run; resume each run of a sweep on its own")
@@ -33,23 +33,20 @@ def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, P
             "resume= and ckpt_path= cannot go together: resume continues a run in its own "
             "directory from its newest checkpoint, ckpt_path starts a new run from a checkpoint"
         )
-    saved = OmegaConf.load(run_dir / CONFIG_FILE)
+    saved = load_config(run_dir)
     try:
         resumed, changed = run_dirs.resumed_config(saved, cfg, HydraConfig.get().overrides.task)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     resume = Path(str(cfg.resume)).expanduser()
-    checkpoint = resume if resume.suffix == ".ckpt" else run_dirs.newest_checkpoint(run_dir)
+    checkpoint = resume if resume.suffix == ".ckpt" else newest_checkpoint(run_dir)
     if checkpoint is None:
         log.warning("%s has no checkpoint yet: training it again from the start", run_dir)
     else:
         log.info("resuming %s from %s", run_dir, checkpoint)
     if changed and record:
         # The run's config says what it was trained with; the earlier one is kept beside it.
-        config_path = run_dir / CONFIG_FILE
-        number = len(list(config_path.parent.glob("config.before-resume-*.yaml"))) + 1
-        config_path.rename(config_path.with_name(f"config.before-resume-{number}.yaml"))
-        OmegaConf.save(resumed, config_path)
+        save_config(run_dir, resumed, keep_previous=True)
         log.info("changed on resume: %s", " ".join(changed))
     return resumed, checkpoint
 
@@ -65,7 +62,17 @@ def _main(cfg: DictConfig) -> float:
     """
     # Heavy imports after Hydra has parsed the arguments, so --help and --cfg stay fast.
     from vae_experiments.cli.multirun_ddp import ddp_sweep_job
-    from vae_experiments.runs import CHECKPOINT_DIR, is_first_process, write_status
+    from vae_experiments.runs import (
+        FAILED,
+        FINISHED,
+        INTERRUPTED,
+        LAST,
+        RUNNING,
+        checkpoint_path,
+        is_first_process,
+        newest_checkpoint,
+        write_status,
+    )
     from vae_experiments.training import train
     from vae_experiments.training.interrupt import RunInterrupted
 
@@ -79,16 +86,16 @@ def _main(cfg: DictConfig) -> float:
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     if record:
         details = {"resumed_from": str(ckpt_path)} if ckpt_path else {}
-        write_status(run_dir, "running", pid=os.getpid(), **details)
+        write_status(run_dir, RUNNING, pid=os.getpid(), **details)
     try:
         with ddp_sweep_job(cfg.trainer):
             metrics = train(cfg, run_dir, ckpt_path=ckpt_path)
     except RunInterrupted as stop:
         if record:
-            checkpoint = stop.checkpoint or run_dirs.newest_checkpoint(run_dir)
+            checkpoint = stop.checkpoint or newest_checkpoint(run_dir)
             write_status(
                 run_dir,
-                "interrupted",
+                INTERRUPTED,
                 signal=stop.signal_name,
                 step=stop.step,
                 epoch=stop.epoch,
@@ -99,20 +106,20 @@ def _main(cfg: DictConfig) -> float:
         raise SystemExit(stop.exit_code) from None
     except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C; Lightning turns it into sys.exit
         if record:
-            last = run_dir / CHECKPOINT_DIR / "last.ckpt"
-            write_status(run_dir, "interrupted", resume_from=str(last) if last.is_file() else None)
+            last = checkpoint_path(run_dir, LAST)
+            write_status(run_dir, INTERRUPTED, resume_from=str(last) if last.is_file() else None)
         raise
     except Exception as error:
         if record:
             write_status(
                 run_dir,
-                "failed",
+                FAILED,
                 error=f"{type(error).__name__}: {error}",
                 traceback=traceback.format_exc(limit=-8),
             )
         raise
     if record:
-        write_status(run_dir, "finished")
+        write_status(run_dir, FINISHED)
     return metrics["test/loss"]
 
 

@@ -16,13 +16,10 @@ from vae_experiments.data.base import BINARIZE_CHOICES
 from vae_experiments.models.corruption import NOISE_KINDS
 from vae_experiments.models.likelihoods import LIKELIHOODS, RECON_LOSSES
 from vae_experiments.models.networks import ARCHS, conv_feature_sizes
+from vae_experiments.runs.layout import CHECKPOINT_CHOICES
+from vae_experiments.targets import ConfigError, raise_all
 
-TEST_CKPT_CHOICES = ("best", "last")
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says which key, its value and the rule."""
 
 
 def _is_int(value: Any) -> bool:
@@ -96,7 +93,7 @@ def _max_epochs(value: Any) -> str | None:
 # key -> rule returning None when the value is allowed, else what is allowed.
 RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
-    "test_ckpt": _one_of(TEST_CKPT_CHOICES),
+    "test_ckpt": _one_of(CHECKPOINT_CHOICES),
     "model.latent_dim": _int_at_least(1),
     "model.arch": _one_of(ARCHS),
     "model.hidden_dims": _int_list(non_empty=False),
@@ -120,30 +117,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
-def format_value(value: Any) -> str:
-    """A value as it is typed on the command line: ``0.5``, ``mlp``, ``null``, ``[8, 16]``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    return str(value)
-
-
-def invalid(key: str, value: Any, allowed: str) -> str:
-    """``"<key>=<value> is invalid: <allowed>"``."""
-    return f"{key}={format_value(value)} is invalid: {allowed}"
-
-
-def _raise(problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise ConfigError(problems[0])
-    if problems:
-        raise ConfigError(f"{len(problems)} invalid config values:\n  " + "\n  ".join(problems))
-
-
-def config_problems(cfg: DictConfig) -> list[str]:
+def config_problems(cfg: DictConfig) -> list[ConfigError]:
     """One message per value of ``cfg`` that breaks a rule of :data:`RULES`."""
     problems = []
     for key, rule in RULES.items():
@@ -158,13 +132,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
             value = OmegaConf.to_container(value, resolve=True)
         allowed = rule(value)
         if allowed is not None:
-            problems.append(invalid(key, value, allowed))
+            problems.append(ConfigError(key, value, allowed))
     return problems
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raises :class:`ConfigError` naming every invalid value of a composed ``train.yaml``."""
-    _raise(config_problems(cfg))
+    raise_all(config_problems(cfg))
 
 
 def _uses_bernoulli(model_cfg: DictConfig) -> str | None:
@@ -211,4 +185,4 @@ def check_model_fits_data(
             f"{bernoulli} needs pixel values in [0, 1], but {data_name} gives values in "
             f"[{low:g}, {high:g}]; use {alternative}, or data scaled to [0, 1]"
         )
-    _raise(problems)
+    raise_all([ConfigError(allowed=p) for p in problems])

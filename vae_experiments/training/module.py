@@ -151,7 +151,6 @@ class LitModel(pl.LightningModule):
     Args:
         model: the model to train.
         optimizer: a partial optimizer (Hydra ``_partial_: true``) taking the parameters.
-        image_shape: (C, H, W) of the data, stored in checkpoints so a run can be rebuilt.
         lr_scheduler: optional Lightning lr-scheduler dict whose ``scheduler`` is a partial taking
             the optimizer; other keys (``interval``, ``monitor``, ...) are passed to Lightning.
         compile: run the encoder and decoder through ``torch.compile`` (training batches all have
@@ -163,7 +162,6 @@ class LitModel(pl.LightningModule):
         self,
         model: LatentModel,
         optimizer: OptimizerFactory,
-        image_shape: Sequence[int],
         lr_scheduler: Mapping[str, Any] | None = None,
         compile: bool = False,
         channels_last: bool = False,
@@ -185,8 +183,8 @@ class LitModel(pl.LightningModule):
         self._means = {stage: TermMeans() for stage in ("train", "val", "test")}
         self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler else None
         self._saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
-        # The composed config is saved by Hydra; the checkpoint needs only the data's shape.
-        self.save_hyperparameters({"image_shape": [int(s) for s in image_shape]}, logger=False)
+        # No save_hyperparameters: the run's config.yaml holds everything, image shape included,
+        # and load_run rebuilds the model from it.
 
     def _step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
         x = batch[0]

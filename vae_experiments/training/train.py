@@ -11,19 +11,29 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
+from vae_experiments.runs import (
+    BEST,
+    CHECKPOINT_DIR,
+    LAST,
+    METRICS_FILE,
+    build_model,
+    checkpoint_path,
+    is_first_process,
+    save_config,
+    write_json_atomic,
+)
+from vae_experiments.targets import instantiate, to_container
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.config_checks import check_config, check_model_fits_data
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
-from vae_experiments.training.module import LitModel
+from vae_experiments.training.module import LitModel, OptimizerFactory
 
 log = logging.getLogger(__name__)
 # Resuming: our data module restores the position in the epoch itself (Lightning looks for it
@@ -42,7 +52,27 @@ def build_logger(cfg: DictConfig | None, run_dir: Path) -> Logger | None:
     """The ``logger=`` group's logger writing under ``run_dir``; None for ``logger=none``."""
     if not cfg or cfg.get("_target_") is None:
         return None
-    return instantiate(cfg, save_dir=str(run_dir))
+    return instantiate(cfg, key="logger", save_dir=str(run_dir))
+
+
+def build_lr_scheduler(cfg: DictConfig | None) -> dict[str, Any] | None:
+    """The ``scheduler=`` group as Lightning's lr-scheduler dict, its ``scheduler`` a partial
+    taking the optimizer; None for ``scheduler=none``."""
+    if not cfg or cfg.get("scheduler") is None:
+        return None
+    config = dict(to_container(cfg))
+    config["scheduler"] = instantiate(cfg.scheduler, key="scheduler.scheduler")
+    return config
+
+
+def check_optimizer(
+    model: torch.nn.Module, optimizer: OptimizerFactory, lr_scheduler: dict[str, Any] | None
+) -> None:
+    """Builds the optimizer (and scheduler) once on the model's parameters and drops them, so
+    that a value torch refuses (``optimizer.lr=-1``) fails before any data is read."""
+    trial = optimizer(model.parameters())
+    if lr_scheduler is not None:
+        lr_scheduler["scheduler"](trial)
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -92,30 +122,27 @@ def train(
     run_dir = Path(run_dir)
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
-    datamodule = instantiate(cfg.data)
-    check_model_fits_data(
-        cfg.model,
-        datamodule.image_shape,
-        getattr(datamodule, "value_range", None),
-        type(datamodule).__name__,
-    )
-    # Read the data before building anything else, so a missing or broken dataset fails first.
-    # Downloads happen once per machine (local rank 0); other ranks start after it finished.
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        datamodule.prepare_data()
-    datamodule.setup("fit")
-    image_shape = list(datamodule.image_shape)
-    model = instantiate(cfg.model, image_shape=image_shape, _convert_="all")
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    # Everything is built before any data is read, so a bad value fails in a second: the data
+    # object knows its image shape from its config alone.
+    datamodule = instantiate(cfg.data, key="data")
+    image_shape = [int(size) for size in datamodule.image_shape]
+    with open_dict(cfg):
+        cfg.model.image_shape = image_shape
+    check_model_fits_data(cfg.model, image_shape, None, type(datamodule).__name__)
+    model = build_model(cfg)
+    optimizer = instantiate(cfg.optimizer, key="optimizer")
+    lr_scheduler = build_lr_scheduler(cfg.get("scheduler"))
+    check_optimizer(model, optimizer, lr_scheduler)
+    if is_first_process():
+        save_config(run_dir, cfg)  # what load_run and resume= rebuild the run from
     module = LitModel(
         model,
-        instantiate(cfg.optimizer),
-        image_shape,
-        lr_scheduler=scheduler,
-        compile=cfg.get("compile", False),
-        channels_last=cfg.get("channels_last", False),
+        optimizer,
+        lr_scheduler=lr_scheduler,
+        compile=cfg.compile,
+        channels_last=cfg.channels_last,
     )
     log.info(
         "model %s with %d parameters, image shape %s",
@@ -123,13 +150,18 @@ def train(
         sum(p.numel() for p in model.parameters()),
         tuple(image_shape),
     )
+    # Read the data before building the trainer, so a missing or broken dataset fails first.
+    # Downloads happen once per machine (local rank 0); other ranks start after it finished.
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        datamodule.prepare_data()
+    datamodule.setup("fit")
 
     callbacks_cfg = cfg.callbacks
     # best.ckpt and last.ckpt are replaced in place (atomically), never versioned as
     # last-v1.ckpt: a resumed run, or the checkpoint an interruption wrote, keeps the names.
     best = RunCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
-        filename="best",
+        filename=BEST,
         monitor=callbacks_cfg.checkpoint.monitor,
         mode=callbacks_cfg.checkpoint.mode,
         save_top_k=1,
@@ -140,13 +172,13 @@ def train(
     # that improve best.ckpt, and a resume would repeat the epochs since.
     last = RunCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
-        filename="last",
+        filename=LAST,
         monitor=None,
         save_top_k=1,
         enable_version_counter=False,
     )
     timer = EpochTimer()
-    interruption = Interruption(run_dir / CHECKPOINT_DIR / "last.ckpt")
+    interruption = Interruption(checkpoint_path(run_dir, LAST))
     callbacks: list[pl.Callback] = [
         timer,
         interruption,
@@ -169,6 +201,7 @@ def train(
         trainer_options["benchmark"] = not cfg.trainer.get("deterministic", False)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
+        key="trainer",
         **trainer_options,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
@@ -187,7 +220,7 @@ def train(
             ) from None
     train_seconds = time.perf_counter() - start
 
-    test_ckpt = best.best_model_path if cfg.test_ckpt == "best" else ""
+    test_ckpt = best.best_model_path if cfg.test_ckpt == BEST else ""
     test_ckpt = test_ckpt or last.best_model_path or None
     results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
     metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}

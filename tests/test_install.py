@@ -1,0 +1,116 @@
+"""The package as users get it: a non-editable install runs from any directory, and loading a
+run for analysis needs neither Lightning nor Hydra."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+#: Top-level modules that the analysis side must not pull in.
+TRAINING_ONLY = ("pytorch_lightning", "lightning", "lightning_fabric", "hydra")
+
+
+def _run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result
+
+
+def test_loading_a_run_imports_neither_lightning_nor_hydra(trained_runs, tmp_path):
+    run = trained_runs("vae")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import vae_experiments.analysis
+        from vae_experiments.runs import iterate_split, load_data, load_run
+
+        model, cfg = load_run({str(run)!r})
+        data = load_data(cfg)
+        count = sum(len(x) for x, _ in iterate_split(data, "test"))
+        terms = model.loss(next(iter(iterate_split(data, "test")))[0])
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in {TRAINING_ONLY!r})
+        print(count, float(terms["loss"]), loaded)
+        assert not loaded, loaded
+        """
+    )
+    result = _run([sys.executable, "-c", code], cwd=REPO_ROOT)
+    count, loss, _ = result.stdout.split(maxsplit=2)
+    assert int(count) == 359 and float(loss) > 0
+
+
+def _has_modern_setuptools() -> bool:
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    return int(setuptools.__version__.split(".")[0]) >= 77
+
+
+def test_a_plain_pip_install_trains_from_another_directory(tmp_path):
+    """``pip install .`` (not editable) into a fresh venv: ``vae-train`` finds its configs."""
+    source = tmp_path / "source"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if (REPO_ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, source / name)
+    venv = tmp_path / "venv"
+    # The venv sees this environment's torch, Lightning and Hydra (no download), but gets its
+    # own copy of vae-experiments, built as a wheel.
+    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
+    if _has_modern_setuptools():
+        pip.append("--no-build-isolation")
+    _run([*pip, str(source)], cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = _run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import vae_experiments; print(vae_experiments.__file__)",
+        ],
+        cwd=elsewhere,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(venv), where
+
+    _run(
+        [
+            str(venv / "bin" / "vae-train"),
+            "trainer.max_epochs=1",
+            "logger=none",
+            "hydra.run.dir=run",
+        ],
+        cwd=elsewhere,
+    )
+    metrics = json.loads((elsewhere / "run" / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["test/elbo"] < 0
+    help_text = _run([str(venv / "bin" / "vae-evaluate"), "--help"], cwd=elsewhere).stdout
+    assert "evaluate" in help_text
+
+
+@pytest.mark.parametrize(
+    "command", ["vae-train", "vae-evaluate", "vae-sample", "vae-compare-pca", "vae-summarize"]
+)
+def test_every_command_has_a_console_script(command):
+    assert shutil.which(command) or (Path(sys.executable).parent / command).exists(), (
+        f"{command} is not installed: pip install -e . again after changing pyproject.toml"
+    )

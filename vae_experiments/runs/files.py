@@ -1,0 +1,128 @@
+"""Reading and writing a run's files: atomically, so that a crash or kill never leaves a
+half-written one (see :mod:`vae_experiments.runs.layout` for what each file is).
+
+Plain Python and OmegaConf: no torch, Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vae_experiments.runs.layout import CONFIG_FILE, HYDRA_CONFIG_FILE, METRICS_FILE, STATUS_FILE
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Opens a file whose content replaces ``path`` only when the block completes, so that a
+    crash or kill mid-write leaves the previous file intact.
+
+    The data goes to a temporary file in the same directory (a rename across filesystems would
+    be a copy), is flushed and fsynced, then replaces the target with ``os.replace`` (atomic on
+    POSIX and Windows); the directory is fsynced too, so the rename survives a power loss.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX; Windows cannot open a directory
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Writes ``obj`` as JSON with :func:`atomic_write`."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_status(run_dir: str | Path, status: str, **details: Any) -> None:
+    """Records how the run stands in ``status.json`` (atomically), with a UTC timestamp.
+
+    Args:
+        run_dir: the run directory.
+        status: one of the status words of :mod:`~vae_experiments.runs.layout`.
+        **details: JSON-serialisable extras, e.g. ``error=...`` or ``resume_from=...``.
+    """
+    record = {"status": status, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomic(Path(run_dir) / STATUS_FILE, {**record, **details})
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``status.json`` as a dict; None when it has none.
+
+    Raises:
+        ValueError: the file is not a JSON object.
+    """
+    path = Path(run_dir) / STATUS_FILE
+    if not path.is_file():
+        return None
+    status = json.loads(path.read_text())
+    if not isinstance(status, dict):
+        raise ValueError(f"{path} holds no JSON object")
+    return status
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, float]:
+    """The run's ``metrics.json`` as a dict."""
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+def load_config(run_dir: str | Path) -> DictConfig:
+    """The run's ``config.yaml`` (interpolations kept; they resolve without Hydra), or Hydra's
+    copy of the composed config for a run that stopped before writing its own."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        path = Path(run_dir) / HYDRA_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{Path(run_dir) / CONFIG_FILE} not found: {run_dir} is not a run directory"
+        )
+    config = OmegaConf.load(path)
+    if not isinstance(config, DictConfig):
+        raise ValueError(f"{path} is not a config mapping")
+    return config
+
+
+def save_config(run_dir: str | Path, config: DictConfig, keep_previous: bool = False) -> None:
+    """Writes the run's ``config.yaml`` atomically, without Hydra's own ``hydra`` node.
+
+    Args:
+        run_dir: the run directory.
+        config: the composed config, ``model.image_shape`` filled in.
+        keep_previous: keep the config being replaced as ``config.before-resume-<n>.yaml``
+            (a resume that changed values: the run's history stays readable).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if keep_previous and path.is_file():
+        number = len(list(run_dir.glob("config.before-resume-*.yaml"))) + 1
+        shutil.copy2(path, run_dir / f"config.before-resume-{number}.yaml")
+    container = OmegaConf.to_container(config, resolve=False)
+    container.pop("hydra", None)
+    with atomic_write(path) as f:
+        f.write(OmegaConf.to_yaml(container))

@@ -1,0 +1,86 @@
+"""Loading a trained run back: its model with the checkpoint's weights, and its data.
+
+``load_run`` is "build the model config, load the state dict": the run's ``config.yaml`` holds
+the data's image shape, and building goes through :mod:`vae_experiments.targets`, which only
+builds classes we ship, so a run directory from someone else cannot run code. Checkpoints load
+with ``weights_only=True`` for the same reason. Plain torch and OmegaConf: no Lightning or
+Hydra, so it works in a notebook::
+
+    from vae_experiments.data import iterate_split
+    from vae_experiments.runs import load_data, load_run
+
+    model, cfg = load_run("outputs/2026-11-25/14-03-12")
+    data = load_data(cfg)
+    for x, labels in iterate_split(data, "test"):
+        print(model.loss(x)["loss"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from vae_experiments.models import LatentModel
+from vae_experiments.runs.files import load_config
+from vae_experiments.runs.layout import BEST, CONFIG_FILE, find_checkpoint, run_dir_of
+from vae_experiments.targets import instantiate
+
+
+def build_model(cfg: DictConfig) -> LatentModel:
+    """The untrained model of a run's config (``model.image_shape`` must be set)."""
+    if cfg.model.get("image_shape") is None:
+        raise ValueError(
+            f"the run's {CONFIG_FILE} has no model.image_shape: it was written by an older "
+            "version of vae-experiments; train the run again"
+        )
+    return instantiate(cfg.model, key="model")
+
+
+def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's state dict inside a Lightning checkpoint (keys without ``model.``)."""
+    return {
+        key.removeprefix("model."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("model.")
+    }
+
+
+def load_run(
+    run: str | Path, checkpoint: str = BEST, map_location: str | torch.device = "cpu"
+) -> tuple[LatentModel, DictConfig]:
+    """Loads a trained model and its config from a run directory or a checkpoint file.
+
+    Args:
+        run: a run directory or a ``.ckpt`` file inside one.
+        checkpoint: ``best`` (lowest validation loss) or ``last``; ignored for a ``.ckpt`` path.
+        map_location: device to load the weights to.
+
+    Returns:
+        The model in eval mode and the run's config (``config.yaml``).
+
+    Raises:
+        FileNotFoundError: ``run`` is no run directory or has no such checkpoint.
+        vae_experiments.targets.ConfigError: the config names something we do not build.
+    """
+    run_dir = run_dir_of(run)
+    ckpt_path = find_checkpoint(run, checkpoint)
+    cfg = load_config(run_dir)
+    model = build_model(cfg)
+    state = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    model.load_state_dict(model_state(state))
+    return model.to(map_location).eval(), cfg
+
+
+def load_data(cfg: DictConfig, **overrides: Any) -> Any:
+    """Builds the data of a run's config and loads its splits.
+
+    Args:
+        cfg: a run's config (``cfg.data`` is used).
+        **overrides: constructor arguments of ``cfg.data`` to replace, e.g. ``batch_size=1000``.
+    """
+    data = instantiate(cfg.data, key="data", **overrides)
+    data.setup()
+    return data
