@@ -18,17 +18,23 @@ Plain PyTorch (+ scikit-learn to fit the mixture), so it works in a notebook::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+)
 
 from vae_experiments.models import LatentModel
 
 DENSITIES = ("diag_gaussian", "gmm")
-LOG_2PI = math.log(2 * math.pi)
 
 
 @torch.no_grad()
@@ -81,47 +87,82 @@ def _check_codes(codes: Tensor, minimum: int, what: str) -> None:
 
 
 def _standard_normal(n: int, dim: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """N(0, I) draws (n, dim) in ``like``'s dtype and device, drawn with ``generator``'s device."""
+    """N(0, I) draws (n, dim) in ``like``'s dtype and device, drawn with ``generator``'s device.
+
+    torch.distributions' ``sample()`` draws from the global RNG and takes no generator; the
+    densities draw this noise with the caller's generator instead and transform it as their
+    distribution's ``rsample`` would, so seeded draws repeat and leave the global RNG alone.
+    """
     device = generator.device if generator is not None else like.device
     eps = torch.randn(n, dim, generator=generator, device=device, dtype=like.dtype)
     return eps.to(like.device)
 
 
 class LatentDensity:
-    """A density over codes: ``fit(codes)``, ``log_prob(z)`` in nats, ``sample(n)``."""
+    """A density over codes: ``fit(codes)``, ``log_prob(z)`` in nats, ``sample(n)``.
+
+    ``fit`` sets ``distribution``, a :class:`torch.distributions.Distribution` with event shape
+    (D,) that ``log_prob`` evaluates.
+    """
+
+    distribution: Distribution | None = None
 
     def fit(self, codes: Tensor) -> LatentDensity:
         raise NotImplementedError
 
+    def _fitted(self) -> Distribution:
+        if self.distribution is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(codes) first")
+        return self.distribution
+
     def log_prob(self, z: Tensor) -> Tensor:
         """Log-density (N,) in nats of codes z (N, D)."""
-        raise NotImplementedError
+        return self._fitted().log_prob(z)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n draws (n, D) on the device of the codes it was fitted to."""
         raise NotImplementedError
 
 
-class StandardNormal(LatentDensity):
+def _factored_normal(loc: Tensor, scale: Tensor) -> Independent:
+    """N(loc, diag(scale^2)) over vectors: loc and scale (D,), event shape (D,)."""
+    return Independent(Normal(loc, scale), 1)
+
+
+class _FactoredNormal(LatentDensity):
+    """A density whose ``distribution`` is a :func:`_factored_normal`."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        normal = self._fitted().base_dist
+        eps = _standard_normal(n, normal.loc.shape[0], generator, normal.loc)
+        return normal.loc + normal.scale * eps  # as Normal.rsample
+
+
+class StandardNormal(_FactoredNormal):
     """N(0, I): the prior of a VAE, for comparison with densities fitted to its codes."""
 
     def __init__(self, dim: int, device: str | torch.device = "cpu"):
-        self.loc = torch.zeros(dim, device=device)
+        self.distribution = self._standard(torch.zeros(dim, device=device))
+
+    @staticmethod
+    def _standard(loc: Tensor) -> Independent:
+        return _factored_normal(loc, torch.ones_like(loc))
+
+    @property
+    def loc(self) -> Tensor:
+        """The zero mean (D,), in the dtype and on the device of the codes it was fitted to."""
+        return self._fitted().base_dist.loc
 
     def fit(self, codes: Tensor) -> StandardNormal:
-        """Nothing to fit: only moves to the codes' device."""
+        """Nothing to fit: only moves to the codes' dtype and device."""
         _check_codes(codes, 1, "StandardNormal")
-        self.loc = torch.zeros(codes.shape[1], dtype=codes.dtype, device=codes.device)
+        self.distribution = self._standard(
+            torch.zeros(codes.shape[1], dtype=codes.dtype, device=codes.device)
+        )
         return self
 
-    def log_prob(self, z: Tensor) -> Tensor:
-        return -0.5 * (z.square().sum(-1) + z.shape[-1] * LOG_2PI)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return _standard_normal(n, self.loc.shape[0], generator, self.loc)
-
-
-class DiagonalGaussian(LatentDensity):
+class DiagonalGaussian(_FactoredNormal):
     """The factored Gaussian: each dimension's mean and variance, fitted by maximum likelihood.
 
     Ignores every correlation between dimensions and every cluster in the codes.
@@ -133,30 +174,25 @@ class DiagonalGaussian(LatentDensity):
 
     def __init__(self, min_variance: float = 1e-6):
         self.min_variance = min_variance
-        self.mean: Tensor | None = None
-        self.variance: Tensor | None = None
+
+    @property
+    def mean(self) -> Tensor:
+        """Per-dimension mean (D,)."""
+        return self._fitted().mean
+
+    @property
+    def variance(self) -> Tensor:
+        """Per-dimension variance (D,), floored by ``min_variance``."""
+        return self._fitted().variance
 
     def fit(self, codes: Tensor) -> DiagonalGaussian:
         """Sets mean and variance (D,) to the codes' (N, D) sample mean and (biased) variance."""
         _check_codes(codes, 2, "DiagonalGaussian")
         codes = codes.detach()
         variance = codes.var(0, correction=0)
-        self.mean = codes.mean(0)
-        self.variance = variance.clamp_min(self.min_variance * variance.mean().clamp_min(1e-30))
+        variance = variance.clamp_min(self.min_variance * variance.mean().clamp_min(1e-30))
+        self.distribution = _factored_normal(codes.mean(0), variance.sqrt())
         return self
-
-    def _fitted(self) -> tuple[Tensor, Tensor]:
-        if self.mean is None:
-            raise RuntimeError("DiagonalGaussian is not fitted: call fit(codes) first")
-        return self.mean, self.variance
-
-    def log_prob(self, z: Tensor) -> Tensor:
-        mean, variance = self._fitted()
-        return -0.5 * ((z - mean).square() / variance + variance.log() + LOG_2PI).sum(-1)
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        mean, variance = self._fitted()
-        return mean + variance.sqrt() * _standard_normal(n, mean.shape[0], generator, mean)
 
 
 class GaussianMixture(LatentDensity):
@@ -183,10 +219,22 @@ class GaussianMixture(LatentDensity):
         self.max_iter = max_iter
         self.reg_covar_: float | None = None  # the absolute value passed to scikit-learn
         self.converged_: bool | None = None
-        self.log_weights: Tensor | None = None  # (K,)
-        self.means: Tensor | None = None  # (K, D)
-        self.scale_tril: Tensor | None = None  # (K, D, D) Cholesky factors of the covariances
         self._dtype = torch.float32  # of the codes it was fitted to; log_prob and sample return it
+
+    @property
+    def log_weights(self) -> Tensor:
+        """Log mixture weights (K,), float64."""
+        return self._fitted().mixture_distribution.logits
+
+    @property
+    def means(self) -> Tensor:
+        """Component means (K, D), float64."""
+        return self._fitted().component_distribution.loc
+
+    @property
+    def scale_tril(self) -> Tensor:
+        """Cholesky factors (K, D, D) of the component covariances, float64."""
+        return self._fitted().component_distribution.scale_tril
 
     def fit(self, codes: Tensor) -> GaussianMixture:
         """Fits the mixture to codes (N, D); needs N >= components."""
@@ -207,42 +255,37 @@ class GaussianMixture(LatentDensity):
         def as_tensor(array: np.ndarray) -> Tensor:
             return torch.as_tensor(np.asarray(array), dtype=torch.float64).to(codes.device)
 
-        self.log_weights = as_tensor(mixture.weights_).log()
-        self.means = as_tensor(mixture.means_)
-        self.scale_tril = torch.linalg.cholesky(as_tensor(mixture.covariances_))
+        # float64, as scikit-learn fitted it: log_prob then matches its score_samples, also for
+        # the nearly singular covariances of codes that lie on a lower-dimensional set.
+        self.distribution = MixtureSameFamily(
+            Categorical(probs=as_tensor(mixture.weights_)),
+            MultivariateNormal(
+                as_tensor(mixture.means_),
+                scale_tril=torch.linalg.cholesky(as_tensor(mixture.covariances_)),
+            ),
+        )
         self._dtype = codes.dtype
         return self
 
-    def _fitted(self) -> tuple[Tensor, Tensor, Tensor]:
-        if self.means is None:
-            raise RuntimeError("GaussianMixture is not fitted: call fit(codes) first")
-        return self.log_weights, self.means, self.scale_tril
+    def log_prob(self, z: Tensor, chunk_size: int = 4096) -> Tensor:
+        """Log-density (N,) in nats of codes z (N, D), in the codes' dtype.
 
-    def component_log_prob(self, z: Tensor, chunk_size: int = 4096) -> Tensor:
-        """log w_k + log N(z | mu_k, Sigma_k): (N, K) in float64, in chunks of codes."""
-        log_weights, means, scale_tril = self._fitted()
-        dim = means.shape[1]
-        # log det Sigma_k = 2 sum log diag L_k
-        half_log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (K,)
-        out = []
-        for chunk in z.detach().to(torch.float64).split(chunk_size):
-            diff = (chunk.unsqueeze(0) - means.unsqueeze(1)).transpose(1, 2)  # (K, D, n)
-            white = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # L^-1 (z - mu)
-            mahalanobis = white.square().sum(1)  # (K, n)
-            log_normal = -0.5 * (mahalanobis + dim * LOG_2PI) - half_log_det.unsqueeze(1)
-            out.append((log_normal + log_weights.unsqueeze(1)).T)
-        return torch.cat(out)
-
-    def log_prob(self, z: Tensor) -> Tensor:
-        return torch.logsumexp(self.component_log_prob(z), dim=1).to(self._dtype)
+        Evaluated in chunks of ``chunk_size`` codes: each chunk holds (chunk, K, D) differences.
+        """
+        mixture = self._fitted()
+        chunks = z.detach().to(torch.float64).split(chunk_size)
+        return torch.cat([mixture.log_prob(chunk) for chunk in chunks]).to(self._dtype)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        log_weights, means, scale_tril = self._fitted()
+        mixture = self._fitted()
+        weights = mixture.mixture_distribution.probs  # (K,)
+        gaussians = mixture.component_distribution
+        means, scale_tril = gaussians.loc, gaussians.scale_tril  # (K, D), (K, D, D)
         device = generator.device if generator is not None else means.device
-        weights = log_weights.exp().to(device)
-        component = torch.multinomial(weights, n, replacement=True, generator=generator)
+        component = torch.multinomial(weights.to(device), n, replacement=True, generator=generator)
         eps = _standard_normal(n, means.shape[1], generator, means)  # (n, D) float64
         component = component.to(means.device)
+        # loc + L eps, as MultivariateNormal.rsample, with each draw's component
         z = means[component] + (scale_tril[component] @ eps.unsqueeze(-1)).squeeze(-1)
         return z.to(self._dtype)
 
