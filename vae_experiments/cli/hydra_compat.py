@@ -1,5 +1,5 @@
 """Every use of Hydra beyond its application API (``hydra.main``, ``compose``, ``initialize*``,
-``HydraConfig``, ``hydra.utils``), one function each.
+``HydraConfig``, ``hydra.types``, ``hydra.errors``, ``hydra.utils``), one function each.
 
 These are Hydra's private modules (``hydra._internal``), helpers it does not export, and the
 plugin-level API that Hydra documents for sweeper and launcher authors only. Each docstring names
