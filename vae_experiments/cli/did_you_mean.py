@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
+from vae_experiments.cli import hydra_compat
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Group choices of a sweep beyond this many combinations are not composed (each takes ~0.1 s).
@@ -50,14 +52,6 @@ def closest_key_message(tree: dict, key: str) -> str | None:
     return None
 
 
-def _all_groups(config_loader: Any, parent: str = "") -> set[str]:
-    groups = set()
-    for name in config_loader.list_groups(parent):
-        group = f"{parent}/{name}" if parent else name
-        groups |= {group, *_all_groups(config_loader, group)}
-    return groups
-
-
 def unknown_key_messages(config_dir: str, config_name: str, overrides: Sequence[str]) -> list[str]:
     """One message per override whose key is not in the config it would be applied to.
 
@@ -71,30 +65,21 @@ def unknown_key_messages(config_dir: str, config_name: str, overrides: Sequence[
         is missing only for some choices of a swept group. Empty if the overrides cannot be
         parsed or no config can be composed (Hydra's own message covers those cases).
     """
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        parsed = hydra_compat.parse_overrides(overrides)
     except Exception:
         return []
     # Inside a running Hydra app (compare_pca composes train.yaml in its task), leave its state
     # as it was.
-    backup = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
+    with hydra_compat.fresh_global_hydra():
         return _messages(config_dir, config_name, parsed)
-    finally:
-        restore_gh_from_backup(backup)
 
 
 def _messages(config_dir: str, config_name: str, parsed: list) -> list[str]:
     from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        groups = _all_groups(GlobalHydra.instance().config_loader())
+        groups = hydra_compat.config_groups()
         group_choices: list[list[str]] = []  # per group override: its choices as overrides
         additions: list[str] = []  # +key=value: they create keys that later overrides may set
         keys: list[str] = []  # key=value overrides, the ones whose key must exist
@@ -151,15 +136,13 @@ def _messages(config_dir: str, config_name: str, parsed: list) -> list[str]:
 
 def _command_line(argv: Sequence[str], config_name: str) -> tuple[str, list[str]] | None:
     """(config name, overrides) of a Hydra command line; None if it uses another config dir."""
-    from hydra._internal.utils import get_args_parser
-
     try:
-        args = get_args_parser().parse_args(list(argv))
+        command_line = hydra_compat.parse_command_line(argv)
     except (Exception, SystemExit):
         return None
-    if args.config_dir is not None or args.config_path is not None:
+    if command_line.other_config_dir:
         return None
-    return args.config_name or config_name, list(args.overrides)
+    return command_line.config_name or config_name, command_line.overrides
 
 
 def suggest_keys_on_failure(config_dir: str, config_name: str) -> Callable[[F], F]:

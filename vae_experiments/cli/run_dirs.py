@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vae_experiments.cli import hydra_compat
 from vae_experiments.runs import holds_a_run, is_first_process, run_dir_of
 
 #: Config groups of train.yaml: a resumed run keeps its choices.
@@ -113,11 +114,9 @@ def resumed_config(
     Raises:
         ValueError: for an override that picks a config group (``model=ae``) or deletes a key.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     config = saved.copy()
     changed = []
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
+    for override in hydra_compat.parse_overrides(overrides):
         key = override.key_or_group
         if key in ("resume", "ckpt_path"):
             continue

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from vae_experiments.pictures import image_grid, save_grid
+from vae_experiments.training import lightning_compat
 
 
 class ImageGrids(pl.Callback):
@@ -88,6 +89,4 @@ class RunCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        if "_state_key" not in self.__dict__:
-            self.__dict__["_state_key"] = super().state_key
-        return self.__dict__["_state_key"]
+        return lightning_compat.fixed_state_key(self)

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from vae_experiments.training import lightning_compat
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,7 @@ class Interruption(pl.Callback):
             return
         self._trainer = trainer
         names = [name for name in STOP_SIGNALS if hasattr(signal, name)]
-        environment = trainer._accelerator_connector.cluster_environment
-        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        if lightning_compat.lightning_answers_sigusr1(trainer):
             # Under SLURM, Lightning answers SIGUSR1 itself: it saves hpc_ckpt_<n>.ckpt and
             # requeues the job, which resumes from that checkpoint.
             names.remove("SIGUSR1")
@@ -133,15 +133,15 @@ class Interruption(pl.Callback):
         # (Lightning sets the flag itself on SIGTERM): a run stopped inside it cannot resume
         # exactly, and the checkpoint at its end would be lost.
         in_validation = trainer.validating or trainer.sanity_checking
-        trainer._signal_connector.received_sigterm = not in_validation
+        lightning_compat.request_stop(trainer, not in_validation)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.received is not None and self._trainer is not None:
-            trainer._signal_connector.received_sigterm = False  # see _on_signal
+            lightning_compat.request_stop(trainer, False)  # see _on_signal
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.received is not None and self._trainer is not None:
-            trainer._signal_connector.received_sigterm = True
+            lightning_compat.request_stop(trainer, True)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -157,7 +157,7 @@ class Interruption(pl.Callback):
             return
         # dump + strategy.save rather than trainer.save_checkpoint, whose barrier could wait
         # forever for DDP processes that stop at another point; global rank 0 writes the file.
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        checkpoint = lightning_compat.dump_checkpoint(trainer)
         trainer.strategy.save_checkpoint(checkpoint, self.checkpoint_path)
         self.saved = self.checkpoint_path
         log.warning(

@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
 from vae_experiments.models import LatentModel
+from vae_experiments.training import lightning_compat
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,7 @@ class LitModel(pl.LightningModule):
 
     def _logs_this_step(self) -> bool:
         """Whether the trainer writes step metrics after this step (every log_every_n_steps)."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        return lightning_compat.logs_this_step(self.trainer)
 
     def _log_means(self, stage: str, sync: bool) -> None:
         """Log the means accumulated in ``stage`` since the last call, then start afresh."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +32,10 @@ from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.config_checks import check_config, check_model_fits_data
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
+from vae_experiments.training.lightning_compat import quiet_lightning_noise
 from vae_experiments.training.module import LitModel, OptimizerFactory
 
 log = logging.getLogger(__name__)
-# Resuming: our data module restores the position in the epoch itself (Lightning looks for it
-# on the DataLoader), and the checkpoint folder of the run being resumed is meant to be full.
-warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-# ckpt_path= from another run: its checkpoint callbacks' state stays with that run, as it should.
-warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
-# Lightning advertises a cloud logger on every run; keep our users' logs about their runs.
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-    lambda record: "litlogger" not in record.getMessage()
-)
 
 
 def build_logger(cfg: DictConfig | None, run_dir: Path) -> Logger | None:
@@ -102,6 +92,7 @@ def log_hparams(logger: Logger, cfg: DictConfig, metrics: dict[str, float]) -> N
         logger.log_hyperparams(flat_hparams(cfg))
 
 
+@quiet_lightning_noise()  # Lightning's warnings that say nothing to our users, during the run only
 def train(
     cfg: DictConfig, run_dir: str | Path, ckpt_path: str | Path | None = None
 ) -> dict[str, float]:

@@ -1,0 +1,143 @@
+"""Every use of Lightning's private API, one function each, and the filters for its console noise.
+
+Lightning 2.6 offers no public way to do what these functions do; each docstring names the private
+attribute it uses and why the public API does not serve. ``tests/test_lightning_compat.py`` has
+one test per function, run against the installed Lightning, so an upgrade that renames or changes
+one of these attributes fails that test by name instead of breaking a run in the middle.
+
+The rest of the package uses only Lightning's public API (``pytorch_lightning`` without
+underscored modules or attributes); new private touchpoints belong here.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the trainer writes step metrics after the current step (every
+    ``log_every_n_steps``).
+
+    Private: ``trainer._logger_connector.should_update_logs``, which Lightning's own callbacks
+    (``LearningRateMonitor``, ``DeviceStatsMonitor``) use too; the count it is based on (batches
+    that stepped the optimizer) is not public. A trainer without the connector (a stand-in in a
+    unit test) logs every step.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+def lightning_answers_sigusr1(trainer: pl.Trainer) -> bool:
+    """Whether Lightning handles SIGUSR1 itself: under SLURM with ``auto_requeue`` it saves
+    ``hpc_ckpt_<n>.ckpt`` and requeues the job.
+
+    Private: ``trainer._accelerator_connector.cluster_environment``, where Lightning's signal
+    connector looks. The public ``trainer.strategy.cluster_environment`` exists only for
+    multi-process strategies, and a single-device SLURM job is requeued too.
+    """
+    environment = trainer._accelerator_connector.cluster_environment
+    return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+
+
+def request_stop(trainer: pl.Trainer, stop: bool = True) -> None:
+    """Asks the trainer to stop after the current training step (``stop=False`` withdraws it).
+
+    Private: sets ``trainer._signal_connector.received_sigterm``, the flag behind the public,
+    read-only ``trainer.received_sigterm``. Lightning checks it after every training step, shares
+    rank 0's value with the other DDP processes and raises ``SIGTERMException`` on each of them.
+    The public ``trainer.should_stop`` waits for the end of the epoch (and ``min_epochs``), is not
+    shared between processes, and raises nothing, so the run could not tell it was stopped.
+    """
+    trainer._signal_connector.received_sigterm = stop
+
+
+def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
+    """The full checkpoint (weights, optimizer, loops, callbacks' states) of this moment, not
+    written anywhere; ``trainer.strategy.save_checkpoint(checkpoint, path)`` writes it.
+
+    Private: ``trainer._checkpoint_connector.dump_checkpoint(weights_only=False)``. The public
+    ``trainer.save_checkpoint`` ends with a barrier that would wait forever for DDP processes
+    that stopped at another point.
+    """
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def train_batches_fetched(trainer: pl.Trainer) -> int:
+    """How many training batches of the current epoch the fit loop has taken so far (between
+    steps: how many were trained on).
+
+    Private: ``trainer.fit_loop.epoch_loop.batch_progress.current.ready``. ``trainer.fit_loop`` is
+    public, but its loop classes (``_FitLoop``, ``_TrainingEpochLoop``) and their progress
+    counters are private since Lightning 2.0; ``trainer.global_step`` counts optimizer steps over
+    all epochs, not batches in this one.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+
+def fixed_state_key(callback: ModelCheckpoint) -> str:
+    """``callback.state_key``, computed once per callback and then reused.
+
+    Lightning formats the state key of every callback for every hook of every step (its profiler's
+    action names), and ``ModelCheckpoint``'s is the repr of a dict. Reusing it relies on a
+    Lightning internal: ``ModelCheckpoint`` builds the key only from constructor arguments
+    (``monitor``, ``mode``, ``every_n_*``, ``train_time_interval``), which do not change later; a
+    changed key would make a resumed run miss the callback's saved state.
+    """
+    cache = callback.__dict__
+    if "_fixed_state_key" not in cache:
+        cache["_fixed_state_key"] = ModelCheckpoint.state_key.fget(callback)
+    return cache["_fixed_state_key"]
+
+
+# (message regex, category, module regex) of warnings that say nothing to our users.
+QUIET_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # Resuming: our data module restores the position in the epoch itself (Lightning looks for it
+    # on the DataLoader), and the checkpoint folder of the run being resumed is meant to be full.
+    (r"You're resuming from a checkpoint that ended before", UserWarning, ""),
+    (r"Checkpoint directory .* exists and is not empty", UserWarning, ""),
+    # ckpt_path= from another run: its checkpoint callbacks' state stays with that run, as it
+    # should.
+    (r"The dirpath has changed from", UserWarning, ""),
+    # Lightning 2.6 builds torch's deprecated LeafSpec (pytorch_lightning.utilities._pytree) on
+    # every run with torch >= 2.10; nothing for us to change.
+    (
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        FutureWarning,
+        r"pytorch_lightning\.utilities\._pytree",
+    ),
+)
+#: Lightning's INFO records that go to this logger and contain this text are dropped: it
+#: advertises a cloud logger on every run, and our users' logs are about their runs.
+QUIET_LOGGER = "pytorch_lightning.utilities.rank_zero"
+QUIET_LOG_TEXT = "litlogger"
+
+
+def _drop_advert(record: logging.LogRecord) -> bool:
+    return QUIET_LOG_TEXT not in record.getMessage()
+
+
+@contextmanager
+def quiet_lightning_noise() -> Iterator[None]:
+    """Inside it, Lightning's warnings and log lines in :data:`QUIET_WARNINGS` and
+    :data:`QUIET_LOGGER` are not shown; outside, warnings and logging are as they were.
+
+    Also usable as a decorator (``@quiet_lightning_noise()``). Only the listed messages are
+    filtered, each by message, category and (where it is stable) the module that warns.
+    """
+    logger = logging.getLogger(QUIET_LOGGER)
+    with warnings.catch_warnings():
+        for message, category, module in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        logger.addFilter(_drop_advert)
+        try:
+            yield
+        finally:
+            logger.removeFilter(_drop_advert)
