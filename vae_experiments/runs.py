@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.models import LatentModel
+from vae_experiments.targets import instantiate
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -151,7 +152,7 @@ def load_run(
     cfg = OmegaConf.load(config_path)
     ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
     image_shape = ckpt["hyper_parameters"]["image_shape"]
-    model = call_target(cfg.model, image_shape=image_shape)
+    model = instantiate(cfg.model, key="model", image_shape=image_shape)
     state = {
         key.removeprefix("model."): value
         for key, value in ckpt["state_dict"].items()

@@ -17,10 +17,11 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from vae_experiments import targets
 from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
-from vae_experiments.training.config_checks import check_config, check_model_fits_data
+from vae_experiments.training.config_checks import check_config
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.module import LitModel
@@ -95,19 +96,15 @@ def train(
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
 
     datamodule = instantiate(cfg.data)
-    check_model_fits_data(
-        cfg.model,
-        datamodule.image_shape,
-        getattr(datamodule, "value_range", None),
-        type(datamodule).__name__,
-    )
+    # The model checks its config (and that it can take the data's images) as it is built:
+    # before any data is read, so a bad value fails in a second.
+    image_shape = list(datamodule.image_shape)
+    model = targets.instantiate(cfg.model, key="model", image_shape=image_shape)
     # Read the data before building anything else, so a missing or broken dataset fails first.
     # Downloads happen once per machine (local rank 0); other ranks start after it finished.
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         datamodule.prepare_data()
     datamodule.setup("fit")
-    image_shape = list(datamodule.image_shape)
-    model = instantiate(cfg.model, image_shape=image_shape, _convert_="all")
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = LitModel(
         model,
