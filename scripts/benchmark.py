@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vae_experiments.configs import CONFIG_DIR as PACKAGE_CONFIG_DIR
 
@@ -60,8 +59,8 @@ TRAINING_CASES = {
         "MLP VAE 784-512-16, Bernoulli, Fashion-MNIST, batch 128",
         [
             "model=vae",
-            "model.arch=mlp",
-            "model.hidden_dims=[512]",
+            "model/network=mlp",
+            "model.network.hidden_dims=[512]",
             "model.latent_dim=16",
             "data=fashion_mnist",
             "data.batch_size=128",
@@ -69,14 +68,14 @@ TRAINING_CASES = {
     ),
     "conv_vae": Case(
         "conv VAE (default), Fashion-MNIST, batch 128",
-        ["model=vae", "model.arch=conv", "data=fashion_mnist", "data.batch_size=128"],
+        ["model=vae", "model/network=conv", "data=fashion_mnist", "data.batch_size=128"],
         ["+trainer.limit_train_batches=40", "+trainer.limit_val_batches=10"],
     ),
     "conv_vae_64": Case(
         "conv VAE (default), 64x64 RGB generated (CelebA-sized), batch 64",
         [
             "model=vae",
-            "model.arch=conv",
+            "model/network=conv",
             "data=synthetic",
             "data.image_shape=[3,64,64]",
             "data.num_train=162770",
@@ -172,10 +171,10 @@ def load_data(cfg) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
 
 
 def build_model(cfg, image_shape) -> torch.nn.Module:
-    from hydra.utils import instantiate
+    from vae_experiments.targets import instantiate
 
     torch.manual_seed(cfg.seed)
-    return instantiate(cfg.model, image_shape=list(image_shape), _convert_="all")
+    return instantiate(cfg.model, key="model", image_shape=list(image_shape))
 
 
 # ----------------------------------------------------------------------------- (a) the plain loop
@@ -285,27 +284,21 @@ def our_training(cfg, run_dir: Path) -> dict[str, float]:
 def plain_iwae(
     model, images: torch.Tensor, k: int, max_batch_elems: int, batch_size: int
 ) -> torch.Tensor:
-    """log p(x) per image by a batched log-sum-exp over k importance samples (Bernoulli VAE)."""
+    """log p(x) per image by a batched log-sum-exp over k importance samples: the plain loop
+    (all k log-weights of a batch kept, no float64 accumulation), with the log-weights from the
+    model's own ``log_importance_weights``."""
     model.eval()
     num_pixels = images[0].numel()
     latent_dim = model.latent_dim
-    log_normal_const = 0.5 * latent_dim * math.log(2 * math.pi)
     results = []
     for first in range(0, len(images), batch_size):
         x = images[first : first + batch_size].float().div_(255)  # (B, C, H, W)
-        mu, logvar = model.encoder(x).chunk(2, dim=1)  # (B, D)
-        std = torch.exp(0.5 * logvar)
+        posterior = model.posterior(x)  # mu, logvar: (B, D) each
         samples = max(1, min(k, max_batch_elems // (len(x) * max(num_pixels, 512))))
         log_w = []
         for start in range(0, k, samples):
             eps = torch.randn(len(x), min(samples, k - start), latent_dim, device=x.device)
-            z = mu[:, None] + std[:, None] * eps  # (B, S, D)
-            logits = model.decoder(z.flatten(0, 1)).view(len(x), -1, num_pixels)  # (B, S, P)
-            target = x.flatten(1)[:, None].expand_as(logits)
-            log_px_z = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(2)
-            log_pz = -0.5 * z.square().sum(2) - log_normal_const
-            log_qz = -0.5 * (eps.square() + logvar[:, None]).sum(2) - log_normal_const
-            log_w.append(log_px_z + log_pz - log_qz)  # (B, S)
+            log_w.append(model.log_importance_weights(x, eps, posterior)[0])  # (B, S)
         log_w = torch.cat(log_w, dim=1).double()  # (B, k)
         results.append(torch.logsumexp(log_w, dim=1) - math.log(k))
     return torch.cat(results)
@@ -362,7 +355,7 @@ def time_training_case(
     variants = [("ours", [])]
     for variant in args.variants:
         variant_overrides, conv_only = VARIANTS[variant]
-        if not conv_only or cfg.model.arch == "conv":
+        if not conv_only or cfg.model.network._target_.endswith(".Conv"):
             variants.append((f"ours + {variant}", variant_overrides))
     # Each path runs --repeats times, alternating, so that a slow spell of a shared machine
     # does not fall on one path only; a path's time is its fastest run (as timeit reports).

@@ -28,6 +28,10 @@ FAST = [
 ]
 
 
+# An MLP body with one hidden layer of 64 units, for any model.
+MLP_64 = ["model/network=mlp", "model.network.hidden_dims=[64]"]
+
+
 def compose_config(overrides: list[str] = ()) -> DictConfig:
     """``configs/train.yaml`` composed with overrides, as ``python train.py ...`` would."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -49,10 +53,10 @@ def images() -> torch.Tensor:
 def small_model_config(cfg: DictConfig) -> DictConfig:
     """Shrinks a model config so that tests stay fast."""
     with open_dict(cfg):
-        if "hidden_dims" in cfg:
-            cfg.hidden_dims = [32]
-        if "conv_channels" in cfg:
-            cfg.conv_channels = [8, 16]
+        if "hidden_dims" in cfg.network:
+            cfg.network.hidden_dims = [32]
+        if "channels" in cfg.network:
+            cfg.network.channels = [8, 16]
     return cfg
 
 
@@ -71,11 +75,11 @@ def trained_runs(tmp_path_factory) -> Callable[[str], Path]:
     epochs; trained once per session per name. Names: ``vae`` (MLP, Bernoulli, latent 4), ``ae``
     (MLP, latent 4), ``linear_ae`` (latent 4), ``vae_2d`` and ``ae_2d`` (latent 2)."""
     recipes = {
-        "vae": ["model=vae", "model.arch=mlp", "model.hidden_dims=[64]", "trainer.max_epochs=5"],
-        "ae": ["model=ae", "model.arch=mlp", "model.hidden_dims=[64]", "trainer.max_epochs=5"],
+        "vae": ["model=vae", *MLP_64, "trainer.max_epochs=5"],
+        "ae": ["model=ae", *MLP_64, "trainer.max_epochs=5"],
         "linear_ae": ["model=linear_ae", "trainer.max_epochs=5"],
-        "vae_2d": ["model=vae", "model.arch=mlp", "model.hidden_dims=[64]", "model.latent_dim=2"],
-        "ae_2d": ["model=ae", "model.arch=mlp", "model.hidden_dims=[64]", "model.latent_dim=2"],
+        "vae_2d": ["model=vae", *MLP_64, "model.latent_dim=2"],
+        "ae_2d": ["model=ae", *MLP_64, "model.latent_dim=2"],
     }
     cache: dict[str, Path] = {}
 

@@ -31,22 +31,11 @@ def test_unknown_case_is_rejected_with_the_choices(capsys):
 def test_plain_iwae_agrees_with_ours():
     import torch
 
-    from vae_experiments.models import build_vae
+    from vae_experiments.models import MLP, VAE, Bernoulli
 
     benchmark = load_benchmark()
     torch.manual_seed(0)
-    model = build_vae(
-        image_shape=[1, 8, 8],
-        latent_dim=3,
-        arch="mlp",
-        hidden_dims=[16],
-        conv_channels=[8],
-        likelihood="bernoulli",
-        sigma=0.1,
-        learn_sigma=False,
-        beta=1.0,
-        kl_warmup_steps=0,
-    ).eval()
+    model = VAE([1, 8, 8], 3, MLP([16]), Bernoulli(), beta=1.0, kl_warmup_steps=0).eval()
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     plain = benchmark.plain_iwae(model, images, k=2000, max_batch_elems=2**16, batch_size=4)
     ours = benchmark.our_iwae(model, images, k=2000, max_batch_elems=2**16, batch_size=4)

@@ -25,9 +25,10 @@ QUICK = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "data.batch_size=16",
-    "++model.hidden_dims=[16]",
-    "++model.conv_channels=[4,8]",
 ]
+# The default VAE's conv network, small (the sweep over linear_ae, ae and vae keeps the default
+# channels: the linear AE's network has none; on 8x8 digits they make two blocks of 32 and 64).
+SMALL_CONV = "model.network.channels=[4,8]"
 
 
 def run_cli(
@@ -45,7 +46,13 @@ def run_cli(
 def test_train_py_writes_a_complete_run_directory(tmp_path):
     run_dir = tmp_path / "my_run"
     run_cli(
-        [sys.executable, str(REPO_ROOT / "train.py"), *QUICK, f"hydra.run.dir={run_dir}"],
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            *QUICK,
+            SMALL_CONV,
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=tmp_path,
     )
     assert {p.name for p in run_dir.iterdir()} >= {
@@ -57,7 +64,7 @@ def test_train_py_writes_a_complete_run_directory(tmp_path):
         "train.log",
     }
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    assert config["model"]["_target_"] == "vae_experiments.models.build_vae"
+    assert config["model"]["_target_"] == "vae_experiments.models.VAE"
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     assert not (tmp_path / "lightning_logs").exists()
@@ -65,11 +72,10 @@ def test_train_py_writes_a_complete_run_directory(tmp_path):
 
 @pytest.mark.skipif(shutil.which("vae-train") is None, reason="package not installed")
 def test_console_script_shows_the_config(tmp_path):
-    result = run_cli(["vae-train", "--cfg", "job", "model=ae", "model.arch=mlp"], cwd=tmp_path)
+    result = run_cli(["vae-train", "--cfg", "job", "model=ae", "model/network=mlp"], cwd=tmp_path)
     config = yaml.safe_load(result.stdout)
-    assert config["model"]["arch"] == "mlp" and config["data"]["_target_"].endswith(
-        "DigitsDataModule"
-    )
+    assert config["model"]["network"]["_target_"].endswith(".MLP")
+    assert config["data"]["_target_"].endswith("DigitsDataModule")
 
 
 def test_sweep_over_models_and_latent_sizes(tmp_path):
@@ -108,7 +114,9 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
             str(REPO_ROOT / "train.py"),
             "-m",
             "model=ae",
-            "model.arch=bogus,mlp",
+            "model/network=mlp",
+            "model.network.hidden_dims=[16]",
+            "model.latent_dim=0,3",
             *QUICK,
             f"hydra.sweep.dir={sweep_dir}",
             "logger=none",
@@ -119,7 +127,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert result.returncode != 0  # the sweep as a whole reports the failure
     failed = json.loads((sweep_dir / "0" / "status.json").read_text())
     assert failed["status"] == "failed"
-    assert "model.arch=bogus is invalid: must be one of linear, mlp, conv" in failed["error"]
+    assert "model.latent_dim=0 is invalid: must be an integer >= 1" in failed["error"]
     assert not (sweep_dir / "0" / "metrics.json").exists()
     finished = json.loads((sweep_dir / "1" / "status.json").read_text())
     assert finished["status"] == "finished"
@@ -128,7 +136,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     summary = run_cli(
         [sys.executable, str(REPO_ROOT / "scripts" / "summarize.py"), str(sweep_dir)], cwd=tmp_path
     )
-    assert "model.arch=bogus is invalid" in (sweep_dir / "summary.md").read_text()
+    assert "model.latent_dim=0 is invalid" in (sweep_dir / "summary.md").read_text()
     assert summary.returncode == 0
 
 
@@ -178,7 +186,7 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
             "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false",
             "data.batch_size=32",
-            "model.conv_channels=[4,8]",
+            "model.network.channels=[4,8]",
             f"hydra.run.dir={run_dir}",
         ],
         cwd=tmp_path,
@@ -235,6 +243,7 @@ def test_ddp_jobs_of_a_sweep_each_write_one_directory(tmp_path):
             "trainer.accelerator=cpu",
             "trainer.devices=2",
             *QUICK[1:],
+            SMALL_CONV,
             "logger=none",
             f"hydra.sweep.dir={sweep_dir}",
         ],

@@ -187,7 +187,7 @@ def test_time_limit_signal_checkpoints_and_the_requeued_job_resumes(tmp_path):
         *TRAIN,
         "trainer=cpu",
         "trainer.enable_progress_bar=false",
-        "model.conv_channels=[4,8]",
+        "model.network.channels=[4,8]",
         "logger=none",
         f"hydra.run.dir={run_dir}",
     ]

@@ -63,7 +63,7 @@ def test_key_missing_for_one_choice_of_a_swept_group(monkeypatch, capsys, tmp_pa
             f"hydra.sweep.dir={tmp_path}",
         ],
     )
-    assert "model.beta is not a config key; model has: _target_, arch," in err
+    assert "model.beta is not a config key; model has: _target_, latent_dim, likelihood," in err
     assert err.rstrip().endswith("(with model=ae)")
 
 
@@ -71,16 +71,19 @@ def test_misspelled_key_inside_a_group_chosen_on_the_command_line():
     messages = unknown_key_messages(
         str(CONFIG_DIR),
         "train",
-        ["model=denoising_ae", "model.noise.sdt=0.1", "model.latent_dim=3"],
+        ["model=denoising_ae", "model.corruption.sdt=0.1", "model.latent_dim=3"],
     )
-    assert messages == ["model.noise.sdt is not a config key: did you mean `model.noise.std`?"]
+    assert messages == [
+        "model.corruption.sdt is not a config key: did you mean `model.corruption.std`?"
+    ]
 
 
 def test_added_keys_and_valid_overrides_get_no_message():
     overrides = [
         "+trainer.limit_train_batches=4",
         "trainer.limit_train_batches=5",
-        "++model.conv_channels=[8]",
+        "++model.network.channels=[8]",
+        "model/network=mlp,conv",
         "model=ae,vae",
         "hydra/launcher=submitit_local",
         "hydra.launcher.timeout_min=5",
@@ -122,3 +125,49 @@ def test_the_analysis_commands_suggest_too(tmp_path):
     )
     assert result.returncode == 1
     assert "kk is not a config key: did you mean `k`?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("model.arch=mlp", "model.arch is no longer a config key: use `model/network=mlp`"),
+        (
+            "model.hidden_dims=[64]",
+            "model.hidden_dims is no longer a config key: use "
+            "`model/network=mlp model.network.hidden_dims=[64]`",
+        ),
+        (
+            "model.conv_channels=[8,16]",
+            "model.conv_channels is no longer a config key: use "
+            "`model/network=conv model.network.channels=[8,16]`",
+        ),
+        (
+            "model.recon_loss=bce",
+            "model.recon_loss is no longer a config key: use `model/likelihood=bernoulli`",
+        ),
+        (
+            "model.sigma=0.05",
+            "model.sigma is no longer a config key: use "
+            "`model/likelihood=gaussian model.likelihood.sigma=0.05`",
+        ),
+        (
+            "model.noise.kind=mask",
+            "model.noise.kind is no longer a config key: use `model/corruption=mask`",
+        ),
+    ],
+)
+def test_a_key_of_the_old_flat_model_configs_gets_the_override_that_replaced_it(
+    monkeypatch, capsys, override, hint
+):
+    err = run_main(monkeypatch, capsys, ["model=ae", override])
+    assert err.rstrip().splitlines()[-1] == hint
+
+
+def test_a_part_set_like_a_value_gets_its_config_group():
+    messages = unknown_key_messages(
+        str(CONFIG_DIR), "train", ["model=vae", "model.likelihood=gaussian", "model.network=mlp"]
+    )
+    assert messages == [
+        "model.likelihood is chosen from a config group: use `model/likelihood=gaussian`",
+        "model.network is chosen from a config group: use `model/network=mlp`",
+    ]

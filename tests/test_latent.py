@@ -33,8 +33,15 @@ from vae_experiments.analysis.latent import (
 )
 from vae_experiments.analysis.latent_plots import latent_scatter, project_2d
 from vae_experiments.cli.common import analysis_dir, run_dir_of
-from vae_experiments.models import LatentModel
-from vae_experiments.models.factory import build_autoencoder, build_vae
+from vae_experiments.models import (
+    MLP,
+    VAE,
+    Autoencoder,
+    Bernoulli,
+    Conv,
+    LatentModel,
+    Network,
+)
 from vae_experiments.models.likelihoods import SquaredError
 from vae_experiments.runs import load_data
 from vae_experiments.training.latent_callback import LatentSamples
@@ -156,14 +163,24 @@ def test_fit_density_rejects_bad_requests():
 # --- encoding and traversals -------------------------------------------------------------------
 
 
+class Reshape(Network):
+    """Identity maps: images (B, 1, 1, D) <-> codes (B, D)."""
+
+    def encoder(self, image_shape, out_features):
+        return nn.Flatten()
+
+    def decoder(self, image_shape, latent_dim):
+        linear = nn.Linear(latent_dim, latent_dim)
+        nn.init.eye_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        return nn.Sequential(linear, nn.Unflatten(1, tuple(image_shape)))
+
+
 class ReshapeModel(LatentModel):
     """decode(z) = z as a (1, 1, D) image, so a traversal's images show its codes."""
 
     def __init__(self, dim: int):
-        linear = nn.Linear(dim, dim)
-        nn.init.eye_(linear.weight)
-        nn.init.zeros_(linear.bias)
-        super().__init__(nn.Sequential(linear, nn.Unflatten(1, (1, 1, dim))), SquaredError(), dim)
+        super().__init__((1, 1, dim), dim, Reshape(), SquaredError(), dim)
 
 
 def test_traversal_varies_one_dimension_per_row_across_its_quantiles():
@@ -189,7 +206,7 @@ def test_traversal_varies_one_dimension_per_row_across_its_quantiles():
 
 
 def test_encode_split_matches_encode_and_restores_the_mode(images):
-    model = build_autoencoder([1, 8, 8], 3, "conv", "mse", conv_channels=[4, 8])  # BatchNorm
+    model = Autoencoder([1, 8, 8], 3, Conv([4, 8]), SquaredError())  # BatchNorm
     labels = torch.arange(len(images))
     batches = [(images[:10], labels[:10]), (images[10:], labels[10:])]
     codes, got_labels = encode_split(model, batches, return_labels=True)
@@ -258,7 +275,7 @@ def fit_with_callback(tmp_path: Path, model: LatentModel) -> tuple[LatentSamples
 
 
 def test_callback_logs_latent_samples_and_likelihoods_for_an_ae(tmp_path):
-    model = build_autoencoder([1, 8, 8], 3, "mlp", "mse", hidden_dims=[32])
+    model = Autoencoder([1, 8, 8], 3, MLP([32]), SquaredError())
     callback, datamodule = fit_with_callback(tmp_path, model)
 
     for kind in ("diag_gaussian", "gmm"):
@@ -291,7 +308,7 @@ def test_callback_logs_latent_samples_and_likelihoods_for_an_ae(tmp_path):
 
 
 def test_callback_leaves_models_with_a_prior_alone(tmp_path):
-    model = build_vae([1, 8, 8], 2, "mlp", "bernoulli", 1.0, 0, hidden_dims=[16])
+    model = VAE([1, 8, 8], 2, MLP([16]), Bernoulli(), beta=1.0, kl_warmup_steps=0)
     callback, _ = fit_with_callback(tmp_path, model)
     assert callback.results == {} and not (tmp_path / "images").exists()
 

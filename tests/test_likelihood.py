@@ -25,7 +25,7 @@ from vae_experiments.analysis.likelihood import (
     evaluate_vae,
     iwae_log_likelihood,
 )
-from vae_experiments.models import build_autoencoder, build_vae
+from vae_experiments.models import VAE, Autoencoder, Gaussian, Linear, SquaredError
 from vae_experiments.runs import load_data
 
 IMAGE_SHAPE = (1, 2, 3)
@@ -46,14 +46,13 @@ def linear_gaussian_vae():
     S's diagonal, all float64 except the model.
     """
     torch.manual_seed(0)
-    model = build_vae(
+    model = VAE(
         image_shape=IMAGE_SHAPE,
         latent_dim=2,
-        arch="linear",
-        likelihood="gaussian",
+        network=Linear(),
+        likelihood=Gaussian(SIGMA, learn_sigma=False),
         beta=1,
         kl_warmup_steps=0,
-        sigma=SIGMA,
     ).eval()
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=seeded(1), dtype=torch.float64))
     w = q[:, :2] * torch.tensor([1.5, 0.7], dtype=torch.float64)  # (6, 2), orthogonal columns
@@ -92,6 +91,29 @@ def test_iwae_is_exact_with_the_exact_posterior(k):
     assert model.training  # evaluated in eval mode, its mode restored
     assert estimate.dtype == torch.float64 and estimate.shape == (32,)
     torch.testing.assert_close(estimate, closed_form_log_px(x, w, b), rtol=0, atol=2e-5)
+
+
+def test_log_importance_weights_match_an_independent_computation():
+    model, w, b, _ = linear_gaussian_vae()
+    x = sample_images(w, b, 5)
+    noise = torch.randn(5, 7, 2, generator=seeded())
+    with torch.no_grad():
+        log_w, log_px_z = model.log_importance_weights(x, noise)
+        mu, logvar = model.posterior(x)
+        std = torch.exp(0.5 * logvar)
+        z = mu[:, None] + std[:, None] * noise  # (5, 7, 2)
+        mean = model.decoder(z.flatten(0, 1)).view(5, 7, -1)  # (5, 7, 6)
+        expected_px_z = Normal(mean, SIGMA).log_prob(x.flatten(1)[:, None]).sum(-1)
+        expected = (
+            expected_px_z
+            + Normal(0.0, 1.0).log_prob(z).sum(-1)
+            - Normal(mu[:, None], std[:, None]).log_prob(z).sum(-1)
+        )
+        given = model.log_importance_weights(x, noise, posterior=(mu, logvar))[0]
+    assert log_w.shape == log_px_z.shape == (5, 7)
+    torch.testing.assert_close(log_px_z, expected_px_z)
+    torch.testing.assert_close(log_w, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(given, log_w)
 
 
 def test_iwae_converges_with_a_wrong_posterior_and_k1_is_the_elbo():
@@ -234,7 +256,7 @@ def test_active_units():
 
 
 def test_needs_a_vae():
-    ae = build_autoencoder(image_shape=IMAGE_SHAPE, latent_dim=2, arch="linear", recon_loss="mse")
+    ae = Autoencoder(IMAGE_SHAPE, latent_dim=2, network=Linear(), likelihood=SquaredError())
     x = torch.rand(4, *IMAGE_SHAPE)
     with pytest.raises(ValueError, match="needs a VAE.*Autoencoder"):
         iwae_log_likelihood(ae, x, k=5, max_batch_elems=BIG)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vae_experiments.models.networks import build_encoder_decoder, conv_feature_sizes
+from vae_experiments.models.networks import MLP, Conv, Linear, conv_feature_sizes
+from vae_experiments.targets import ConfigError
 
 CHANNELS = [32, 64, 128, 256, 512]
 
@@ -25,9 +26,9 @@ CHANNELS = [32, 64, 128, 256, 512]
 )
 def test_conv_arch_returns_the_input_shape(image_shape, expected_blocks):
     latent_dim = 6
-    encoder, decoder = build_encoder_decoder(
-        "conv", image_shape, latent_dim, 2 * latent_dim, conv_channels=CHANNELS
-    )
+    network = Conv(CHANNELS)
+    encoder = network.encoder(image_shape, 2 * latent_dim)
+    decoder = network.decoder(image_shape, latent_dim)
     assert len(encoder.blocks) == expected_blocks
     assert len(decoder.blocks) == expected_blocks
     x = torch.rand(3, *image_shape)
@@ -42,16 +43,16 @@ def test_feature_sizes_halve_with_ceiling():
     assert conv_feature_sizes(128, 128, 5)[-1] == (4, 4)
 
 
-@pytest.mark.parametrize("arch", ["linear", "mlp"])
+@pytest.mark.parametrize("network", [Linear(), MLP([64, 32])], ids=repr)
 @pytest.mark.parametrize("image_shape", [(1, 8, 8), (3, 28, 20)])
-def test_dense_archs_return_the_input_shape(arch, image_shape):
-    encoder, decoder = build_encoder_decoder(arch, image_shape, 5, 5, hidden_dims=[64, 32])
+def test_dense_archs_return_the_input_shape(network, image_shape):
+    encoder, decoder = network.encoder(image_shape, 5), network.decoder(image_shape, 5)
     x = torch.rand(2, *image_shape)
     assert decoder(encoder(x)).shape == x.shape
 
 
 def test_linear_arch_has_no_nonlinearity():
-    encoder, decoder = build_encoder_decoder("linear", (1, 8, 8), 3, 3)
+    encoder, decoder = Linear().encoder((1, 8, 8), 3), Linear().decoder((1, 8, 8), 3)
     modules = [type(m).__name__ for m in [*encoder.modules(), *decoder.modules()]]
     assert set(modules) <= {"MLPEncoder", "MLPDecoder", "Sequential", "Linear"}
     # An affine map: f(a x + (1-a) y) = a f(x) + (1-a) f(y).
@@ -61,16 +62,26 @@ def test_linear_arch_has_no_nonlinearity():
     )
 
 
+def test_mlp_decoder_mirrors_the_encoder():
+    network = MLP([64, 32])
+    encoder, decoder = network.encoder((1, 8, 8), 5), network.decoder((1, 8, 8), 5)
+    assert [m.out_features for m in encoder.net if isinstance(m, torch.nn.Linear)] == [64, 32, 5]
+    assert [m.out_features for m in decoder.net if isinstance(m, torch.nn.Linear)] == [32, 64, 64]
+
+
 def test_too_small_image_for_conv_says_what_to_do():
-    with pytest.raises(ValueError, match="too small for the conv arch.*model.arch=mlp"):
-        build_encoder_decoder("conv", (1, 2, 2), 2, 2, conv_channels=CHANNELS)
+    with pytest.raises(ConfigError, match="conv network cannot take images of shape.*network=mlp"):
+        Conv(CHANNELS).encoder((1, 2, 2), 2)
 
 
-def test_unknown_arch_lists_choices():
-    with pytest.raises(ValueError, match="linear, mlp, conv"):
-        build_encoder_decoder("resnet", (1, 8, 8), 2, 2)
-
-
-def test_bad_latent_dim():
-    with pytest.raises(ValueError, match="model.latent_dim must be >= 1"):
-        build_encoder_decoder("mlp", (1, 8, 8), 0, 0, hidden_dims=[8])
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: MLP([64, 0]), r"^hidden_dims=\[64, 0\] is invalid: must be a list of integers"),
+        (lambda: Conv([]), r"^channels=\[\] is invalid: must be a non-empty list of integers"),
+        (lambda: Conv([8, -1]), r"^channels=\[8, -1\] is invalid"),
+    ],
+)
+def test_bad_sizes_fail_with_their_argument(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()

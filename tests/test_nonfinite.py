@@ -19,7 +19,7 @@ from vae_experiments.training.module import NEVER, TermMeans
 
 # digits: 1294 training images, 40 full batches of 32 per epoch (steps 0-39, then 40-79).
 STEPS_PER_EPOCH = 1294 // 32
-AE = ["model=ae", "model.arch=mlp", "model.hidden_dims=[32]", "logger=none"]
+AE = ["model=ae", "model/network=mlp", "model.network.hidden_dims=[32]", "logger=none"]
 
 
 def break_loss_from(monkeypatch, first_step: int, term: str = "recon", training: bool = True):
@@ -120,7 +120,7 @@ def test_a_nan_val_loss_never_replaces_the_best_checkpoint(tmp_path, monkeypatch
 def test_an_absurd_learning_rate_fails_the_cli_run_with_the_message(tmp_path):
     # Adam moves every weight by about lr in its first step: the VAE's loss is nan at step 1.
     run_dir = tmp_path / "run"
-    args = [*FAST, "model.hidden_dims=[32]", "model.conv_channels=[8,16]", "logger=none"]
+    args = [*FAST, "model.network.channels=[8,16]", "logger=none"]
     command = [sys.executable, str(REPO_ROOT / "train.py"), *args, "optimizer.lr=1e6"]
     result = run_cli([*command, f"hydra.run.dir={run_dir}"], tmp_path, expect_success=False)
     assert result.returncode != 0

@@ -100,7 +100,7 @@ def test_compare_pca_command_writes_its_report(tmp_path):
             "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false",
             "data.batch_size=64",
-            "methods.ae_conv=['model=ae','model.arch=conv','model.conv_channels=[4,8]']",
+            "methods.ae_conv=['model=ae','model/network=conv','model.network.channels=[4,8]']",
             f"hydra.run.dir={out}",
         ],
         cwd=tmp_path,

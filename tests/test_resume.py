@@ -31,8 +31,8 @@ from vae_experiments.training.interrupt import Interruption, RunInterrupted
 # noise all depend on where training stands and on the random number generators.
 RESUMABLE = [
     "model=vae",
-    "model.arch=mlp",
-    "model.hidden_dims=[32]",
+    "model/network=mlp",
+    "model.network.hidden_dims=[32]",
     "data.binarize=dynamic",
     "logger=none",
 ]
@@ -254,14 +254,16 @@ def test_resume_changes_only_values_and_keeps_the_old_config(tmp_path):
 
 
 def test_resumed_config_applies_typed_values_from_the_command_line():
-    saved = compose_config(["model=ae", "model.hidden_dims=[8]"])
-    composed = compose_config(["trainer.max_epochs=7", "model.hidden_dims=[16,8]"])
+    saved = compose_config(["model=ae", "model.network.channels=[8]"])
+    composed = compose_config(["trainer.max_epochs=7", "model.network.channels=[16,8]"])
     config, changed = resumed_config(
-        saved, composed, ["resume=x", "trainer.max_epochs=7", "model.hidden_dims=[16,8]"]
+        saved, composed, ["resume=x", "trainer.max_epochs=7", "model.network.channels=[16,8]"]
     )
-    assert config.trainer.max_epochs == 7 and list(config.model.hidden_dims) == [16, 8]
+    assert config.trainer.max_epochs == 7 and list(config.model.network.channels) == [16, 8]
     assert config.model._target_ == saved.model._target_  # still the autoencoder
-    assert changed == ["trainer.max_epochs=7", "model.hidden_dims=[16,8]"]
+    assert changed == ["trainer.max_epochs=7", "model.network.channels=[16,8]"]
+    with pytest.raises(ValueError, match="model/network=mlp: a resumed run keeps"):
+        resumed_config(saved, composed, ["model/network=mlp"])
     with pytest.raises(ValueError, match="data=mnist: a resumed run keeps"):
         resumed_config(saved, composed, ["data=mnist"])
 

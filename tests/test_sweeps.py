@@ -66,7 +66,7 @@ def vae_metrics(loss: float, **extra) -> dict:
     }
 
 
-FIXED = ["trainer.max_epochs=3", "++model.hidden_dims=[16]", "optimizer.lr=1e-3"]
+FIXED = ["trainer.max_epochs=3", "++model.network.hidden_dims=[16]", "optimizer.lr=1e-3"]
 
 
 @pytest.fixture
@@ -98,7 +98,11 @@ def sweep(tmp_path) -> Path:
 
 
 def test_parse_override_strips_prefixes_and_types_values():
-    assert parse_override("++model.hidden_dims=[16, 8]") == ("model.hidden_dims", [16, 8])
+    assert parse_override("++model.network.hidden_dims=[16, 8]") == (
+        "model.network.hidden_dims",
+        [16, 8],
+    )
+    assert parse_override("model/network=mlp") == ("model/network", "mlp")
     assert parse_override("+trainer.limit_train_batches=4") == ("trainer.limit_train_batches", 4)
     assert parse_override("optimizer.lr=1e-3") == ("optimizer.lr", 0.001)
     assert parse_override("trainer.enable_progress_bar=False") == (
@@ -123,7 +127,7 @@ def test_collect_runs_reads_every_run_with_its_status(sweep):
         ("model", "vae"),
         ("model.latent_dim", 2),
         ("trainer.max_epochs", 3),
-        ("model.hidden_dims", [16]),
+        ("model.network.hidden_dims", [16]),
         ("optimizer.lr", 0.001),
     ]
     assert first.metrics == vae_metrics(30.0)
@@ -155,7 +159,7 @@ def test_table_sorts_by_metric_and_puts_failures_last(sweep):
     assert table.swept == ["model", "model.latent_dim"]
     assert table.fixed == {
         "trainer.max_epochs": 3,
-        "model.hidden_dims": [16],
+        "model.network.hidden_dims": [16],
         "optimizer.lr": 0.001,
     }
     # failures are ordered by their swept values: ae/4 (job 5) before ae/10 (job 4)
@@ -216,14 +220,14 @@ def test_a_key_only_some_runs_override_comes_from_their_config(tmp_path):
         tmp_path / "10-00-00",
         ["model=ae", "model.latent_dim=8"],
         metrics={"test/loss": 2.0},
-        config={"model": {"latent_dim": 8, "conv_channels": [8, 16]}, "seed": 0},
+        config={"model": {"latent_dim": 8, "network": {"channels": [8, 16]}}, "seed": 0},
         choices={"model": "ae"},
     )
     make_run(
         tmp_path / "11-00-00",
         [],
         metrics={"test/loss": 1.0},
-        config={"model": {"latent_dim": 16, "conv_channels": [8, 16]}, "seed": 0},
+        config={"model": {"latent_dim": 16, "network": {"channels": [8, 16]}}, "seed": 0},
         choices={"model": "vae"},
     )
     table = summary_table(collect_runs(tmp_path))
@@ -239,7 +243,10 @@ def test_markdown_and_csv(sweep):
     table = summary_table(collect_runs(sweep), sort_by="test/loss")
     markdown = table.to_markdown()
     lines = markdown.splitlines()
-    assert lines[0] == "fixed: trainer.max_epochs=3, model.hidden_dims=[16], optimizer.lr=0.001"
+    assert (
+        lines[0]
+        == "fixed: trainer.max_epochs=3, model.network.hidden_dims=[16], optimizer.lr=0.001"
+    )
     header = next(line for line in lines if line.startswith("| run"))
     assert header.split(" | ")[1:3] == ["model", "model.latent_dim"]
     first_row = lines[lines.index(header) + 2]
@@ -361,8 +368,8 @@ def test_summary_of_a_real_tiny_sweep(tmp_path):
     for job, dim in enumerate([2, 5]):
         overrides = [
             "model=ae",
-            "model.arch=mlp",
-            "++model.hidden_dims=[16]",
+            "model/network=mlp",
+            "model.network.hidden_dims=[16]",
             "logger=none",
             f"model.latent_dim={dim}",
             "trainer.max_epochs=1",
@@ -372,7 +379,8 @@ def test_summary_of_a_real_tiny_sweep(tmp_path):
         (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     table = summary_table(collect_runs(sweep), sort_by="test/recon_mse")
     assert table.swept == ["model.latent_dim"]
-    assert table.fixed["model"] == "ae" and table.fixed["model.hidden_dims"] == [16]
+    assert table.fixed["model"] == "ae" and table.fixed["model/network"] == "mlp"
+    assert table.fixed["model.network.hidden_dims"] == [16]
     for record in table.records:
         metrics = json.loads((record.path / "metrics.json").read_text())
         assert record.ok and record.metrics == metrics

@@ -11,11 +11,11 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import FAST, MODEL_CONFIGS, compose_config, train_run
+from tests.conftest import FAST, MLP_64, MODEL_CONFIGS, compose_config, train_run
 from vae_experiments import load_run, read_metrics
 from vae_experiments.models.base import squared_error
 
-SMALL = ["model.hidden_dims=[32]", "model.conv_channels=[8,16]"]
+SMALL = ["model.network.channels=[8,16]"]  # the conv network of the deep models, small
 
 
 def run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict, Path]:
@@ -60,7 +60,7 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
 
     # The logged test metric is what the reloaded model gives on the test split.
     model, cfg = load_run(run_dir)
-    assert cfg.model._target_.endswith("build_vae" if name == "vae" else "build_autoencoder")
+    assert cfg.model._target_.endswith(".VAE" if name == "vae" else ".Autoencoder")
     assert not model.training
     x = load_test_images(overrides)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
 
 
 def test_training_lowers_the_test_error(tmp_path):
-    overrides = ["model=ae", "model.arch=mlp", "model.hidden_dims=[64]", "trainer.max_epochs=3"]
+    overrides = ["model=ae", *MLP_64, "trainer.max_epochs=3"]
     metrics, _ = run(tmp_path, overrides)
     untrained = instantiate(compose_config(overrides).model, image_shape=[1, 8, 8], _convert_="all")
     x = load_test_images(overrides)
@@ -207,7 +207,12 @@ def test_compiled_loss_trains_like_the_eager_one(tmp_path, monkeypatch):
     # Inductor draws its own random numbers unless told to use eager's; with them, the compiled
     # run must follow the eager one up to float rounding.
     monkeypatch.setattr("torch._inductor.config.fallback_random", True)
-    overrides = ["model=vae", "model.arch=mlp", "model.hidden_dims=[32]", "trainer.max_epochs=2"]
+    overrides = [
+        "model=vae",
+        "model/network=mlp",
+        "model.network.hidden_dims=[32]",
+        "trainer.max_epochs=2",
+    ]
     eager, _ = run(tmp_path, overrides, "eager")
     compiled, _ = run(tmp_path, [*overrides, "compile=true"], "compiled")
     for key in ("test/loss", "test/recon_mse", "test/kl"):

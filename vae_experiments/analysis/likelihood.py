@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from vae_experiments.models import VAE, Gaussian, LatentModel, gaussian_kl
+from vae_experiments.models import VAE, LatentModel, gaussian_kl
 
 #: Latent noise elements (images x samples x latent dims) drawn per random draw. Fixed, so the
 #: samples do not depend on how the work is chunked.
@@ -48,7 +48,7 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 
 def check_vae(model: LatentModel) -> None:
     """Raises ``ValueError`` unless ``model`` has a prior and a posterior (a VAE)."""
-    if not (getattr(model, "has_prior", False) and hasattr(model, "posterior")):
+    if not (getattr(model, "has_prior", False) and hasattr(model, "log_importance_weights")):
         raise ValueError(
             f"log-likelihood evaluation needs a VAE (a model with model.has_prior and a "
             f"posterior q(z | x)), got {type(model).__name__}; train one with model=vae"
@@ -143,12 +143,9 @@ def _log_weight_stats_eval(
     generator: torch.Generator | None,
 ) -> dict[str, Tensor]:
     x = x.to(model.device)
-    batch_size, image_shape = x.shape[0], x.shape[1:]
-    num_pixels = image_shape.numel()
+    batch_size = x.shape[0]
     mu, logvar = model.posterior(x)  # (B, D) each
-    row_elems = decoder_row_elems(model, num_pixels, like=mu)
-    std = torch.exp(0.5 * logvar)
-    half_logvar_sum = 0.5 * logvar.sum(1)  # (B,)
+    row_elems = decoder_row_elems(model, x[0].numel(), like=mu)
 
     lse = torch.full((batch_size,), -math.inf, dtype=torch.float64, device=x.device)
     sum_log_w = torch.zeros(batch_size, dtype=torch.float64, device=x.device)
@@ -159,18 +156,9 @@ def _log_weight_stats_eval(
         for i in range(0, batch_size, images):
             rows = slice(i, i + images)
             for s in range(0, block, samples):
-                e = eps[rows, s : s + samples]  # (n, m, D): n images, m samples each
-                n, m = e.shape[:2]
-                z = mu[rows, None] + std[rows, None] * e  # (n, m, D)
-                output = model.decoder(z.reshape(n * m, -1))  # (n * m, C, H, W)
-                targets = x[rows, None].expand(n, m, *image_shape).reshape(n * m, *image_shape)
-                log_px_z = model.likelihood.log_prob(targets, output).view(n, m)
-                # log p(z) - log q(z | x); the (2 pi)^(D/2) factors cancel. With z = mu + std *
-                # eps, log q only needs eps, which is exact (no division by std).
-                log_pz_qz = (
-                    0.5 * (e.square().sum(-1) - z.square().sum(-1)) + half_logvar_sum[rows, None]
+                log_w, log_px_z = model.log_importance_weights(  # (n, m) each
+                    x[rows], eps[rows, s : s + samples], posterior=(mu[rows], logvar[rows])
                 )
-                log_w = log_px_z + log_pz_qz  # (n, m)
                 lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(log_w, 1).double())
                 sum_log_w[rows] += log_w.double().sum(1)
                 sum_log_px_z[rows] += log_px_z.double().sum(1)
@@ -194,7 +182,8 @@ def iwae_log_likelihood(
 
     Burda et al. 2015 (https://arxiv.org/abs/1509.00519), eq. 8:
     ``log (1/k) sum_k p(x | z_k) p(z_k) / q(z_k | x)`` with ``z_k ~ q(z | x)``, p(z) = N(0, I),
-    log p(x | z) from ``model.likelihood`` summed over pixels. ``k=1`` gives a single-sample ELBO.
+    log p(x | z) from ``model.likelihood`` summed over pixels (the weights are
+    :meth:`VAE.log_importance_weights`). ``k=1`` gives a single-sample ELBO.
 
     Args:
         model: a VAE (anything with ``posterior``, ``decoder``, ``likelihood``); evaluated in
@@ -270,9 +259,10 @@ def evaluate_vae(
           gain of importance weighting;
         - ``recon``: the mean of -log p(x | z) over the samples;
         - ``kl``: KL(q(z | x) || p(z)), analytic;
-        - ``bpd``: bits per dimension of ``log_px`` (:func:`bits_per_dim`; a Gaussian likelihood
-          is read as a density on 8-bit data scaled to [0, 1] and gets the 8-bit discretisation
-          term, ``bpd = (-log_px / D) / ln 2 + 8``; a Bernoulli likelihood none);
+        - ``bpd``: bits per dimension of ``log_px`` (:func:`bits_per_dim`; a likelihood that is a
+          continuous density (``continuous_density``, e.g. Gaussian) is read as a density on
+          8-bit data scaled to [0, 1] and gets the 8-bit discretisation term,
+          ``bpd = (-log_px / D) / ln 2 + 8``; a Bernoulli likelihood none);
         - ``active_units``: the number of latent units with Cov_x(E_q[z_u | x]) > 0.01 over the
           split (:func:`count_active_units`; NaN for a single image);
         - ``num_images``.
@@ -294,7 +284,7 @@ def evaluate_vae(
     if num_images == 0:
         raise ValueError("evaluate_vae got no images: the batches were empty")
     results = {name: total / num_images for name, total in sums.items()}
-    bit_depth = 8 if isinstance(model.likelihood, Gaussian) else None
+    bit_depth = 8 if model.likelihood.continuous_density else None
     return {
         "log_px": results["log_px"],
         "log_px_k": k,

@@ -5,7 +5,9 @@ struct"), before our code runs, and the OmegaConf that hydra-core 1.3 pins makes
 :func:`suggest_keys_on_failure` wraps a ``@hydra.main`` function: when it exits with an error, the
 command line's overrides are checked against the configs they would compose (each choice of a
 swept config group, for ``-m``), and each unknown key is printed with the closest valid one.
-Nothing is done when the command succeeds.
+Keys of the old flat model configs (``model.arch=mlp``) get the override that replaced them
+(``model/network=mlp``), and a part chosen like a value (``model.likelihood=gaussian``) gets its
+config group (``model/likelihood=gaussian``). Nothing is done when the command succeeds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,50 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Group choices of a sweep beyond this many combinations are not composed (each takes ~0.1 s).
 MAX_COMBINATIONS = 16
+
+#: Keys of the flat model configs that model parts chosen by config groups replaced: old key ->
+#: what to type now, with ``{value}`` for the value typed. A dict maps old values one by one.
+RENAMED_KEYS: dict[str, str | dict[str, str]] = {
+    "model.arch": "model/network={value}",
+    "model.hidden_dims": "model/network=mlp model.network.hidden_dims={value}",
+    "model.conv_channels": "model/network=conv model.network.channels={value}",
+    "model.recon_loss": {
+        "mse": "model/likelihood=squared_error",
+        "bce": "model/likelihood=bernoulli",
+    },
+    "model.sigma": "model/likelihood=gaussian model.likelihood.sigma={value}",
+    "model.learn_sigma": "model/likelihood=gaussian model.likelihood.learn_sigma={value}",
+    "model.noise.kind": {
+        "gaussian": "model/corruption=gaussian_noise",
+        "mask": "model/corruption=mask",
+    },
+    "model.noise.std": "model/corruption=gaussian_noise model.corruption.std={value}",
+    "model.noise.p": "model/corruption=mask model.corruption.p={value}",
+}
+
+
+def renamed_key_message(key: str, value: str) -> str | None:
+    """What replaced ``key=value`` of an old flat model config (:data:`RENAMED_KEYS`), or None."""
+    replacement = RENAMED_KEYS.get(key)
+    if isinstance(replacement, dict):
+        replacement = replacement.get(value, " or ".join(replacement.values()))
+    if replacement is None:
+        return None
+    return f"{key} is no longer a config key: use `{replacement.format(value=value)}`"
+
+
+def group_choice_message(tree: dict, key: str, value: str, options: Sequence[str]) -> str | None:
+    """A hint for ``key=value`` where ``key`` is a part built from a config group (a node with a
+    ``_target_``) and ``value`` one of the group's ``options``: the part is chosen with
+    ``group=value``, not replaced by a string. None otherwise."""
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if not (isinstance(node, dict) and "_target_" in node) or value not in options:
+        return None
+    return f"{key} is chosen from a config group: use `{key.replace('.', '/')}={value}`"
 
 
 def closest_key_message(tree: dict, key: str) -> str | None:
@@ -82,7 +128,7 @@ def _messages(config_dir: str, config_name: str, parsed: list) -> list[str]:
         groups = hydra_compat.config_groups()
         group_choices: list[list[str]] = []  # per group override: its choices as overrides
         additions: list[str] = []  # +key=value: they create keys that later overrides may set
-        keys: list[str] = []  # key=value overrides, the ones whose key must exist
+        keys: list[tuple[str, str]] = []  # key=value overrides: (key, value as typed)
         for override in parsed:
             if override.package is not None or override.is_delete():
                 continue
@@ -103,7 +149,7 @@ def _messages(config_dir: str, config_name: str, parsed: list) -> list[str]:
                 if not override.is_sweep_override():
                     additions.append(line)
             else:
-                keys.append(override.key_or_group)
+                keys.append((override.key_or_group, line.partition("=")[2]))
         if not keys:
             return []
         combinations = list(itertools.islice(itertools.product(*group_choices), MAX_COMBINATIONS))
@@ -123,8 +169,13 @@ def _messages(config_dir: str, config_name: str, parsed: list) -> list[str]:
             if tree is None:
                 continue
             where = [choice for choice in combination if swept and any(choice in c for c in swept)]
-            for key in keys:
+            for key, value in keys:
                 message = closest_key_message(tree, key)
+                if message is not None:
+                    message = renamed_key_message(key, value) or message
+                elif key.replace(".", "/") in groups:
+                    options = hydra_compat.group_options(key.replace(".", "/"))
+                    message = group_choice_message(tree, key, value, options)
                 if message is None:
                     continue
                 if where:

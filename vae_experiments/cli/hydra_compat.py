@@ -110,3 +110,14 @@ def config_groups() -> set[str]:
         return groups
 
     return below("")
+
+
+def group_options(group: str) -> list[str]:
+    """The options of config group ``group`` (``model/network`` -> ``[conv, linear, mlp]``);
+    call it inside ``initialize_config_dir``.
+
+    Uses the plugin-level config loader's ``get_group_options``, as :func:`config_groups` does.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    return sorted(GlobalHydra.instance().config_loader().get_group_options(group))

@@ -1,29 +1,42 @@
 """Models: plain ``nn.Module``s with ``encode``, ``decode``, ``reconstruct``, ``sample`` and
-``loss``, composed from networks, likelihoods and corruptions."""
+``loss``, composed from a network body, a likelihood and (autoencoders) a corruption. The configs
+in ``configs/model/`` name these classes with nested ``_target_``s."""
 
+from vae_experiments.models import networks
 from vae_experiments.models.autoencoder import Autoencoder
 from vae_experiments.models.base import LatentModel
 from vae_experiments.models.corruption import GaussianNoise, Masking
-from vae_experiments.models.factory import build_autoencoder, build_vae
 from vae_experiments.models.likelihoods import Bernoulli, Gaussian, Likelihood, SquaredError
-from vae_experiments.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from vae_experiments.models.networks import (
+    MLP,
+    Conv,
+    ConvDecoder,
+    ConvEncoder,
+    Linear,
+    MLPDecoder,
+    MLPEncoder,
+    Network,
+)
 from vae_experiments.models.vae import VAE, gaussian_kl
 
 __all__ = [
+    "MLP",
     "VAE",
     "Autoencoder",
     "Bernoulli",
+    "Conv",
     "ConvDecoder",
     "ConvEncoder",
     "Gaussian",
     "GaussianNoise",
     "LatentModel",
     "Likelihood",
+    "Linear",
     "MLPDecoder",
     "MLPEncoder",
     "Masking",
+    "Network",
     "SquaredError",
-    "build_autoencoder",
-    "build_vae",
     "gaussian_kl",
+    "networks",
 ]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from vae_experiments.models.base import LatentModel, squared_error
 from vae_experiments.models.likelihoods import Likelihood
+from vae_experiments.models.networks import Network
 
 
 class Autoencoder(LatentModel):
@@ -18,24 +21,24 @@ class Autoencoder(LatentModel):
     applied to the input in training mode only, and the loss is always against the clean input.
 
     Args:
-        encoder: images (B, C, H, W) -> codes (B, latent_dim).
-        decoder: codes (B, latent_dim) -> decoder output (B, C, H, W).
+        image_shape: (C, H, W) of the data; the trainer passes the data module's.
+        latent_dim: size of the code.
+        network: builds the encoder, images (B, C, H, W) -> codes (B, latent_dim), and the
+            decoder, codes (B, latent_dim) -> decoder output (B, C, H, W).
         likelihood: turns the decoder output into a loss and a reconstruction (``SquaredError``
             for the classic AE, ``Bernoulli`` for cross-entropy).
-        latent_dim: size of the code.
         corruption: optional module applied to the input during training.
     """
 
     def __init__(
         self,
-        encoder: nn.Module,
-        decoder: nn.Module,
-        likelihood: Likelihood,
+        image_shape: Sequence[int],
         latent_dim: int,
+        network: Network,
+        likelihood: Likelihood,
         corruption: nn.Module | None = None,
     ):
-        super().__init__(decoder, likelihood, latent_dim)
-        self.encoder = encoder
+        super().__init__(image_shape, latent_dim, network, likelihood, latent_dim)
         self.corruption = corruption
         # A diagonal Gaussian over codes for ``sample``; standard normal until fitted to data.
         self.register_buffer("latent_loc", torch.zeros(latent_dim))

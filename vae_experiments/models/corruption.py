@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vae_experiments.targets import ConfigError
+
 
 class GaussianNoise(nn.Module):
     """Adds N(0, std^2) noise to every pixel (Vincent et al. 2010's additive isotropic noise)."""
@@ -12,7 +14,7 @@ class GaussianNoise(nn.Module):
     def __init__(self, std: float):
         super().__init__()
         if std < 0:
-            raise ValueError(f"model.noise.std must be >= 0, got {std}")
+            raise ConfigError("std", std, "must be a number >= 0")
         self.std = std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -25,25 +27,9 @@ class Masking(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         if not 0 <= p < 1:
-            raise ValueError(f"model.noise.p must be in [0, 1), got {p}")
+            raise ConfigError("p", p, "must be a number in [0, 1)")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = torch.rand_like(x) >= self.p
         return x * keep
-
-
-NOISE_KINDS = ("gaussian", "mask")
-
-
-def build_corruption(kind: str, std: float | None = None, p: float | None = None) -> nn.Module:
-    """Maps ``model.noise`` ({kind, std, p}) to a corruption module."""
-    if kind == "gaussian":
-        if std is None:
-            raise ValueError("model.noise.kind=gaussian needs model.noise.std")
-        return GaussianNoise(std)
-    if kind == "mask":
-        if p is None:
-            raise ValueError("model.noise.kind=mask needs model.noise.p")
-        return Masking(p)
-    raise ValueError(f"unknown model.noise.kind={kind!r}; choose one of {', '.join(NOISE_KINDS)}")

@@ -12,9 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vae_experiments.targets import ConfigError
+
 
 class Likelihood(nn.Module):
     """Interface: ``log_prob(x, output) -> (B,)`` and ``mean(output) -> (B, C, H, W)``."""
+
+    #: Whether ``log_prob`` is a density over continuous pixel values (then bits per dimension
+    #: on 8-bit data get the discretisation term) rather than a probability of discrete values.
+    continuous_density: bool = False
 
     def log_prob(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -43,10 +49,12 @@ class Gaussian(Likelihood):
             https://arxiv.org/abs/2006.13202).
     """
 
+    continuous_density = True
+
     def __init__(self, sigma: float, learn_sigma: bool):
         super().__init__()
         if not sigma > 0:
-            raise ValueError(f"model.sigma must be > 0, got {sigma}")
+            raise ConfigError("sigma", sigma, "must be a number > 0")
         log_sigma = torch.tensor(math.log(sigma))
         if learn_sigma:
             self.log_sigma = nn.Parameter(log_sigma)
@@ -79,25 +87,3 @@ class SquaredError(Likelihood):
 
     def mean(self, output: torch.Tensor) -> torch.Tensor:
         return output
-
-
-LIKELIHOODS = ("bernoulli", "gaussian")
-RECON_LOSSES = ("mse", "bce")
-
-
-def build_likelihood(
-    name: str, sigma: float | None = None, learn_sigma: bool = False
-) -> Likelihood:
-    """Maps ``model.likelihood`` (VAE) or ``model.recon_loss`` (AE) to a likelihood module."""
-    if name == "bernoulli" or name == "bce":
-        return Bernoulli()
-    if name == "gaussian":
-        if sigma is None:
-            raise ValueError("model.likelihood=gaussian needs model.sigma")
-        return Gaussian(sigma, learn_sigma)
-    if name == "mse":
-        return SquaredError()
-    raise ValueError(
-        f"unknown likelihood {name!r}; model.likelihood takes {', '.join(LIKELIHOODS)} and "
-        f"model.recon_loss takes {', '.join(RECON_LOSSES)}"
-    )

@@ -13,14 +13,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vae_experiments.targets import ConfigError
+
 ImageShape = tuple[int, int, int]
 
 
 def _check_image_shape(image_shape: Sequence[int]) -> ImageShape:
     if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
-        raise ValueError(f"image_shape must be (channels, height, width) >= 1, got {image_shape}")
+        raise ConfigError(
+            "image_shape", list(image_shape), "must be [channels, height, width], each >= 1"
+        )
     c, h, w = (int(s) for s in image_shape)
     return c, h, w
+
+
+def _check_sizes(name: str, sizes: Sequence[int], non_empty: bool) -> None:
+    """Layer sizes must be integers >= 1 (and at least one where ``non_empty``)."""
+    if (non_empty and not sizes) or any(int(size) < 1 for size in sizes):
+        rule = "a non-empty list of integers >= 1" if non_empty else "a list of integers >= 1"
+        raise ConfigError(name, list(sizes), f"must be {rule}")
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -98,16 +109,14 @@ class _ConvGeometry:
 
     def __init__(self, image_shape: Sequence[int], channels: Sequence[int]):
         self.image_shape = _check_image_shape(image_shape)
-        if not channels or any(int(c) < 1 for c in channels):
-            raise ValueError(
-                f"model.conv_channels must be a non-empty list of ints >= 1, got {channels}"
-            )
+        _check_sizes("channels", channels, non_empty=True)
         _, h, w = self.image_shape
         self.sizes = conv_feature_sizes(h, w, max_blocks=len(channels))
         if len(self.sizes) < 2:
-            raise ValueError(
-                f"image shape {tuple(self.image_shape)} is too small for the conv arch (it needs "
-                "height and width >= 3 for one stride-2 block); use model.arch=mlp"
+            raise ConfigError(
+                allowed=f"a conv network cannot take images of shape {self.image_shape}: its "
+                "stride-2 blocks need height and width >= 3; use model/network=mlp, or larger "
+                "images (data.image_size where the data has it)"
             )
         self.channels = [int(c) for c in channels[: len(self.sizes) - 1]]
         last_h, last_w = self.sizes[-1]
@@ -169,50 +178,74 @@ class ConvDecoder(nn.Module):
         return self.out(self.blocks(features))  # (B, C, H, W)
 
 
-ARCHS = ("linear", "mlp", "conv")
+# ---------------------------------------------------------------------------------------------
+# Network bodies: what ``model.network`` names. Each builds a matching encoder and decoder once
+# the model knows the image shape and its code size.
 
 
-def build_encoder_decoder(
-    arch: str,
-    image_shape: Sequence[int],
-    latent_dim: int,
-    code_features: int,
-    hidden_dims: Sequence[int] | None = None,
-    conv_channels: Sequence[int] | None = None,
-) -> tuple[nn.Module, nn.Module]:
-    """Builds a matching encoder/decoder pair.
+class Network:
+    """A network body: builds an encoder and a decoder of matching sizes for an image shape.
+
+    Subclasses take their own sizes (hidden widths, channels) in the constructor and check them
+    there, so a bad value fails when the config is built, naming its key.
+    """
+
+    def encoder(self, image_shape: Sequence[int], out_features: int) -> nn.Module:
+        """An encoder from images (B, C, H, W) to (B, out_features)."""
+        raise NotImplementedError
+
+    def decoder(self, image_shape: Sequence[int], latent_dim: int) -> nn.Module:
+        """A decoder from latents (B, latent_dim) to outputs (B, C, H, W)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class Linear(Network):
+    """One affine map each way (no hidden layer): the linear autoencoder's body."""
+
+    def encoder(self, image_shape: Sequence[int], out_features: int) -> MLPEncoder:
+        return MLPEncoder(image_shape, [], out_features)
+
+    def decoder(self, image_shape: Sequence[int], latent_dim: int) -> MLPDecoder:
+        return MLPDecoder(image_shape, [], latent_dim)
+
+
+class MLP(Network):
+    """Fully connected layers with ReLUs between them.
 
     Args:
-        arch: ``linear`` (one affine map each way), ``mlp`` or ``conv``.
-        image_shape: (C, H, W) of the data.
-        latent_dim: size of the decoder's input.
-        code_features: size of the encoder's output (``latent_dim``, or ``2 * latent_dim`` for a
-            Gaussian posterior's mean and log-variance).
-        hidden_dims: MLP hidden sizes from the image side (the decoder uses them reversed).
-        conv_channels: conv block channels from the image side.
+        hidden_dims: hidden widths from the image side; the decoder uses them in reverse.
     """
-    if latent_dim < 1:
-        raise ValueError(f"model.latent_dim must be >= 1, got {latent_dim}")
-    if arch == "linear":
-        return (
-            MLPEncoder(image_shape, [], code_features),
-            MLPDecoder(image_shape, [], latent_dim),
-        )
-    if arch == "mlp":
-        if hidden_dims is None:
-            raise ValueError("model.arch=mlp needs model.hidden_dims (e.g. [512, 256])")
-        hidden = [int(h) for h in hidden_dims]
-        return (
-            MLPEncoder(image_shape, hidden, code_features),
-            MLPDecoder(image_shape, hidden[::-1], latent_dim),
-        )
-    if arch == "conv":
-        if conv_channels is None:
-            raise ValueError(
-                "model.arch=conv needs model.conv_channels (e.g. [32, 64, 128, 256, 512])"
-            )
-        return (
-            ConvEncoder(image_shape, conv_channels, code_features),
-            ConvDecoder(image_shape, conv_channels, latent_dim),
-        )
-    raise ValueError(f"unknown model.arch={arch!r}; choose one of {', '.join(ARCHS)}")
+
+    def __init__(self, hidden_dims: list[int]):
+        _check_sizes("hidden_dims", hidden_dims, non_empty=False)
+        self.hidden_dims = [int(h) for h in hidden_dims]
+
+    def encoder(self, image_shape: Sequence[int], out_features: int) -> MLPEncoder:
+        return MLPEncoder(image_shape, self.hidden_dims, out_features)
+
+    def decoder(self, image_shape: Sequence[int], latent_dim: int) -> MLPDecoder:
+        return MLPDecoder(image_shape, self.hidden_dims[::-1], latent_dim)
+
+
+class Conv(Network):
+    """Stride-2 conv blocks down (:class:`ConvEncoder`) and transposed-conv blocks up
+    (:class:`ConvDecoder`); as many blocks as the image size allows.
+
+    Args:
+        channels: block channels from the image side; blocks the image is too small for are
+            dropped from the end. Images must be at least 3x3 (one block).
+    """
+
+    def __init__(self, channels: list[int]):
+        _check_sizes("channels", channels, non_empty=True)
+        self.channels = [int(c) for c in channels]
+
+    def encoder(self, image_shape: Sequence[int], out_features: int) -> ConvEncoder:
+        return ConvEncoder(image_shape, self.channels, out_features)
+
+    def decoder(self, image_shape: Sequence[int], latent_dim: int) -> ConvDecoder:
+        return ConvDecoder(image_shape, self.channels, latent_dim)

@@ -64,7 +64,7 @@ def parse_value(text: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"++model.hidden_dims=[16]"`` -> ``("model.hidden_dims", [16])``.
+    """``"++model.network.hidden_dims=[16]"`` -> ``("model.network.hidden_dims", [16])``.
 
     The ``+``/``++`` prefixes (add, add or override) are dropped; a deletion ``~key`` gives the
     value ``"<deleted>"``.

@@ -1,8 +1,10 @@
 """Checks of a composed training config, before any data is read or any model is built.
 
 Every message names the key, the bad value and what is allowed, in the form the command line
-takes, e.g. ``model.latent_dim=0 is invalid: must be an integer >= 1``. A check applies only
-where the key exists, so configs of models or data that lack a key are not affected.
+takes, e.g. ``data.batch_size=0 is invalid: must be an integer >= 1``. A check applies only
+where the key exists, so configs of data that lack a key are not affected. The model's values
+are checked by the model's constructors (``vae_experiments.models``), which training calls
+before any data is read.
 """
 
 from __future__ import annotations
@@ -13,9 +15,6 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_experiments.data.base import BINARIZE_CHOICES
-from vae_experiments.models.corruption import NOISE_KINDS
-from vae_experiments.models.likelihoods import LIKELIHOODS, RECON_LOSSES
-from vae_experiments.models.networks import ARCHS, conv_feature_sizes
 from vae_experiments.runs.layout import CHECKPOINT_CHOICES
 from vae_experiments.targets import ConfigError, raise_all
 
@@ -61,17 +60,6 @@ def _one_of(choices: Sequence[Any]) -> Callable[[Any], str | None]:
     return rule
 
 
-def _int_list(*, non_empty: bool) -> Callable[[Any], str | None]:
-    text = "must be a list of integers >= 1" + (", not empty" if non_empty else "")
-
-    def rule(value: Any) -> str | None:
-        if not isinstance(value, list | tuple) or (non_empty and not value):
-            return text
-        return None if all(_is_int(v) and v >= 1 for v in value) else text
-
-    return rule
-
-
 def _optional(rule: Callable[[Any], str | None], off: str) -> Callable[[Any], str | None]:
     """``rule``, or null (which means ``off``)."""
 
@@ -94,18 +82,6 @@ def _max_epochs(value: Any) -> str | None:
 RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
     "test_ckpt": _one_of(CHECKPOINT_CHOICES),
-    "model.latent_dim": _int_at_least(1),
-    "model.arch": _one_of(ARCHS),
-    "model.hidden_dims": _int_list(non_empty=False),
-    "model.conv_channels": _int_list(non_empty=True),
-    "model.recon_loss": _one_of(RECON_LOSSES),
-    "model.likelihood": _one_of(LIKELIHOODS),
-    "model.sigma": _number(0, low_open=True),
-    "model.beta": _number(0),
-    "model.kl_warmup_steps": _int_at_least(0),
-    "model.noise.kind": _one_of(NOISE_KINDS),
-    "model.noise.std": _number(0),
-    "model.noise.p": _number(0, 1),
     "data.batch_size": _int_at_least(1),
     "data.num_workers": _int_at_least(0),
     "data.binarize": _one_of(BINARIZE_CHOICES),
@@ -139,50 +115,3 @@ def config_problems(cfg: DictConfig) -> list[ConfigError]:
 def check_config(cfg: DictConfig) -> None:
     """Raises :class:`ConfigError` naming every invalid value of a composed ``train.yaml``."""
     raise_all(config_problems(cfg))
-
-
-def _uses_bernoulli(model_cfg: DictConfig) -> str | None:
-    """The ``key=value`` that makes the model's likelihood Bernoulli, or None."""
-    if model_cfg.get("likelihood") == "bernoulli":
-        return "model.likelihood=bernoulli"
-    if model_cfg.get("recon_loss") == "bce":
-        return "model.recon_loss=bce"
-    return None
-
-
-def check_model_fits_data(
-    model_cfg: DictConfig,
-    image_shape: Sequence[int],
-    value_range: tuple[float, float] | None,
-    data_name: str = "the data",
-) -> None:
-    """Raises :class:`ConfigError` if the model cannot take the data's images.
-
-    Args:
-        model_cfg: the ``model`` node of the config.
-        image_shape: (C, H, W) of the data's images.
-        value_range: (low, high) of the pixel values the model sees; None if unknown.
-        data_name: how to call the data in messages (e.g. its class).
-    """
-    problems = []
-    _, height, width = (int(s) for s in image_shape)
-    arch = model_cfg.get("arch")
-    if arch == "conv" and len(conv_feature_sizes(height, width, max_blocks=1)) < 2:
-        problems.append(
-            f"model.arch=conv cannot take the {height}x{width} images of {data_name} (shape "
-            f"{tuple(image_shape)}): its stride-2 blocks need height and width >= 3; use "
-            "model.arch=mlp, or larger images (data.image_size where the data has it)"
-        )
-    bernoulli = _uses_bernoulli(model_cfg)
-    if bernoulli and value_range is not None and not 0 <= value_range[0] <= value_range[1] <= 1:
-        low, high = value_range
-        alternative = (
-            "model.likelihood=gaussian"
-            if bernoulli.startswith("model.likelihood")
-            else "model.recon_loss=mse"
-        )
-        problems.append(
-            f"{bernoulli} needs pixel values in [0, 1], but {data_name} gives values in "
-            f"[{low:g}, {high:g}]; use {alternative}, or data scaled to [0, 1]"
-        )
-    raise_all([ConfigError(allowed=p) for p in problems])

@@ -29,7 +29,7 @@ from vae_experiments.runs import (
 from vae_experiments.targets import instantiate, to_container
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
-from vae_experiments.training.config_checks import check_config, check_model_fits_data
+from vae_experiments.training.config_checks import check_config
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
@@ -121,7 +121,6 @@ def train(
     image_shape = [int(size) for size in datamodule.image_shape]
     with open_dict(cfg):
         cfg.model.image_shape = image_shape
-    check_model_fits_data(cfg.model, image_shape, None, type(datamodule).__name__)
     model = build_model(cfg)
     optimizer = instantiate(cfg.optimizer, key="optimizer")
     lr_scheduler = build_lr_scheduler(cfg.get("scheduler"))
