@@ -78,13 +78,13 @@ TRAINING_CASES = {
             "model=vae",
             "model.arch=conv",
             "data=synthetic",
-            "data.image_shape=[3,64,64]",
-            "data.num_train=162770",
-            "data.num_val=19867",
-            "data.num_test=19962",
+            "data.source.image_shape=[3,64,64]",
+            "data.source.num_train=162770",
+            "data.source.num_val=19867",
+            "data.source.num_test=19962",
             "data.batch_size=64",
         ],
-        ["data.num_train=1280", "data.num_val=320", "data.num_test=64"],
+        ["data.source.num_train=1280", "data.source.num_val=320", "data.source.num_test=64"],
     ),
 }
 IWAE_CASE = "iwae"
@@ -164,13 +164,13 @@ def compose(overrides: list[str]):
 
 
 def load_data(cfg) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
-    """The uint8 splits (N, C, H, W) of ``cfg.data``, through our data module."""
-    from hydra.utils import instantiate
+    """The uint8 splits (N, C, H, W) of ``cfg.data``, through our data code."""
+    from vae_experiments import targets
 
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return {name: split.images for name, split in datamodule.splits.items()}, datamodule.image_shape
+    data = targets.instantiate(cfg.data, key="data")
+    data.prepare()
+    data.setup()
+    return {name: split.images for name, split in data.splits.items()}, data.image_shape
 
 
 def build_model(cfg, image_shape) -> torch.nn.Module:

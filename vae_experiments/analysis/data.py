@@ -1,74 +1,27 @@
-"""A run's data outside the trainer: the data module, and float batches of any split."""
+"""A run's data outside the trainer: the set-up :class:`~vae_experiments.data.ImageData` of its
+config. Batches of a split come from :func:`~vae_experiments.data.iterate_split`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from vae_experiments.data import ImageDataModule, ShuffledBatchSampler
-from vae_experiments.runs import call_target
+from vae_experiments import targets
+from vae_experiments.data import ImageData, iterate_split, load_split
+
+__all__ = ["iterate_split", "load_datamodule", "load_split"]
 
 
-def load_datamodule(cfg: DictConfig, **overrides) -> ImageDataModule:
-    """Builds and sets up the data module of a run's config (e.g. from ``load_run``).
+def load_datamodule(cfg: DictConfig, **overrides: Any) -> ImageData:
+    """Builds and sets up the data of a run's config (e.g. from ``load_run``).
 
     Args:
         cfg: a composed training config (``cfg.data`` is used, interpolations resolved).
-        **overrides: constructor arguments to replace, e.g. ``batch_size=1000``.
+        **overrides: ``ImageData`` arguments to replace, e.g. ``batch_size=1000``.
     """
-    params = OmegaConf.to_container(cfg.data, resolve=True)
-    params.update(overrides)
-    datamodule = call_target(params)
-    datamodule.setup()
-    return datamodule
-
-
-def iterate_split(
-    datamodule: ImageDataModule,
-    split: str,
-    batch_size: int | None = None,
-    device: str | torch.device = "cpu",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every image of a split, in order, as float batches (B, C, H, W) in [0, 1] and labels (B,).
-
-    Binarised splits come out as stored (val/test are binarised once with a fixed seed, so an
-    evaluation sees the same data every time).
-    """
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, got {split!r}")
-    dataset = datamodule.splits[split]
-    sampler = ShuffledBatchSampler(
-        len(dataset),
-        batch_size or datamodule.batch_size,
-        shuffle=False,
-        drop_last=False,
-        seed=0,
-        rank=0,
-        world_size=1,
-    )
-    loader = DataLoader(
-        dataset, sampler=sampler, batch_size=None, num_workers=datamodule.num_workers
-    )
-    for images, labels in loader:
-        yield datamodule.to_float(images.to(device, non_blocking=True)), labels.to(device)
-
-
-def load_split(
-    datamodule: ImageDataModule,
-    split: str,
-    device: str | torch.device = "cpu",
-    limit: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split (or its first ``limit`` images) as one float tensor and its labels."""
-    images, labels, count = [], [], 0
-    for x, y in iterate_split(datamodule, split, device=device):
-        images.append(x)
-        labels.append(y)
-        count += len(x)
-        if limit is not None and count >= limit:
-            break
-    x, y = torch.cat(images), torch.cat(labels)
-    return (x, y) if limit is None else (x[:limit], y[:limit])
+    node = OmegaConf.to_container(cfg.data, resolve=True)
+    node.update(overrides)
+    data = targets.instantiate(node, key="data")
+    data.setup()
+    return data

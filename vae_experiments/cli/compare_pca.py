@@ -90,9 +90,7 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
     write_csv(results, out_dir / "comparison.csv")
     table = markdown_table(results)
     (out_dir / "comparison.md").write_text(table)
-    title = (
-        f"{type(datamodule).__name__.removesuffix('DataModule')}: test error against latent size"
-    )
+    title = f"{datamodule.name}: test error against latent size"
     error_plot = plot_error_vs_latent_dim(results, title)
     error_plot.savefig(out_dir / "error_vs_latent_dim.png", dpi=120)
     recon_plot = plot_reconstructions(shown, reconstructions)

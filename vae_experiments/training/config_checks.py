@@ -12,7 +12,6 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vae_experiments.data.base import BINARIZE_CHOICES
 from vae_experiments.models.corruption import NOISE_KINDS
 from vae_experiments.models.likelihoods import LIKELIHOODS, RECON_LOSSES
 from vae_experiments.models.networks import ARCHS, conv_feature_sizes
@@ -109,10 +108,6 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.noise.kind": _one_of(NOISE_KINDS),
     "model.noise.std": _number(0),
     "model.noise.p": _number(0, 1),
-    "data.batch_size": _int_at_least(1),
-    "data.num_workers": _int_at_least(0),
-    "data.binarize": _one_of(BINARIZE_CHOICES),
-    "data.image_size": _int_at_least(1),
     "trainer.max_epochs": _max_epochs,
     # A negative clip value would flip the gradients' sign (torch clips by max_norm / norm).
     "trainer.gradient_clip_val": _optional(_number(0), off="no clipping"),
@@ -197,7 +192,7 @@ def check_model_fits_data(
         problems.append(
             f"model.arch=conv cannot take the {height}x{width} images of {data_name} (shape "
             f"{tuple(image_shape)}): its stride-2 blocks need height and width >= 3; use "
-            "model.arch=mlp, or larger images (data.image_size where the data has it)"
+            "model.arch=mlp, or larger images (data.source.image_size where the data has it)"
         )
     bernoulli = _uses_bernoulli(model_cfg)
     if bernoulli and value_range is not None and not 0 <= value_range[0] <= value_range[1] <= 1:

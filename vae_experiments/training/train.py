@@ -17,6 +17,8 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from vae_experiments import targets
+from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.runs import CHECKPOINT_DIR, METRICS_FILE, write_json_atomic
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
@@ -94,13 +96,9 @@ def train(
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
 
-    datamodule = instantiate(cfg.data)
-    check_model_fits_data(
-        cfg.model,
-        datamodule.image_shape,
-        getattr(datamodule, "value_range", None),
-        type(datamodule).__name__,
-    )
+    data = targets.instantiate(cfg.data, key="data")
+    datamodule = ImageDataModule(data)
+    check_model_fits_data(cfg.model, data.image_shape, data.value_range, data.name)
     # Read the data before building anything else, so a missing or broken dataset fails first.
     # Downloads happen once per machine (local rank 0); other ranks start after it finished.
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
