@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import DATA_CONFIGS, MODEL_CONFIGS, compose_config
-from vae_experiments.data import DigitsDataModule
+from vae_experiments import targets
+from vae_experiments.data import ImageData
 from vae_experiments.training.config_checks import (
     ConfigError,
     check_config,
@@ -37,7 +38,6 @@ from vae_experiments.training.config_checks import (
             ["model=denoising_ae", "model.noise.kind=salt"],
             "model.noise.kind=salt is invalid: must be one of gaussian, mask",
         ),
-        (["data.batch_size=0"], "data.batch_size=0 is invalid: must be an integer >= 1"),
         (
             ["trainer.gradient_clip_val=-1"],
             "trainer.gradient_clip_val=-1 is invalid: must be null (no clipping) or a number >= 0",
@@ -45,15 +45,6 @@ from vae_experiments.training.config_checks import (
         (
             ["trainer.gradient_clip_algorithm=l2"],
             "trainer.gradient_clip_algorithm=l2 is invalid: must be one of norm, value",
-        ),
-        (["data.num_workers=-1"], "data.num_workers=-1 is invalid: must be an integer >= 0"),
-        (
-            ["data.binarize=always"],
-            "data.binarize=always is invalid: must be one of none, static, dynamic",
-        ),
-        (
-            ["data=celeba", "data.image_size=0"],
-            "data.image_size=0 is invalid: must be an integer >= 1",
         ),
         (["model.arch=resnet"], "model.arch=resnet is invalid: must be one of linear, mlp, conv"),
         (
@@ -89,6 +80,28 @@ def test_each_rule_names_the_key_the_value_and_what_is_allowed(overrides, messag
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.batch_size=0"], "data.batch_size=0 is invalid: must be an integer >= 1"),
+        (["data.num_workers=-1"], "data.num_workers=-1 is invalid: must be an integer >= 0"),
+        (
+            ["data.binarize=always"],
+            "data.binarize=always is invalid: must be one of none, static, dynamic",
+        ),
+        (
+            ["data=celeba", "data.source.image_size=0"],
+            "data.source.image_size=0 is invalid: must be an integer >= 1",
+        ),
+        (["data.batch_size=abc"], "data.batch_size=abc is invalid: must be an integer"),
+    ],
+)
+def test_data_rules_live_in_the_constructors_and_name_the_key(overrides, message):
+    with pytest.raises(targets.ConfigError) as error:
+        targets.instantiate(compose_config(overrides).data, key="data")
+    assert message in str(error.value)
+
+
 @pytest.mark.parametrize("config", MODEL_CONFIGS)
 def test_every_shipped_model_config_passes(config):
     assert config_problems(compose_config([f"model={config}"])) == []
@@ -117,10 +130,10 @@ def test_edge_values_that_are_allowed():
 
 def test_all_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        check_config(compose_config(["model.latent_dim=0", "data.batch_size=0"]))
+        check_config(compose_config(["model.latent_dim=0", "seed=-1"]))
     text = str(error.value)
     assert text.startswith("2 invalid config values:")
-    assert "model.latent_dim=0 is invalid" in text and "data.batch_size=0 is invalid" in text
+    assert "model.latent_dim=0 is invalid" in text and "seed=-1 is invalid" in text
 
 
 def test_conv_arch_rejects_images_too_small_naming_the_arch_and_the_sizes_allowed(make_config):
@@ -154,39 +167,42 @@ def test_bernoulli_likelihood_needs_data_in_the_unit_interval(overrides, setting
     check_model_fits_data(cfg.model, (1, 8, 8), (0.0, 1.0), "Digits")
 
 
-class CenteredDigits(DigitsDataModule):
-    """Digits scaled to [-1, 1], as a data module that normalises its images would be."""
+class CenteredData(ImageData):
+    """Images scaled to [-1, 1], as data that normalises its images would be."""
 
     value_range = (-1.0, 1.0)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx):
-        x, labels = super().on_after_batch_transfer(batch, dataloader_idx)
-        return x * 2 - 1, labels
+    def to_float(self, images):
+        return super().to_float(images) * 2 - 1
 
 
 def test_conv_arch_check_runs_on_the_data_modules_shape(tmp_path):
     from vae_experiments.training import train
 
-    cfg = compose_config(["data=synthetic", "data.image_shape=[1,2,2]", "model.arch=conv"])
+    cfg = compose_config(["data=synthetic", "data.source.image_shape=[1,2,2]", "model.arch=conv"])
     with pytest.raises(ConfigError, match="model.arch=conv cannot take the 2x2 images of Synth"):
         train(cfg, tmp_path / "run")
 
 
-def test_data_modules_declare_their_value_range():
-    assert DigitsDataModule.value_range == (0.0, 1.0)
+def test_data_declares_its_value_range():
+    data = targets.instantiate(compose_config([]).data)
+    assert ImageData.value_range == (0.0, 1.0)
     images = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
-    x = DigitsDataModule.to_float(images)
-    assert (x.min().item(), x.max().item()) == DigitsDataModule.value_range
+    x = data.to_float(images)
+    assert (x.min().item(), x.max().item()) == data.value_range
 
 
-def test_training_fails_on_a_mismatch_before_reading_data(tmp_path):
+def test_training_fails_on_a_mismatch_before_reading_data(tmp_path, monkeypatch):
     from vae_experiments.training import train
 
-    cfg = compose_config(["model=vae", "data._target_=tests.test_config_checks.CenteredDigits"])
+    monkeypatch.setattr(targets, "ALLOWED_TARGETS", (*targets.ALLOWED_TARGETS, "tests."))
+    cfg = compose_config(["model=vae", "data._target_=tests.test_config_checks.CenteredData"])
     with pytest.raises(ConfigError, match="model.likelihood=bernoulli needs pixel values in"):
         train(cfg, tmp_path / "run")
     # A bad value fails before the data module is even built: this folder does not exist.
-    cfg = compose_config(["data=image_folder", "data.path=/no/such/folder", "model.latent_dim=0"])
+    cfg = compose_config(
+        ["data=image_folder", "data.source.path=/no/such/folder", "model.latent_dim=0"]
+    )
     with pytest.raises(ConfigError, match="model.latent_dim=0 is invalid"):
         train(cfg, tmp_path / "run2")
     assert not (tmp_path / "run" / "checkpoints").exists()

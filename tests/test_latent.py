@@ -33,6 +33,7 @@ from vae_experiments.analysis.latent import (
 )
 from vae_experiments.analysis.latent_plots import latent_scatter, project_2d
 from vae_experiments.cli.common import analysis_dir, run_dir_of
+from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.models import LatentModel
 from vae_experiments.models.factory import build_autoencoder, build_vae
 from vae_experiments.models.likelihoods import SquaredError
@@ -239,7 +240,7 @@ def test_latent_scatter_writes_a_png(tmp_path, dim):
 
 def fit_with_callback(tmp_path: Path, model: LatentModel) -> tuple[LatentSamples, object]:
     pl.seed_everything(0)
-    datamodule = instantiate(compose_config([*FAST, "model=ae"]).data)
+    data = instantiate(compose_config([*FAST, "model=ae"]).data)
     callback = LatentSamples(num_samples=16, components=3, output_dir=tmp_path / "images")
     module = LitModel(model, partial(torch.optim.Adam, lr=1e-3), [1, 8, 8])
     trainer = pl.Trainer(
@@ -252,8 +253,8 @@ def fit_with_callback(tmp_path: Path, model: LatentModel) -> tuple[LatentSamples
         enable_model_summary=False,
         limit_train_batches=10,
     )
-    trainer.fit(module, datamodule=datamodule)
-    return callback, datamodule
+    trainer.fit(module, datamodule=ImageDataModule(data))
+    return callback, data
 
 
 def test_callback_logs_latent_samples_and_likelihoods_for_an_ae(tmp_path):
