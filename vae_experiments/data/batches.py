@@ -275,7 +275,7 @@ def load_split(
     device: str | torch.device = "cpu",
     limit: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """A whole split (or its first ``limit`` images) as float images (N, C, H, W) and labels (N,)."""
+    """A whole split (or its first ``limit`` images): float images (N, C, H, W), labels (N,)."""
     images, labels, count = [], [], 0
     for x, y in iterate_split(data, split, device=device):
         images.append(x)

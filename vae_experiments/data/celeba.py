@@ -106,9 +106,9 @@ class CelebA(FileSource):
                 return image_dir, partition
         listing = "\n".join(f"  - {p}" for p in looked_at)
         raise FileNotFoundError(
-            f"CelebA not found under data.source.data_dir={self.data_dir}: need an img_align_celeba/ "
-            f"folder and a list_eval_partition file side by side. Looked at:\n{listing}\n"
-            f"{HOW_TO_GET}"
+            f"CelebA not found under data.source.data_dir={self.data_dir}: need an "
+            "img_align_celeba/ folder and a list_eval_partition file side by side. Looked "
+            f"at:\n{listing}\n{HOW_TO_GET}"
         )
 
     def list_files(self, split_seed: int) -> dict[str, ImageFiles]:

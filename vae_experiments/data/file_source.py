@@ -29,7 +29,8 @@ def warn_skipped(skipped: Sequence[Path], total: int) -> None:
     shown = ", ".join(str(p) for p in skipped[:_NAMES_SHOWN])
     more = f" and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
     log.warning(
-        "skipped %d of %d image files as corrupt or unreadable (data.source.skip_corrupt=true): %s%s",
+        "skipped %d of %d image files as corrupt or unreadable "
+        "(data.source.skip_corrupt=true): %s%s",
         len(skipped),
         total,
         shown,
@@ -112,7 +113,8 @@ class FileSource(ImageSource):
                 if images.skipped and not self.skip_corrupt:
                     raise CorruptImageError(
                         images.skipped[0],
-                        f"left out of {images.path} when it was built with data.source.skip_corrupt=true",
+                        f"left out of {images.path} when it was built with "
+                        "data.source.skip_corrupt=true",
                         SKIP_HINT,
                     )
                 splits[split] = TensorImages(images.images, files[split].labels[images.kept])

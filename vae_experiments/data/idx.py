@@ -36,8 +36,8 @@ _TYPE_NAMES = {
     0x0E: "float64",
 }
 NOT_SKIPPABLE = (
-    "An IDX file is one array read whole, so data.source.skip_corrupt cannot skip part of it: replace "
-    "the file."
+    "An IDX file is one array read whole, so data.source.skip_corrupt cannot skip part of it: "
+    "replace the file."
 )
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",

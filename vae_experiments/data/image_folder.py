@@ -90,8 +90,8 @@ class ImageFolder(FileSource):
         if not self.path.is_dir():
             what = "does not exist" if not self.path.exists() else "is a file"
             raise FileNotFoundError(
-                f"data.source.path={self.path} is not a folder (it {what}); set data.source.path to the "
-                "folder holding your images"
+                f"data.source.path={self.path} is not a folder (it {what}); set "
+                "data.source.path to the folder holding your images"
             )
         paths, labels, self.class_names = collect_images(self.path)
         if not paths:

@@ -45,8 +45,8 @@ def carve_splits(
         count = resolve_split_size(size, remaining)
         if count >= remaining:
             raise ValueError(
-                f"data.source.{name}_size={size} takes {count} of the {remaining} remaining images and "
-                f"leaves none for training; lower data.source.{name}_size"
+                f"data.source.{name}_size={size} takes {count} of the {remaining} remaining "
+                f"images and leaves none for training; lower data.source.{name}_size"
             )
         # Sorted so each split keeps the source order (stable, readable evaluation batches).
         splits[name] = perm[start : start + count].sort().values
