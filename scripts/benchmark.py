@@ -77,13 +77,13 @@ TRAINING_CASES = {
             "model=vae",
             "model/network=conv",
             "data=synthetic",
-            "data.image_shape=[3,64,64]",
-            "data.num_train=162770",
-            "data.num_val=19867",
-            "data.num_test=19962",
+            "data.source.image_shape=[3,64,64]",
+            "data.source.num_train=162770",
+            "data.source.num_val=19867",
+            "data.source.num_test=19962",
             "data.batch_size=64",
         ],
-        ["data.num_train=1280", "data.num_val=320", "data.num_test=64"],
+        ["data.source.num_train=1280", "data.source.num_val=320", "data.source.num_test=64"],
     ),
 }
 IWAE_CASE = "iwae"
@@ -163,11 +163,11 @@ def compose(overrides: list[str]):
 
 
 def load_data(cfg) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
-    """The uint8 splits (N, C, H, W) of ``cfg.data``, through our data module."""
+    """The uint8 splits (N, C, H, W) of ``cfg.data``, through our data code."""
     from vae_experiments.runs import load_data as load_run_data
 
-    datamodule = load_run_data(cfg)
-    return {name: split.images for name, split in datamodule.splits.items()}, datamodule.image_shape
+    data = load_run_data(cfg)
+    return {name: split.images for name, split in data.splits.items()}, data.image_shape
 
 
 def build_model(cfg, image_shape) -> torch.nn.Module:

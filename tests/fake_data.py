@@ -50,7 +50,7 @@ def write_idx_dataset(
     """Write the four MNIST-style IDX files with random 28x28 images and labels 0..9.
 
     Args:
-        root: Becomes ``data.data_dir``.
+        root: Becomes ``data.source.data_dir``.
         layout: "torchvision" writes into ``root/<name>/raw/``, "flat" into ``root`` (Debian).
 
     Returns:
@@ -84,7 +84,7 @@ def write_celeba(root: Path, n: int = 12, kaggle: bool = False, seed: int = 0) -
     """Write a tiny CelebA: 178x218 JPEGs and the partition file (~2/3 train, 1/6 val, 1/6 test).
 
     Args:
-        root: Becomes ``data.data_dir``; files go to ``root/celeba/``.
+        root: Becomes ``data.source.data_dir``; files go to ``root/celeba/``.
         kaggle: Kaggle's layout (``img_align_celeba/img_align_celeba/`` and a ``.csv`` partition)
             instead of torchvision's (``img_align_celeba/`` and ``.txt``).
 
@@ -126,7 +126,7 @@ def write_image_folder(
     ``classes=()`` all images go directly into ``root``.
 
     Returns:
-        ``root``, the folder to pass as ``data.path``.
+        ``root``, the folder to pass as ``data.source.path``.
     """
     extensions = (".png", ".jpg", ".JPEG")
     for i, crop in enumerate(photo_crops(n, size, seed)):

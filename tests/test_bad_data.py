@@ -3,7 +3,6 @@ starts; ``skip_corrupt=true`` leaves unreadable image files out and says how man
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import logging
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from tests.fake_data import IDX_NAMES, idx_bytes, write_celeba, write_idx_dataset
 from tests.fake_data import write_image_folder as write_folder
 from tests.test_data import make_celeba, make_folder, make_idx
-from vae_experiments.data import FashionMNISTDataModule, read_idx
+from vae_experiments.data import FashionMNIST, read_idx
 from vae_experiments.data.files import CorruptImageError
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype(np.uint8)
@@ -46,7 +45,7 @@ def test_broken_idx_file_says_what_is_wrong(tmp_path, name):
     path = write_raw(tmp_path / "train-images-idx3-ubyte", data)
     with pytest.raises(ValueError, match=rf"^{path}: {problem}") as info:
         read_idx(path)
-    assert "data.skip_corrupt cannot skip part of it" in str(info.value)
+    assert "data.source.skip_corrupt cannot skip part of it" in str(info.value)
 
 
 @pytest.mark.parametrize("damage", ["cut_short", "bytes_flipped"])
@@ -69,17 +68,16 @@ def test_broken_idx_in_a_datamodule_says_how_to_replace_it(tmp_path):
         make_idx(tmp_path).setup()
     message = str(info.value)
     assert message.startswith(f"{bad}: ")
-    assert "data.skip_corrupt cannot" in message and "Delete it and get it again" in message
-    assert "data.download=true" in message
+    assert "data.source.skip_corrupt cannot" in message and "Delete it and get it again" in message
+    assert "data.source.download=true" in message
 
 
 def test_broken_fashion_idx_points_at_the_debian_package(tmp_path, monkeypatch):
-    source = dataclasses.replace(FashionMNISTDataModule.source, fallback_dirs=())
-    monkeypatch.setattr(FashionMNISTDataModule, "source", source)
+    monkeypatch.setattr(FashionMNIST, "fallback_dirs", ())
     folder = write_idx_dataset(tmp_path, name="FashionMNIST", layout="flat")
     write_raw(folder / IDX_NAMES["train_images"], b"\x00\x00\x0b\x03" + bytes(12))
     with pytest.raises(ValueError, match=r"data type code 0x0b \(int16\)") as info:
-        make_idx(tmp_path, FashionMNISTDataModule).setup()
+        make_idx(tmp_path, FashionMNIST).setup()
     assert "apt-get install dataset-fashion-mnist" in str(info.value)
 
 
@@ -132,7 +130,7 @@ def test_broken_image_fails_at_setup_naming_it(tmp_path, name, damage, cache):
         datamodule.setup()  # before any batch is drawn
     message = str(info.value)
     assert message.startswith(f"{root / name}: image file is corrupt or unreadable")
-    assert "data.skip_corrupt=true" in message
+    assert "data.source.skip_corrupt=true" in message
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=CACHE_IDS)
@@ -143,7 +141,7 @@ def test_skip_corrupt_leaves_the_broken_image_out(tmp_path, caplog, name, damage
     datamodule = make_folder(root, cache=cache, skip_corrupt=True)
     with caplog.at_level(logging.WARNING):
         datamodule.setup()
-    served = [p for paths in datamodule.split_paths.values() for p in paths]
+    served = [p for paths in datamodule.source.split_paths.values() for p in paths]
     assert len(served) == 11 and root / name not in served
     assert sum(len(split) for split in datamodule.splits.values()) == 11
     assert "skipped 1 of 12 image files as corrupt or unreadable" in caplog.text
@@ -186,7 +184,9 @@ def test_image_skipped_in_the_cache_fails_without_skip_corrupt(tmp_path):
     root = write_folder(tmp_path / "images", n=12)
     damage_file(root / "dogs/img001.jpg", "truncated")
     make_folder(root, skip_corrupt=True).setup()
-    with pytest.raises(CorruptImageError, match="when it was built with data.skip_corrupt=true"):
+    with pytest.raises(
+        CorruptImageError, match="when it was built with data.source.skip_corrupt=true"
+    ):
         make_folder(root).setup()
 
 
@@ -197,7 +197,7 @@ def test_celeba_broken_jpeg_fails_while_building_the_cache(tmp_path):
     image_dir = write_celeba(tmp_path, n=12)
     damage_file(image_dir / "000004.jpg", "truncated")
     with pytest.raises(CorruptImageError, match=rf"^{image_dir / '000004.jpg'}: image file"):
-        make_celeba(tmp_path).prepare_data()
+        make_celeba(tmp_path).prepare()
     assert not list((tmp_path / "cache").glob("*.npy"))
 
 
@@ -218,7 +218,7 @@ def test_celeba_missing_listed_image_suggests_skip_corrupt(tmp_path):
     (image_dir / "000010.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=rf"first is {image_dir / '000010.jpg'}") as info:
         make_celeba(tmp_path).setup()
-    assert "data.skip_corrupt=true" in str(info.value)
+    assert "data.source.skip_corrupt=true" in str(info.value)
 
 
 def test_celeba_empty_image_folder_names_it(tmp_path):
@@ -231,5 +231,7 @@ def test_celeba_empty_image_folder_names_it(tmp_path):
 
 def test_image_folder_not_a_folder_says_what_to_set(tmp_path):
     (tmp_path / "one.png").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"is not a folder \(it is a file\); set data.path"):
+    with pytest.raises(
+        FileNotFoundError, match=r"is not a folder \(it is a file\); set data.source.path"
+    ):
         make_folder(tmp_path / "one.png").setup()

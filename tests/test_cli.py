@@ -75,7 +75,7 @@ def test_console_script_shows_the_config(tmp_path):
     result = run_cli(["vae-train", "--cfg", "job", "model=ae", "model/network=mlp"], cwd=tmp_path)
     config = yaml.safe_load(result.stdout)
     assert config["model"]["network"]["_target_"].endswith(".MLP")
-    assert config["data"]["_target_"].endswith("DigitsDataModule")
+    assert config["data"]["source"]["_target_"] == "vae_experiments.data.Digits"
 
 
 def test_sweep_over_models_and_latent_sizes(tmp_path):

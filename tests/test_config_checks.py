@@ -5,10 +5,9 @@ tests/test_models.py.)"""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.conftest import DATA_CONFIGS, MODEL_CONFIGS, compose_config
-from vae_experiments.data import DigitsDataModule
+from vae_experiments import targets
 from vae_experiments.targets import ConfigError as ModelConfigError
 from vae_experiments.training.config_checks import (
     ConfigError,
@@ -20,7 +19,6 @@ from vae_experiments.training.config_checks import (
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.batch_size=0"], "data.batch_size=0 is invalid: must be an integer >= 1"),
         (
             ["trainer.gradient_clip_val=-1"],
             "trainer.gradient_clip_val=-1 is invalid: must be null (no clipping) or a number >= 0",
@@ -28,15 +26,6 @@ from vae_experiments.training.config_checks import (
         (
             ["trainer.gradient_clip_algorithm=l2"],
             "trainer.gradient_clip_algorithm=l2 is invalid: must be one of norm, value",
-        ),
-        (["data.num_workers=-1"], "data.num_workers=-1 is invalid: must be an integer >= 0"),
-        (
-            ["data.binarize=always"],
-            "data.binarize=always is invalid: must be one of none, static, dynamic",
-        ),
-        (
-            ["data=celeba", "data.image_size=0"],
-            "data.image_size=0 is invalid: must be an integer >= 1",
         ),
         (
             ["trainer.max_epochs=-3"],
@@ -76,16 +65,18 @@ def test_edge_values_that_are_allowed():
 
 def test_all_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        check_config(compose_config(["seed=-1", "data.batch_size=0"]))
+        check_config(compose_config(["seed=-1", "test_ckpt=worst"]))
     text = str(error.value)
     assert text.startswith("2 invalid config values:")
-    assert "seed=-1 is invalid" in text and "data.batch_size=0 is invalid" in text
+    assert "seed=-1 is invalid" in text and "test_ckpt=worst is invalid" in text
 
 
 def test_conv_network_fails_on_the_data_modules_shape_before_reading_data(tmp_path):
     from vae_experiments.training import train
 
-    cfg = compose_config(["data=synthetic", "data.image_shape=[1,2,2]", "model/network=conv"])
+    cfg = compose_config(
+        ["data=synthetic", "data.source.image_shape=[1,2,2]", "model/network=conv"]
+    )
     with pytest.raises(
         ModelConfigError, match=r"^model\.network: a conv network cannot take images of shape"
     ):
@@ -93,18 +84,35 @@ def test_conv_network_fails_on_the_data_modules_shape_before_reading_data(tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_data_modules_declare_their_value_range():
-    assert DigitsDataModule.value_range == (0.0, 1.0)
-    images = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
-    x = DigitsDataModule.to_float(images)
-    assert (x.min().item(), x.max().item()) == DigitsDataModule.value_range
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.batch_size=0"], "data.batch_size=0 is invalid: must be an integer >= 1"),
+        (["data.num_workers=-1"], "data.num_workers=-1 is invalid: must be an integer >= 0"),
+        (
+            ["data.binarize=always"],
+            "data.binarize=always is invalid: must be one of none, static, dynamic",
+        ),
+        (
+            ["data=celeba", "data.source.image_size=0"],
+            "data.source.image_size=0 is invalid: must be an integer >= 1",
+        ),
+        (["data.batch_size=abc"], "data.batch_size=abc is invalid: must be an integer"),
+    ],
+)
+def test_data_rules_live_in_the_constructors_and_name_the_key(overrides, message):
+    with pytest.raises(targets.ConfigError) as error:
+        targets.instantiate(compose_config(overrides).data, key="data")
+    assert message in str(error.value)
 
 
 def test_training_fails_on_a_bad_model_value_before_reading_data(tmp_path):
     from vae_experiments.training import train
 
     # The model is built before the data is read: reading this folder would fail otherwise.
-    cfg = compose_config(["data=image_folder", "data.path=/no/such/folder", "model.latent_dim=0"])
+    cfg = compose_config(
+        ["data=image_folder", "data.source.path=/no/such/folder", "model.latent_dim=0"]
+    )
     with pytest.raises(ModelConfigError, match=r"^model\.latent_dim=0 is invalid"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()

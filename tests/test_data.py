@@ -3,8 +3,10 @@ sampler, binarisation, and the configs in ``configs/data/``."""
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,11 +15,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 
+from tests.conftest import REPO_ROOT, compose_config
 from tests.fake_data import (
     IDX_NAMES,
     idx_bytes,
@@ -26,77 +28,63 @@ from tests.fake_data import (
     write_idx_dataset,
     write_image_folder,
 )
+from vae_experiments import targets
 from vae_experiments.configs import CONFIG_DIR
 from vae_experiments.data import (
-    CelebADataModule,
-    DigitsDataModule,
-    FashionMNISTDataModule,
-    ImageDataModule,
+    MNIST,
+    CelebA,
+    Digits,
+    FashionMNIST,
+    ImageData,
     ImageFiles,
-    ImageFolderDataModule,
-    MNISTDataModule,
+    ImageFolder,
     ShuffledBatchSampler,
+    Synthetic,
     TensorImages,
+    iterate_split,
     read_idx,
 )
+from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.data.files import CenterCropResize
+from vae_experiments.targets import ConfigError
 
 DATA_CONFIG_DIR = Path(CONFIG_DIR) / "data"
+DATA_CONFIGS = sorted(p.stem for p in DATA_CONFIG_DIR.glob("[!_]*.yaml"))
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+LOADER_KEYS = ("batch_size", "num_workers", "seed", "split_seed", "binarize", "on_device")
 
 
-def make_digits(**overrides) -> DigitsDataModule:
-    kwargs = dict(
-        data_dir="unused",
-        batch_size=16,
-        num_workers=0,
-        seed=0,
-        split_seed=0,
-        val_size=0.1,
-        test_size=0.2,
-        binarize="none",
-    )
-    return DigitsDataModule(**{**kwargs, **overrides})
+def make_data(source: type, source_kwargs: dict, **overrides) -> ImageData:
+    """``ImageData(source(**source_kwargs))``; ``overrides`` may name loader or source keys."""
+    loader = dict(num_workers=0, seed=0, split_seed=0, binarize="none", on_device="auto")
+    loader.update({k: overrides.pop(k) for k in LOADER_KEYS if k in overrides})
+    return ImageData(source(**{**source_kwargs, **overrides}), **loader)
 
 
-def make_idx(data_dir: Path, cls: type = MNISTDataModule, **overrides) -> ImageDataModule:
-    kwargs = dict(
-        data_dir=str(data_dir),
-        batch_size=8,
-        num_workers=0,
-        seed=0,
-        split_seed=0,
-        val_size=16,
-        binarize="none",
-        download=False,
-    )
-    return cls(**{**kwargs, **overrides})
+def make_digits(**overrides) -> ImageData:
+    return make_data(Digits, dict(val_size=0.1, test_size=0.2), **{"batch_size": 16, **overrides})
 
 
-def make_celeba(data_dir: Path, **overrides) -> CelebADataModule:
+def make_idx(data_dir: Path, cls: type = MNIST, **overrides) -> ImageData:
+    kwargs = dict(data_dir=str(data_dir), val_size=16, download=False)
+    return make_data(cls, kwargs, **{"batch_size": 8, **overrides})
+
+
+def make_celeba(data_dir: Path, **overrides) -> ImageData:
     kwargs = dict(
         data_dir=str(data_dir),
-        batch_size=4,
-        num_workers=0,
-        seed=0,
-        split_seed=0,
         image_size=64,
         crop_size=148,
         cache=True,
         cache_dir=str(data_dir / "cache"),
         skip_corrupt=False,
     )
-    return CelebADataModule(**{**kwargs, **overrides})
+    return make_data(CelebA, kwargs, **{"batch_size": 4, **overrides})
 
 
-def make_folder(path: Path, **overrides) -> ImageFolderDataModule:
+def make_folder(path: Path, **overrides) -> ImageData:
     kwargs = dict(
         path=str(path),
-        data_dir="unused",
-        batch_size=4,
-        num_workers=0,
-        seed=0,
-        split_seed=0,
         image_size=16,
         channels=3,
         val_size=0.1,
@@ -105,7 +93,7 @@ def make_folder(path: Path, **overrides) -> ImageFolderDataModule:
         cache_dir=str(path / ".cache"),  # hidden: not collected as images
         skip_corrupt=False,
     )
-    return ImageFolderDataModule(**{**kwargs, **overrides})
+    return make_data(ImageFolder, kwargs, **{"batch_size": 4, **overrides})
 
 
 def all_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -196,27 +184,55 @@ def test_empty_training_shard_fails_clearly():
         len(sampler)
 
 
-# --- base validation ------------------------------------------------------------------------
+# --- validation -----------------------------------------------------------------------------
+
+
+def digits_node(**overrides) -> dict:
+    """A ``data:`` config node of digits; ``overrides`` may name loader or source keys."""
+    source = {"_target_": "vae_experiments.data.Digits", "val_size": 0.1, "test_size": 0.2}
+    source.update({k: overrides.pop(k) for k in ("val_size", "test_size") if k in overrides})
+    loader = dict(
+        batch_size=16, num_workers=0, seed=0, split_seed=0, binarize="none", on_device="auto"
+    )
+    return {"_target_": "vae_experiments.data.ImageData", **loader, **overrides, "source": source}
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"batch_size": 0}, "data.batch_size must be >= 1, got 0"),
-        ({"num_workers": -1}, "data.num_workers must be >= 0, got -1"),
-        ({"seed": "0"}, "data.seed must be an integer"),
-        ({"binarize": "sometimes"}, "data.binarize must be one of 'none', 'static', 'dynamic'"),
-        ({"val_size": 1.5}, "data.val_size must be an int >= 0"),
-        ({"test_size": -3}, "data.test_size must be an int >= 0"),
+        ({"batch_size": 0}, "data.batch_size=0 is invalid: must be an integer >= 1"),
+        ({"num_workers": -1}, "data.num_workers=-1 is invalid: must be an integer >= 0"),
+        ({"seed": "0"}, "data.seed=0 is invalid: must be an integer"),
+        (
+            {"binarize": "sometimes"},
+            "data.binarize=sometimes is invalid: must be one of none, static, dynamic",
+        ),
+        ({"on_device": "gpu"}, "data.on_device=gpu is invalid: must be one of auto, true, false"),
+        ({"val_size": 1.5}, "data.source.val_size=1.5 is invalid: must be an int >= 0"),
+        ({"test_size": -3}, "data.source.test_size=-3 is invalid: must be an int >= 0"),
     ],
 )
-def test_bad_config_values_fail_in_init(overrides, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_config_values_fail_in_init_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        targets.instantiate(digits_node(**overrides), key="data")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 0}, "batch_size=0 is invalid: must be an integer >= 1"),
+        ({"binarize": "sometimes"}, "binarize=sometimes is invalid: must be one of none, static"),
+        ({"on_device": "gpu"}, "on_device=gpu is invalid: must be one of auto, true, false"),
+        ({"test_size": -3}, "test_size=-3 is invalid: must be an int >= 0"),
+    ],
+)
+def test_constructors_check_their_values_without_targets(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         make_digits(**overrides)
 
 
 def test_split_that_leaves_no_training_images_fails():
-    with pytest.raises(ValueError, match=r"data.test_size=1797 .* leaves none for training"):
+    with pytest.raises(ValueError, match=r"data.source.test_size=1797 .* leaves none for training"):
         make_digits(test_size=1797).setup()
 
 
@@ -235,10 +251,11 @@ def test_digits_splits_shapes_and_values():
         assert split.labels.dtype == torch.int64 and set(split.labels.tolist()) == set(range(10))
     x = datamodule.to_float(splits["train"].images)
     assert x.dtype == torch.float32 and x.min() == 0.0 and x.max() == 1.0
-    images, labels = next(iter(datamodule.train_dataloader()))
+    loaders = ImageDataModule(datamodule)
+    images, labels = next(iter(loaders.train_dataloader()))
     assert images.shape == (16, 1, 8, 8) and images.dtype == torch.uint8 and labels.shape == (16,)
-    assert len(datamodule.train_dataloader()) == 1294 // 16
-    assert sum(len(b[0]) for b in datamodule.val_dataloader()) == 144
+    assert len(loaders.train_dataloader()) == 1294 // 16
+    assert sum(len(b[0]) for b in loaders.val_dataloader()) == 144
 
 
 def test_digits_splits_depend_on_split_seed_only():
@@ -252,11 +269,13 @@ def test_digits_splits_depend_on_split_seed_only():
 
 
 def test_setup_runs_once():
-    datamodule = make_digits()
+    data = make_digits()
+    datamodule = ImageDataModule(data)
     datamodule.setup("fit")
-    splits = datamodule.splits
+    splits = data.splits
     datamodule.setup("test")
-    assert datamodule.splits is splits
+    data.setup()
+    assert data.splits is splits
 
 
 # --- binarisation ---------------------------------------------------------------------------
@@ -296,7 +315,7 @@ def test_dynamic_binarize_keeps_train_grey_and_fixes_eval_splits():
 )
 def test_on_after_batch_transfer(binarize, trainer, binary):
     torch.manual_seed(0)
-    datamodule = make_digits(binarize=binarize)
+    datamodule = ImageDataModule(make_digits(binarize=binarize))
     datamodule.setup()
     datamodule.trainer = trainer
     batch = next(iter(datamodule.train_dataloader()))
@@ -328,7 +347,7 @@ class _Recorder(pl.LightningModule):
 
 
 def test_lightning_trainer_converts_binarizes_and_reshuffles():
-    datamodule = make_digits(binarize="dynamic", batch_size=64)
+    datamodule = ImageDataModule(make_digits(binarize="dynamic", batch_size=64))
     module = _Recorder()
     trainer = pl.Trainer(
         max_epochs=2,
@@ -385,9 +404,9 @@ def test_read_idx_truncated_names_the_file(tmp_path, gz):
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
 @pytest.mark.parametrize("layout", ["torchvision", "flat"])
-@pytest.mark.parametrize("cls", [MNISTDataModule, FashionMNISTDataModule])
+@pytest.mark.parametrize("cls", [MNIST, FashionMNIST])
 def test_idx_datamodule_loads_both_layouts(tmp_path, gz, layout, cls):
-    folder = write_idx_dataset(tmp_path, gz=gz, layout=layout, name=cls.source.name)
+    folder = write_idx_dataset(tmp_path, gz=gz, layout=layout, name=cls.name)
     datamodule = make_idx(tmp_path, cls)
     assert datamodule.image_shape == (1, 28, 28)
     datamodule.setup()
@@ -399,7 +418,7 @@ def test_idx_datamodule_loads_both_layouts(tmp_path, gz, layout, cls):
     train_val = torch.cat([splits["train"].labels, splits["val"].labels]).sort().values
     written = read_idx(folder / (IDX_NAMES["train_labels"] + suffix)).long().sort().values
     assert torch.equal(train_val, written)
-    images, labels = next(iter(datamodule.val_dataloader()))
+    images, labels = next(iter(ImageDataModule(datamodule).val_dataloader()))
     assert images.shape == (8, 1, 28, 28) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and labels.max() <= 9
 
@@ -410,7 +429,7 @@ def test_idx_missing_files_lists_searched_folders(tmp_path):
         make_idx(data_dir).setup()
     message = str(info.value)
     assert str(data_dir / "MNIST" / "raw") in message and f"  - {data_dir}\n" in message
-    assert "data.download=true" in message
+    assert "data.source.download=true" in message
 
 
 def test_idx_folder_missing_one_file_is_not_used(tmp_path):
@@ -421,10 +440,9 @@ def test_idx_folder_missing_one_file_is_not_used(tmp_path):
 
 
 def test_fashion_missing_files_suggests_debian_package(tmp_path, monkeypatch):
-    source = dataclasses.replace(FashionMNISTDataModule.source, fallback_dirs=(tmp_path / "x",))
-    monkeypatch.setattr(FashionMNISTDataModule, "source", source)
+    monkeypatch.setattr(FashionMNIST, "fallback_dirs", (tmp_path / "x",))
     with pytest.raises(FileNotFoundError) as info:
-        make_idx(tmp_path, FashionMNISTDataModule).setup()
+        make_idx(tmp_path, FashionMNIST).setup()
     assert str(tmp_path / "x") in str(info.value)
     assert "apt-get install dataset-fashion-mnist" in str(info.value)
 
@@ -439,12 +457,12 @@ def test_prepare_data_downloads_only_when_allowed_and_missing(tmp_path, monkeypa
         write_idx_dataset(Path(root), gz=True)  # where torchvision would put them
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", fake_mnist)
-    make_idx(tmp_path, download=False).prepare_data()
+    make_idx(tmp_path, download=False).prepare()
     assert calls == []
     datamodule = make_idx(tmp_path, download=True)
-    datamodule.prepare_data()
+    ImageDataModule(datamodule).prepare_data()  # Lightning's hook prepares the data
     assert calls == [(str(tmp_path), True, True)]
-    datamodule.prepare_data()  # files are there now
+    datamodule.prepare()  # files are there now
     assert len(calls) == 1
     datamodule.setup()
     assert len(datamodule.splits["test"]) == 32
@@ -453,7 +471,7 @@ def test_prepare_data_downloads_only_when_allowed_and_missing(tmp_path, monkeypa
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} not installed")
 def test_real_fashion_mnist_from_debian_fallback(tmp_path):
     start = time.perf_counter()
-    datamodule = make_idx(tmp_path / "empty", FashionMNISTDataModule, val_size=5000)
+    datamodule = make_idx(tmp_path / "empty", FashionMNIST, val_size=5000)
     datamodule.setup()
     splits = datamodule.splits
     assert {k: len(v) for k, v in splits.items()} == {"train": 55000, "val": 5000, "test": 10000}
@@ -488,9 +506,9 @@ def test_celeba_layouts_and_partition(tmp_path, kaggle, cache):
     assert datamodule.image_shape == (3, 64, 64)
     datamodule.setup()
     assert {k: len(v) for k, v in datamodule.splits.items()} == {"train": 8, "val": 2, "test": 2}
-    assert [p.name for p in datamodule.split_paths["val"]] == ["000009.jpg", "000010.jpg"]
+    assert [p.name for p in datamodule.source.split_paths["val"]] == ["000009.jpg", "000010.jpg"]
     assert isinstance(datamodule.splits["val"], TensorImages if cache else ImageFiles)
-    batches = all_batches(datamodule.train_dataloader())
+    batches = all_batches(ImageDataModule(datamodule).train_dataloader())
     assert len(batches) == 2
     for images, labels in batches:
         assert images.shape == (4, 3, 64, 64) and images.dtype == torch.uint8
@@ -534,7 +552,7 @@ def test_celeba_missing_listed_images(tmp_path):
 
 
 def test_celeba_crop_larger_than_image_fails():
-    with pytest.raises(ValueError, match="data.crop_size must be <= 178"):
+    with pytest.raises(ConfigError, match="crop_size=200 is invalid: must be <= 178"):
         make_celeba(Path("unused"), crop_size=200)
 
 
@@ -548,17 +566,17 @@ def test_image_folder_labels_from_subfolders(tmp_path):
     assert datamodule.image_shape == (3, 16, 16)
     datamodule.setup()
     splits = datamodule.splits
-    assert datamodule.class_names == ["cats", "dogs"]
+    assert datamodule.source.class_names == ["cats", "dogs"]
     # test = round(0.1 * 12) = 1, val = round(0.1 * 11) = 1
     assert {k: len(v) for k, v in splits.items()} == {"train": 10, "val": 1, "test": 1}
-    paths = [p for split in datamodule.split_paths.values() for p in split]
+    paths = [p for split in datamodule.source.split_paths.values() for p in split]
     assert len(set(paths)) == 12 and any(p.suffix == ".JPEG" for p in paths)
     assert any("nested" in p.parts for p in paths)
     for name, split in splits.items():
-        split_paths = datamodule.split_paths[name]
+        split_paths = datamodule.source.split_paths[name]
         for path, label in zip(split_paths, split.labels.tolist(), strict=True):
             assert label == ["cats", "dogs"].index(path.relative_to(root).parts[0])
-    images, labels = next(iter(datamodule.train_dataloader()))
+    images, labels = next(iter(ImageDataModule(datamodule).train_dataloader()))
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
 
 
@@ -575,7 +593,7 @@ def test_image_folder_split_is_deterministic(tmp_path):
     first, second = make_folder(root), make_folder(root, seed=5)
     first.setup()
     second.setup()
-    assert first.split_paths["val"] == second.split_paths["val"]
+    assert first.source.split_paths["val"] == second.source.split_paths["val"]
 
 
 def test_image_folder_resizes_shorter_side_then_crops(tmp_path):
@@ -598,21 +616,23 @@ def test_image_folder_resizes_shorter_side_then_crops(tmp_path):
 def test_image_folder_empty_and_missing(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(
-        FileNotFoundError, match=rf"no images found under data.path={tmp_path}.*\.png"
+        FileNotFoundError, match=rf"no images found under data.source.path={tmp_path}.*\.png"
     ):
         make_folder(tmp_path).setup()
-    with pytest.raises(FileNotFoundError, match=rf"data.path={tmp_path / 'missing'} is not"):
+    with pytest.raises(FileNotFoundError, match=rf"data.source.path={tmp_path / 'missing'} is not"):
         make_folder(tmp_path / "missing").setup()
 
 
 def test_image_folder_rejects_two_channels():
-    with pytest.raises(ValueError, match="data.channels must be one of 1, 3, got 2"):
+    with pytest.raises(ConfigError, match="channels=2 is invalid: must be one of 1, 3"):
         make_folder(Path("unused"), channels=2)
 
 
 def test_image_folder_with_worker_processes(tmp_path):
     root = write_image_folder(tmp_path, n=12)
-    datamodule = make_folder(root, num_workers=2, val_size=0, test_size=0, cache=False)
+    datamodule = ImageDataModule(
+        make_folder(root, num_workers=2, val_size=0, test_size=0, cache=False)
+    )
     assert datamodule.train_dataloader().num_workers == 2
     batches = all_batches(datamodule.train_dataloader())  # setup() runs lazily
     assert [b[0].shape for b in batches] == [(4, 3, 16, 16)] * 3
@@ -631,14 +651,15 @@ def fake_idx(name: str):
 
 def fake_celeba(root: Path) -> dict:
     write_celeba(root)
-    return {"data_dir": str(root)}
+    return {"data_dir": str(root), "cache_dir": str(root / "cache")}
 
 
 def fake_image_folder(root: Path) -> dict:
-    return {"path": str(write_image_folder(root / "images")), "data_dir": str(root)}
+    return {"path": str(write_image_folder(root / "images")), "cache_dir": str(root / "cache")}
 
 
-# Config name -> writes fake files under a folder, returns the overrides pointing at them.
+# Config name -> writes fake files under a folder, returns the data.source overrides pointing at
+# them.
 CONFIG_FAKES = {
     "digits": lambda root: {},
     "mnist": fake_idx("MNIST"),
@@ -649,47 +670,54 @@ CONFIG_FAKES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in DATA_CONFIG_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", DATA_CONFIGS)
 def test_data_config_instantiates(tmp_path, name):
-    cfg = OmegaConf.load(DATA_CONFIG_DIR / f"{name}.yaml")
-    merged = OmegaConf.merge({"seed": 0}, {"data": cfg})
+    cfg = compose_config([f"data={name}", "data.num_workers=0"])
     # Each new config needs a fake in CONFIG_FAKES; in-process loading keeps the test fast.
-    overrides = {**CONFIG_FAKES[name](tmp_path), "num_workers": 0}
-    merged.data = OmegaConf.merge(merged.data, overrides)
-    datamodule = instantiate(merged.data)
-    assert isinstance(datamodule, ImageDataModule)
-    image_shape = datamodule.image_shape  # known before loading
-    images, labels = next(iter(datamodule.val_dataloader()))
+    cfg.data.source = OmegaConf.merge(cfg.data.source, CONFIG_FAKES[name](tmp_path))
+    data = targets.instantiate(cfg.data, key="data")
+    assert isinstance(data, ImageData)
+    image_shape = data.image_shape  # known before loading
+    images, labels = next(iter(ImageDataModule(data).val_dataloader()))
     assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == image_shape
     assert labels.dtype == torch.int64 and len(labels) == len(images)
 
 
 def test_image_folder_config_requires_path():
-    cfg = OmegaConf.merge(
-        {"seed": 0}, {"data": OmegaConf.load(DATA_CONFIG_DIR / "image_folder.yaml")}
+    cfg = compose_config(["data=image_folder"])
+    with pytest.raises(MissingMandatoryValue, match="data.source.path"):
+        targets.instantiate(cfg.data, key="data")
+
+
+@pytest.mark.parametrize(
+    "overrides", [["data=celeba"], ["data=image_folder", "data.source.path=/images"]]
+)
+def test_decoded_image_cache_defaults_to_the_user_cache_folder(monkeypatch, tmp_path, overrides):
+    cfg = compose_config(overrides)
+    monkeypatch.delenv("VAE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert (
+        targets.instantiate(cfg.data).source.cache_dir == tmp_path / "home/.cache/vae-experiments"
     )
-    with pytest.raises(MissingMandatoryValue, match="data.path"):
-        instantiate(cfg.data)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert targets.instantiate(cfg.data).source.cache_dir == tmp_path / "xdg/vae-experiments"
+    monkeypatch.setenv("VAE_CACHE_DIR", str(tmp_path / "mine"))
+    assert targets.instantiate(cfg.data).source.cache_dir == tmp_path / "mine"
+    cfg.data.source.cache_dir = str(tmp_path / "given")
+    assert targets.instantiate(cfg.data).source.cache_dir == tmp_path / "given"
 
 
 def test_synthetic_images_are_smooth_seeded_and_shaped():
-    from vae_experiments.data import SyntheticDataModule
-
     def make(split_seed):
-        datamodule = SyntheticDataModule(
-            image_shape=[3, 20, 33],
-            num_train=40,
-            num_val=8,
-            num_test=8,
-            data_dir="unused",
+        data = make_data(
+            Synthetic,
+            dict(image_shape=[3, 20, 33], num_train=40, num_val=8, num_test=8),
             batch_size=16,
-            num_workers=0,
-            seed=0,
             split_seed=split_seed,
-            binarize="none",
         )
-        datamodule.setup()
-        return datamodule.splits["train"].images
+        data.setup()
+        return data.splits["train"].images
 
     images = make(0)
     assert images.shape == (40, 3, 20, 33) and images.dtype == torch.uint8
@@ -701,21 +729,49 @@ def test_synthetic_images_are_smooth_seeded_and_shaped():
 
 
 def test_synthetic_rejects_bad_shape():
-    from vae_experiments.data import SyntheticDataModule
+    with pytest.raises(
+        ConfigError,
+        match=r"image_shape=\[2, 8, 8\] is invalid: must be \[channels, height, width\]",
+    ):
+        Synthetic(image_shape=[2, 8, 8], num_train=4, num_val=4, num_test=4)
 
-    with pytest.raises(ValueError, match=r"data.image_shape must be \[channels, height, width\]"):
-        SyntheticDataModule(
-            image_shape=[2, 8, 8],
-            num_train=4,
-            num_val=4,
-            num_test=4,
-            data_dir="unused",
-            batch_size=4,
-            num_workers=0,
-            seed=0,
-            split_seed=0,
-            binarize="none",
-        )
+
+def test_in_memory_splits_are_iterated_without_worker_processes(recwarn, monkeypatch):
+    from vae_experiments.data import batches as batches_module
+
+    workers = []
+    loader = batches_module.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        workers.append(kwargs["num_workers"])
+        return loader(*args, **kwargs)
+
+    monkeypatch.setattr(batches_module, "DataLoader", recording_loader)
+    data = make_digits(num_workers=4)
+    batches = list(iterate_split(data, "val", batch_size=100))
+    assert workers == [0]
+    assert [len(x) for x, _ in batches] == [100, 44]
+    assert all(x.dtype == torch.float32 for x, _ in batches)
+    assert not [w for w in recwarn if "worker" in str(w.message)]
+    assert ImageDataModule(data).val_dataloader().num_workers == 0
+
+
+def test_data_package_and_iterating_a_split_do_not_import_lightning():
+    code = (
+        "import sys\n"
+        "from vae_experiments.data import Digits, ImageData, iterate_split\n"
+        "data = ImageData(Digits(val_size=0.1, test_size=0.2), batch_size=64, num_workers=0,\n"
+        "                 seed=0, split_seed=0, binarize='static', on_device='auto')\n"
+        "x, y = next(iterate_split(data, 'test'))\n"
+        "assert x.shape == (64, 1, 8, 8), x.shape\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
+        "               ('pytorch_lightning', 'lightning', 'hydra'))\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 class _FakeStrategy:
@@ -725,15 +781,10 @@ class _FakeStrategy:
 
 @pytest.mark.parametrize("on_device", ["auto", True, False])
 def test_splits_stay_on_cpu_when_training_on_cpu(on_device):
-    datamodule = make_digits(on_device=on_device)
+    datamodule = ImageDataModule(make_digits(on_device=on_device))
     datamodule.trainer = SimpleNamespace(strategy=_FakeStrategy("cpu"), training=True)
     images, _ = next(iter(datamodule.train_dataloader()))
     assert images.device.type == "cpu"
-
-
-def test_on_device_rejects_unknown_value():
-    with pytest.raises(ValueError, match="data.on_device must be auto, true or false, got 'gpu'"):
-        make_digits(on_device="gpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -741,7 +792,7 @@ def test_on_device_rejects_unknown_value():
     ("on_device", "expected"), [("auto", "cuda"), (True, "cuda"), (False, "cpu")]
 )
 def test_splits_move_to_the_gpu_once(on_device, expected):
-    datamodule = make_digits(on_device=on_device)
+    datamodule = ImageDataModule(make_digits(on_device=on_device))
     datamodule.trainer = SimpleNamespace(strategy=_FakeStrategy("cuda:0"), training=True)
     loader = datamodule.train_dataloader()
     images, labels = next(iter(loader))

@@ -4,6 +4,7 @@ images change, equal to per-file decoding, and never left half-written."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,11 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import compose_config
 from tests.fake_data import photo_crops, write_celeba, write_image_folder
 from tests.test_data import make_celeba, make_folder
+from vae_experiments import targets
 from vae_experiments.data import TensorImages, cache
 from vae_experiments.data.cache import cache_file, ensure_cache
+from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.data.files import CenterCropResize, ImageFiles
+from vae_experiments.targets import ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -49,7 +54,7 @@ def cache_files(cache_dir: Path) -> list[str]:
 def test_celeba_cache_is_built_once_and_equals_per_file_decoding(tmp_path, builds):
     write_celeba(tmp_path, n=12)
     datamodule = make_celeba(tmp_path)
-    datamodule.prepare_data()
+    ImageDataModule(datamodule).prepare_data()
     assert len(builds) == 3
     files = cache_files(tmp_path / "cache")
     assert len(files) == 6 and all(f.startswith("celeba-") for f in files)
@@ -82,7 +87,7 @@ def test_image_folder_cache_equals_per_file_decoding(tmp_path, builds):
     uncached = make_folder(root, channels=1, cache=False)
     uncached.setup()
     assert len(builds) == 3
-    assert cached.split_paths == uncached.split_paths
+    assert cached.source.split_paths == uncached.source.split_paths
     for name in SPLITS:
         assert torch.equal(cached.splits[name].labels, uncached.splits[name].labels)
     assert all(
@@ -90,7 +95,7 @@ def test_image_folder_cache_equals_per_file_decoding(tmp_path, builds):
         for a, b in zip(all_images(cached).values(), all_images(uncached).values(), strict=True)
     )
     # Served in memory: no worker processes, whatever num_workers says.
-    assert cached.train_dataloader().num_workers == 0
+    assert ImageDataModule(cached).train_dataloader().num_workers == 0
 
 
 def test_touched_or_replaced_image_rebuilds_its_split_only(tmp_path, builds):
@@ -156,8 +161,8 @@ def test_interrupted_build_leaves_no_valid_looking_cache(tmp_path, builds, monke
 def test_killed_build_leftovers_are_ignored_and_cleaned(tmp_path, builds):
     write_celeba(tmp_path, n=6)
     datamodule = make_celeba(tmp_path)
-    files = datamodule.file_splits()["train"]
-    npy = cache_file(tmp_path / "cache", datamodule.cache_name("train"), files)
+    files = datamodule.source.file_splits(datamodule.split_seed)["train"]
+    npy = cache_file(tmp_path / "cache", datamodule.source.cache_name("train"), files)
     npy.parent.mkdir()
     # A process killed mid-build: a half-written temporary file, and an array without its JSON.
     stale = npy.with_name(npy.name + ".tmp999999")
@@ -209,22 +214,35 @@ def test_unwritable_cache_dir_says_what_to_set(tmp_path):
         make_celeba(tmp_path, cache_dir=str(tmp_path / "file" / "cache")).setup()
     message = str(info.value)
     assert str(tmp_path / "file" / "cache") in message
-    assert "data.cache_dir" in message and "data.cache=false" in message
+    assert "data.source.cache_dir" in message and "data.source.cache=false" in message
 
 
-def test_bad_cache_keys_fail_in_init(tmp_path):
-    with pytest.raises(ValueError, match="data.cache must be true or false"):
-        make_celeba(tmp_path, cache="yes")
-    with pytest.raises(ValueError, match="data.cache_dir must be a path, got None"):
-        make_folder(tmp_path, cache_dir=None)
-    with pytest.raises(ValueError, match="data.skip_corrupt must be true or false"):
-        make_folder(tmp_path, skip_corrupt=1)
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data=celeba", "data.source.cache=yes"],
+            "data.source.cache=yes is invalid: must be true",
+        ),
+        (
+            ["data=image_folder", "data.source.path=/x", "data.source.cache_dir=null"],
+            "data.source.cache_dir=null is invalid: must be a path",
+        ),
+        (
+            ["data=image_folder", "data.source.path=/x", "data.source.skip_corrupt=1"],
+            "data.source.skip_corrupt=1 is invalid: must be true or false",
+        ),
+    ],
+)
+def test_bad_cache_keys_fail_in_init(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        targets.instantiate(compose_config(overrides).data, key="data")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cached_splits_move_to_the_gpu(tmp_path):
     write_celeba(tmp_path, n=12)
-    datamodule = make_celeba(tmp_path, num_workers=2)
+    datamodule = ImageDataModule(make_celeba(tmp_path, num_workers=2))
     strategy = SimpleNamespace(root_device=torch.device("cuda:0"))
     datamodule.trainer = SimpleNamespace(strategy=strategy, training=True)
     loader = datamodule.train_dataloader()

@@ -20,7 +20,6 @@ from torch import nn
 
 from tests.conftest import FAST, REPO_ROOT, compose_config
 from vae_experiments import load_run
-from vae_experiments.analysis.data import load_split
 from vae_experiments.analysis.latent import (
     DiagonalGaussian,
     GaussianMixture,
@@ -33,6 +32,7 @@ from vae_experiments.analysis.latent import (
 )
 from vae_experiments.analysis.latent_plots import latent_scatter, project_2d
 from vae_experiments.cli.common import analysis_dir, run_dir_of
+from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.models import (
     MLP,
     VAE,
@@ -43,7 +43,7 @@ from vae_experiments.models import (
     Network,
 )
 from vae_experiments.models.likelihoods import SquaredError
-from vae_experiments.runs import load_data
+from vae_experiments.runs import load_data, load_split
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.module import LitModel
 
@@ -257,7 +257,7 @@ def test_latent_scatter_writes_a_png(tmp_path, dim):
 
 def fit_with_callback(tmp_path: Path, model: LatentModel) -> tuple[LatentSamples, object]:
     pl.seed_everything(0)
-    datamodule = instantiate(compose_config([*FAST, "model=ae"]).data)
+    data = instantiate(compose_config([*FAST, "model=ae"]).data)
     callback = LatentSamples(num_samples=16, components=3, output_dir=tmp_path / "images")
     module = LitModel(model, partial(torch.optim.Adam, lr=1e-3))
     trainer = pl.Trainer(
@@ -270,8 +270,8 @@ def fit_with_callback(tmp_path: Path, model: LatentModel) -> tuple[LatentSamples
         enable_model_summary=False,
         limit_train_batches=10,
     )
-    trainer.fit(module, datamodule=datamodule)
-    return callback, datamodule
+    trainer.fit(module, datamodule=ImageDataModule(data))
+    return callback, data
 
 
 def test_callback_logs_latent_samples_and_likelihoods_for_an_ae(tmp_path):

@@ -18,7 +18,6 @@ from torch.distributions import MultivariateNormal, Normal
 
 from tests.conftest import REPO_ROOT
 from vae_experiments import load_run, read_metrics
-from vae_experiments.analysis.data import load_split
 from vae_experiments.analysis.likelihood import (
     bits_per_dim,
     count_active_units,
@@ -26,7 +25,7 @@ from vae_experiments.analysis.likelihood import (
     iwae_log_likelihood,
 )
 from vae_experiments.models import VAE, Autoencoder, Gaussian, Linear, SquaredError
-from vae_experiments.runs import load_data
+from vae_experiments.runs import load_data, load_split
 
 IMAGE_SHAPE = (1, 2, 3)
 SIGMA = 0.5

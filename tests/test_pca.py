@@ -14,10 +14,9 @@ from sklearn.decomposition import PCA as SklearnPCA
 
 from tests.conftest import REPO_ROOT, train_run
 from vae_experiments import load_run, read_metrics
-from vae_experiments.analysis.data import load_split
 from vae_experiments.analysis.pca import fit_pca, principal_angles
 from vae_experiments.models.base import squared_error
-from vae_experiments.runs import load_data
+from vae_experiments.runs import load_data, load_split
 
 
 @pytest.fixture(scope="module")

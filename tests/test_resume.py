@@ -23,6 +23,7 @@ from vae_experiments import read_metrics
 from vae_experiments.cli.run_dirs import claim_fresh_dir, register_resolvers, resumed_config
 from vae_experiments.configs import CONFIG_DIR
 from vae_experiments.data import ShuffledBatchSampler
+from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.training import train
 from vae_experiments.training.checkpoint_io import save_atomic
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
@@ -122,7 +123,7 @@ def test_sampler_resumes_inside_an_epoch():
 
 
 def test_data_loading_leaves_the_global_rng_alone():
-    datamodule = instantiate(compose_config(FAST).data)
+    datamodule = ImageDataModule(instantiate(compose_config(FAST).data))
     datamodule.setup()
     state = torch.get_rng_state()
     for _ in range(2):

@@ -303,9 +303,10 @@ def _check_arguments(
 
 
 def to_container(node: Any) -> Any:
-    """A config node as plain dicts and lists, interpolations resolved."""
+    """A config node as plain dicts and lists, interpolations resolved; a missing value (``???``)
+    raises ``MissingMandatoryValue`` naming its full key."""
     if isinstance(node, DictConfig | ListConfig):
-        return OmegaConf.to_container(node, resolve=True)
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
     return node
 
 

@@ -48,7 +48,7 @@ def encode_split(
     Args:
         model: any :class:`LatentModel`; evaluated in eval mode (its mode is restored after).
         batches: float image batches (B, C, H, W), or ``(images, labels)`` pairs as yielded by
-            :func:`vae_experiments.analysis.data.iterate_split`. Moved to the model's device.
+            :func:`vae_experiments.runs.iterate_split`. Moved to the model's device.
         return_labels: also return the labels (needs ``(images, labels)`` pairs).
 
     Returns:

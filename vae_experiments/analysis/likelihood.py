@@ -20,10 +20,10 @@ chunking changes the result by float rounding only.
 Plain PyTorch, so it works in a notebook::
 
     from vae_experiments import load_run
-    from vae_experiments.analysis.data import iterate_split, load_datamodule
+    from vae_experiments.runs import iterate_split, load_data
 
     model, cfg = load_run("outputs/2026-11-25/14-03-12")
-    batches = (x for x, _ in iterate_split(load_datamodule(cfg), "test"))
+    batches = (x for x, _ in iterate_split(load_data(cfg), "test"))
     print(evaluate_vae(model, batches, k=5000, max_batch_elems=2**26))  # nats per image
 """
 
@@ -244,7 +244,7 @@ def evaluate_vae(
     Args:
         model: a VAE.
         batches: image batches (B, C, H, W) in [0, 1] (``(images, labels)`` pairs also work),
-            e.g. from :func:`vae_experiments.analysis.data.iterate_split`.
+            e.g. from :func:`vae_experiments.runs.iterate_split`.
         k: importance samples per image.
         max_batch_elems: memory bound of :func:`iwae_log_likelihood`.
         generator: for reproducible samples.

@@ -52,10 +52,9 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
         plot_reconstructions,
         write_csv,
     )
-    from vae_experiments.analysis.data import load_split
     from vae_experiments.analysis.pca import fit_pca
     from vae_experiments.models.base import squared_error
-    from vae_experiments.runs import load_data, load_run
+    from vae_experiments.runs import load_data, load_run, load_split
     from vae_experiments.training import train
 
     latent_dims = [int(k) for k in cfg.latent_dims]
@@ -88,9 +87,7 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
     write_csv(results, out_dir / "comparison.csv")
     table = markdown_table(results)
     (out_dir / "comparison.md").write_text(table)
-    title = (
-        f"{type(datamodule).__name__.removesuffix('DataModule')}: test error against latent size"
-    )
+    title = f"{datamodule.name}: test error against latent size"
     error_plot = plot_error_vs_latent_dim(results, title)
     error_plot.savefig(out_dir / "error_vs_latent_dim.png", dpi=120)
     recon_plot = plot_reconstructions(shown, reconstructions)

@@ -76,13 +76,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from vae_experiments.analysis.data import iterate_split
     from vae_experiments.analysis.likelihood import check_vae, evaluate_vae
     from vae_experiments.runs import (
         ANALYSIS_DIR,
         CHECKPOINT_CHOICES,
         METRICS_FILE,
         find_checkpoint,
+        iterate_split,
         load_data,
         load_run,
         read_metrics,

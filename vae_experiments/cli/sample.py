@@ -51,7 +51,6 @@ def sample_latents(
     """
     import torch
 
-    from vae_experiments.analysis.data import iterate_split
     from vae_experiments.analysis.latent import (
         DENSITIES,
         StandardNormal,
@@ -65,6 +64,7 @@ def sample_latents(
     from vae_experiments.runs import (
         ANALYSIS_DIR,
         find_checkpoint,
+        iterate_split,
         load_data,
         load_run,
         write_json_atomic,

@@ -1,25 +1,44 @@
-"""Data sources as LightningDataModules yielding uint8 batches, converted to floats on the device."""
+"""Image data in plain torch: sources yielding uint8 splits, :class:`ImageData` batching them.
+
+The Lightning side, :class:`~vae_experiments.data.datamodule.ImageDataModule`, is imported from
+``vae_experiments.data.datamodule`` (not here, so that loading data needs no Lightning).
+"""
 
 from __future__ import annotations
 
-from vae_experiments.data.base import ImageDataModule, ShuffledBatchSampler, TensorImages
-from vae_experiments.data.celeba import CelebADataModule
-from vae_experiments.data.digits import DigitsDataModule
+from vae_experiments.data.batches import (
+    ShuffledBatchSampler,
+    TensorImages,
+    iterate_split,
+    load_split,
+    to_float,
+)
+from vae_experiments.data.celeba import CelebA
+from vae_experiments.data.digits import Digits
+from vae_experiments.data.file_source import FileSource
 from vae_experiments.data.files import ImageFiles
-from vae_experiments.data.idx import FashionMNISTDataModule, MNISTDataModule, read_idx
-from vae_experiments.data.image_folder import ImageFolderDataModule
-from vae_experiments.data.synthetic import SyntheticDataModule
+from vae_experiments.data.idx import MNIST, FashionMNIST, IdxImages, read_idx
+from vae_experiments.data.image_folder import ImageFolder
+from vae_experiments.data.images import ImageData
+from vae_experiments.data.source import ImageSource
+from vae_experiments.data.synthetic import Synthetic
 
 __all__ = [
-    "CelebADataModule",
-    "DigitsDataModule",
-    "FashionMNISTDataModule",
-    "ImageDataModule",
+    "MNIST",
+    "CelebA",
+    "Digits",
+    "FashionMNIST",
+    "FileSource",
+    "IdxImages",
+    "ImageData",
     "ImageFiles",
-    "ImageFolderDataModule",
-    "MNISTDataModule",
+    "ImageFolder",
+    "ImageSource",
     "ShuffledBatchSampler",
-    "SyntheticDataModule",
+    "Synthetic",
     "TensorImages",
+    "iterate_split",
+    "load_split",
+    "to_float",
     "read_idx",
 ]

@@ -268,8 +268,9 @@ def _make_folder(folder: Path) -> None:
             raise PermissionError(f"{folder} is not writable")
     except OSError as exc:
         raise PermissionError(
-            f"cannot write the decoded-image cache in {folder} ({exc}). Set data.cache_dir to a "
-            "writable folder, or data.cache=false to decode the files every epoch instead."
+            f"cannot write the decoded-image cache in {folder} ({exc}). Set "
+            "data.source.cache_dir to a writable folder, or data.source.cache=false to decode "
+            "the files every epoch instead."
         ) from exc
 
 

@@ -6,9 +6,10 @@ import logging
 import os
 from pathlib import Path
 
-from vae_experiments.data.checks import check_int
-from vae_experiments.data.file_datamodule import FileImageDataModule, warn_skipped
+from vae_experiments.data.checks import as_path, at_least
+from vae_experiments.data.file_source import FileSource, warn_skipped
 from vae_experiments.data.files import CenterCropResize, ImageFiles
+from vae_experiments.targets import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,58 +44,41 @@ def read_partition(path: Path) -> list[tuple[str, int]]:
     return entries
 
 
-class CelebADataModule(FileImageDataModule):
+class CelebA(FileSource):
     """CelebA aligned faces, center-cropped and resized, with the official train/val/test split.
 
     Looks in ``<data_dir>/celeba/`` (torchvision's layout; Kaggle's nested
     ``img_align_celeba/img_align_celeba/`` and ``.csv`` partition also work), then in
-    ``<data_dir>/`` itself. Labels are all 0. Each split is decoded once into a cache (see
-    :class:`FileImageDataModule`).
+    ``<data_dir>/`` itself. Labels are all 0. The official partition is used, so ``split_seed``
+    plays no part.
 
     Args:
+        data_dir: Root folder of the datasets.
         image_size: Output side S; images are (3, S, S).
         crop_size: Side of the central square cropped first (148 keeps the face, as in most
             CelebA VAE papers).
-        cache, cache_dir, skip_corrupt: See :class:`FileImageDataModule`. With
-            ``skip_corrupt``, images the partition file lists but the folder lacks are left
-            out too.
-        on_device: See :class:`ImageDataModule`; only cached splits can move to the GPU.
-        data_dir, batch_size, num_workers, seed: See :class:`ImageDataModule`.
-        split_seed: Accepted for a uniform config; the official partition is used.
+        cache, cache_dir, skip_corrupt: See :class:`FileSource`. With ``skip_corrupt``, images
+            the partition file lists but the folder lacks are left out too.
     """
 
     def __init__(
         self,
         data_dir: str | os.PathLike[str],
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        split_seed: int,
         image_size: int,
         crop_size: int,
         cache: bool,
         cache_dir: str | os.PathLike[str],
         skip_corrupt: bool,
-        on_device: str | bool = "auto",
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            split_seed=split_seed,
-            binarize="none",
-            cache=cache,
-            cache_dir=cache_dir,
-            skip_corrupt=skip_corrupt,
-            on_device=on_device,
-        )
-        self.image_size = check_int("image_size", image_size, minimum=1)
-        self.crop_size = check_int("crop_size", crop_size, minimum=1)
+        super().__init__(cache=cache, cache_dir=cache_dir, skip_corrupt=skip_corrupt)
+        self.data_dir = as_path("data_dir", data_dir)
+        self.image_size = at_least("image_size", image_size, 1)
+        self.crop_size = at_least("crop_size", crop_size, 1)
         if crop_size > ALIGNED_WIDTH:
-            raise ValueError(
-                f"data.crop_size must be <= {ALIGNED_WIDTH} (the width of CelebA's aligned "
-                f"images), got {crop_size}"
+            raise ConfigError(
+                "crop_size",
+                crop_size,
+                f"must be <= {ALIGNED_WIDTH} (the width of CelebA's aligned images)",
             )
 
     @property
@@ -122,12 +106,12 @@ class CelebADataModule(FileImageDataModule):
                 return image_dir, partition
         listing = "\n".join(f"  - {p}" for p in looked_at)
         raise FileNotFoundError(
-            f"CelebA not found under data.data_dir={self.data_dir}: need an img_align_celeba/ "
-            f"folder and a list_eval_partition file side by side. Looked at:\n{listing}\n"
-            f"{HOW_TO_GET}"
+            f"CelebA not found under data.source.data_dir={self.data_dir}: need an "
+            "img_align_celeba/ folder and a list_eval_partition file side by side. Looked "
+            f"at:\n{listing}\n{HOW_TO_GET}"
         )
 
-    def list_files(self) -> dict[str, ImageFiles]:
+    def list_files(self, split_seed: int) -> dict[str, ImageFiles]:
         image_dir, partition_file = self.find_files()
         entries = read_partition(partition_file)
         # One directory listing instead of 200k stat calls.
@@ -142,7 +126,7 @@ class CelebADataModule(FileImageDataModule):
             raise FileNotFoundError(
                 f"{len(missing)} of the {len(entries)} images listed in {partition_file} are "
                 f"missing, the first is {image_dir / missing[0]}. Re-extract img_align_celeba, "
-                f"or set data.skip_corrupt=true to train without them. {HOW_TO_GET}"
+                f"or set data.source.skip_corrupt=true to train without them. {HOW_TO_GET}"
             )
         if missing:
             warn_skipped([image_dir / name for name in missing], len(entries))

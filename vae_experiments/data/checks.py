@@ -1,43 +1,47 @@
-"""Config validation helpers that fail fast with messages naming the ``data.*`` key."""
+"""Value rules of the data constructors, raising :class:`~vae_experiments.targets.ConfigError`
+about the constructor's own argument (``targets.instantiate`` puts the config key in front)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from vae_experiments.targets import ConfigError, format_value
 
-def check_int(key: str, value: Any, minimum: int | None = None) -> int:
-    """Return ``value`` if it is an int (not a bool) and ``>= minimum``, else raise ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"data.{key} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"data.{key} must be >= {minimum}, got {value}")
+
+def at_least(name: str, value: int, minimum: int) -> int:
+    """Return ``value`` if it is an integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(name, value, f"must be an integer >= {minimum}")
     return value
 
 
-def check_choice(key: str, value: Any, choices: Iterable[Any]) -> Any:
-    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
+def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``."""
     choices = tuple(choices)
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"data.{key} must be one of {allowed}, got {value!r}")
+    # True == 1: a bool is only one of the choices if it is itself listed.
+    if value not in choices or (isinstance(value, bool) and all(c is not value for c in choices)):
+        raise ConfigError(name, value, f"must be one of {', '.join(map(format_value, choices))}")
     return value
 
 
-def check_split_size(key: str, value: Any) -> int | float:
-    """Validate a split size: an int >= 0 (number of images) or a float in (0, 1) (a fraction)."""
+def split_size(name: str, value: int | float) -> int | float:
+    """Return a split size: an int >= 0 (number of images) or a float in (0, 1) (a fraction)."""
     is_count = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     is_fraction = isinstance(value, float) and 0.0 < value < 1.0
     if not (is_count or is_fraction):
-        raise ValueError(
-            f"data.{key} must be an int >= 0 (number of images) or a float in (0, 1) "
-            f"(fraction of the images), got {value!r}"
+        raise ConfigError(
+            name,
+            value,
+            "must be an int >= 0 (number of images) or a float in (0, 1) (fraction of the images)",
         )
     return value
 
 
-def check_bool(key: str, value: Any) -> bool:
-    """Return ``value`` if it is a bool, else raise ValueError."""
-    if not isinstance(value, bool):
-        raise ValueError(f"data.{key} must be true or false, got {value!r}")
-    return value
+def as_path(name: str, value: str | os.PathLike[str]) -> Path:
+    """``value`` as a Path, ``~`` expanded."""
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(name, value, "must be a path")
+    return Path(value).expanduser()

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,9 +19,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vae_experiments.data.base import ImageDataModule, TensorImages
-from vae_experiments.data.checks import check_bool, check_split_size
-from vae_experiments.data.splits import carve_splits
+from vae_experiments.data.batches import TensorImages
+from vae_experiments.data.checks import as_path, split_size
+from vae_experiments.data.source import ImageSource
+from vae_experiments.data.splits import carve
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ _TYPE_NAMES = {
     0x0E: "float64",
 }
 NOT_SKIPPABLE = (
-    "An IDX file is one array read whole, so data.skip_corrupt cannot skip part of it: replace "
-    "the file."
+    "An IDX file is one array read whole, so data.source.skip_corrupt cannot skip part of it: "
+    "replace the file."
 )
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -102,33 +102,6 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).reshape(shape)
 
 
-@dataclass(frozen=True)
-class IdxSource:
-    """What differs between MNIST and Fashion-MNIST.
-
-    Attributes:
-        name: torchvision dataset class, which is also the folder it downloads into
-            (``<root>/<name>/raw/``).
-        fallback_dirs: Extra folders searched last (system-wide installs).
-        hint: Extra advice appended to the "files not found" error.
-    """
-
-    name: str
-    fallback_dirs: tuple[Path, ...] = ()
-    hint: str = ""
-
-
-MNIST = IdxSource("MNIST")
-FASHION_MNIST = IdxSource(
-    "FashionMNIST",
-    fallback_dirs=(Path("/usr/share/datasets/fashion-mnist"),),
-    hint=(
-        "; on Debian/Ubuntu `apt-get install dataset-fashion-mnist` then "
-        "data.data_dir=/usr/share/datasets/fashion-mnist"
-    ),
-)
-
-
 def find_idx_files(directory: Path) -> dict[str, Path] | None:
     """Return the four IDX files in ``directory`` (plain preferred over .gz), or None if any lack."""
     found = {}
@@ -141,45 +114,33 @@ def find_idx_files(directory: Path) -> dict[str, Path] | None:
     return found
 
 
-class IdxDataModule(ImageDataModule):
+class IdxImages(ImageSource):
     """28x28 grayscale IDX datasets: train (60k) minus ``val_size`` for val, t10k as test.
 
     Files are looked for in ``<data_dir>/<name>/raw/`` (torchvision's layout), then in
-    ``<data_dir>`` itself (a folder holding the four files, like Debian's packages), then in the
-    source's fallback folders.
+    ``<data_dir>`` itself (a folder holding the four files, like Debian's packages), then in
+    :attr:`fallback_dirs`. Subclasses set :attr:`name`, :attr:`fallback_dirs` and :attr:`hint`.
 
     Args:
+        data_dir: Root folder of the datasets.
         val_size: Validation images carved from train: int count or float fraction.
-        download: Let :meth:`prepare_data` download with torchvision when the files are missing.
-        data_dir, batch_size, num_workers, seed, split_seed, binarize, on_device: See
-            :class:`ImageDataModule`.
+        download: Let :meth:`prepare` download with torchvision when the files are missing.
     """
 
-    source: ClassVar[IdxSource]
+    #: torchvision dataset class, which is also the folder it downloads into
+    #: (``<data_dir>/<name>/raw/``).
+    name: ClassVar[str]
+    #: Extra folders searched last (system-wide installs).
+    fallback_dirs: ClassVar[tuple[Path, ...]] = ()
+    #: Extra advice appended to the "files not found" error.
+    hint: ClassVar[str] = ""
 
     def __init__(
-        self,
-        data_dir: str | os.PathLike[str],
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        split_seed: int,
-        val_size: int | float,
-        binarize: str,
-        download: bool,
-        on_device: str | bool = "auto",
+        self, data_dir: str | os.PathLike[str], val_size: int | float, download: bool
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            split_seed=split_seed,
-            binarize=binarize,
-            on_device=on_device,
-        )
-        self.val_size = check_split_size("val_size", val_size)
-        self.download = check_bool("download", download)
+        self.data_dir = as_path("data_dir", data_dir)
+        self.val_size = split_size("val_size", val_size)
+        self.download = download
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -187,7 +148,7 @@ class IdxDataModule(ImageDataModule):
 
     def search_dirs(self) -> list[Path]:
         """Folders searched for the IDX files, in order."""
-        dirs = [self.data_dir / self.source.name / "raw", self.data_dir, *self.source.fallback_dirs]
+        dirs = [self.data_dir / self.name / "raw", self.data_dir, *self.fallback_dirs]
         return list(dict.fromkeys(dirs))  # drop duplicates, keep order
 
     def find_files(self) -> dict[str, Path] | None:
@@ -198,44 +159,39 @@ class IdxDataModule(ImageDataModule):
                 return files
         return None
 
-    def prepare_data(self) -> None:
-        """Download with torchvision if allowed and the files are missing (rank zero only)."""
+    def prepare(self, split_seed: int, threads: int) -> None:
+        """Download with torchvision if allowed and the files are missing."""
         if not self.download or self.find_files() is not None:
             return
         import torchvision.datasets  # slow import, only needed online
 
-        log.info("downloading %s to %s", self.source.name, self.data_dir / self.source.name)
+        log.info("downloading %s to %s", self.name, self.data_dir / self.name)
         # One call fetches all four files into <data_dir>/<name>/raw/.
-        getattr(torchvision.datasets, self.source.name)(
-            root=str(self.data_dir), train=True, download=True
-        )
+        getattr(torchvision.datasets, self.name)(root=str(self.data_dir), train=True, download=True)
 
     def how_to_get(self) -> str:
         """Where the files come from, for error messages."""
         return (
-            f"Pass data.download=true when online (torchvision saves them to "
-            f"{self.data_dir / self.source.name / 'raw'}), or put the four IDX files in one of "
-            f"the folders searched{self.source.hint}."
+            f"Pass data.source.download=true when online (torchvision saves them to "
+            f"{self.data_dir / self.name / 'raw'}), or put the four IDX files in one of "
+            f"the folders searched{self.hint}."
         )
 
-    def load_splits(self) -> dict[str, Dataset]:
+    def load(self, split_seed: int, threads: int) -> dict[str, Dataset]:
         files = self.find_files()
         if files is None:
             looked_in = "\n".join(f"  - {d}" for d in self.search_dirs())
             names = ", ".join(IDX_FILES.values())
             raise FileNotFoundError(
-                f"{self.source.name} IDX files not found. Looked for {names} (each plain or .gz) "
+                f"{self.name} IDX files not found. Looked for {names} (each plain or .gz) "
                 f"in:\n{looked_in}\n{self.how_to_get()}"
             )
-        log.info("reading %s from %s", self.source.name, files["train_images"].parent)
+        log.info("reading %s from %s", self.name, files["train_images"].parent)
         train_images, train_labels = self._read_pair(files["train_images"], files["train_labels"])
         test_images, test_labels = self._read_pair(files["test_images"], files["test_labels"])
-        indices = carve_splits(len(train_images), {"val": self.val_size}, self.split_seed)
-        return {
-            "train": TensorImages(train_images[indices["train"]], train_labels[indices["train"]]),
-            "val": TensorImages(train_images[indices["val"]], train_labels[indices["val"]]),
-            "test": TensorImages(test_images, test_labels),
-        }
+        splits = carve(train_images, train_labels, {"val": self.val_size}, split_seed)
+        splits["test"] = TensorImages(test_images, test_labels)
+        return splits
 
     def _read_pair(self, images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
         try:
@@ -255,13 +211,18 @@ class IdxDataModule(ImageDataModule):
         return images.unsqueeze(1), labels.long()  # (N, 1, 28, 28), (N,)
 
 
-class MNISTDataModule(IdxDataModule):
-    """Handwritten digits (LeCun et al.), 28x28 grayscale. See :class:`IdxDataModule`."""
+class MNIST(IdxImages):
+    """Handwritten digits (LeCun et al.), 28x28 grayscale. See :class:`IdxImages`."""
 
-    source = MNIST
+    name = "MNIST"
 
 
-class FashionMNISTDataModule(IdxDataModule):
-    """Zalando's Fashion-MNIST (https://arxiv.org/abs/1708.07747). See :class:`IdxDataModule`."""
+class FashionMNIST(IdxImages):
+    """Zalando's Fashion-MNIST (https://arxiv.org/abs/1708.07747). See :class:`IdxImages`."""
 
-    source = FASHION_MNIST
+    name = "FashionMNIST"
+    fallback_dirs = (Path("/usr/share/datasets/fashion-mnist"),)
+    hint = (
+        "; on Debian/Ubuntu `apt-get install dataset-fashion-mnist` then "
+        "data.source.data_dir=/usr/share/datasets/fashion-mnist"
+    )

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from vae_experiments.data.checks import check_choice, check_int, check_split_size
-from vae_experiments.data.file_datamodule import FileImageDataModule
+from vae_experiments.data.checks import as_path, at_least, one_of, split_size
+from vae_experiments.data.file_source import FileSource
 from vae_experiments.data.files import ImageFiles, ResizeCenterCrop
 from vae_experiments.data.splits import carve_splits
 
@@ -43,7 +43,7 @@ def collect_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, class_names
 
 
-class ImageFolderDataModule(FileImageDataModule):
+class ImageFolder(FileSource):
     """Images under ``path``, resized (shorter side) and center-cropped to squares.
 
     The test split is carved first, then val from the rest, both seeded by ``split_seed``, from
@@ -56,20 +56,12 @@ class ImageFolderDataModule(FileImageDataModule):
         channels: 1 (grayscale) or 3 (RGB).
         val_size: Validation images: int count, or float fraction of the non-test images.
         test_size: Test images: int count, or float fraction of all images.
-        cache, cache_dir, skip_corrupt: See :class:`FileImageDataModule`.
-        on_device: See :class:`ImageDataModule`; only cached splits can move to the GPU.
-        data_dir: Accepted for a uniform config; ``path`` says where the images are.
-        batch_size, num_workers, seed, split_seed: See :class:`ImageDataModule`.
+        cache, cache_dir, skip_corrupt: See :class:`FileSource`.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
-        data_dir: str | os.PathLike[str],
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        split_seed: int,
         image_size: int,
         channels: int,
         val_size: int | float,
@@ -77,27 +69,13 @@ class ImageFolderDataModule(FileImageDataModule):
         cache: bool,
         cache_dir: str | os.PathLike[str],
         skip_corrupt: bool,
-        on_device: str | bool = "auto",
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            split_seed=split_seed,
-            binarize="none",
-            cache=cache,
-            cache_dir=cache_dir,
-            skip_corrupt=skip_corrupt,
-            on_device=on_device,
-        )
-        if not isinstance(path, str | os.PathLike):
-            raise ValueError(f"data.path must be the folder of images, got {path!r}")
-        self.path = Path(path).expanduser()
-        self.image_size = check_int("image_size", image_size, minimum=1)
-        self.channels = check_choice("channels", channels, (1, 3))
-        self.val_size = check_split_size("val_size", val_size)
-        self.test_size = check_split_size("test_size", test_size)
+        super().__init__(cache=cache, cache_dir=cache_dir, skip_corrupt=skip_corrupt)
+        self.path = as_path("path", path)
+        self.image_size = at_least("image_size", image_size, 1)
+        self.channels = one_of("channels", channels, (1, 3))
+        self.val_size = split_size("val_size", val_size)
+        self.test_size = split_size("test_size", test_size)
         self.class_names: list[str] = []
 
     @property
@@ -108,26 +86,26 @@ class ImageFolderDataModule(FileImageDataModule):
         mode = "rgb" if self.channels == 3 else "gray"
         return f"folder-{self.path.resolve().name}-{split}-{mode}-{self.image_size}px"
 
-    def list_files(self) -> dict[str, ImageFiles]:
+    def list_files(self, split_seed: int) -> dict[str, ImageFiles]:
         if not self.path.is_dir():
             what = "does not exist" if not self.path.exists() else "is a file"
             raise FileNotFoundError(
-                f"data.path={self.path} is not a folder (it {what}); set data.path to the "
-                "folder holding your images"
+                f"data.source.path={self.path} is not a folder (it {what}); set "
+                "data.source.path to the folder holding your images"
             )
         paths, labels, self.class_names = collect_images(self.path)
         if not paths:
             raise FileNotFoundError(
-                f"no images found under data.path={self.path} (looked recursively for "
+                f"no images found under data.source.path={self.path} (looked recursively for "
                 f"{', '.join(IMAGE_EXTENSIONS)} in any case, skipping hidden files); put images "
-                "there or point data.path at the folder that holds them"
+                "there or point data.source.path at the folder that holds them"
             )
         log.info(
             "found %d images in %d classes under %s", len(paths), len(self.class_names), self.path
         )
         label_tensor = torch.tensor(labels, dtype=torch.int64)
         indices = carve_splits(
-            len(paths), {"test": self.test_size, "val": self.val_size}, self.split_seed
+            len(paths), {"test": self.test_size, "val": self.val_size}, split_seed
         )
         transform = ResizeCenterCrop(self.image_size)
         return {

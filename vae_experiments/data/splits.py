@@ -1,4 +1,4 @@
-"""Deterministic split carving and static binarisation, both driven by ``split_seed``."""
+"""Deterministic split carving, driven by ``split_seed``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-# Binarising in chunks keeps the float copy small (MNIST in one go would be ~190 MB of float32).
-_BINARIZE_CHUNK = 4096
+from vae_experiments.data.batches import TensorImages
 
 
 def resolve_split_size(size: int | float, available: int) -> int:
@@ -30,7 +30,7 @@ def carve_splits(
     Args:
         num_items: Number of images to split.
         sizes: Split name -> size, e.g. ``{"test": 0.2, "val": 0.1}``. Errors name the key
-            ``data.<name>_size``.
+            ``data.source.<name>_size``.
         split_seed: Seed of the permutation, independent of the run seed.
 
     Returns:
@@ -45,8 +45,8 @@ def carve_splits(
         count = resolve_split_size(size, remaining)
         if count >= remaining:
             raise ValueError(
-                f"data.{name}_size={size} takes {count} of the {remaining} remaining images and "
-                f"leaves none for training; lower data.{name}_size"
+                f"data.source.{name}_size={size} takes {count} of the {remaining} remaining "
+                f"images and leaves none for training; lower data.source.{name}_size"
             )
         # Sorted so each split keeps the source order (stable, readable evaluation batches).
         splits[name] = perm[start : start + count].sort().values
@@ -55,20 +55,10 @@ def carve_splits(
     return splits
 
 
-def binarize_uint8(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Sample each pixel from Bernoulli(intensity / 255), stored as uint8 0/255.
-
-    Keeping 0/255 in uint8 lets binarised and grayscale splits share the same float conversion.
-
-    Args:
-        images: uint8 images (N, C, H, W).
-        generator: Seeded generator, so the binarisation is reproducible.
-
-    Returns:
-        uint8 tensor (N, C, H, W) with values in {0, 255}.
-    """
-    out = torch.empty_like(images)
-    for start in range(0, images.shape[0], _BINARIZE_CHUNK):
-        chunk = images[start : start + _BINARIZE_CHUNK].float().div_(255)
-        out[start : start + _BINARIZE_CHUNK] = torch.bernoulli(chunk, generator=generator).mul_(255)
-    return out
+def carve(
+    images: Tensor, labels: Tensor, sizes: dict[str, int | float], split_seed: int
+) -> dict[str, Dataset]:
+    """In-memory splits carved from ``images`` (N, C, H, W) and ``labels`` (N,); see
+    :func:`~vae_experiments.data.splits.carve_splits`."""
+    indices = carve_splits(len(images), sizes, split_seed)
+    return {name: TensorImages(images[idx], labels[idx]) for name, idx in indices.items()}

@@ -7,15 +7,16 @@ gives the same images on every machine.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from vae_experiments.data.base import ImageDataModule, TensorImages
-from vae_experiments.data.checks import check_int
+from vae_experiments.data.batches import SPLIT_NAMES, TensorImages
+from vae_experiments.data.checks import at_least
+from vae_experiments.data.source import ImageSource
+from vae_experiments.targets import ConfigError
 
 #: Images generated per chunk, to bound the float32 memory of the upsampling.
 _CHUNK = 4096
@@ -39,65 +40,39 @@ def smooth_random_images(
     return torch.cat(chunks)
 
 
-class SyntheticDataModule(ImageDataModule):
+class Synthetic(ImageSource):
     """Generated smooth random images in memory; labels are all 0.
 
     Args:
         image_shape: (C, H, W) of every image, e.g. ``[3, 64, 64]`` for CelebA-sized timing.
         num_train, num_val, num_test: images per split.
-        data_dir: Accepted for a uniform config and ignored.
-        batch_size, num_workers, seed, split_seed, binarize, on_device: See
-            :class:`ImageDataModule`.
     """
 
     def __init__(
-        self,
-        image_shape: Sequence[int],
-        num_train: int,
-        num_val: int,
-        num_test: int,
-        data_dir: str | os.PathLike[str],
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        split_seed: int,
-        binarize: str,
-        on_device: str | bool = "auto",
+        self, image_shape: Sequence[int], num_train: int, num_val: int, num_test: int
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            split_seed=split_seed,
-            binarize=binarize,
-            on_device=on_device,
-        )
         shape = tuple(image_shape)
-        if len(shape) != 3 or shape[0] not in (1, 3):
-            raise ValueError(
-                f"data.image_shape must be [channels, height, width] with 1 or 3 channels, "
-                f"got {list(image_shape)}"
+        if len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1:
+            raise ConfigError(
+                "image_shape",
+                list(image_shape),
+                "must be [channels, height, width] with 1 or 3 channels and sizes >= 1",
             )
-        self._image_shape = (
-            check_int("image_shape[0]", shape[0], minimum=1),
-            check_int("image_shape[1]", shape[1], minimum=1),
-            check_int("image_shape[2]", shape[2], minimum=1),
-        )
+        self._image_shape = shape
         self.sizes = {
-            "train": check_int("num_train", num_train, minimum=1),
-            "val": check_int("num_val", num_val, minimum=1),
-            "test": check_int("num_test", num_test, minimum=1),
+            "train": at_least("num_train", num_train, 1),
+            "val": at_least("num_val", num_val, 1),
+            "test": at_least("num_test", num_test, 1),
         }
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self._image_shape
 
-    def load_splits(self) -> dict[str, Dataset]:
-        generator = torch.Generator().manual_seed(self.split_seed)
+    def load(self, split_seed: int, threads: int) -> dict[str, Dataset]:
+        generator = torch.Generator().manual_seed(split_seed)
         splits = {}
-        for name in ("train", "val", "test"):
+        for name in SPLIT_NAMES:
             images = smooth_random_images(self.sizes[name], self.image_shape, generator)
             splits[name] = TensorImages(images, torch.zeros(len(images), dtype=torch.int64))
         return splits

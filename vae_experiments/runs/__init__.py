@@ -2,6 +2,7 @@
 checkpoint), reading and writing its files, loading a run back, and the records that sweep
 reports read. Plain torch and OmegaConf: importing it imports neither Lightning nor Hydra."""
 
+from vae_experiments.data import iterate_split, load_split
 from vae_experiments.runs.files import (
     atomic_write,
     load_config,
@@ -61,9 +62,11 @@ __all__ = [
     "holds_a_run",
     "is_first_process",
     "is_run_dir",
+    "iterate_split",
     "load_config",
     "load_data",
     "load_run",
+    "load_split",
     "newest_checkpoint",
     "read_metrics",
     "read_run",

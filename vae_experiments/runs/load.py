@@ -6,8 +6,7 @@ builds classes we ship, so a run directory from someone else cannot run code. Ch
 with ``weights_only=True`` for the same reason. Plain torch and OmegaConf: no Lightning or
 Hydra, so it works in a notebook::
 
-    from vae_experiments.data import iterate_split
-    from vae_experiments.runs import load_data, load_run
+    from vae_experiments.runs import iterate_split, load_data, load_run
 
     model, cfg = load_run("outputs/2026-11-25/14-03-12")
     data = load_data(cfg)
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from vae_experiments.data import ImageData
 from vae_experiments.models import LatentModel
 from vae_experiments.runs.files import load_config
 from vae_experiments.runs.layout import BEST, CONFIG_FILE, find_checkpoint, run_dir_of
@@ -74,7 +74,7 @@ def load_run(
     return model.to(map_location).eval(), cfg
 
 
-def load_data(cfg: DictConfig, **overrides: Any) -> Any:
+def load_data(cfg: DictConfig, **overrides: Any) -> ImageData:
     """Builds the data of a run's config and loads its splits.
 
     Args:
@@ -82,5 +82,6 @@ def load_data(cfg: DictConfig, **overrides: Any) -> Any:
         **overrides: constructor arguments of ``cfg.data`` to replace, e.g. ``batch_size=1000``.
     """
     data = instantiate(cfg.data, key="data", **overrides)
+    data.prepare()  # a cache to build, or a download the config asks for
     data.setup()
     return data

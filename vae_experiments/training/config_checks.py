@@ -14,7 +14,6 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vae_experiments.data.base import BINARIZE_CHOICES
 from vae_experiments.runs.layout import CHECKPOINT_CHOICES
 from vae_experiments.targets import ConfigError, raise_all
 
@@ -82,10 +81,6 @@ def _max_epochs(value: Any) -> str | None:
 RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
     "test_ckpt": _one_of(CHECKPOINT_CHOICES),
-    "data.batch_size": _int_at_least(1),
-    "data.num_workers": _int_at_least(0),
-    "data.binarize": _one_of(BINARIZE_CHOICES),
-    "data.image_size": _int_at_least(1),
     "trainer.max_epochs": _max_epochs,
     # A negative clip value would flip the gradients' sign (torch clips by max_norm / norm).
     "trainer.gradient_clip_val": _optional(_number(0), off="no clipping"),

@@ -10,13 +10,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from vae_experiments.analysis.data import iterate_split
 from vae_experiments.analysis.latent import (
     DENSITIES,
     encode_split,
     fit_density,
     heldout_log_likelihood,
 )
+from vae_experiments.data import iterate_split
 from vae_experiments.pictures import image_grid, save_grid
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,14 @@ class LatentSamples(pl.Callback):
         model = pl_module.model
         if self.num_samples == 0 or model.has_prior or not trainer.is_global_zero:
             return
-        datamodule = trainer.datamodule
-        if datamodule is None or getattr(datamodule, "splits", None) is None:
+        data = getattr(trainer.datamodule, "data", None)
+        if data is None or data.splits is None:
             log.warning("latent samples skipped: the trainer has no set-up data module")
             return
         device = pl_module.device
 
         def codes_of(split: str) -> torch.Tensor:
-            return encode_split(model, iterate_split(datamodule, split, self.batch_size, device))
+            return encode_split(model, iterate_split(data, split, self.batch_size, device))
 
         train_codes, val_codes = codes_of("train"), codes_of("val")
         if len(train_codes) < self.components:

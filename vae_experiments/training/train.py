@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.runs import (
     BEST,
     CHECKPOINT_DIR,
@@ -117,8 +118,9 @@ def train(
 
     # Everything is built before any data is read, so a bad value fails in a second: the data
     # object knows its image shape from its config alone.
-    datamodule = instantiate(cfg.data, key="data")
-    image_shape = [int(size) for size in datamodule.image_shape]
+    data = instantiate(cfg.data, key="data")
+    datamodule = ImageDataModule(data)
+    image_shape = [int(size) for size in data.image_shape]
     with open_dict(cfg):
         cfg.model.image_shape = image_shape
     model = build_model(cfg)

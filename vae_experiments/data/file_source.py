@@ -9,15 +9,16 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from vae_experiments.data.base import ImageDataModule, TensorImages
+from vae_experiments.data.batches import TensorImages
 from vae_experiments.data.cache import DecodedImages, cache_file, ensure_cache
-from vae_experiments.data.checks import check_bool
+from vae_experiments.data.checks import as_path
 from vae_experiments.data.files import CorruptImageError, ImageFiles, find_damage
 from vae_experiments.data.parallel import map_chunks
+from vae_experiments.data.source import ImageSource
 
 log = logging.getLogger(__name__)
 
-SKIP_HINT = "Replace the file, or set data.skip_corrupt=true to leave unreadable images out."
+SKIP_HINT = "Replace the file, or set data.source.skip_corrupt=true to leave unreadable images out."
 _NAMES_SHOWN = 5
 
 
@@ -28,7 +29,8 @@ def warn_skipped(skipped: Sequence[Path], total: int) -> None:
     shown = ", ".join(str(p) for p in skipped[:_NAMES_SHOWN])
     more = f" and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
     log.warning(
-        "skipped %d of %d image files as corrupt or unreadable (data.skip_corrupt=true): %s%s",
+        "skipped %d of %d image files as corrupt or unreadable "
+        "(data.source.skip_corrupt=true): %s%s",
         len(skipped),
         total,
         shown,
@@ -36,14 +38,14 @@ def warn_skipped(skipped: Sequence[Path], total: int) -> None:
     )
 
 
-class FileImageDataModule(ImageDataModule):
+class FileSource(ImageSource):
     """Base of sources made of image files, decoded with PIL.
 
     With ``cache=true`` every split is decoded once into a memory-mapped uint8 array under
-    ``cache_dir`` (see :mod:`vae_experiments.data.cache`), built in :meth:`prepare_data` (or in
-    :meth:`setup` when nothing called it), and batches are tensor gathers like any in-memory
+    ``cache_dir`` (see :mod:`vae_experiments.data.cache`), built in :meth:`prepare` (or in
+    :meth:`load` when nothing called it), and batches are tensor gathers like any in-memory
     dataset. With ``cache=false`` the files are decoded per batch in DataLoader workers (for
-    folders too big for memory or disk); :meth:`setup` then checks every file cheaply (see
+    folders too big for memory or disk); :meth:`load` then checks every file cheaply (see
     :func:`~vae_experiments.data.files.find_damage`) so a broken file fails before training.
 
     Subclasses implement :meth:`list_files` and :meth:`cache_name`.
@@ -52,30 +54,21 @@ class FileImageDataModule(ImageDataModule):
         cache: Decode once into ``cache_dir`` (true) or decode per batch (false).
         cache_dir: Folder of the decoded caches; safe to delete at any time.
         skip_corrupt: Leave unreadable files out with a warning instead of raising.
-        **kwargs: See :class:`ImageDataModule`. ``num_workers`` is also the number of decoding
-            threads that build the cache and check the files.
     """
 
-    def __init__(
-        self,
-        *,
-        cache: bool,
-        cache_dir: str | os.PathLike[str],
-        skip_corrupt: bool,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.cache = check_bool("cache", cache)
-        if not isinstance(cache_dir, str | os.PathLike):
-            raise ValueError(f"data.cache_dir must be a path, got {cache_dir!r}")
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.skip_corrupt = check_bool("skip_corrupt", skip_corrupt)
+    def __init__(self, cache: bool, cache_dir: str | os.PathLike[str], skip_corrupt: bool) -> None:
+        self.cache = cache
+        self.cache_dir = as_path("cache_dir", cache_dir)
+        self.skip_corrupt = skip_corrupt
         self.split_paths: dict[str, list[Path]] = {}  # the files behind each split, in order
         self._files: dict[str, ImageFiles] | None = None
         self._decoded: dict[str, DecodedImages] | None = None
 
-    def list_files(self) -> dict[str, ImageFiles]:
+    def list_files(self, split_seed: int) -> dict[str, ImageFiles]:
         """Find the files of the "train", "val" and "test" splits (undecoded, unchecked).
+
+        Args:
+            split_seed: Seed of the val/test carving, where the source carves them.
 
         Raises:
             FileNotFoundError: The data is missing; names where it looked and how to get it.
@@ -86,46 +79,42 @@ class FileImageDataModule(ImageDataModule):
         """Readable file-name prefix of a split's cache, e.g. ``celeba-train-crop148-64px``."""
         raise NotImplementedError
 
-    @property
-    def threads(self) -> int:
-        """Threads decoding or checking files."""
-        return max(1, self.num_workers)
-
-    def file_splits(self) -> dict[str, ImageFiles]:
+    def file_splits(self, split_seed: int) -> dict[str, ImageFiles]:
         """:meth:`list_files`, listed once."""
         if self._files is None:
-            self._files = self.list_files()
+            self._files = self.list_files(split_seed)
         return self._files
 
-    def prepare_data(self) -> None:
-        """Build the decoded caches (once per machine: Lightning calls this on local rank 0)."""
+    def prepare(self, split_seed: int, threads: int) -> None:
+        """Build the decoded caches (once per machine)."""
         if self.cache:
-            self._decoded_splits()
+            self._decoded_splits(split_seed, threads)
 
-    def _decoded_splits(self) -> dict[str, DecodedImages]:
+    def _decoded_splits(self, split_seed: int, threads: int) -> dict[str, DecodedImages]:
         if self._decoded is None:
             decoded = {}
-            for split, files in self.file_splits().items():
+            for split, files in self.file_splits(split_seed).items():
                 npy = cache_file(self.cache_dir, self.cache_name(split), files)
                 try:
                     decoded[split] = ensure_cache(
-                        files, npy, self.image_shape, self.skip_corrupt, self.threads
+                        files, npy, self.image_shape, self.skip_corrupt, threads
                     )
                 except CorruptImageError as exc:
                     raise CorruptImageError(exc.path, exc.reason, SKIP_HINT) from exc
             self._decoded = decoded
         return self._decoded
 
-    def load_splits(self) -> dict[str, Dataset]:
-        files = self.file_splits()
+    def load(self, split_seed: int, threads: int) -> dict[str, Dataset]:
+        files = self.file_splits(split_seed)
         if self.cache:
-            decoded = self._decoded_splits()
+            decoded = self._decoded_splits(split_seed, threads)
             splits: dict[str, Dataset] = {}
             for split, images in decoded.items():
                 if images.skipped and not self.skip_corrupt:
                     raise CorruptImageError(
                         images.skipped[0],
-                        f"left out of {images.path} when it was built with data.skip_corrupt=true",
+                        f"left out of {images.path} when it was built with "
+                        "data.source.skip_corrupt=true",
                         SKIP_HINT,
                     )
                 splits[split] = TensorImages(images.images, files[split].labels[images.kept])
@@ -134,21 +123,23 @@ class FileImageDataModule(ImageDataModule):
         else:
             splits, skipped = {}, []
             for split, split_files in files.items():
-                checked, damaged = self._check_files(split, split_files)
+                checked, damaged = self._check_files(split, split_files, threads)
                 splits[split] = checked
                 self.split_paths[split] = checked.paths
                 skipped += damaged
         warn_skipped(skipped, sum(len(f) for f in files.values()))
         return splits
 
-    def _check_files(self, split: str, files: ImageFiles) -> tuple[ImageFiles, list[Path]]:
+    def _check_files(
+        self, split: str, files: ImageFiles, threads: int
+    ) -> tuple[ImageFiles, list[Path]]:
         """Return the readable files of a split and the damaged ones (raise unless skipping)."""
 
         def check(start: int, stop: int) -> list[tuple[int, str]]:
             found = ((i, find_damage(files.paths[i])) for i in range(start, stop))
             return [(i, reason) for i, reason in found if reason is not None]
 
-        damaged = map_chunks(check, len(files), self.threads, f"checking {split} images")
+        damaged = map_chunks(check, len(files), threads, f"checking {split} images")
         if damaged and not self.skip_corrupt:
             first, reason = damaged[0]
             others = ""

@@ -1,0 +1,154 @@
+"""The one LightningDataModule: any :class:`~vae_experiments.data.images.ImageData` served to a
+Trainer, with resumable DDP batches, splits kept on the GPU and floats made on the device.
+
+The only module of ``vae_experiments.data`` that imports Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from vae_experiments.data.batches import ShuffledBatchSampler, TensorImages, make_loader
+from vae_experiments.data.images import ImageData
+
+log = logging.getLogger(__name__)
+
+#: ``on_device="auto"`` keeps the splits on the GPU when they take at most this share of its free
+#: memory; the rest is left for the model, activations and the optimizer.
+ON_DEVICE_MAX_FREE_FRACTION = 0.25
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """uint8 batches from ``data``'s splits, float32 in [0, 1] on the device.
+
+    Args:
+        data: The run's data; its splits are loaded at :meth:`setup`.
+    """
+
+    def __init__(self, data: ImageData) -> None:
+        super().__init__()
+        self.data = data
+        # Splits moved to the accelerator, by split name; filled on first use of a dataloader.
+        self._device_splits: dict[str, Dataset] = {}
+        # (epoch, training batches done in it) from a checkpoint being resumed.
+        self._resume_position: tuple[int, int] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image, known without touching the disk."""
+        return self.data.image_shape
+
+    def prepare_data(self) -> None:
+        """Downloads and decoded caches (Lightning calls this once per machine)."""
+        self.data.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once; later calls are no-ops."""
+        self.data.setup()
+
+    def _dataloader(self, split: str, train: bool) -> DataLoader:
+        self.data.setup()
+        dataset = self._device_splits[split] if split in self._device_splits else self._place(split)
+        sampler = ShuffledBatchSampler(
+            len(dataset), self.data.batch_size, shuffle=train, drop_last=train, seed=self.data.seed
+        )
+        if train and self._resume_position is not None:
+            sampler.resume_at(*self._resume_position)
+            self._resume_position = None
+        # Its own generator: each iter() draws a worker base seed, which would otherwise
+        # advance the global RNG and shift every later random draw (resumed runs too).
+        generator = torch.Generator().manual_seed(self.data.seed)
+        return make_loader(dataset, sampler, self.data.num_workers, generator)
+
+    def _accelerator(self) -> torch.device | None:
+        """The trainer's device when it is not the CPU, else None."""
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        if strategy is None:
+            return None
+        device = strategy.root_device
+        return None if device.type == "cpu" else device
+
+    def _place(self, split: str) -> Dataset:
+        """The split, moved to the accelerator once if ``on_device`` asks for it."""
+        dataset = self.data.splits[split]
+        device = self._accelerator()
+        on_device = self.data.on_device
+        if device is None or on_device is False or not isinstance(dataset, TensorImages):
+            return dataset
+        if on_device == "auto" and not self._fits_on(device):
+            return dataset
+        moved = TensorImages(dataset.images.to(device), dataset.labels.to(device))
+        self._device_splits[split] = moved
+        return moved
+
+    def _fits_on(self, device: torch.device) -> bool:
+        total = sum(
+            d.images.numel() + 8 * d.labels.numel()
+            for d in self.data.splits.values()
+            if isinstance(d, TensorImages)
+        )
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        fits = total <= ON_DEVICE_MAX_FREE_FRACTION * free
+        if not fits:
+            log.info(
+                "data.on_device=auto: the splits (%.1f GiB) stay in host memory; %.1f GiB free "
+                "on %s",
+                total / 2**30,
+                free / 2**30,
+                device,
+            )
+        return fits
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands, saved in every checkpoint: the epoch and how many of its
+        batches were trained on. A resumed run continues with the next batch of the same
+        permutation, where Lightning alone would start the interrupted epoch again."""
+        trainer = getattr(self, "trainer", None)
+        # Also while validating inside fit: ModelCheckpoint saves at the end of validation.
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        # Checkpoints are written between steps, so every batch fetched so far was trained on
+        # (the data fetcher's look-ahead is not counted here).
+        epoch, done = (
+            trainer.current_epoch,
+            trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+        )
+        if done >= trainer.num_training_batches:  # also when limit_train_batches ends epochs
+            epoch, done = epoch + 1, 0
+        return {"train_epoch": epoch, "train_batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the next training loader starts where it says."""
+        if "train_epoch" in state:
+            self._resume_position = (int(state["train_epoch"]), int(state["train_batches_done"]))
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled full batches of uint8 (B, C, H, W) images and int64 (B,) labels."""
+        return self._dataloader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in order, last batch possibly partial."""
+        return self._dataloader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in order, last batch possibly partial."""
+        return self._dataloader("test", train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Turn a device batch into float32 images (B, C, H, W) and int64 labels (B,).
+
+        Under ``binarize="dynamic"`` training images are resampled from Bernoulli(x) each step.
+        """
+        images, labels = batch
+        x = self.data.to_float(images)
+        if self.data.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
+            x = torch.bernoulli(x)
+        return x, labels

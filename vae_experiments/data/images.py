@@ -1,0 +1,131 @@
+"""The data of a run: a source plus how it is batched. What the ``data:`` config builds."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from vae_experiments.data.batches import SPLIT_NAMES, TensorImages, binarize_uint8, to_float
+from vae_experiments.data.checks import at_least, one_of
+from vae_experiments.data.source import ImageSource
+from vae_experiments.targets import ConfigError
+
+log = logging.getLogger(__name__)
+
+BINARIZE_CHOICES = ("none", "static", "dynamic")
+ON_DEVICE_CHOICES = ("auto", True, False)
+
+
+class ImageData:
+    """A source's splits, loaded once, with the settings that turn them into batches.
+
+    Plain torch: iterate a split with :func:`~vae_experiments.data.batches.iterate_split`, or
+    train on it through :class:`~vae_experiments.data.datamodule.ImageDataModule`.
+
+    Args:
+        source: Where the images come from, e.g. :class:`~vae_experiments.data.Digits`.
+        batch_size: Images per batch, per process.
+        num_workers: DataLoader worker processes for splits decoded per batch (in-memory splits
+            are served from the main process), and threads decoding or checking files.
+        seed: Run seed; drives the training shuffle.
+        split_seed: Fixed seed for carving val/test and for static binarisation, so splits stay
+            the same when the run seed changes.
+        binarize: "none", "static" (every split binarised once at setup) or "dynamic" (val/test
+            binarised once, training batches resampled on the device every step).
+        on_device: Keep in-memory splits on the accelerator, so a batch is one gather there and
+            nothing crosses the bus per step: true, false, or "auto" (when training runs on a
+            GPU and all splits take at most a quarter of its free memory). Ignored on the CPU.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        split_seed: int,
+        binarize: str,
+        on_device: str | bool,
+    ) -> None:
+        if not isinstance(source, ImageSource):
+            raise ConfigError(
+                "source",
+                allowed=f"must be a data source (a _target_ under vae_experiments.data), "
+                f"got {type(source).__name__}",
+            )
+        self.source = source
+        self.batch_size = at_least("batch_size", batch_size, 1)
+        self.num_workers = at_least("num_workers", num_workers, 0)
+        self.seed = seed
+        self.split_seed = split_seed
+        self.binarize = one_of("binarize", binarize, BINARIZE_CHOICES)
+        self.on_device = one_of("on_device", on_device, ON_DEVICE_CHOICES)
+        self.splits: dict[str, Dataset] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image, known without touching the disk."""
+        return self.source.image_shape
+
+    @property
+    def name(self) -> str:
+        """The source's class name, for messages (``Digits``)."""
+        return type(self.source).__name__
+
+    @property
+    def threads(self) -> int:
+        """Threads decoding or checking files."""
+        return max(1, self.num_workers)
+
+    def prepare(self) -> None:
+        """Download or decode what :meth:`setup` reads; once per machine (local rank 0)."""
+        self.source.prepare(self.split_seed, self.threads)
+
+    def setup(self) -> None:
+        """Load (and, unless ``binarize="none"``, binarise) the splits once; later calls are
+        no-ops."""
+        if self.splits is not None:
+            return
+        splits = self.source.load(self.split_seed, self.threads)
+        if sorted(splits) != sorted(SPLIT_NAMES):
+            raise RuntimeError(f"load() must return {SPLIT_NAMES}, got {sorted(splits)}")
+        for name, dataset in splits.items():
+            if isinstance(dataset, TensorImages) and dataset.images.shape[1:] != self.image_shape:
+                raise RuntimeError(
+                    f"{name} images have shape {tuple(dataset.images.shape[1:])}, but "
+                    f"image_shape is {self.image_shape}"
+                )
+        if self.binarize != "none":
+            splits = self._binarize_splits(splits)
+        self.splits = splits
+        log.info(
+            "%s: %s images of shape %s",
+            self.name,
+            ", ".join(f"{len(splits[name])} {name}" for name in SPLIT_NAMES),
+            self.image_shape,
+        )
+
+    def _binarize_splits(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:
+        generator = torch.Generator().manual_seed(self.split_seed)
+        binarized = dict(splits)
+        # val and test first, so they come out identical under "static" and "dynamic".
+        for name in ("val", "test", "train"):
+            if name == "train" and self.binarize == "dynamic":
+                continue
+            dataset = splits[name]
+            if not isinstance(dataset, TensorImages):
+                raise TypeError(
+                    f"data.binarize={self.binarize} needs in-memory splits, got "
+                    f"{type(dataset).__name__} (set data.source.cache=true)"
+                )
+            binarized[name] = TensorImages(
+                binarize_uint8(dataset.images, generator), dataset.labels
+            )
+        return binarized
+
+    def to_float(self, images: Tensor) -> Tensor:
+        """uint8 images (B, C, H, W) as float32 in [0, 1], on their device."""
+        return to_float(images)

@@ -1,0 +1,38 @@
+"""What every data source provides: the shape of its images and its three splits."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+
+class ImageSource:
+    """Base of the data sources (digits, MNIST, CelebA, image folders, synthetic).
+
+    A source knows the shape of its images from its arguments alone, so a model can be built
+    before any data is read, and loads its "train", "val" and "test" splits as uint8 images
+    (N, C, H, W) with int64 labels (N,): :class:`~vae_experiments.data.batches.TensorImages` in
+    memory, or :class:`~vae_experiments.data.files.ImageFiles` decoded per batch. Batching,
+    binarisation and devices are :class:`~vae_experiments.data.images.ImageData`'s business.
+    """
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image, known without touching the disk."""
+        raise NotImplementedError
+
+    def prepare(self, split_seed: int, threads: int) -> None:
+        """Fetch or decode what :meth:`load` reads (downloads, caches); once per machine.
+
+        Args:
+            split_seed: Seed of the val/test carving, independent of the run seed.
+            threads: Threads that may decode files.
+        """
+
+    def load(self, split_seed: int, threads: int) -> dict[str, Dataset]:
+        """Read the data and return the "train", "val" and "test" datasets (uint8 batches).
+
+        Args:
+            split_seed: Seed of the val/test carving, independent of the run seed.
+            threads: Threads that may decode or check files.
+        """
+        raise NotImplementedError
