@@ -174,7 +174,9 @@ def _describe(hint: Any) -> str:
     if hint is type(None):
         return "null"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+        # A config value is never a tensor: ``lr: float | Tensor`` is described as a number.
+        args = [arg for arg in typing.get_args(hint) if arg is not torch.Tensor]
+        return " or ".join(_describe(arg) for arg in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(format_value(a) for a in typing.get_args(hint))
     if origin in (list, tuple, Sequence, typing.Sequence):
