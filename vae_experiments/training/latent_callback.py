@@ -10,13 +10,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from vae_experiments.data import iterate_split
 from vae_experiments.analysis.latent import (
     DENSITIES,
     encode_split,
     fit_density,
     heldout_log_likelihood,
 )
+from vae_experiments.data import iterate_split
 from vae_experiments.pictures import image_grid, save_grid
 
 log = logging.getLogger(__name__)
