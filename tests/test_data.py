@@ -49,7 +49,7 @@ from vae_experiments.data.files import CenterCropResize
 from vae_experiments.targets import ConfigError
 
 DATA_CONFIG_DIR = Path(CONFIG_DIR) / "data"
-DATA_CONFIGS = sorted(p.stem for p in DATA_CONFIG_DIR.glob("[!_]*.yaml"))
+DATA_CONFIGS = sorted(p.stem for p in DATA_CONFIG_DIR.glob("*.yaml"))
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 LOADER_KEYS = ("batch_size", "num_workers", "seed", "split_seed", "binarize", "on_device")
 
