@@ -115,12 +115,12 @@ class ImageDataModule(pl.LightningDataModule):
         # Also while validating inside fit: ModelCheckpoint saves at the end of validation.
         if trainer is None or trainer.state.fn != "fit":
             return {}
+        # Imported here: training/ imports this module (a top-level import would be circular).
+        from vae_experiments.training.lightning_compat import train_batches_fetched
+
         # Checkpoints are written between steps, so every batch fetched so far was trained on
         # (the data fetcher's look-ahead is not counted here).
-        epoch, done = (
-            trainer.current_epoch,
-            trainer.fit_loop.epoch_loop.batch_progress.current.ready,
-        )
+        epoch, done = trainer.current_epoch, train_batches_fetched(trainer)
         if done >= trainer.num_training_batches:  # also when limit_train_batches ends epochs
             epoch, done = epoch + 1, 0
         return {"train_epoch": epoch, "train_batches_done": done}
