@@ -102,3 +102,16 @@ def test_several_problems_are_listed_together():
         check(
             {"_target_": "torch.optim.Adam", "_partial_": True, "lr": "x", "eps": "y"}, "optimizer"
         )
+
+
+def test_a_part_given_as_a_plain_value_is_refused_with_its_key():
+    node = {
+        "_target_": "vae_experiments.models.VAE",
+        "latent_dim": 2,
+        "network": "mlp",
+        "likelihood": {"_target_": "vae_experiments.models.likelihoods.Bernoulli"},
+        "beta": 1.0,
+        "kl_warmup_steps": 0,
+    }
+    with pytest.raises(ConfigError, match=r"^model\.network=mlp is invalid: must be a config node"):
+        check(node, key="model", supplied=["image_shape"])

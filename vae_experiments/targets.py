@@ -25,6 +25,8 @@ import functools
 import importlib
 import inspect
 import math
+import os
+import pathlib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -183,6 +185,8 @@ def _describe(hint: Any) -> str:
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
         inner = _describe(args[0]) if args and len(set(args)) == 1 else None
         return f"a list of {inner.removeprefix('an ').removeprefix('a ')}s" if inner else "a list"
+    if isinstance(hint, type):
+        return f"a config node with a _target_ building a {hint.__name__}"
     return getattr(hint, "__name__", str(hint))
 
 
@@ -226,9 +230,14 @@ def _matches(value: Any, hint: Any) -> bool | None:
         return True if all(answer is True for answer in answers) else None
     if hint is torch.Tensor:
         return False  # a config value is never a tensor: ``lr: float | Tensor`` wants a number
-    if isinstance(hint, type) and isinstance(value, hint):
-        return True
-    return None  # other classes (a module, a path type) and anything fancier: not ours to judge
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return True
+        if issubclass(hint, os.PathLike | pathlib.PurePath):
+            return None  # a path given as a string: the constructor converts it
+        # A part (a network, a likelihood) given as a plain value: ``model.network=mlp``.
+        return False if isinstance(value, str | int | float | bool | list | dict) else None
+    return None  # anything fancier: not ours to judge
 
 
 def _type_hints(target: type) -> dict[str, Any]:
