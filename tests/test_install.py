@@ -75,7 +75,10 @@ def test_a_plain_pip_install_trains_from_another_directory(tmp_path):
     venv = tmp_path / "venv"
     # The venv sees this environment's torch, Lightning and Hydra (no download), but gets its
     # own copy of vae-experiments, built as a wheel.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
+    # --without-pip: the venv would get its own (older) pip and setuptools, which would shadow
+    # the ones of this environment that know our pyproject.toml.
+    venv_command = [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip"]
+    _run([*venv_command, str(venv)], cwd=tmp_path)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
     if _has_modern_setuptools():
         pip.append("--no-build-isolation")
