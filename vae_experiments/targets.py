@@ -326,6 +326,29 @@ def _split(node: Mapping[str, Any]) -> tuple[Any, bool, dict[str, Any]]:
     return node.get("_target_"), bool(node.get("_partial_", False)), params
 
 
+def problems(node: Any, key: str = "", supplied: Sequence[str] = ()) -> list[ConfigError]:
+    """What :func:`check` would raise, as a list (empty when the node would build)."""
+    found: list[ConfigError] = []
+
+    def visit(value: Any, where: str, given: Sequence[str]) -> None:
+        if isinstance(value, Mapping) and value.get("_target_") is not None:
+            target_path, partial, params = _split(value)
+            try:
+                target = resolve_target(target_path, where)
+            except ConfigError as error:
+                found.append(error)
+                return
+            found.extend(_check_arguments(target, params, where, given, partial))
+            for name, child in params.items():
+                visit(child, join_key(where, name), ())
+        elif isinstance(value, list):
+            for index, child in enumerate(value):
+                visit(child, f"{where}[{index}]", ())
+
+    visit(to_container(node), key, supplied)
+    return found
+
+
 def check(node: Any, key: str = "", supplied: Sequence[str] = ()) -> None:
     """Checks a config node as :func:`instantiate` would, without building anything: targets
     allowed, keys known, required keys present, types right.
@@ -338,25 +361,7 @@ def check(node: Any, key: str = "", supplied: Sequence[str] = ()) -> None:
     Raises:
         ConfigError: naming every problem.
     """
-    problems: list[ConfigError] = []
-
-    def visit(value: Any, where: str, given: Sequence[str]) -> None:
-        if isinstance(value, Mapping) and value.get("_target_") is not None:
-            target_path, partial, params = _split(value)
-            try:
-                target = resolve_target(target_path, where)
-            except ConfigError as error:
-                problems.append(error)
-                return
-            problems.extend(_check_arguments(target, params, where, given, partial))
-            for name, child in params.items():
-                visit(child, join_key(where, name), ())
-        elif isinstance(value, list):
-            for index, child in enumerate(value):
-                visit(child, f"{where}[{index}]", ())
-
-    visit(to_container(node), key, supplied)
-    raise_all(problems)
+    raise_all(problems(node, key, supplied))
 
 
 def instantiate(node: Any, key: str = "", **kwargs: Any) -> Any:

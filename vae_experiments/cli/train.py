@@ -25,6 +25,7 @@ def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, P
     """The config and checkpoint to continue the run in ``run_dir`` with (``resume=``)."""
     from vae_experiments.runs import load_config, newest_checkpoint, save_config
     from vae_experiments.targets import ConfigError
+    from vae_experiments.training.config_checks import check_config
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError("resume= continues one run; resume each run of a sweep on its own")
@@ -38,6 +39,9 @@ def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, P
         resumed, changed = run_dirs.resumed_config(saved, cfg, HydraConfig.get().overrides.task)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    # Everything is checked before anything of the run is touched: a failed resume changes
+    # nothing (and a run directory from someone else builds nothing that we did not ship).
+    check_config(resumed)
     resume = Path(str(cfg.resume)).expanduser()
     checkpoint = resume if resume.suffix == ".ckpt" else newest_checkpoint(run_dir)
     if checkpoint is None:

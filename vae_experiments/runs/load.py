@@ -26,12 +26,13 @@ from vae_experiments.data import ImageData
 from vae_experiments.models import LatentModel
 from vae_experiments.runs.files import load_config
 from vae_experiments.runs.layout import BEST, CONFIG_FILE, find_checkpoint, run_dir_of
-from vae_experiments.targets import instantiate
+from vae_experiments.targets import instantiate, resolve_target
 
 
 def build_model(cfg: DictConfig) -> LatentModel:
     """The untrained model of a run's config (``model.image_shape`` must be set)."""
     if cfg.model.get("image_shape") is None:
+        resolve_target(cfg.model.get("_target_"), "model")  # a foreign target is named first
         raise ValueError(
             f"the run's {CONFIG_FILE} has no model.image_shape: it was written by an older "
             "version of vae-experiments; train the run again"

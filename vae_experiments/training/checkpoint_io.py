@@ -19,11 +19,21 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's local checkpoint IO with :func:`save_atomic` for every save.
+    """Lightning's local checkpoint IO with :func:`save_atomic` for every save, and loads that
+    never unpickle code.
 
     Lightning's own atomic save stages the bytes elsewhere and has regressed between releases;
-    this one depends only on ``os.replace``.
+    this one depends only on ``os.replace``. A checkpoint to resume from may come from someone
+    else, so it always loads with ``weights_only=True`` (ours hold only tensors and plain data).
     """
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        map_location: Any = None,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vae_experiments import targets
 from vae_experiments.runs.layout import CHECKPOINT_CHOICES
 from vae_experiments.targets import ConfigError, raise_all
 
@@ -107,6 +108,29 @@ def config_problems(cfg: DictConfig) -> list[ConfigError]:
     return problems
 
 
+#: The nodes that training builds, with the arguments it passes at build time.
+BUILT_NODES: dict[str, tuple[str, ...]] = {
+    "model": ("image_shape",),
+    "data": (),
+    "optimizer": (),
+    "scheduler.scheduler": (),
+    "logger": ("save_dir",),
+    "trainer": ("logger", "callbacks", "default_root_dir", "plugins"),
+}
+
+
+def build_problems(cfg: DictConfig) -> list[ConfigError]:
+    """What building ``cfg``'s nodes would refuse (a foreign target, an unknown key, a wrong
+    type), found without building anything."""
+    found: list[ConfigError] = []
+    for key, supplied in BUILT_NODES.items():
+        node = OmegaConf.select(cfg, key, default=None)
+        if isinstance(node, DictConfig) and node.get("_target_") is not None:
+            found.extend(targets.problems(node, key, supplied))
+    return found
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Raises :class:`ConfigError` naming every invalid value of a composed ``train.yaml``."""
-    raise_all(config_problems(cfg))
+    """Raises :class:`ConfigError` naming every invalid value of a composed ``train.yaml``:
+    the rules above, and every node that training builds checked against its target."""
+    raise_all([*config_problems(cfg), *build_problems(cfg)])
