@@ -132,43 +132,33 @@ def _log_weight_stats(
     if max_batch_elems < 1:
         raise ValueError(f"max_batch_elems must be >= 1, got {max_batch_elems}")
     with _eval_mode(model):
-        return _log_weight_stats_eval(model, x, k, max_batch_elems, generator)
+        x = x.to(model.device)
+        batch_size = x.shape[0]
+        mu, logvar = model.posterior(x)  # (B, D) each
+        row_elems = decoder_row_elems(model, x[0].numel(), like=mu)
 
-
-def _log_weight_stats_eval(
-    model: VAE,
-    x: Tensor,
-    k: int,
-    max_batch_elems: int,
-    generator: torch.Generator | None,
-) -> dict[str, Tensor]:
-    x = x.to(model.device)
-    batch_size = x.shape[0]
-    mu, logvar = model.posterior(x)  # (B, D) each
-    row_elems = decoder_row_elems(model, x[0].numel(), like=mu)
-
-    lse = torch.full((batch_size,), -math.inf, dtype=torch.float64, device=x.device)
-    sum_log_w = torch.zeros(batch_size, dtype=torch.float64, device=x.device)
-    sum_log_px_z = torch.zeros_like(sum_log_w)
-    for eps in _noise_blocks(batch_size, k, model.latent_dim, generator, mu):
-        block = eps.shape[1]
-        images, samples = _chunk_sizes(batch_size, block, row_elems, max_batch_elems)
-        for i in range(0, batch_size, images):
-            rows = slice(i, i + images)
-            for s in range(0, block, samples):
-                log_w, log_px_z = model.log_importance_weights(  # (n, m) each
-                    x[rows], eps[rows, s : s + samples], posterior=(mu[rows], logvar[rows])
-                )
-                lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(log_w, 1).double())
-                sum_log_w[rows] += log_w.double().sum(1)
-                sum_log_px_z[rows] += log_px_z.double().sum(1)
-    return {
-        "log_px": lse - math.log(k),
-        "mean_log_w": sum_log_w / k,
-        "mean_log_px_z": sum_log_px_z / k,
-        "mu": mu,
-        "logvar": logvar,
-    }
+        lse = torch.full((batch_size,), -math.inf, dtype=torch.float64, device=x.device)
+        sum_log_w = torch.zeros(batch_size, dtype=torch.float64, device=x.device)
+        sum_log_px_z = torch.zeros_like(sum_log_w)
+        for eps in _noise_blocks(batch_size, k, model.latent_dim, generator, mu):
+            block = eps.shape[1]
+            images, samples = _chunk_sizes(batch_size, block, row_elems, max_batch_elems)
+            for i in range(0, batch_size, images):
+                rows = slice(i, i + images)
+                for s in range(0, block, samples):
+                    log_w, log_px_z = model.log_importance_weights(  # (n, m) each
+                        x[rows], eps[rows, s : s + samples], posterior=(mu[rows], logvar[rows])
+                    )
+                    lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(log_w, 1).double())
+                    sum_log_w[rows] += log_w.double().sum(1)
+                    sum_log_px_z[rows] += log_px_z.double().sum(1)
+        return {
+            "log_px": lse - math.log(k),
+            "mean_log_w": sum_log_w / k,
+            "mean_log_px_z": sum_log_px_z / k,
+            "mu": mu,
+            "logvar": logvar,
+        }
 
 
 def iwae_log_likelihood(
