@@ -37,6 +37,9 @@ class Digits(ImageSource):
     def image_shape(self) -> tuple[int, int, int]:
         return (1, 8, 8)
 
+    def carved_sizes(self) -> dict[str, int | float]:
+        return {"test_size": self.test_size, "val_size": self.val_size}
+
     def load(self, split_seed: int, threads: int) -> dict[str, Dataset]:
         images, labels = load_digit_images()
         return carve(images, labels, {"test": self.test_size, "val": self.val_size}, split_seed)

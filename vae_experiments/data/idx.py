@@ -115,7 +115,7 @@ def find_idx_files(directory: Path) -> dict[str, Path] | None:
 
 
 class IdxImages(ImageSource):
-    """28x28 grayscale IDX datasets: train (60k) minus ``val_size`` for val, t10k as test.
+    """28x28 grayscale IDX datasets: the train file minus ``val_size`` for val, t10k as test.
 
     Files are looked for in ``<data_dir>/<name>/raw/`` (torchvision's layout), then in
     ``<data_dir>`` itself (a folder holding the four files, like Debian's packages), then in
@@ -123,7 +123,8 @@ class IdxImages(ImageSource):
 
     Args:
         data_dir: Root folder of the datasets.
-        val_size: Validation images carved from train: int count or float fraction.
+        val_size: Validation images carved from the train file: an int count, or a float
+            fraction of the file (so a subset of the 60k images keeps most of it for training).
         download: Let :meth:`prepare` download with torchvision when the files are missing.
     """
 
@@ -145,6 +146,9 @@ class IdxImages(ImageSource):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (1, 28, 28)
+
+    def carved_sizes(self) -> dict[str, int | float]:
+        return {"val_size": self.val_size}
 
     def search_dirs(self) -> list[Path]:
         """Folders searched for the IDX files, in order."""

@@ -82,6 +82,9 @@ class ImageFolder(FileSource):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
+    def carved_sizes(self) -> dict[str, int | float]:
+        return {"test_size": self.test_size, "val_size": self.val_size}
+
     def cache_name(self, split: str) -> str:
         mode = "rgb" if self.channels == 3 else "gray"
         return f"folder-{self.path.resolve().name}-{split}-{mode}-{self.image_size}px"

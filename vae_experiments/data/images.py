@@ -98,14 +98,37 @@ class ImageData:
                     f"{name} images have shape {tuple(dataset.images.shape[1:])}, but "
                     f"image_shape is {self.image_shape}"
                 )
+        self._check_training_batch(len(splits["train"]))
         if self.binarize != "none":
             splits = self._binarize_splits(splits)
         self.splits = splits
+        # INFO, so train.log says what the model sees (a subset file shrinks every split).
         log.info(
             "%s: %s images of shape %s",
             self.name,
             ", ".join(f"{len(splits[name])} {name}" for name in SPLIT_NAMES),
             self.image_shape,
+        )
+
+    def _check_training_batch(self, num_train: int) -> None:
+        """Refuse split counts that leave fewer training images than one batch.
+
+        Only counts (ints) are refused: a fraction scales with the data, and a training split
+        smaller than a batch otherwise trains full-batch (see ``ShuffledBatchSampler``).
+        """
+        counts = {
+            key: size
+            for key, size in self.source.carved_sizes().items()
+            if isinstance(size, int) and size > 0
+        }
+        if not counts or num_train >= self.batch_size:
+            return
+        given = ", ".join(f"data.source.{key}={size}" for key, size in counts.items())
+        keys = " or ".join(f"data.source.{key}" for key in counts)
+        raise ValueError(
+            f"{given} leaves {num_train} training images, fewer than one batch "
+            f"(data.batch_size={self.batch_size}); lower {keys} (a float is a fraction of the "
+            "images) or data.batch_size"
         )
 
     def _binarize_splits(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:

@@ -20,6 +20,11 @@ class ImageSource:
         """(C, H, W) of every image, known without touching the disk."""
         raise NotImplementedError
 
+    def carved_sizes(self) -> dict[str, int | float]:
+        """Sizes of the splits carved out of the training images, by constructor argument
+        (e.g. ``{"val_size": 0.0833}``); empty when the source has fixed splits."""
+        return {}
+
     def prepare(self, split_seed: int, threads: int) -> None:
         """Fetch or decode what :meth:`load` reads (downloads, caches); once per machine.
 
