@@ -78,6 +78,8 @@ def make_celeba(data_dir: Path, **overrides) -> ImageData:
         cache=True,
         cache_dir=str(data_dir / "cache"),
         skip_corrupt=False,
+        alpha_background=255,
+        min_size=0,
     )
     return make_data(CelebA, kwargs, **{"batch_size": 4, **overrides})
 
@@ -92,6 +94,8 @@ def make_folder(path: Path, **overrides) -> ImageData:
         cache=True,
         cache_dir=str(path / ".cache"),  # hidden: not collected as images
         skip_corrupt=False,
+        alpha_background=255,
+        min_size=0,
     )
     return make_data(ImageFolder, kwargs, **{"batch_size": 4, **overrides})
 
@@ -489,7 +493,7 @@ def test_corrupt_image_error_names_the_file(tmp_path, damage):
     bad = image_dir / "000002.jpg"
     data = bad.read_bytes()
     bad.write_bytes(b"not a jpeg" * 10 if damage == "garbage" else data[: len(data) // 2])
-    dataset = ImageFiles(sorted(image_dir.iterdir()), [0] * 6, CenterCropResize(148, 64), 3)
+    dataset = ImageFiles(sorted(image_dir.iterdir()), [0] * 6, CenterCropResize(148, 64), 3, 255)
     assert dataset[torch.tensor([0])][0].shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match=rf"{bad}: image file is corrupt or unreadable"):
         dataset[torch.tensor([0, 1])]
@@ -582,7 +586,7 @@ def test_image_folder_labels_from_subfolders(tmp_path):
 
 def test_image_folder_grayscale_flat_folder(tmp_path):
     root = write_image_folder(tmp_path, n=5, classes=(), size=(30, 40))
-    datamodule = make_folder(root, channels=1, image_size=8, val_size=1, test_size=1)
+    datamodule = make_folder(root, channels=1, image_size=8, val_size=1, test_size=1, batch_size=3)
     datamodule.setup()
     images, labels = datamodule.splits["train"][torch.arange(3)]
     assert images.shape == (3, 1, 8, 8) and labels.tolist() == [0, 0, 0]
@@ -644,7 +648,7 @@ def test_image_folder_with_worker_processes(tmp_path):
 def fake_idx(name: str):
     def write(root: Path) -> dict:
         write_idx_dataset(root, n_train=64, gz=True, name=name)
-        return {"data_dir": str(root), "val_size": 16}
+        return {"data_dir": str(root)}  # the YAML's val_size, a fraction, fits any file
 
     return write
 

@@ -138,21 +138,21 @@ def test_other_size_or_crop_gets_its_own_cache(tmp_path, builds):
 @pytest.mark.parametrize("threads", [1, 2], ids=["main_thread", "threads"])
 def test_interrupted_build_leaves_no_valid_looking_cache(tmp_path, builds, monkeypatch, threads):
     write_celeba(tmp_path, n=12)
-    load = ImageFiles.load
+    decode = ImageFiles.decode
     calls = []
 
-    def interrupted_load(self, index):
+    def interrupted_decode(self, index):
         calls.append(index)
         if len(calls) == 5:
             raise KeyboardInterrupt  # Ctrl-C, or any error, in the middle of the build
-        return load(self, index)
+        return decode(self, index)
 
-    monkeypatch.setattr(ImageFiles, "load", interrupted_load)
+    monkeypatch.setattr(ImageFiles, "decode", interrupted_decode)
     with pytest.raises(KeyboardInterrupt):
         make_celeba(tmp_path, num_workers=threads).setup()
     assert cache_files(tmp_path / "cache") == []  # no array, no JSON, no temporary file
 
-    monkeypatch.setattr(ImageFiles, "load", load)
+    monkeypatch.setattr(ImageFiles, "decode", decode)
     datamodule = make_celeba(tmp_path)
     datamodule.setup()
     assert len(datamodule.splits["train"]) == 8
@@ -162,7 +162,7 @@ def test_killed_build_leftovers_are_ignored_and_cleaned(tmp_path, builds):
     write_celeba(tmp_path, n=6)
     datamodule = make_celeba(tmp_path)
     files = datamodule.source.file_splits(datamodule.split_seed)["train"]
-    npy = cache_file(tmp_path / "cache", datamodule.source.cache_name("train"), files)
+    npy = cache_file(tmp_path / "cache", datamodule.source.cache_name("train"), files, 0)
     npy.parent.mkdir()
     # A process killed mid-build: a half-written temporary file, and an array without its JSON.
     stale = npy.with_name(npy.name + ".tmp999999")
@@ -187,13 +187,13 @@ def test_corrupt_json_or_mismatched_array_rebuilds(tmp_path, builds):
 
 def test_concurrent_builders_build_once(tmp_path, builds):
     image_dir = write_celeba(tmp_path, n=24)
-    files = ImageFiles(sorted(image_dir.iterdir()), [0] * 24, CenterCropResize(148, 16), 3)
-    npy = cache_file(tmp_path / "cache", "concurrent", files)
+    files = ImageFiles(sorted(image_dir.iterdir()), [0] * 24, CenterCropResize(148, 16), 3, 255)
+    npy = cache_file(tmp_path / "cache", "concurrent", files, 0)
     results, errors = [], []
 
     def build():
         try:
-            results.append(ensure_cache(files, npy, (3, 16, 16), False, threads=1))
+            results.append(ensure_cache(files, npy, (3, 16, 16), False, threads=1, min_size=0))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

@@ -2,7 +2,8 @@
 
 The cache of a split is ``<cache_dir>/<name>-<key>.npy``, an array (N, C, H, W) that
 ``np.load(mmap_mode="c")`` maps without reading it, beside ``<name>-<key>.json``. The key hashes
-what decides the pixels: the transform (crop and size), the channels and the list of files. The
+what decides the pixels: the transform (crop and size), the channels, the alpha background, the
+minimum size and the list of files. The
 JSON holds a fingerprint of the files (path, size and modification time of each) and is written
 last, so it marks a complete build: a cache counts only when its JSON exists and its fingerprint
 matches the files now. A build writes into a temporary file in the same folder, syncs it to
@@ -36,8 +37,11 @@ except ImportError:  # Windows: no locking; concurrent builds stay correct, only
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# 2: 16-bit images scaled and alpha composited (version 1 clipped them and dropped alpha).
+CACHE_VERSION = 2
 _COPY_CHUNK = 4096
+# What _decode_into found about an image, besides decoding it.
+_CORRUPT, _SMALL, _UNDERSIZED = "corrupt", "small", "undersized"
 
 
 @dataclass(frozen=True)
@@ -48,27 +52,35 @@ class DecodedImages:
         images: uint8 (N_kept, C, H, W), memory-mapped copy-on-write (reads share the page cache).
         kept: positions in the source file list of the N_kept images, in order.
         skipped: files left out as unreadable when the cache was built (``skip_corrupt``).
+        small: files left out as smaller than ``min_size`` (shorter side).
+        undersized: how many of the kept images have a shorter side below the output size (and
+            were upscaled).
         path: the ``.npy`` file.
     """
 
     images: Tensor
     kept: list[int]
     skipped: list[Path]
+    small: list[Path]
+    undersized: int
     path: Path
 
 
-def cache_file(cache_dir: Path, name: str, files: ImageFiles) -> Path:
+def cache_file(cache_dir: Path, name: str, files: ImageFiles, min_size: int) -> Path:
     """The ``.npy`` path of ``files`` decoded: ``<cache_dir>/<name>-<key>.npy``.
 
     Args:
         cache_dir: Folder of caches.
         name: Readable prefix, e.g. ``celeba-train-crop148-64px``.
-        files: The split; its transform, channels and paths make the key.
+        files: The split; its transform, channels, alpha background and paths make the key.
+        min_size: Images with a shorter side below this are left out; part of the key.
     """
     description = {
         "version": CACHE_VERSION,
         "transform": repr(files.transform),
         "channels": files.channels,
+        "alpha_background": files.alpha_background,
+        "min_size": min_size,
         "paths": [str(p) for p in files.paths],
     }
     key = hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
@@ -114,17 +126,19 @@ def load_cache(
         # "c": copy-on-write, so torch gets a writable array without a copy in memory.
         array = np.load(npy, mmap_mode="c")
         skipped = [Path(p) for p in meta["skipped"]]
-        skipped_positions = set(meta["skipped_positions"])
+        small = [Path(p) for p in meta["small"]]
+        left_out = set(meta["skipped_positions"]) | set(meta["small_positions"])
+        undersized = int(meta["undersized"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         if _meta_file(npy).exists() and not quiet:
             log.warning("ignoring unreadable cache %s (%s); rebuilding it", npy, exc)
         return None
-    kept = [i for i in range(num_files) if i not in skipped_positions]
+    kept = [i for i in range(num_files) if i not in left_out]
     if array.dtype != np.uint8 or list(array.shape) != meta["shape"] or len(kept) != len(array):
         if not quiet:
             log.warning("ignoring cache %s: its array does not match %s", npy, _meta_file(npy))
         return None
-    return DecodedImages(torch.from_numpy(array), kept, skipped, npy)
+    return DecodedImages(torch.from_numpy(array), kept, skipped, small, undersized, npy)
 
 
 def ensure_cache(
@@ -133,15 +147,17 @@ def ensure_cache(
     image_shape: tuple[int, int, int],
     skip_corrupt: bool,
     threads: int,
+    min_size: int,
 ) -> DecodedImages:
     """Return the cache of ``files`` at ``npy``, building it first if missing or stale.
 
     Args:
-        files: The split's files, labels and transform (decoded with ``files.load``).
+        files: The split's files, labels and transform (decoded with ``files.decode``).
         npy: Where the cache goes (see :func:`cache_file`).
         image_shape: (C, H, W) every decoded image must have.
         skip_corrupt: Leave unreadable files out (recorded in the cache) instead of raising.
         threads: Decoding threads (PIL releases the GIL while decoding and resizing).
+        min_size: Leave out (recorded in the cache) images whose shorter side is below this.
 
     Raises:
         CorruptImageError: A file cannot be decoded and ``skip_corrupt`` is false; nothing is
@@ -158,7 +174,7 @@ def ensure_cache(
         # Another process may have built it while this one waited for the lock.
         cached = load_cache(npy, fingerprint, len(files), quiet=True)
         if cached is None:
-            build_cache(files, npy, fingerprint, image_shape, skip_corrupt, threads)
+            build_cache(files, npy, fingerprint, image_shape, skip_corrupt, threads, min_size)
             cached = load_cache(npy, fingerprint, len(files))
     if cached is None:
         raise RuntimeError(f"{npy} was just built but cannot be read back")
@@ -172,6 +188,7 @@ def build_cache(
     image_shape: tuple[int, int, int],
     skip_corrupt: bool,
     threads: int,
+    min_size: int,
 ) -> None:
     """Decode every file into ``npy`` and write its JSON; see :func:`ensure_cache`."""
     for stale in npy.parent.glob(f"{npy.name}.tmp*"):  # left by a killed build (we hold the lock)
@@ -181,10 +198,13 @@ def build_cache(
     start = time.perf_counter()
     log.info("decoding %d images into %s (%d threads)", len(files), npy, threads)
     try:
-        skipped = _decode_into(files, tmp, image_shape, skip_corrupt, threads, npy.name)
-        if skipped:
-            skipped_set = set(skipped)
-            _copy_rows(tmp, compact, [i for i in range(len(files)) if i not in skipped_set])
+        decoded = _decode_into(files, tmp, image_shape, skip_corrupt, threads, min_size, npy.name)
+        skipped = [i for i, status in decoded if status == _CORRUPT]
+        small = [i for i, status in decoded if status == _SMALL]
+        undersized = sum(status == _UNDERSIZED for _, status in decoded)
+        if skipped or small:
+            left_out = set(skipped) | set(small)
+            _copy_rows(tmp, compact, [i for i in range(len(files)) if i not in left_out])
             tmp.unlink()
             tmp = compact
         _fsync(tmp)
@@ -192,11 +212,16 @@ def build_cache(
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
             "num_files": len(files),
-            "shape": [len(files) - len(skipped), *image_shape],
+            "shape": [len(files) - len(skipped) - len(small), *image_shape],
             "skipped_positions": skipped,
             "skipped": [str(files.paths[i]) for i in skipped],
+            "small_positions": small,
+            "small": [str(files.paths[i]) for i in small],
+            "undersized": undersized,
             "transform": repr(files.transform),
             "channels": files.channels,
+            "alpha_background": files.alpha_background,
+            "min_size": min_size,
         }
         # The JSON marks a complete cache: drop the old one before the array changes.
         _meta_file(npy).unlink(missing_ok=True)
@@ -222,31 +247,39 @@ def _decode_into(
     image_shape: tuple[int, int, int],
     skip_corrupt: bool,
     threads: int,
+    min_size: int,
     desc: str,
-) -> list[int]:
-    """Decode image i into row i of a new array at ``tmp``; return the skipped positions."""
+) -> list[tuple[int, str]]:
+    """Decode image i into row i of a new array at ``tmp``; return (position, status) of the
+    images that are not plain: corrupt (skipped), small (left out) or undersized (kept)."""
     shape = (len(files), *image_shape)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     expected = (*image_shape[1:], image_shape[0])  # (H, W, C) from PIL
+    output_side = min(image_shape[1:])
 
-    def decode(start: int, stop: int) -> list[int]:
-        skipped = []
+    def decode(start: int, stop: int) -> list[tuple[int, str]]:
+        found = []
         for i in range(start, stop):
             try:
-                image = files.load(i)
+                image, size = files.decode(i)
             except CorruptImageError:
                 if not skip_corrupt:
                     raise
-                skipped.append(i)
+                found.append((i, _CORRUPT))
                 continue
+            if min(size) < min_size:
+                found.append((i, _SMALL))
+                continue
+            if min(size) < output_side:
+                found.append((i, _UNDERSIZED))
             if image.shape != expected:
                 raise RuntimeError(f"{files.paths[i]} decoded to {image.shape}, not {expected}")
             out[i] = image.transpose(2, 0, 1)
-        return skipped
+        return found
 
-    skipped = map_chunks(decode, len(files), threads, f"caching {desc}")
+    found = map_chunks(decode, len(files), threads, f"caching {desc}")
     out.flush()  # the mapping closes when ``out`` goes out of scope
-    return skipped
+    return found
 
 
 def _copy_rows(source: Path, target: Path, rows: list[int]) -> None:

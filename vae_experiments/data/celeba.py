@@ -57,8 +57,9 @@ class CelebA(FileSource):
         image_size: Output side S; images are (3, S, S).
         crop_size: Side of the central square cropped first (148 keeps the face, as in most
             CelebA VAE papers).
-        cache, cache_dir, skip_corrupt: See :class:`FileSource`. With ``skip_corrupt``, images
-            the partition file lists but the folder lacks are left out too.
+        cache, cache_dir, skip_corrupt, alpha_background, min_size: See :class:`FileSource`.
+            With ``skip_corrupt``, images the partition file lists but the folder lacks are left
+            out too.
     """
 
     def __init__(
@@ -69,8 +70,10 @@ class CelebA(FileSource):
         cache: bool,
         cache_dir: str | os.PathLike[str],
         skip_corrupt: bool,
+        alpha_background: int,
+        min_size: int,
     ) -> None:
-        super().__init__(cache=cache, cache_dir=cache_dir, skip_corrupt=skip_corrupt)
+        super().__init__(cache, cache_dir, skip_corrupt, alpha_background, min_size)
         self.data_dir = as_path("data_dir", data_dir)
         self.image_size = at_least("image_size", image_size, 1)
         self.crop_size = at_least("crop_size", crop_size, 1)
@@ -135,5 +138,5 @@ class CelebA(FileSource):
         splits = {}
         for partition, split in PARTITION_SPLITS.items():
             paths = [image_dir / name for name, p in entries if p == partition and name in present]
-            splits[split] = ImageFiles(paths, [0] * len(paths), transform, channels=3)
+            splits[split] = ImageFiles(paths, [0] * len(paths), transform, 3, self.alpha_background)
         return splits

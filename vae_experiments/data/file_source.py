@@ -11,10 +11,11 @@ from torch.utils.data import Dataset
 
 from vae_experiments.data.batches import TensorImages
 from vae_experiments.data.cache import DecodedImages, cache_file, ensure_cache
-from vae_experiments.data.checks import as_path
+from vae_experiments.data.checks import as_path, at_least
 from vae_experiments.data.files import CorruptImageError, ImageFiles, find_damage
 from vae_experiments.data.parallel import map_chunks
 from vae_experiments.data.source import ImageSource
+from vae_experiments.targets import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,31 @@ def warn_skipped(skipped: Sequence[Path], total: int) -> None:
     )
 
 
+def report_sizes(
+    small: Sequence[Path], undersized: int, total: int, min_size: int, side: int
+) -> None:
+    """Log, once per load, the images left out by ``min_size`` and those upscaled."""
+    if small:
+        shown = ", ".join(str(p) for p in small[:_NAMES_SHOWN])
+        more = f" and {len(small) - _NAMES_SHOWN} more" if len(small) > _NAMES_SHOWN else ""
+        log.info(
+            "left out %d of %d images whose shorter side is below data.source.min_size=%d: %s%s",
+            len(small),
+            total,
+            min_size,
+            shown,
+            more,
+        )
+    if undersized:
+        log.warning(
+            "%d of %d images are smaller than image_size=%d (shorter side) and are upscaled; "
+            "set data.source.min_size to leave out images below a size",
+            undersized,
+            total,
+            side,
+        )
+
+
 class FileSource(ImageSource):
     """Base of sources made of image files, decoded with PIL.
 
@@ -48,18 +74,38 @@ class FileSource(ImageSource):
     folders too big for memory or disk); :meth:`load` then checks every file cheaply (see
     :func:`~vae_experiments.data.files.find_damage`) so a broken file fails before training.
 
-    Subclasses implement :meth:`list_files` and :meth:`cache_name`.
+    Subclasses implement :meth:`list_files` and :meth:`cache_name`, and build their
+    :class:`ImageFiles` with :attr:`alpha_background`.
+
+    Images smaller than the output side are counted (one warning with the count: they are
+    upscaled); those whose shorter side is below ``min_size`` are left out of their split, after
+    the splits are carved (so leaving them out moves no image between splits).
 
     Args:
         cache: Decode once into ``cache_dir`` (true) or decode per batch (false).
         cache_dir: Folder of the decoded caches; safe to delete at any time.
         skip_corrupt: Leave unreadable files out with a warning instead of raising.
+        alpha_background: Gray level 0..255 that transparent pixels are composited on.
+        min_size: Leave out images whose shorter side is below this many pixels; 0 keeps all.
     """
 
-    def __init__(self, cache: bool, cache_dir: str | os.PathLike[str], skip_corrupt: bool) -> None:
+    def __init__(
+        self,
+        cache: bool,
+        cache_dir: str | os.PathLike[str],
+        skip_corrupt: bool,
+        alpha_background: int,
+        min_size: int,
+    ) -> None:
         self.cache = cache
         self.cache_dir = as_path("cache_dir", cache_dir)
         self.skip_corrupt = skip_corrupt
+        if isinstance(alpha_background, bool) or not 0 <= alpha_background <= 255:
+            raise ConfigError(
+                "alpha_background", alpha_background, "must be a gray level from 0 to 255"
+            )
+        self.alpha_background = alpha_background
+        self.min_size = at_least("min_size", min_size, 0)
         self.split_paths: dict[str, list[Path]] = {}  # the files behind each split, in order
         self._files: dict[str, ImageFiles] | None = None
         self._decoded: dict[str, DecodedImages] | None = None
@@ -94,10 +140,10 @@ class FileSource(ImageSource):
         if self._decoded is None:
             decoded = {}
             for split, files in self.file_splits(split_seed).items():
-                npy = cache_file(self.cache_dir, self.cache_name(split), files)
+                npy = cache_file(self.cache_dir, self.cache_name(split), files, self.min_size)
                 try:
                     decoded[split] = ensure_cache(
-                        files, npy, self.image_shape, self.skip_corrupt, threads
+                        files, npy, self.image_shape, self.skip_corrupt, threads, self.min_size
                     )
                 except CorruptImageError as exc:
                     raise CorruptImageError(exc.path, exc.reason, SKIP_HINT) from exc
@@ -120,26 +166,37 @@ class FileSource(ImageSource):
                 splits[split] = TensorImages(images.images, files[split].labels[images.kept])
                 self.split_paths[split] = [files[split].paths[i] for i in images.kept]
             skipped = [p for images in decoded.values() for p in images.skipped]
+            small = [p for images in decoded.values() for p in images.small]
+            undersized = sum(images.undersized for images in decoded.values())
         else:
-            splits, skipped = {}, []
+            splits, skipped, small, undersized = {}, [], [], 0
             for split, split_files in files.items():
-                checked, damaged = self._check_files(split, split_files, threads)
+                checked, damaged, too_small, upscaled = self._check_files(
+                    split, split_files, threads
+                )
                 splits[split] = checked
                 self.split_paths[split] = checked.paths
                 skipped += damaged
-        warn_skipped(skipped, sum(len(f) for f in files.values()))
+                small += too_small
+                undersized += upscaled
+        total = sum(len(f) for f in files.values())
+        warn_skipped(skipped, total)
+        report_sizes(small, undersized, total, self.min_size, min(self.image_shape[1:]))
         return splits
 
     def _check_files(
         self, split: str, files: ImageFiles, threads: int
-    ) -> tuple[ImageFiles, list[Path]]:
-        """Return the readable files of a split and the damaged ones (raise unless skipping)."""
+    ) -> tuple[ImageFiles, list[Path], list[Path], int]:
+        """Return the readable files of a split at least ``min_size``, the damaged ones (raise
+        unless skipping), those below ``min_size``, and how many kept ones are undersized."""
 
-        def check(start: int, stop: int) -> list[tuple[int, str]]:
-            found = ((i, find_damage(files.paths[i])) for i in range(start, stop))
-            return [(i, reason) for i, reason in found if reason is not None]
+        def check(start: int, stop: int) -> list[tuple[int, str | None, tuple[int, int] | None]]:
+            found = ((i, *find_damage(files.paths[i])) for i in range(start, stop))
+            return [(i, reason, size) for i, reason, size in found]
 
-        damaged = map_chunks(check, len(files), threads, f"checking {split} images")
+        checked = map_chunks(check, len(files), threads, f"checking {split} images")
+        damaged = [(i, reason) for i, reason, _ in checked if reason is not None]
+        sizes = {i: min(size) for i, reason, size in checked if reason is None}
         if damaged and not self.skip_corrupt:
             first, reason = damaged[0]
             others = ""
@@ -147,6 +204,14 @@ class FileSource(ImageSource):
                 names = ", ".join(str(files.paths[i]) for i, _ in damaged[1:_NAMES_SHOWN])
                 others = f"{len(damaged) - 1} more in the {split} split, e.g. {names}. "
             raise CorruptImageError(files.paths[first], reason, others + SKIP_HINT)
-        bad = {i for i, _ in damaged}
-        readable = files.subset([i for i in range(len(files)) if i not in bad])
-        return readable, [files.paths[i] for i, _ in damaged]
+        small = [i for i, side in sizes.items() if side < self.min_size]
+        left_out = {i for i, _ in damaged} | set(small)
+        readable = files.subset([i for i in range(len(files)) if i not in left_out])
+        output_side = min(self.image_shape[1:])
+        undersized = sum(self.min_size <= side < output_side for side in sizes.values())
+        return (
+            readable,
+            [files.paths[i] for i, _ in damaged],
+            [files.paths[i] for i in small],
+            undersized,
+        )

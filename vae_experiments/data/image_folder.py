@@ -56,7 +56,7 @@ class ImageFolder(FileSource):
         channels: 1 (grayscale) or 3 (RGB).
         val_size: Validation images: int count, or float fraction of the non-test images.
         test_size: Test images: int count, or float fraction of all images.
-        cache, cache_dir, skip_corrupt: See :class:`FileSource`.
+        cache, cache_dir, skip_corrupt, alpha_background, min_size: See :class:`FileSource`.
     """
 
     def __init__(
@@ -69,8 +69,10 @@ class ImageFolder(FileSource):
         cache: bool,
         cache_dir: str | os.PathLike[str],
         skip_corrupt: bool,
+        alpha_background: int,
+        min_size: int,
     ) -> None:
-        super().__init__(cache=cache, cache_dir=cache_dir, skip_corrupt=skip_corrupt)
+        super().__init__(cache, cache_dir, skip_corrupt, alpha_background, min_size)
         self.path = as_path("path", path)
         self.image_size = at_least("image_size", image_size, 1)
         self.channels = one_of("channels", channels, (1, 3))
@@ -113,7 +115,11 @@ class ImageFolder(FileSource):
         transform = ResizeCenterCrop(self.image_size)
         return {
             name: ImageFiles(
-                [paths[i] for i in idx.tolist()], label_tensor[idx], transform, self.channels
+                [paths[i] for i in idx.tolist()],
+                label_tensor[idx],
+                transform,
+                self.channels,
+                self.alpha_background,
             )
             for name, idx in indices.items()
         }
