@@ -22,7 +22,7 @@ class ImageSource:
 
     def carved_sizes(self) -> dict[str, int | float]:
         """Sizes of the splits carved out of the training images, by constructor argument
-        (e.g. ``{"val_size": 0.0833}``); empty when the source has fixed splits."""
+        (e.g. ``{"val_size": 0.083333}``); empty when the source has fixed splits."""
         return {}
 
     def prepare(self, split_seed: int, threads: int) -> None:
