@@ -25,6 +25,7 @@ from vae_experiments.models import (
     gaussian_kl,
 )
 from vae_experiments.models.base import squared_error
+from vae_experiments.models.likelihoods import Laplace
 from vae_experiments.targets import ConfigError, instantiate
 
 IMAGE_SHAPE = (1, 8, 8)
@@ -82,7 +83,12 @@ def config_files(group: str) -> list[str]:
 
 PART_CLASSES = {
     "network": {"linear": Linear, "mlp": MLP, "conv": Conv},
-    "likelihood": {"bernoulli": Bernoulli, "gaussian": Gaussian, "squared_error": SquaredError},
+    "likelihood": {
+        "bernoulli": Bernoulli,
+        "gaussian": Gaussian,
+        "laplace": Laplace,
+        "squared_error": SquaredError,
+    },
     "corruption": {"gaussian_noise": GaussianNoise, "mask": Masking},
 }
 
@@ -281,6 +287,24 @@ def test_gaussian_sigma_is_fixed_or_learned():
     learned.log_prob(torch.rand(2, 1, 2, 2), torch.rand(2, 1, 2, 2)).sum().backward()
     assert learned.log_sigma.grad is not None
     assert math.isclose(float(learned.sigma.detach()), 0.5, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("b", [0.05, 1.0, 3.0])
+def test_laplace_matches_torch_laplace_summed_over_pixels(b):
+    x, mean = torch.rand(6, 3, 4, 5), torch.rand(6, 3, 4, 5)
+    log_prob = Laplace(b).log_prob(x, mean)
+    assert log_prob.shape == (6,)
+    expected = torch.distributions.Laplace(mean, b).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(log_prob, expected)
+    assert Laplace(b).mean(mean) is mean and Laplace.continuous_density
+    assert list(Laplace(b).parameters()) == []  # b is fixed, not learned
+
+
+def test_laplace_scale_must_be_positive_and_names_its_full_key():
+    with pytest.raises(ConfigError, match="b=0.0 is invalid: must be a number > 0"):
+        Laplace(0.0)
+    with pytest.raises(ConfigError, match=r"model\.likelihood\.b=-1\.0 is invalid"):
+        build_from_config("vae", overrides=["model/likelihood=laplace", "model.likelihood.b=-1.0"])
 
 
 def test_squared_error_likelihood_is_minus_the_squared_error():

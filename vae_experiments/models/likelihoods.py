@@ -75,6 +75,31 @@ class Gaussian(Likelihood):
         return output
 
 
+class Laplace(Likelihood):
+    """Independent Laplace pixels around the decoder output with a fixed scale ``b``.
+
+    ``log_prob`` is minus the absolute error (L1) divided by ``b``, plus the normaliser
+    ``-log(2 b)`` per pixel, summed over pixels: (B,) nats per image.
+
+    Args:
+        b: the scale (mean absolute deviation) of every pixel.
+    """
+
+    continuous_density = True
+
+    def __init__(self, b: float):
+        super().__init__()
+        if not b > 0:
+            raise ConfigError("b", b, "must be a number > 0")
+        self.b = b
+
+    def log_prob(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return -((x - output).abs() / self.b + math.log(2 * self.b)).flatten(1).sum(1)
+
+    def mean(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+
 class SquaredError(Likelihood):
     """The classic autoencoder loss: ``log_prob`` is minus the squared error summed over pixels.
 
