@@ -154,7 +154,16 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT", "SIGUSR1"])
+# SIGTERM in the default suite; SIGINT (also tested by test_cli's Ctrl-C test) and SIGUSR1 go
+# through the same handler, and run with -m slow to keep the default suite under 10 minutes.
+@pytest.mark.parametrize(
+    "signal_name",
+    [
+        "SIGTERM",
+        pytest.param("SIGINT", marks=pytest.mark.slow),
+        pytest.param("SIGUSR1", marks=pytest.mark.slow),
+    ],
+)
 def test_signal_to_train_py_then_resume_ends_like_a_straight_run(tmp_path, signal_name):
     epochs = ["trainer.max_epochs=6"]
     straight = train_run(tmp_path / "straight", [*RESUMABLE, *epochs])
@@ -183,6 +192,7 @@ def test_signal_to_train_py_then_resume_ends_like_a_straight_run(tmp_path, signa
     assert_same_training(straight, run_dir)
 
 
+@pytest.mark.slow  # kills at four random moments: a soak, about a minute
 def test_a_killed_run_always_leaves_a_loadable_checkpoint(tmp_path):
     """SIGKILL (no chance to clean up) at random moments, resuming after each: the newest
     checkpoint always loads, and the run still finishes."""
