@@ -5,6 +5,7 @@ tests/test_models.py.)"""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import DATA_CONFIGS, MODEL_CONFIGS, compose_config
 from vae_experiments import targets
@@ -116,3 +117,57 @@ def test_training_fails_on_a_bad_model_value_before_reading_data(tmp_path):
     with pytest.raises(ModelConfigError, match=r"^model\.latent_dim=0 is invalid"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_trainer_without_a_gpu_fails_before_any_work(tmp_path):
+    from vae_experiments.training import train
+
+    cfg = compose_config(["trainer=gpu", "data=image_folder", "data.source.path=/no/such/folder"])
+    with pytest.raises(
+        ConfigError, match=r"^trainer\.accelerator=gpu is invalid: torch sees no GPU"
+    ):
+        train(cfg, tmp_path / "run")  # before the (missing) folder is read
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_epochs_minus_one_says_it_trains_until_stopped(tmp_path, caplog, monkeypatch):
+    import importlib
+
+    from vae_experiments.training.config_checks import trains_until_stopped
+
+    # The module, not the function that vae_experiments.training exports under the same name.
+    train_module = importlib.import_module("vae_experiments.training.train")
+
+    assert trains_until_stopped(compose_config(["trainer.max_epochs=-1"]))
+    assert not trains_until_stopped(
+        compose_config(["trainer.max_epochs=-1", "+trainer.max_steps=5"])
+    )
+    assert not trains_until_stopped(
+        compose_config(["trainer.max_epochs=-1", "+trainer.max_time=00:01:00:00"])
+    )
+    assert not trains_until_stopped(compose_config([]))
+
+    # train() says it at its start, before any data is read (the build stops it here).
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped after the message")
+
+    monkeypatch.setattr(train_module, "instantiate", stop)
+    with pytest.raises(RuntimeError, match="stopped after the message"):
+        train_module.train(compose_config(["trainer.max_epochs=-1"]), tmp_path / "run")
+    assert "trainer.max_epochs=-1: training runs until it is stopped" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_ddp_on_cpu_counts_its_processes():
+    from vae_experiments.training.config_checks import cpu_processes
+
+    assert cpu_processes(compose_config(["trainer=ddp", "trainer.devices=4"])) == 4
+    assert (
+        cpu_processes(
+            compose_config(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
+        )
+        == 2
+    )
+    assert cpu_processes(compose_config(["trainer=ddp"])) is None  # devices=auto: one on a CPU
+    assert cpu_processes(compose_config(["trainer=cpu"])) is None

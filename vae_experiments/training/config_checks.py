@@ -89,6 +89,54 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+#: ``trainer.accelerator`` values that need a CUDA (or ROCm) device.
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def machine_problems(cfg: DictConfig) -> list[ConfigError]:
+    """Settings this machine cannot run: a GPU trainer where torch sees no GPU (Lightning would
+    say so only after the data and model are built)."""
+    import torch
+
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
+    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        return [
+            ConfigError(
+                "trainer.accelerator",
+                accelerator,
+                "torch sees no GPU on this machine; use trainer=cpu, or trainer=default "
+                "(accelerator=auto picks a GPU where there is one)",
+            )
+        ]
+    return []
+
+
+def cpu_processes(cfg: DictConfig) -> int | None:
+    """How many CPU processes a distributed trainer will start where torch sees no GPU
+    (``trainer=ddp trainer.devices=4`` on a laptop); None when that is not the case."""
+    import torch
+
+    trainer = cfg.get("trainer") or {}
+    strategy, devices = str(trainer.get("strategy", "auto")), trainer.get("devices", "auto")
+    on_cpu = trainer.get("accelerator") == "cpu" or (
+        trainer.get("accelerator") == "auto" and not torch.cuda.is_available()
+    )
+    if strategy.startswith("ddp") and on_cpu and isinstance(devices, int) and devices > 1:
+        return devices
+    return None
+
+
+def trains_until_stopped(cfg: DictConfig) -> bool:
+    """Whether nothing in ``cfg.trainer`` ends training (``max_epochs=-1`` and no step or time
+    limit), so that the run should say so at its start."""
+    trainer = cfg.get("trainer") or {}
+    return (
+        trainer.get("max_epochs") == -1
+        and trainer.get("max_steps", -1) in (-1, None)
+        and trainer.get("max_time") is None
+    )
+
+
 def config_problems(cfg: DictConfig) -> list[ConfigError]:
     """One message per value of ``cfg`` that breaks a rule of :data:`RULES`."""
     problems = []
@@ -133,4 +181,4 @@ def build_problems(cfg: DictConfig) -> list[ConfigError]:
 def check_config(cfg: DictConfig) -> None:
     """Raises :class:`ConfigError` naming every invalid value of a composed ``train.yaml``:
     the rules above, and every node that training builds checked against its target."""
-    raise_all([*config_problems(cfg), *build_problems(cfg)])
+    raise_all([*config_problems(cfg), *build_problems(cfg), *machine_problems(cfg)])

@@ -30,7 +30,11 @@ from vae_experiments.runs import (
 from vae_experiments.targets import instantiate, to_container
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
-from vae_experiments.training.config_checks import check_config
+from vae_experiments.training.config_checks import (
+    check_config,
+    cpu_processes,
+    trains_until_stopped,
+)
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
@@ -113,6 +117,20 @@ def train(
     """
     run_dir = Path(run_dir)
     check_config(cfg)
+    processes = cpu_processes(cfg)
+    if processes is not None:
+        log.warning(
+            "trainer.strategy=%s with trainer.devices=%d and no GPU: %d processes on the CPU "
+            "(gloo), each with a share of the cores; trainer=cpu trains in one",
+            cfg.trainer.strategy,
+            processes,
+            processes,
+        )
+    if trains_until_stopped(cfg):
+        log.warning(
+            "trainer.max_epochs=-1: training runs until it is stopped (Ctrl-C or SIGTERM saves "
+            "a checkpoint and stops; resume= continues it)"
+        )
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
