@@ -307,3 +307,11 @@ def test_evaluate_command_needs_a_run(tmp_path):
     assert done.returncode != 0
     assert "needs run=<run directory or checkpoint>" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_evaluate_on_cuda_without_a_gpu_says_what_to_use(trained_runs, tmp_path):
+    done = run_script([f"run={trained_runs('vae')}", "device=cuda", "k=2"], tmp_path)
+    assert done.returncode != 0
+    assert "device=cuda: torch sees no GPU on this machine; use device=cpu" in done.stderr
+    assert "map_location" not in done.stderr

@@ -42,9 +42,19 @@ def register_resolvers() -> None:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is returned as given."""
-    if device != "auto":
-        return device
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is returned as given.
+
+    Raises:
+        ValueError: ``device=cuda`` (or ``cuda:N``) where torch sees no GPU, with what to use.
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device}: torch sees no GPU on this machine; use device=cpu, or device=auto "
+            "(a GPU where there is one)"
+        )
+    return device

@@ -97,7 +97,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     k = int(cfg.k)
     if k < 1:
         raise UsageError(f"k (importance samples per image) must be >= 1, got k={cfg.k}")
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     max_batch_elems = cfg.eval.max_batch_elems
     if max_batch_elems is None:
         max_batch_elems = GPU_MAX_BATCH_ELEMS if device.startswith("cuda") else CPU_MAX_BATCH_ELEMS
