@@ -48,7 +48,14 @@ def loader(batches: int = 2) -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
 
 
-def fit(tmp_path: Path, callbacks=(), batches: int = 2, ckpt_path=None, **options) -> pl.Trainer:
+def fit(
+    tmp_path: Path,
+    callbacks=(),
+    batches: int = 2,
+    ckpt_path=None,
+    val_dataloader_batches: int = 1,
+    **options,
+) -> pl.Trainer:
     """A CPU trainer fitted on ``batches`` batches of random data for one epoch by default."""
     trainer = pl.Trainer(
         **{
@@ -64,7 +71,7 @@ def fit(tmp_path: Path, callbacks=(), batches: int = 2, ckpt_path=None, **option
         },
         callbacks=list(callbacks),
     )
-    trainer.fit(Tiny(), loader(batches), loader(1), ckpt_path=ckpt_path)
+    trainer.fit(Tiny(), loader(batches), loader(val_dataloader_batches), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -121,6 +128,47 @@ def test_dump_checkpoint_holds_the_state_of_this_moment(tmp_path):
     assert dumped["state_dict"].keys() == dumped["weights"].keys()
     for name, value in dumped["weights"].items():
         assert torch.equal(dumped["state_dict"][name], value)
+
+
+class OnValidationBatchEnd(pl.Callback):
+    """Calls ``hook(trainer, batch_idx)`` after every validation batch; records the batches."""
+
+    def __init__(self, hook=None) -> None:
+        self.hook = hook
+        self.seen: list[tuple[int, int]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx))
+        if self.hook is not None:
+            self.hook(trainer, batch_idx)
+
+
+def test_restart_validation_from_start_redoes_the_whole_pass_then_trains_on(tmp_path):
+    dumped = {}
+
+    def dump_in_second_batch(trainer, batch_idx):
+        if batch_idx == 1 and not dumped:
+            checkpoint = copy.deepcopy(lightning_compat.dump_checkpoint(trainer))
+            lightning_compat.restart_validation_from_start(checkpoint)
+            torch.save(checkpoint, tmp_path / "mid.ckpt")
+            dumped["step"] = trainer.global_step
+
+    first = OnValidationBatchEnd(dump_in_second_batch)
+    fit(tmp_path, [first], batches=2, max_epochs=2, val_dataloader_batches=3)
+    assert dumped["step"] == 2
+
+    resumed = OnValidationBatchEnd()
+    trainer = fit(
+        tmp_path,
+        [resumed],
+        batches=2,
+        max_epochs=2,
+        ckpt_path=tmp_path / "mid.ckpt",
+        val_dataloader_batches=3,
+    )
+    # Epoch 0's pass again from its first batch, then epoch 1 trained and validated.
+    assert resumed.seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert trainer.global_step == 4
 
 
 def test_train_batches_fetched_counts_batches_of_the_current_epoch(tmp_path):

@@ -21,6 +21,7 @@ from tests.conftest import FAST, REPO_ROOT, compose_config, train_run
 from tests.test_cli import run_cli
 from vae_experiments import read_metrics
 from vae_experiments.cli.run_dirs import claim_fresh_dir, register_resolvers, resumed_config
+from vae_experiments.cli.train import record_interruption
 from vae_experiments.configs import CONFIG_DIR
 from vae_experiments.data import ShuffledBatchSampler
 from vae_experiments.data.datamodule import ImageDataModule
@@ -103,6 +104,67 @@ def test_a_signal_saves_a_checkpoint_that_resumes_exactly(
 
     monkeypatch.undo()
     train(compose_config([*FAST, *RESUMABLE]), run_dir, ckpt_path=run_dir / "checkpoints/last.ckpt")
+    assert_same_training(straight_run, run_dir)
+
+
+def test_a_signal_during_validation_stops_at_the_next_batch_and_resumes_exactly(
+    tmp_path, straight_run, monkeypatch
+):
+    """A cluster's grace period can be shorter than a validation pass: the pass stops after
+    the batch in progress, and the resumed run validates that epoch again from the start."""
+    validated = []
+
+    def send_sigterm(self, trainer, pl_module, outputs, batch, batch_idx, *_):
+        if not trainer.sanity_checking:
+            validated.append(batch_idx)
+            if batch_idx == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Interruption, "on_validation_batch_end", send_sigterm, raising=False)
+    run_dir = start_run(tmp_path / "run")
+    with pytest.raises(RunInterrupted) as stopped:
+        train(compose_config([*FAST, *RESUMABLE]), run_dir)
+    assert validated == [0, 1]  # not the whole pass
+    assert stopped.value.step == STEPS_PER_EPOCH and stopped.value.phase == "training"
+    assert checkpoint(run_dir)["global_step"] == STEPS_PER_EPOCH
+    assert not (run_dir / "checkpoints" / "best.ckpt").exists()  # epoch 0 was not validated
+
+    monkeypatch.undo()
+    train(compose_config([*FAST, *RESUMABLE]), run_dir, ckpt_path=run_dir / "checkpoints/last.ckpt")
+    assert_same_training(straight_run, run_dir)
+    best_a, best_b = checkpoint(straight_run, "best"), checkpoint(run_dir, "best")
+    assert best_a["global_step"] == best_b["global_step"]
+
+
+def test_a_signal_during_the_test_keeps_last_ckpt_and_resume_runs_the_test(
+    tmp_path, straight_run, monkeypatch
+):
+    def send_sigterm(self, trainer, *args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Interruption, "on_test_batch_end", send_sigterm, raising=False)
+    run_dir = start_run(tmp_path / "run")
+    with pytest.raises(RunInterrupted) as stopped:
+        train(compose_config([*FAST, *RESUMABLE]), run_dir)
+    assert stopped.value.phase == "testing" and stopped.value.checkpoint is None
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert "during the test, after training finished" in str(stopped.value)
+    assert not (run_dir / "metrics.json").exists()
+    # last.ckpt is where training ended, not the best checkpoint's weights loaded for the test.
+    last, straight_last = checkpoint(run_dir), checkpoint(straight_run)
+    assert last["global_step"] == straight_last["global_step"] == 2 * STEPS_PER_EPOCH
+    for key, value in straight_last["state_dict"].items():
+        assert torch.equal(last["state_dict"][key], value), key
+
+    record_interruption(run_dir, stopped.value)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["signal"] == "SIGTERM"
+    assert status["training"] == "finished" and status["phase"] == "testing"
+    assert status["resume_command"] == f"python train.py resume={run_dir}"
+
+    monkeypatch.undo()
+    train(compose_config([*FAST, *RESUMABLE]), run_dir, ckpt_path=run_dir / "checkpoints/last.ckpt")
+    assert checkpoint(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH  # nothing trained again
     assert_same_training(straight_run, run_dir)
 
 

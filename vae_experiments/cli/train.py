@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,6 +17,9 @@ from omegaconf import DictConfig
 from vae_experiments.cli import run_dirs
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
 from vae_experiments.configs import CONFIG_DIR
+
+if TYPE_CHECKING:
+    from vae_experiments.training.interrupt import RunInterrupted
 
 log = logging.getLogger(__name__)
 run_dirs.register_resolvers()
@@ -55,6 +59,29 @@ def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, P
     return resumed, checkpoint
 
 
+def record_interruption(run_dir: Path, stop: RunInterrupted) -> None:
+    """Writes ``status.json`` for a run stopped by a signal: where it stopped, the checkpoint
+    to continue from, and the command that does it (for a stopped test, the same command runs
+    the test again: training is not repeated)."""
+    from vae_experiments.runs import INTERRUPTED, newest_checkpoint, write_status
+
+    checkpoint = stop.checkpoint or newest_checkpoint(run_dir)
+    command = f"python train.py resume={run_dir}"
+    write_status(
+        run_dir,
+        INTERRUPTED,
+        signal=stop.signal_name,
+        step=stop.step,
+        epoch=stop.epoch,
+        phase=stop.phase,
+        training="finished" if stop.phase == "testing" else "interrupted",
+        resume_from=str(checkpoint) if checkpoint else None,
+        resume_command=command,
+    )
+    then = "Run the test again" if stop.phase == "testing" else "Continue it"
+    log.warning("%s. %s with: %s", stop, then, command)
+
+
 @suggest_keys_on_failure(CONFIG_DIR, "train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float:
@@ -74,7 +101,6 @@ def _main(cfg: DictConfig) -> float:
         RUNNING,
         checkpoint_path,
         is_first_process,
-        newest_checkpoint,
         write_status,
     )
     from vae_experiments.training import train
@@ -96,17 +122,7 @@ def _main(cfg: DictConfig) -> float:
             metrics = train(cfg, run_dir, ckpt_path=ckpt_path)
     except RunInterrupted as stop:
         if record:
-            checkpoint = stop.checkpoint or newest_checkpoint(run_dir)
-            write_status(
-                run_dir,
-                INTERRUPTED,
-                signal=stop.signal_name,
-                step=stop.step,
-                epoch=stop.epoch,
-                resume_from=str(checkpoint) if checkpoint else None,
-                resume_command=f"python train.py resume={run_dir}",
-            )
-            log.warning("%s. Continue it with: python train.py resume=%s", stop, run_dir)
+            record_interruption(run_dir, stop)
         raise SystemExit(stop.exit_code) from None
     except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C; Lightning turns it into sys.exit
         if record:

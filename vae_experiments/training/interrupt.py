@@ -31,15 +31,38 @@ STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
 
 class RunInterrupted(Exception):
-    """Training stopped on a signal; ``checkpoint`` (if any) holds the state to resume from."""
+    """Training (or the test after it) stopped on a signal.
 
-    def __init__(self, signal_name: str, checkpoint: Path | None, step: int, epoch: int) -> None:
+    Attributes:
+        signal_name: ``"SIGTERM"``, ``"SIGINT"`` or ``"SIGUSR1"``.
+        checkpoint: the checkpoint written for this stop, if any.
+        step, epoch: where training stood.
+        phase: ``"training"``, or ``"testing"`` when training had finished and the final test
+            was stopped (its checkpoints are as training left them; no checkpoint is written).
+    """
+
+    def __init__(
+        self,
+        signal_name: str,
+        checkpoint: Path | None,
+        step: int,
+        epoch: int,
+        phase: str = "training",
+    ) -> None:
         self.signal_name = signal_name
         self.checkpoint = checkpoint
         self.step = step
         self.epoch = epoch
-        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint saved"
-        super().__init__(f"stopped by {signal_name} at step {step} (epoch {epoch}); {saved}")
+        self.phase = phase
+        if phase == "testing":
+            message = (
+                f"stopped by {signal_name} during the test, after training finished at step "
+                f"{step} (epoch {epoch}); the checkpoints are as training left them"
+            )
+        else:
+            saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint saved"
+            message = f"stopped by {signal_name} at step {step} (epoch {epoch}); {saved}"
+        super().__init__(message)
 
     @property
     def exit_code(self) -> int:
@@ -92,6 +115,7 @@ class Interruption(pl.Callback):
         self.saved: Path | None = None
         self._trainer: pl.Trainer | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._rng_at_validation_start: dict[str, Any] | None = None
 
     @contextmanager
     def catching_signals(self, trainer: pl.Trainer) -> Iterator[None]:
@@ -117,31 +141,35 @@ class Interruption(pl.Callback):
         name = signal.Signals(signum).name
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        trainer = self._trainer
         if self.received is None:
+            testing = trainer is not None and trainer.testing
             log.warning(
-                "%s received: stopping after this step and saving a checkpoint to %s%s",
+                "%s received: %s%s",
                 name,
-                self.checkpoint_path,
+                "stopping the test after this batch (training has finished; its checkpoints "
+                "stay as they are)"
+                if testing
+                else f"stopping after this batch and saving a checkpoint to {self.checkpoint_path}",
                 " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
             )
         self.received = self.received or name
-        trainer = self._trainer
         if trainer is None:
             return
-        # Lightning checks this flag after every step (and shares it between DDP processes)
-        # and raises SIGTERMException, whichever signal set it. Validation is let finish
-        # (Lightning sets the flag itself on SIGTERM): a run stopped inside it cannot resume
-        # exactly, and the checkpoint at its end would be lost.
-        in_validation = trainer.validating or trainer.sanity_checking
-        lightning_compat.request_stop(trainer, not in_validation)
+        # Lightning checks this flag after every training, validation and test batch (and shares
+        # it between DDP processes) and raises SIGTERMException, whichever signal set it. A
+        # validation pass is not waited for: on a cluster the grace period before SIGKILL can
+        # be shorter than a pass; the checkpoint makes the resumed run validate from its start.
+        lightning_compat.request_stop(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.received is not None and self._trainer is not None:
-            lightning_compat.request_stop(trainer, False)  # see _on_signal
+        if not trainer.sanity_checking:
+            # Validation draws random numbers (a VAE's noise); a run stopped inside it resumes
+            # by validating again from the first batch, with the numbers it started with.
+            self._rng_at_validation_start = rng_states()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.received is not None and self._trainer is not None:
-            lightning_compat.request_stop(trainer, True)
+        self._rng_at_validation_start = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -149,7 +177,12 @@ class Interruption(pl.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         self.received = self.received or "SIGTERM"
-        if trainer.sanity_checking or trainer.validating or trainer.global_step == 0:
+        if trainer.testing:
+            # The model holds the weights loaded for testing (best.ckpt): saving them as
+            # last.ckpt would replace where training stopped.
+            log.warning("the test was stopped; the checkpoints are as training left them")
+            return
+        if trainer.sanity_checking or trainer.global_step == 0:
             log.warning("stopped before training began: no checkpoint to save")
             return
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
@@ -158,17 +191,20 @@ class Interruption(pl.Callback):
         # dump + strategy.save rather than trainer.save_checkpoint, whose barrier could wait
         # forever for DDP processes that stop at another point; global rank 0 writes the file.
         checkpoint = lightning_compat.dump_checkpoint(trainer)
+        if trainer.validating:
+            lightning_compat.restart_validation_from_start(checkpoint)
         trainer.strategy.save_checkpoint(checkpoint, self.checkpoint_path)
         self.saved = self.checkpoint_path
         log.warning(
-            "saved a checkpoint at step %d (epoch %d) to %s",
+            "saved a checkpoint at step %d (epoch %d%s) to %s",
             trainer.global_step,
             trainer.current_epoch,
+            ", before its validation" if trainer.validating else "",
             self.checkpoint_path,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": rng_states()}
+        return {"rng": self._rng_at_validation_start or rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._rng_to_restore = state_dict.get("rng")
@@ -179,3 +215,8 @@ class Interruption(pl.Callback):
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run whose training had finished goes straight to the test (no
+        # on_train_start): it tests with the numbers a run that never stopped would have.
+        self.on_train_start(trainer, pl_module)

@@ -70,6 +70,36 @@ def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
     return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
 
 
+#: Where a fit checkpoint keeps the validation loop's batch counters.
+VAL_PROGRESS_KEY = "epoch_loop.val_loop.batch_progress"
+
+
+def restart_validation_from_start(checkpoint: dict[str, Any]) -> None:
+    """Edits a checkpoint dumped in the middle of a validation pass so that a run resumed from
+    it validates again from the first batch (and then trains on), as if it had stopped just
+    before the pass.
+
+    Private: the fit loop's saved progress counters (``checkpoint["loops"]["fit_loop"]
+    ["epoch_loop.val_loop.batch_progress"]``, Lightning's ``_BatchProgress`` state dict). Left
+    as dumped, Lightning 2.6 resumes a pass it sees stopped mid-way ("restarted mid
+    evaluation") counting the batches already done, and the metrics of the pass (``val/loss``,
+    which picks best.ckpt) would cover only the rest. Here the pass's counters are put back to
+    zero batches done, with one batch started, which is how Lightning recognises a pass to
+    redo.
+    """
+    progress = checkpoint["loops"]["fit_loop"][VAL_PROGRESS_KEY]
+    total, current = progress["total"], progress["current"]
+    done_before = total["completed"] - current["completed"]
+    progress["total"] = {
+        "ready": done_before + 1,
+        "started": done_before + 1,
+        "processed": done_before,
+        "completed": done_before,
+    }
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["is_last_batch"] = False
+
+
 def train_batches_fetched(trainer: pl.Trainer) -> int:
     """How many training batches of the current epoch the fit loop has taken so far (between
     steps: how many were trained on).

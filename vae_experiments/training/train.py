@@ -228,11 +228,24 @@ def train(
             raise RunInterrupted(
                 signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
             ) from None
-    train_seconds = time.perf_counter() - start
+        train_seconds = time.perf_counter() - start
 
-    test_ckpt = best.best_model_path if cfg.test_ckpt == BEST else ""
-    test_ckpt = test_ckpt or last.best_model_path or None
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+        test_ckpt = best.best_model_path if cfg.test_ckpt == BEST else ""
+        test_ckpt = test_ckpt or last.best_model_path or None
+        try:
+            if interruption.received:  # arrived as training ended: its checkpoints are written
+                raise SIGTERMException
+            results = trainer.test(
+                module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False
+            )
+        except SIGTERMException:
+            raise RunInterrupted(
+                interruption.received or "SIGTERM",
+                None,
+                trainer.global_step,
+                trainer.current_epoch,
+                phase="testing",
+            ) from None
     metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}
     metrics.update(
         epochs=trainer.current_epoch,
