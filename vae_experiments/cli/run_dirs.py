@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_experiments.cli import hydra_compat
-from vae_experiments.runs import holds_a_run, is_first_process, run_dir_of
+from vae_experiments.runs import holds_a_run, is_first_process, read_group_choices, run_dir_of
 
 #: Config groups of train.yaml: a resumed run keeps its choices.
 CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer")
@@ -100,31 +100,89 @@ def refuse_existing_run_dir(argv: Sequence[str]) -> None:
             )
 
 
+def _resume_value(argv: Sequence[str]) -> str | None:
+    """The value of ``resume=`` (``+resume=``, ``++resume=``) on a command line, or None."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "resume" and value not in ("", "null"):
+            return value.strip("'\"")
+    return None
+
+
+def with_saved_choices(argv: Sequence[str], config_dir: str | Path) -> list[str]:
+    """The command line of ``resume=DIR ...`` with the run's saved config-group choices put
+    first (``model=vae model/network=mlp data=digits ...``, from its ``.hydra/hydra.yaml``), so
+    that Hydra composes the command line's keys against the run's own groups
+    (``model.network.hidden_dims`` exists for an MLP run, not for the default conv body).
+
+    Groups the command line chooses itself are left to it (:func:`resumed_config` refuses a
+    choice that differs from the run's), and so are choices that the installed configs no
+    longer have. Any other command line is returned as it is.
+    """
+    argv = list(argv)
+    resume = _resume_value(argv)
+    if resume is None:
+        return argv
+    try:
+        saved = read_group_choices(run_dir_of(resume, key="resume"))
+    except (FileNotFoundError, ValueError):
+        return argv  # the run_dir resolver reports a bad resume= in one line
+    chosen = {arg.partition("=")[0].lstrip("+") for arg in argv if "=" in arg}
+    prepended = [
+        f"{group}={choice}"
+        for group, choice in saved.items()
+        if group not in chosen and (Path(config_dir) / group / f"{choice}.yaml").is_file()
+    ]
+    return [*prepended, *argv]
+
+
 def resumed_config(
-    saved: DictConfig, composed: DictConfig, overrides: Sequence[str]
+    saved: DictConfig,
+    composed: DictConfig,
+    overrides: Sequence[str],
+    saved_choices: dict[str, str] | None = None,
 ) -> tuple[DictConfig, list[str]]:
     """The saved config of a run with this command line's ``key=value`` overrides applied.
 
     ``composed`` is the config Hydra built from the command line (defaults plus overrides), so
     each override's value is already parsed and typed there.
 
+    Args:
+        saved: the run's config.
+        composed: what Hydra composed from this command line.
+        overrides: this command line's overrides.
+        saved_choices: the run's config-group choices (:func:`read_group_choices`); a group
+            override equal to the run's choice (``model=vae`` re-typed from the run's own
+            command) is accepted.
+
     Returns:
         The config, and the overrides that changed a value.
 
     Raises:
-        ValueError: for an override that picks a config group (``model=ae``) or deletes a key.
+        ValueError: for an override that picks another config group than the run's
+            (``model=ae``), or deletes a key.
     """
     config = saved.copy()
+    saved_choices = saved_choices or {}
     changed = []
     for override in hydra_compat.parse_overrides(overrides):
         key = override.key_or_group
-        if key in ("resume", "ckpt_path"):
+        if key in ("resume", "ckpt_path") or key.startswith("hydra."):
             continue
-        if key in CONFIG_GROUPS or "/" in key or override.is_delete():
+        is_group = key in CONFIG_GROUPS or "/" in key
+        if is_group and saved_choices.get(key) == override.value():
+            continue  # the run's own choice, as its command line had it
+        if is_group or override.is_delete():
+            trained_with = (
+                f"this run was trained with {key}={saved_choices[key]}; "
+                if key in saved_choices
+                else ""
+            )
             raise ValueError(
-                f"{override.input_line}: a resumed run keeps its config groups and keys; only "
-                "values can change (e.g. trainer.max_epochs=60). Start a new run for this, "
-                "or start one from this run's weights with ckpt_path=<its last.ckpt>"
+                f"{override.input_line}: {trained_with}a resumed run keeps its config groups "
+                "and keys; only values can change (e.g. trainer.max_epochs=60). Start a new "
+                "run for this, or start one from this run's weights with ckpt_path=<its "
+                "last.ckpt>"
             )
         value: Any = OmegaConf.select(composed, key)
         if OmegaConf.select(config, key) != value:

@@ -26,37 +26,89 @@ run_dirs.register_resolvers()
 
 
 def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, Path | None]:
-    """The config and checkpoint to continue the run in ``run_dir`` with (``resume=``)."""
-    from vae_experiments.runs import load_config, newest_checkpoint, save_config
+    """The config and checkpoint to continue the run in ``run_dir`` with (``resume=``).
+
+    Everything is checked before anything of the run is touched, so a refused resume changes
+    nothing: the config (a run directory from someone else builds nothing we did not ship),
+    that the run has something left to do, and that the checkpoint can be read.
+    """
+    from vae_experiments.runs import (
+        FINISHED,
+        load_config,
+        newest_checkpoint,
+        read_group_choices,
+        read_metrics,
+        read_status,
+        run_dir_of,
+        save_config,
+    )
+    from vae_experiments.runs.load import UnreadableCheckpointError, check_checkpoint
     from vae_experiments.targets import ConfigError
     from vae_experiments.training.config_checks import check_config
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise ConfigError("resume= continues one run; resume each run of a sweep on its own")
+        raise ConfigError(
+            allowed="resume= continues one run; resume each run of a sweep on its own"
+        )
     if cfg.get("ckpt_path"):
         raise ConfigError(
-            "resume= and ckpt_path= cannot go together: resume continues a run in its own "
+            allowed="resume= and ckpt_path= cannot go together: resume continues a run in its own "
             "directory from its newest checkpoint, ckpt_path starts a new run from a checkpoint"
+        )
+    if run_dir.resolve() != run_dir_of(cfg.resume, key="resume").resolve():
+        raise ConfigError(
+            "hydra.run.dir",
+            str(run_dir),
+            f"resume={cfg.resume} continues the run in its own directory; leave "
+            "hydra.run.dir out (or give that directory)",
         )
     saved = load_config(run_dir)
     try:
-        resumed, changed = run_dirs.resumed_config(saved, cfg, HydraConfig.get().overrides.task)
+        resumed, changed = run_dirs.resumed_config(
+            saved, cfg, HydraConfig.get().overrides.task, read_group_choices(run_dir)
+        )
     except ValueError as error:
-        raise ConfigError(str(error)) from None
-    # Everything is checked before anything of the run is touched: a failed resume changes
-    # nothing (and a run directory from someone else builds nothing that we did not ship).
+        raise ConfigError(allowed=str(error)) from None
     check_config(resumed)
+    status = read_status(run_dir) or {}
+    if status.get("status") == FINISHED:
+        _refuse_if_nothing_to_train(run_dir, resumed, read_metrics(run_dir))
     resume = Path(str(cfg.resume)).expanduser()
     checkpoint = resume if resume.suffix == ".ckpt" else newest_checkpoint(run_dir)
     if checkpoint is None:
         log.warning("%s has no checkpoint yet: training it again from the start", run_dir)
     else:
+        try:
+            check_checkpoint(checkpoint, key="resume")
+        except UnreadableCheckpointError as error:
+            raise ConfigError(allowed=str(error)) from None
         log.info("resuming %s from %s", run_dir, checkpoint)
     if changed and record:
         # The run's config says what it was trained with; the earlier one is kept beside it.
         save_config(run_dir, resumed, keep_previous=True)
         log.info("changed on resume: %s", " ".join(changed))
     return resumed, checkpoint
+
+
+def _refuse_if_nothing_to_train(run_dir: Path, cfg: DictConfig, metrics: dict) -> None:
+    """Raises ConfigError for a finished run whose limits (``trainer.max_epochs``,
+    ``trainer.max_steps``) this resume did not raise past what it trained."""
+    from vae_experiments.targets import ConfigError
+
+    epochs, steps = int(metrics.get("epochs", 0)), int(metrics.get("steps", 0))
+    max_epochs = cfg.trainer.get("max_epochs")
+    max_steps = cfg.trainer.get("max_steps")
+    if max_epochs is not None and max_epochs != -1 and max_epochs <= epochs:
+        raise ConfigError(
+            allowed=f"resume={run_dir}: the run finished at epoch {epochs} "
+            f"(trainer.max_epochs={max_epochs}); raise trainer.max_epochs to train on, e.g. "
+            f"python train.py resume={run_dir} trainer.max_epochs={2 * epochs}"
+        )
+    if max_steps is not None and max_steps != -1 and max_steps <= steps:
+        raise ConfigError(
+            allowed=f"resume={run_dir}: the run finished at step {steps} "
+            f"(trainer.max_steps={max_steps}); raise trainer.max_steps to train on"
+        )
 
 
 def record_interruption(run_dir: Path, stop: RunInterrupted) -> None:
@@ -147,4 +199,6 @@ def main() -> None:
     """``python train.py`` / ``vae-train``: refuses a run directory that holds a run, then runs
     Hydra."""
     run_dirs.refuse_existing_run_dir(sys.argv[1:])
+    # resume=DIR composes against the run's own config groups (its keys exist there).
+    sys.argv[1:] = run_dirs.with_saved_choices(sys.argv[1:], CONFIG_DIR)
     _main()

@@ -6,6 +6,7 @@ from vae_experiments.data import iterate_split, load_split
 from vae_experiments.runs.files import (
     atomic_write,
     load_config,
+    read_group_choices,
     read_metrics,
     read_status,
     save_config,
@@ -39,6 +40,7 @@ from vae_experiments.runs.load import build_model, load_data, load_run
 from vae_experiments.runs.records import RunRecord, collect_runs, read_run
 
 __all__ = [
+    "read_group_choices",
     "ANALYSIS_DIR",
     "BEST",
     "CHECKPOINT_CHOICES",

@@ -16,9 +16,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from vae_experiments.runs.layout import CONFIG_FILE, HYDRA_CONFIG_FILE, METRICS_FILE, STATUS_FILE
+from vae_experiments.runs.layout import (
+    CONFIG_FILE,
+    HYDRA_CHOICES_FILE,
+    HYDRA_CONFIG_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+)
 
 
 @contextmanager
@@ -126,3 +133,25 @@ def save_config(run_dir: str | Path, config: DictConfig, keep_previous: bool = F
     container.pop("hydra", None)
     with atomic_write(path) as f:
         f.write(OmegaConf.to_yaml(container))
+
+
+def read_group_choices(run_dir: str | Path) -> dict[str, str]:
+    """The config-group choices a run was composed with (``{"model": "vae", "model/network":
+    "mlp", "data": "digits", ...}``), from Hydra's ``.hydra/hydra.yaml``; Hydra's own groups
+    (``hydra/...``) and empty choices are left out. Empty when Hydra wrote no such file (a run
+    trained with ``train()`` in Python) or it cannot be read.
+
+    Read as plain YAML (``yaml.safe_load``): a run directory from someone else builds nothing.
+    """
+    path = Path(run_dir) / HYDRA_CHOICES_FILE
+    try:
+        choices = yaml.safe_load(path.read_text())["hydra"]["runtime"]["choices"]
+    except Exception:  # missing, half-written or not Hydra's: no choices known
+        return {}
+    if not isinstance(choices, dict):
+        return {}
+    return {
+        str(group): str(choice)
+        for group, choice in choices.items()
+        if not str(group).startswith("hydra/") and choice is not None
+    }

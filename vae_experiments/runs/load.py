@@ -25,7 +25,15 @@ from omegaconf import DictConfig
 from vae_experiments.data import ImageData
 from vae_experiments.models import LatentModel
 from vae_experiments.runs.files import load_config
-from vae_experiments.runs.layout import BEST, CONFIG_FILE, find_checkpoint, run_dir_of
+from vae_experiments.runs.layout import (
+    BEST,
+    CONFIG_FILE,
+    HPC_CHECKPOINT_GLOB,
+    LAST,
+    checkpoint_path,
+    find_checkpoint,
+    run_dir_of,
+)
 from vae_experiments.targets import instantiate, resolve_target
 
 
@@ -86,3 +94,66 @@ def load_data(cfg: DictConfig, **overrides: Any) -> ImageData:
     data.prepare()  # a cache to build, or a download the config asks for
     data.setup()
     return data
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that torch cannot load (truncated by a full disk or a killed copy,
+    or not a checkpoint); the message names the file and what to do instead."""
+
+
+def _position(path: Path) -> tuple[int, int]:
+    """(global step, epoch) of a checkpoint; raises whatever torch raises for a bad file."""
+    # mmap: only the small entries are read, not every tensor of a large model.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(state.get("global_step", 0)), int(state.get("epoch", 0))
+
+
+def readable_checkpoints(run_dir: str | Path) -> list[tuple[Path, int, int]]:
+    """The run's checkpoints that load (last.ckpt, best.ckpt and Lightning's SLURM
+    ``hpc_ckpt_<n>.ckpt``), as (path, global step, epoch), the furthest trained first."""
+    run_dir = Path(run_dir)
+    candidates = [
+        checkpoint_path(run_dir, LAST),
+        checkpoint_path(run_dir, BEST),
+        *run_dir.glob(HPC_CHECKPOINT_GLOB),
+    ]
+    readable = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            readable.append((path, *_position(path)))
+        except Exception:
+            continue
+    return sorted(readable, key=lambda entry: -entry[1])
+
+
+def check_checkpoint(path: str | Path, key: str = "resume") -> tuple[int, int]:
+    """Loads ``path`` as a checkpoint (cheaply, memory-mapped) before a resume touches anything.
+
+    Returns:
+        (global step, epoch) of the checkpoint.
+
+    Raises:
+        UnreadableCheckpointError: naming the file, torch's reason, and the newest checkpoint
+            of the same run that does load (to pass as ``<key>=``), if there is one.
+    """
+    path = Path(path)
+    try:
+        return _position(path)
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        run_dir = run_dir_of(path) if path.suffix == ".ckpt" else path
+        others = [entry for entry in readable_checkpoints(run_dir) if entry[0] != path]
+        if others:
+            other, step, epoch = others[0]
+            advice = (
+                f"the newest readable checkpoint is {other} (step {step}, epoch {epoch}): "
+                f"continue from it with {key}={other}"
+            )
+        else:
+            advice = "no other checkpoint of this run can be read: start the run again"
+        raise UnreadableCheckpointError(
+            f"{path} cannot be read ({reason}; truncated by a full disk or a killed copy?); "
+            f"nothing was changed. {advice}"
+        ) from None

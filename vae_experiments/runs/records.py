@@ -28,10 +28,10 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vae_experiments.runs.files import read_group_choices
 from vae_experiments.runs.layout import (
     CONFIG_FILE,
     FINISHED,
-    HYDRA_CHOICES_FILE,
     HYDRA_CONFIG_FILE,
     HYDRA_OVERRIDES_FILE,
     INCOMPLETE,
@@ -138,14 +138,7 @@ class RunRecord:
 
     @cached_property
     def _choices(self) -> dict[str, Any]:
-        path = self.path / HYDRA_CHOICES_FILE
-        if not path.is_file():
-            return {}
-        try:
-            choices = yaml.safe_load(path.read_text())["hydra"]["runtime"]["choices"]
-        except Exception:
-            return {}
-        return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+        return read_group_choices(self.path)
 
 
 def natural_key(text: str) -> list[Any]:

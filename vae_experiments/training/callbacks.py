@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -55,18 +56,27 @@ class ImageGrids(pl.Callback):
 
 class EpochTimer(pl.Callback):
     """Wall time of every training epoch, from its start to the next epoch's start (or the end
-    of training): its validation pass, image grids and checkpoint writing are included."""
+    of training): its validation pass, image grids and checkpoint writing are included; and the
+    run's training time in all, over every resume (both are kept in checkpoints).
+
+    An epoch cut by an interruption is not counted as an epoch (its time is in the total).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.epoch_seconds: list[float] = []
         self._start: float | None = None
+        self._seconds_before: float = 0.0  # training time of the sessions before this one
+        self._fit_start: float | None = None
 
     def _close_epoch(self) -> None:
         now = time.perf_counter()
         if self._start is not None:
             self.epoch_seconds.append(now - self._start)
         self._start = now
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_epoch()
@@ -75,12 +85,29 @@ class EpochTimer(pl.Callback):
         self._close_epoch()
         self._start = None
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seconds_before = self.train_seconds
+        self._fit_start = None
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in training (``trainer.fit``) so far, this session and those before."""
+        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self._seconds_before + running
+
     @property
     def seconds_per_epoch(self) -> float | None:
         """Median epoch time; the first epoch (warm-up: allocation, compilation) is left out
         when there are others."""
         times = self.epoch_seconds[1:] if len(self.epoch_seconds) > 1 else self.epoch_seconds
         return statistics.median(times) if times else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds, "epoch_seconds": list(self.epoch_seconds)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seconds_before = float(state_dict.get("train_seconds", 0.0))
+        self.epoch_seconds = [float(t) for t in state_dict.get("epoch_seconds", [])]
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -14,10 +14,13 @@ from pytorch_lightning.trainer.states import TrainerFn
 
 from vae_experiments.models import LatentModel
 from vae_experiments.training import lightning_compat
+from vae_experiments.training.optimizer_settings import apply_changed_settings, configured_settings
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+#: Checkpoint entry with the optimizer and scheduler settings the run's config gave.
+SETTINGS_KEY = "configured_settings"
 NEVER = torch.iinfo(torch.int64).max  # the "first non-finite step" of a term that never was
 
 
@@ -184,6 +187,7 @@ class LitModel(pl.LightningModule):
         self._means = {stage: TermMeans() for stage in ("train", "val", "test")}
         self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler else None
         self._saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
+        self._settings_at_checkpoint: dict[str, Any] | None = None
         # No save_hyperparameters: the run's config.yaml holds everything, image shape included,
         # and load_run rebuilds the model from it.
 
@@ -283,6 +287,28 @@ class LitModel(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._saved_at = (checkpoint["epoch"], checkpoint["global_step"])
+        checkpoint[SETTINGS_KEY] = self._configured_settings()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._settings_at_checkpoint = checkpoint.get(SETTINGS_KEY)
+
+    def on_train_start(self) -> None:
+        # After Lightning restored the optimizer and scheduler: what the config changed since
+        # the checkpoint (resume=DIR optimizer.lr=...) takes effect now.
+        before, self._settings_at_checkpoint = self._settings_at_checkpoint, None
+        if before is None:
+            return
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        factory = self.lr_scheduler_config["scheduler"] if self.lr_scheduler_config else None
+        applied = apply_changed_settings(
+            before, self._configured_settings(), self.trainer.optimizers, schedulers, factory
+        )
+        if applied:
+            log.info("changed since the checkpoint, now in effect: %s", "; ".join(applied))
+
+    def _configured_settings(self) -> dict[str, dict[str, Any]]:
+        scheduler = self.lr_scheduler_config["scheduler"] if self.lr_scheduler_config else None
+        return configured_settings(self.optimizer_factory, scheduler)
 
     def _raise_if_nonfinite(self, weights: bool = False) -> None:
         """Raises :class:`NonFiniteLossError` if a training term was not finite at a step so

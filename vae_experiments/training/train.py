@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from vae_experiments.runs import (
     build_model,
     checkpoint_path,
     is_first_process,
+    read_metrics,
     save_config,
     write_json_atomic,
 )
@@ -41,6 +41,9 @@ from vae_experiments.training.lightning_compat import quiet_lightning_noise
 from vae_experiments.training.module import LitModel, OptimizerFactory
 
 log = logging.getLogger(__name__)
+
+#: Prefix of metrics.json keys that describe the run before it was resumed.
+STALE_PREFIX = "stale/"
 
 
 def build_logger(cfg: DictConfig | None, run_dir: Path) -> Logger | None:
@@ -95,6 +98,31 @@ def log_hparams(logger: Logger, cfg: DictConfig, metrics: dict[str, float]) -> N
         logger.log_hyperparams(flat_hparams(cfg), metrics=test_metrics)
     else:
         logger.log_hyperparams(flat_hparams(cfg))
+
+
+def stale_analysis_metrics(run_dir: Path, metrics: dict[str, float]) -> dict[str, float]:
+    """What an earlier ``metrics.json`` of this run held beyond training's own ``metrics``
+    (``test/log_px`` from evaluate.py, ...), as ``stale/<key>``: a run trained on after being
+    analysed keeps those numbers, marked as describing the model before this resume."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        earlier = read_metrics(run_dir)
+    except ValueError:  # unreadable: nothing to keep
+        return {}
+    stale = {
+        key if key.startswith(STALE_PREFIX) else f"{STALE_PREFIX}{key}": value
+        for key, value in earlier.items()
+        if key not in metrics
+    }
+    if stale:
+        log.warning(
+            "kept the analysis of the run before this resume as %s: run the analysis again "
+            "for the model trained on",
+            ", ".join(sorted(stale)),
+        )
+    return stale
 
 
 @quiet_lightning_noise()  # Lightning's warnings that say nothing to our users, during the run only
@@ -219,7 +247,6 @@ def train(
         plugins=[AtomicCheckpointIO()],
     )
 
-    start = time.perf_counter()
     with interruption.catching_signals(trainer):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -228,7 +255,6 @@ def train(
             raise RunInterrupted(
                 signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
             ) from None
-        train_seconds = time.perf_counter() - start
 
         test_ckpt = best.best_model_path if cfg.test_ckpt == BEST else ""
         test_ckpt = test_ckpt or last.best_model_path or None
@@ -250,10 +276,11 @@ def train(
     metrics.update(
         epochs=trainer.current_epoch,
         steps=trainer.global_step,
-        train_seconds=round(train_seconds, 3),
+        train_seconds=round(timer.train_seconds, 3),  # over all sessions of a resumed run
         seconds_per_epoch=round(timer.seconds_per_epoch or 0.0, 4),
         world_size=trainer.world_size,
     )
+    metrics.update(stale_analysis_metrics(run_dir, metrics))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / METRICS_FILE, metrics)
         if logger is not None:
