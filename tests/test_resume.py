@@ -304,11 +304,33 @@ def test_an_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
-def test_resume_changes_only_values_and_keeps_the_old_config(tmp_path):
+def test_resume_by_the_runs_own_command_applies_changed_values_and_refuses_the_rest(tmp_path):
+    """What a cluster script does: the run's own command line with resume= (and new values)
+    appended. Same group choices are accepted, other groups, a finished run with nothing to
+    train and an unreadable checkpoint are refused without changing anything, and changed
+    values (max_epochs, lr, weight decay) take effect."""
     run_dir = tmp_path / "run"
-    quick = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "logger=none"]
-    run_cli([sys.executable, TRAIN_PY, *FAST, *quick, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    own_command = [
+        sys.executable,
+        TRAIN_PY,
+        *FAST,
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        "logger=none",
+        # An MLP run: its keys (model.network.hidden_dims) are not in the default conv model.
+        "model/network=mlp",
+        "model.network.hidden_dims=[16]",
+        f"hydra.run.dir={run_dir}",
+    ]
+    run_cli(own_command, cwd=tmp_path)
     original = (run_dir / "config.yaml").read_text()
+    first = read_metrics(run_dir)
+
+    def untouched() -> None:
+        assert (run_dir / "config.yaml").read_text() == original
+        assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+        assert read_metrics(run_dir) == first
+        assert not list(run_dir.glob("config.before-resume-*"))
 
     refused = run_cli(
         [sys.executable, TRAIN_PY, f"resume={run_dir}", "model=ae"],
@@ -316,14 +338,40 @@ def test_resume_changes_only_values_and_keeps_the_old_config(tmp_path):
         expect_success=False,
     )
     assert refused.returncode != 0
-    assert "model=ae: a resumed run keeps its config groups" in refused.stderr
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+    assert "model=ae: this run was trained with model=vae" in refused.stderr
+    untouched()
 
-    run_cli([sys.executable, TRAIN_PY, f"resume={run_dir}", "trainer.max_epochs=2"], cwd=tmp_path)
-    assert read_metrics(run_dir)["epochs"] == 2 and read_metrics(run_dir)["steps"] == 6
+    finished = run_cli([*own_command, f"resume={run_dir}"], cwd=tmp_path, expect_success=False)
+    assert finished.returncode != 0
+    assert "the run finished at epoch 1 (trainer.max_epochs=1); raise trainer.max_epochs" in (
+        finished.stderr
+    )
+    untouched()
+
+    more = [f"resume={run_dir}", "trainer.max_epochs=2", "optimizer.lr=1e-4"]
+    more.append("optimizer.weight_decay=0.01")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    intact = last.read_bytes()
+    last.write_bytes(intact[: len(intact) // 2])  # a copy killed halfway, a full disk
+    truncated = run_cli([*own_command, *more], cwd=tmp_path, expect_success=False)
+    assert truncated.returncode != 0
+    assert f"{last} cannot be read" in truncated.stderr
+    assert f"continue from it with resume={run_dir / 'checkpoints' / 'best.ckpt'}" in (
+        truncated.stderr
+    )
+    untouched()
+    last.write_bytes(intact)
+
+    run_cli([*own_command, *more], cwd=tmp_path)
+    metrics = read_metrics(run_dir)
+    assert metrics["epochs"] == 2 and metrics["steps"] == 6
+    assert metrics["train_seconds"] > first["train_seconds"]  # both sessions' training
     assert (run_dir / "config.before-resume-1.yaml").read_text() == original
     resumed = OmegaConf.load(run_dir / "config.yaml")
     assert resumed.trainer.max_epochs == 2 and resumed.model.latent_dim == 4
+    assert resumed.optimizer.lr == 1e-4 and list(resumed.model.network.hidden_dims) == [16]
+    group = checkpoint(run_dir)["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == 1e-4 and group["weight_decay"] == 0.01
 
 
 def test_resumed_config_applies_typed_values_from_the_command_line():
@@ -337,6 +385,14 @@ def test_resumed_config_applies_typed_values_from_the_command_line():
     assert changed == ["trainer.max_epochs=7", "model.network.channels=[16,8]"]
     with pytest.raises(ValueError, match="model/network=mlp: a resumed run keeps"):
         resumed_config(saved, composed, ["model/network=mlp"])
+    # The run's own choices, re-typed from its command line, are accepted.
+    choices = {"model": "ae", "model/network": "conv", "data": "digits"}
+    config, changed = resumed_config(
+        saved, composed, ["model=ae", "model/network=conv", "trainer.max_epochs=7"], choices
+    )
+    assert changed == ["trainer.max_epochs=7"]
+    with pytest.raises(ValueError, match="model=vae: this run was trained with model=ae"):
+        resumed_config(saved, composed, ["model=vae"], choices)
     with pytest.raises(ValueError, match="data=mnist: a resumed run keeps"):
         resumed_config(saved, composed, ["data=mnist"])
 
