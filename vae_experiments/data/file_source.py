@@ -33,7 +33,7 @@ def report_skipped(skipped: Sequence[Path], total: int) -> None:
     if not skipped:
         return
     if len(skipped) >= total:
-        raise ValueError(none_readable(skipped))
+        raise ValueError(_none_readable(skipped))
     shown = ", ".join(str(p) for p in skipped[:_NAMES_SHOWN])
     more = f" and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
     log.warning(
@@ -46,7 +46,7 @@ def report_skipped(skipped: Sequence[Path], total: int) -> None:
     )
 
 
-def none_readable(skipped: Sequence[Path]) -> str:
+def _none_readable(skipped: Sequence[Path]) -> str:
     """The message for a source whose every file was left out as unreadable."""
     skipped = sorted(skipped)
     folder = Path(os.path.commonpath(skipped))

@@ -55,7 +55,7 @@ class Gaussian(Likelihood):
     log(min_sigma))`` with sharpness :data:`BOUND_SHARPNESS`: sigma as learned within 0.01% from
     2 * min_sigma up and exactly from e**2 * min_sigma up (0.015 for the default), above
     ``min_sigma`` everywhere, and with a gradient everywhere. The parameter (the state-dict key
-    ``log_sigma``) still holds log(sigma), so checkpoints of earlier runs load unchanged.
+    ``log_sigma``) still holds log(sigma), so the weights of earlier runs load as they are.
 
     Args:
         sigma: the standard deviation, or its starting value when ``learn_sigma`` is true.
