@@ -161,6 +161,22 @@ def test_skip_corrupt_reports_the_count_and_first_names(tmp_path, caplog):
     assert all(str(p) in caplog.text for p in broken[:5])
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=CACHE_IDS)
+def test_every_image_skipped_fails_saying_so(tmp_path, cache):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(6):  # e.g. an HTML error page saved under each image's name
+        (root / f"img{i}.png").write_bytes(b"<html>404 Not Found</html>")
+        (root / f"pic{i}.jpg").write_bytes(b"")
+    datamodule = make_folder(root, cache=cache, skip_corrupt=True)
+    with pytest.raises(ValueError, match="^all 12 image files were skipped as corrupt") as info:
+        datamodule.setup()  # not "the training split (0 images) ... use fewer devices"
+    message = str(info.value)
+    assert f"under {root}: img0.png, img1.png, img2.png, img3.png, img4.png and 7 more" in message
+    assert "cannot identify image file" in message and "`file <name>`" in message
+    assert "devices" not in message
+
+
 def test_per_file_check_names_every_broken_file(tmp_path):
     root = write_folder(tmp_path / "images", n=12, classes=())
     broken = sorted(root.iterdir())[:3]
@@ -211,6 +227,14 @@ def test_celeba_skip_corrupt_and_missing_listed_images(tmp_path, caplog):
     assert {k: len(v) for k, v in datamodule.splits.items()} == {"train": 7, "val": 1, "test": 2}
     assert str(image_dir / "000004.jpg") in caplog.text
     assert str(image_dir / "000010.jpg") in caplog.text
+
+
+def test_celeba_every_listed_image_missing_or_broken_fails_saying_so(tmp_path):
+    image_dir = write_celeba(tmp_path, n=6)
+    for path in sorted(image_dir.iterdir()):
+        path.rename(path.with_name("x" + path.name))  # a .jpg folder, none of the listed names
+    with pytest.raises(ValueError, match=rf"^all 6 image files .* under {image_dir}: 000001.jpg"):
+        make_celeba(tmp_path, skip_corrupt=True).setup()
 
 
 def test_celeba_missing_listed_image_suggests_skip_corrupt(tmp_path):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import gzip
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -470,6 +472,39 @@ def test_prepare_data_downloads_only_when_allowed_and_missing(tmp_path, monkeypa
     assert len(calls) == 1
     datamodule.setup()
     assert len(datamodule.splits["test"]) == 32
+
+
+OFFLINE = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+# What torchvision raises after trying each of its mirrors.
+MIRRORS_FAILED = RuntimeError(
+    "Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3.amazonaws"
+    ".com/mnist/, got:\n<urlopen error [Errno -2] Name or service not known>\n"
+)
+
+
+@pytest.mark.parametrize("error", [OFFLINE, MIRRORS_FAILED], ids=["URLError", "RuntimeError"])
+@pytest.mark.parametrize("source", [MNIST, FashionMNIST], ids=["mnist", "fashion"])
+def test_download_offline_gives_the_ways_to_get_the_files_without_one(
+    tmp_path, monkeypatch, source, error
+):
+    import torchvision.datasets
+
+    def offline(root, train, download):
+        raise error
+
+    monkeypatch.setattr(source, "fallback_dirs", ())
+    monkeypatch.setattr(torchvision.datasets, source.name, offline)
+    with pytest.raises(FileNotFoundError) as info:
+        ImageDataModule(make_idx(tmp_path, source, download=True)).prepare_data()
+    message = str(info.value)
+    assert message.startswith(f"data.source.download=true could not download {source.name} ")
+    assert "Name or service not known" in message
+    with pytest.raises(FileNotFoundError) as missing:
+        make_idx(tmp_path, source).setup()
+    # The same folders and offline ways as the message for missing files (the Debian package
+    # for Fashion-MNIST).
+    ways = str(missing.value).split(". Looked for ", 1)[1]
+    assert message.endswith(f". Looked for {ways}") and str(tmp_path / source.name) in ways
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} not installed")

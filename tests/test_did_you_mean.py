@@ -151,6 +151,11 @@ def test_the_analysis_commands_suggest_too(tmp_path):
             "`model/likelihood=gaussian model.likelihood.sigma=0.05`",
         ),
         (
+            "model.min_sigma=0.01",
+            "model.min_sigma is no longer a config key: use "
+            "`model/likelihood=gaussian model.likelihood.min_sigma=0.01`",
+        ),
+        (
             "model.noise.kind=mask",
             "model.noise.kind is no longer a config key: use `model/corruption=mask`",
         ),

@@ -49,7 +49,7 @@ def linear_gaussian_vae():
         image_shape=IMAGE_SHAPE,
         latent_dim=2,
         network=Linear(),
-        likelihood=Gaussian(SIGMA, learn_sigma=False),
+        likelihood=Gaussian(SIGMA, learn_sigma=False, min_sigma=1e-3),
         beta=1,
         kl_warmup_steps=0,
     ).eval()

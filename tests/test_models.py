@@ -177,6 +177,19 @@ def test_part_values_are_set_on_the_command_line():
             "model.likelihood.sigma=0 is invalid: must be a number > 0",
         ),
         (
+            ["model/likelihood=gaussian", "model.likelihood.min_sigma=0"],
+            "model.likelihood.min_sigma=0 is invalid: must be a number > 0",
+        ),
+        (
+            [
+                "model/likelihood=gaussian",
+                "model.likelihood.learn_sigma=true",
+                "model.likelihood.sigma=0.001",
+            ],
+            "model.likelihood.sigma=0.001 is invalid: must be >= min_sigma=0.002 (the lower "
+            "bound of a learned sigma): raise sigma or lower min_sigma",
+        ),
+        (
             ["model=denoising_ae", "model.corruption.std=-0.1"],
             "model.corruption.std=-0.1 is invalid: must be a number >= 0",
         ),
@@ -277,16 +290,53 @@ def test_bernoulli_matches_binary_cross_entropy_summed_over_pixels():
 def test_gaussian_matches_torch_normal(sigma):
     x, mean = torch.rand(6, 3, 4, 5), torch.rand(6, 3, 4, 5)
     expected = torch.distributions.Normal(mean, sigma).log_prob(x).flatten(1).sum(1)
-    torch.testing.assert_close(Gaussian(sigma, learn_sigma=False).log_prob(x, mean), expected)
+    torch.testing.assert_close(
+        Gaussian(sigma, learn_sigma=False, min_sigma=1e-3).log_prob(x, mean), expected
+    )
 
 
 def test_gaussian_sigma_is_fixed_or_learned():
-    fixed, learned = Gaussian(0.5, learn_sigma=False), Gaussian(0.5, learn_sigma=True)
+    fixed = Gaussian(0.5, learn_sigma=False, min_sigma=1e-3)
+    learned = Gaussian(0.5, learn_sigma=True, min_sigma=1e-3)
     assert list(fixed.parameters()) == []
     assert [p.shape for p in learned.parameters()] == [torch.Size([])]
     learned.log_prob(torch.rand(2, 1, 2, 2), torch.rand(2, 1, 2, 2)).sum().backward()
     assert learned.log_sigma.grad is not None
     assert math.isclose(float(learned.sigma.detach()), 0.5, rel_tol=1e-6)
+
+
+def test_learned_sigma_stays_above_min_sigma_on_constant_images():
+    # A decoder can reproduce constant images exactly; the likelihood alone would then drive sigma
+    # (and the "ELBO") without bound; min_sigma caps log p(x) at -log(min_sigma sqrt(2 pi)) a pixel.
+    min_sigma = 0.002
+    likelihood = Gaussian(0.1, learn_sigma=True, min_sigma=min_sigma)
+    x = torch.full((16, *IMAGE_SHAPE), 0.5)
+    optimizer = torch.optim.Adam(likelihood.parameters(), lr=0.1)
+    for _ in range(150):  # the decoder has learned x: only sigma is left to improve the loss
+        optimizer.zero_grad()
+        (-likelihood.log_prob(x, x).mean()).backward()
+        optimizer.step()
+    sigma = float(likelihood.sigma.detach())
+    assert min_sigma < sigma < 1.1 * min_sigma  # pushed down onto the bound, not through it
+    cap = -math.log(min_sigma * math.sqrt(2 * math.pi)) * x[0].numel()  # 339 nats an image
+    with torch.no_grad():
+        assert likelihood.log_prob(x, x).max() <= cap
+        assert likelihood.log_prob(x, x + 0.01).max() <= cap
+
+
+def test_min_sigma_bounds_softly_with_a_gradient_and_leaves_sigma_above_it_as_learned():
+    likelihood = Gaussian(0.05, learn_sigma=True, min_sigma=0.002)
+    sigma = float(likelihood.sigma.detach())
+    assert sigma == pytest.approx(0.05, rel=1e-6)  # as learned, well above the bound
+    x = torch.rand(2, 1, 2, 2)
+    for log_sigma in (math.log(0.004), math.log(0.002), math.log(1e-5)):
+        likelihood.log_sigma.data.fill_(log_sigma)
+        assert float(likelihood.sigma.detach()) >= 0.002 * (1 - 1e-6)  # up to float32 rounding
+        likelihood.log_sigma.grad = None
+        likelihood.log_prob(x, x + 0.5).sum().backward()
+        assert float(likelihood.log_sigma.grad) != 0  # a learned sigma can always come back up
+    fixed = Gaussian(0.001, learn_sigma=False, min_sigma=0.002)  # a fixed sigma is as given
+    assert float(fixed.sigma) == pytest.approx(0.001)
 
 
 @pytest.mark.parametrize("b", [0.05, 1.0, 3.0])
@@ -342,7 +392,7 @@ def test_vae_terms_combine_as_the_elbo():
 
 
 def test_vae_recon_is_the_likelihood_at_the_reparameterised_sample():
-    model = vae(likelihood=Gaussian(0.3, learn_sigma=False))
+    model = vae(likelihood=Gaussian(0.3, learn_sigma=False, min_sigma=1e-3))
     x = torch.rand(5, *IMAGE_SHAPE)
     torch.manual_seed(3)
     terms = model.loss(x)
@@ -395,7 +445,7 @@ def test_bad_vae_settings_fail_with_the_key(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         vae(Linear(), **kwargs)
     with pytest.raises(ConfigError, match=r"^sigma=0.0 is invalid: must be a number > 0$"):
-        Gaussian(0.0, learn_sigma=False)
+        Gaussian(0.0, learn_sigma=False, min_sigma=1e-3)
 
 
 # --- autoencoders ------------------------------------------------------------------------------

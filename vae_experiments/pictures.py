@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+from vae_experiments.runs.files import atomic_write
+
 
 def image_grid(rows: list[torch.Tensor], min_side: int = 48) -> torch.Tensor:
     """Stacks equal-length image batches (B, C, H, W) as rows of one grid (3, H', W').
@@ -23,8 +25,9 @@ def image_grid(rows: list[torch.Tensor], min_side: int = 48) -> torch.Tensor:
 
 
 def save_grid(grid: torch.Tensor, path: str | Path) -> Path:
-    """Writes a grid from :func:`image_grid` as PNG, creating the folder."""
+    """Writes a grid from :func:`image_grid` as PNG, creating the folder; atomically (a full
+    disk raises :class:`~vae_experiments.runs.files.DiskFullError` and keeps the old file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+    with atomic_write(path, "wb") as f:
+        save_image(grid, f, format="png")
     return path

@@ -40,6 +40,7 @@ RENAMED_KEYS: dict[str, str | dict[str, str]] = {
     },
     "model.sigma": "model/likelihood=gaussian model.likelihood.sigma={value}",
     "model.learn_sigma": "model/likelihood=gaussian model.likelihood.learn_sigma={value}",
+    "model.min_sigma": "model/likelihood=gaussian model.likelihood.min_sigma={value}",
     "model.noise.kind": {
         "gaussian": "model/corruption=gaussian_noise",
         "mask": "model/corruption=mask",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -151,6 +152,7 @@ def _main(cfg: DictConfig) -> float:
         INTERRUPTED,
         LAST,
         RUNNING,
+        DiskFullError,
         checkpoint_path,
         is_first_process,
         write_status,
@@ -181,6 +183,11 @@ def _main(cfg: DictConfig) -> float:
             last = checkpoint_path(run_dir, LAST)
             write_status(run_dir, INTERRUPTED, resume_from=str(last) if last.is_file() else None)
         raise
+    except DiskFullError as error:  # one line naming the file and the free space, no traceback
+        if record:
+            with contextlib.suppress(OSError):  # status.json may not fit on the full disk either
+                write_status(run_dir, FAILED, error=f"{type(error).__name__}: {error}")
+        raise SystemExit(f"error: {error}") from None
     except Exception as error:
         if record:
             write_status(

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from vae_experiments.data.checks import as_path, at_least
-from vae_experiments.data.file_source import FileSource, warn_skipped
+from vae_experiments.data.file_source import FileSource, report_skipped
 from vae_experiments.data.files import CenterCropResize, ImageFiles
 from vae_experiments.targets import ConfigError
 
@@ -132,7 +132,7 @@ class CelebA(FileSource):
                 f"or set data.source.skip_corrupt=true to train without them. {HOW_TO_GET}"
             )
         if missing:
-            warn_skipped([image_dir / name for name in missing], len(entries))
+            report_skipped([image_dir / name for name in missing], len(entries))
         log.info("reading CelebA from %s", image_dir)
         transform = CenterCropResize(self.crop_size, self.image_size)
         splits = {}

@@ -23,10 +23,17 @@ SKIP_HINT = "Replace the file, or set data.source.skip_corrupt=true to leave unr
 _NAMES_SHOWN = 5
 
 
-def warn_skipped(skipped: Sequence[Path], total: int) -> None:
-    """Log how many unreadable files were left out, and the first few of them."""
+def report_skipped(skipped: Sequence[Path], total: int) -> None:
+    """Log how many unreadable files were left out, and the first few of them.
+
+    Raises:
+        ValueError: Every one of the ``total`` files was left out (nothing to train on), naming
+            their folder, the first few files, why the first is unreadable and what to check.
+    """
     if not skipped:
         return
+    if len(skipped) >= total:
+        raise ValueError(_none_readable(skipped))
     shown = ", ".join(str(p) for p in skipped[:_NAMES_SHOWN])
     more = f" and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
     log.warning(
@@ -36,6 +43,25 @@ def warn_skipped(skipped: Sequence[Path], total: int) -> None:
         total,
         shown,
         more,
+    )
+
+
+def _none_readable(skipped: Sequence[Path]) -> str:
+    """The message for a source whose every file was left out as unreadable."""
+    skipped = sorted(skipped)
+    folder = Path(os.path.commonpath(skipped))
+    if folder in skipped:  # a single file
+        folder = folder.parent
+    names = ", ".join(str(p.relative_to(folder)) for p in skipped[:_NAMES_SHOWN])
+    more = f" and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
+    reason, _ = find_damage(skipped[0])  # one file: cheap, and the cause is what the user needs
+    why = f" ({skipped[0].name}: {reason})" if reason else ""
+    return (
+        f"all {len(skipped)} image files were skipped as corrupt or unreadable "
+        f"(data.source.skip_corrupt=true), so there is no image to train on: under {folder}: "
+        f"{names}{more}{why}. Check that these are "
+        "images PIL can open (`file <name>` shows an HTML error page, a Git LFS pointer or a "
+        "cut-short download) and that data.source points at the folder of the real images"
     )
 
 
@@ -180,7 +206,7 @@ class FileSource(ImageSource):
                 small += too_small
                 undersized += upscaled
         total = sum(len(f) for f in files.values())
-        warn_skipped(skipped, total)
+        report_skipped(skipped, total)
         report_sizes(small, undersized, total, self.min_size, min(self.image_shape[1:]))
         return splits
 

@@ -164,14 +164,29 @@ class IdxImages(ImageSource):
         return None
 
     def prepare(self, split_seed: int, threads: int) -> None:
-        """Download with torchvision if allowed and the files are missing."""
+        """Download with torchvision if allowed and the files are missing.
+
+        Raises:
+            FileNotFoundError: The download failed (offline, say): why, and the ways to get the
+                files without one (see :meth:`not_found`).
+        """
         if not self.download or self.find_files() is not None:
             return
         import torchvision.datasets  # slow import, only needed online
 
         log.info("downloading %s to %s", self.name, self.data_dir / self.name)
-        # One call fetches all four files into <data_dir>/<name>/raw/.
-        getattr(torchvision.datasets, self.name)(root=str(self.data_dir), train=True, download=True)
+        try:
+            # One call fetches all four files into <data_dir>/<name>/raw/.
+            dataset = getattr(torchvision.datasets, self.name)
+            dataset(root=str(self.data_dir), train=True, download=True)
+        except (OSError, RuntimeError) as exc:
+            # URLError, socket.gaierror and ConnectionError are OSErrors; torchvision gathers
+            # the failures of its mirrors into one RuntimeError.
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise self.not_found(
+                f"data.source.download=true could not download {self.name} (no network on "
+                f"this machine?): {reason}"
+            ) from None
 
     def how_to_get(self) -> str:
         """Where the files come from, for error messages."""
@@ -181,15 +196,20 @@ class IdxImages(ImageSource):
             f"the folders searched{self.hint}."
         )
 
+    def not_found(self, what_happened: str) -> FileNotFoundError:
+        """The error for files that are not on disk: ``what_happened``, the folders searched and
+        how to get the files (:meth:`how_to_get`), offline ways included."""
+        looked_in = "\n".join(f"  - {d}" for d in self.search_dirs())
+        names = ", ".join(IDX_FILES.values())
+        return FileNotFoundError(
+            f"{what_happened}. Looked for {names} (each plain or .gz) in:\n{looked_in}\n"
+            f"{self.how_to_get()}"
+        )
+
     def load(self, split_seed: int, threads: int) -> dict[str, Dataset]:
         files = self.find_files()
         if files is None:
-            looked_in = "\n".join(f"  - {d}" for d in self.search_dirs())
-            names = ", ".join(IDX_FILES.values())
-            raise FileNotFoundError(
-                f"{self.name} IDX files not found. Looked for {names} (each plain or .gz) "
-                f"in:\n{looked_in}\n{self.how_to_get()}"
-            )
+            raise self.not_found(f"{self.name} IDX files not found")
         log.info("reading %s from %s", self.name, files["train_images"].parent)
         train_images, train_labels = self._read_pair(files["train_images"], files["train_labels"])
         test_images, test_labels = self._read_pair(files["test_images"], files["test_labels"])

@@ -6,6 +6,7 @@ summed over pixels, so a VAE's ELBO is a per-datapoint bound in nats.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_experiments.targets import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class Likelihood(nn.Module):
@@ -43,33 +46,78 @@ class Bernoulli(Likelihood):
 class Gaussian(Likelihood):
     """Independent Gaussian pixels with mean = decoder output and one shared sigma.
 
+    A learned sigma is bounded below by ``min_sigma``: on data the decoder can reconstruct
+    exactly (constant images, say) the likelihood grows without bound as sigma shrinks, and the
+    "ELBO" with it. The bound caps ``log_prob`` at ``-log(min_sigma * sqrt(2 pi))`` nats per
+    pixel (5.30 for the default 0.002, below the log 256 = 5.55 nats of one 1/256-wide bin of
+    8-bit pixels in [0, 1], so bits per dimension stay >= 0). It is a soft clamp on log(sigma),
+    as in the sigma-VAE's code: ``log_sigma_used = log(min_sigma) + softplus(log_sigma -
+    log(min_sigma))`` with sharpness :data:`BOUND_SHARPNESS`: sigma as learned within 0.01% from
+    2 * min_sigma up and exactly from e**2 * min_sigma up (0.015 for the default), above
+    ``min_sigma`` everywhere, and with a gradient everywhere. The parameter (the state-dict key
+    ``log_sigma``) still holds log(sigma), so the weights of earlier runs load as they are.
+
     Args:
         sigma: the standard deviation, or its starting value when ``learn_sigma`` is true.
         learn_sigma: learn log(sigma) as a parameter (a single scalar, as in the sigma-VAE,
             https://arxiv.org/abs/2006.13202).
+        min_sigma: the lower bound of a learned sigma (> 0, and <= ``sigma``); a fixed sigma is
+            used as given.
     """
 
     continuous_density = True
 
-    def __init__(self, sigma: float, learn_sigma: bool):
+    #: How sharply the learned log(sigma) turns into the bound (softplus's ``beta``): at the bound
+    #: itself the sigma used is min_sigma * 2 ** (1 / BOUND_SHARPNESS), 7% above it.
+    BOUND_SHARPNESS = 10.0
+
+    def __init__(self, sigma: float, learn_sigma: bool, min_sigma: float):
         super().__init__()
         if not sigma > 0:
             raise ConfigError("sigma", sigma, "must be a number > 0")
+        if not min_sigma > 0:
+            raise ConfigError("min_sigma", min_sigma, "must be a number > 0")
+        if learn_sigma and sigma < min_sigma:
+            raise ConfigError(
+                "sigma",
+                sigma,
+                f"must be >= min_sigma={min_sigma} (the lower bound of a learned sigma): "
+                "raise sigma or lower min_sigma",
+            )
+        self.learn_sigma = learn_sigma
+        self.min_sigma = min_sigma
         log_sigma = torch.tensor(math.log(sigma))
         if learn_sigma:
             self.log_sigma = nn.Parameter(log_sigma)
+            log.info(
+                "Gaussian likelihood: sigma learned from %g, bounded below by min_sigma=%g "
+                "(log p(x) at most %.2f nats per pixel)",
+                sigma,
+                min_sigma,
+                -math.log(min_sigma * math.sqrt(2 * math.pi)),
+            )
         else:
             self.register_buffer("log_sigma", log_sigma)
 
+    def bounded_log_sigma(self) -> torch.Tensor:
+        """log(sigma) as the likelihood uses it: a learned one softly clamped at log(min_sigma)."""
+        if not self.learn_sigma:
+            return self.log_sigma
+        log_min = math.log(self.min_sigma)
+        excess = F.softplus(self.log_sigma - log_min, beta=self.BOUND_SHARPNESS)
+        return log_min + excess
+
     @property
     def sigma(self) -> torch.Tensor:
-        return self.log_sigma.exp()
+        """The standard deviation used (scalar), bound applied."""
+        return self.bounded_log_sigma().exp()
 
     def log_prob(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        log_sigma = self.bounded_log_sigma()
         squared_error = (x - output).square().flatten(1).sum(1)
         num_pixels = x[0].numel()
-        normaliser = num_pixels * (self.log_sigma + 0.5 * math.log(2 * math.pi))
-        return -0.5 * squared_error * torch.exp(-2 * self.log_sigma) - normaliser
+        normaliser = num_pixels * (log_sigma + 0.5 * math.log(2 * math.pi))
+        return -0.5 * squared_error * torch.exp(-2 * log_sigma) - normaliser
 
     def mean(self, output: torch.Tensor) -> torch.Tensor:
         return output

@@ -4,6 +4,7 @@ reports read. Plain torch and OmegaConf: importing it imports neither Lightning 
 
 from vae_experiments.data import iterate_split, load_split
 from vae_experiments.runs.files import (
+    DiskFullError,
     atomic_write,
     load_config,
     read_group_choices,
@@ -46,6 +47,7 @@ __all__ = [
     "CHECKPOINT_CHOICES",
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
+    "DiskFullError",
     "FAILED",
     "FINISHED",
     "IMAGES_DIR",

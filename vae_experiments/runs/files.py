@@ -6,6 +6,7 @@ Plain Python and OmegaConf: no torch, Lightning or Hydra.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,6 +28,67 @@ from vae_experiments.runs.layout import (
     STATUS_FILE,
 )
 
+#: OS error codes that mean the file's filesystem, or the user's quota on it, is full.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFullError(OSError):
+    """A file could not be written because its filesystem (or the user's quota) is full.
+
+    ``str()`` is one line for the user, naming the file and the free space; the file that was
+    being replaced is left as it was. Build it with :func:`disk_full_error`.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _size(num_bytes: int) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while power < len(units) - 1 and num_bytes >= 1024 ** (power + 1):
+        power += 1
+    return f"{num_bytes / 1024**power:.1f} {units[power]}"
+
+
+def _disk_full_cause(error: BaseException) -> OSError | None:
+    """The ENOSPC or EDQUOT OSError behind ``error``, following what it was raised from or while
+    handling (writers wrap it: ``torch.save`` into a file raises a RuntimeError, "unexpected
+    pos", while handling the OSError); None if there is none."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def disk_full_error(path: str | Path, error: BaseException) -> DiskFullError | None:
+    """The :class:`DiskFullError` for a failed write of ``path`` when ``error`` comes from a full
+    filesystem or quota (ENOSPC, EDQUOT; see :func:`_disk_full_cause`), else None."""
+    cause = _disk_full_cause(error)
+    if cause is None or isinstance(cause, DiskFullError):
+        return cause
+    path = Path(path)
+    folder = next((p for p in [path.parent, *path.parents] if p.exists()), Path("."))
+    try:
+        usage = shutil.disk_usage(folder)
+        space = f"{_size(usage.free)} free of {_size(usage.total)} on its filesystem"
+    except OSError:
+        space = "free space unknown"
+    if cause.errno == errno.EDQUOT:
+        what, space = "disk quota exceeded", f"{space}, but your quota is full (`quota -s`)"
+    else:
+        what = "no space left on device"
+    message = (
+        f"{what} writing {path}: {space}. The file it replaces, if any, is intact. Free some "
+        "space, or write to another disk (a training run: hydra.run.dir=<a folder there>)"
+    )
+    return DiskFullError(cause.errno, message, str(path))
+
 
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
@@ -36,21 +98,31 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     The data goes to a temporary file in the same directory (a rename across filesystems would
     be a copy), is flushed and fsynced, then replaces the target with ``os.replace`` (atomic on
     POSIX and Windows); the directory is fsynced too, so the rename survives a power loss.
+
+    Raises:
+        DiskFullError: The filesystem or the user's quota is full (ENOSPC, EDQUOT, also when
+            the writer wraps the OS error): one line naming ``path`` and the free space. The
+            temporary file is removed and ``path`` keeps its previous content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        full = disk_full_error(path, error)
+        if full is not None and full is not error:
+            raise full from None  # the one line says it all; the OS error chain would not
         raise
     if hasattr(os, "O_DIRECTORY"):  # POSIX; Windows cannot open a directory
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
