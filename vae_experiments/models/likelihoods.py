@@ -71,7 +71,10 @@ class Gaussian(Likelihood):
     #: itself the sigma used is min_sigma * 2 ** (1 / BOUND_SHARPNESS), 7% above it.
     BOUND_SHARPNESS = 10.0
 
-    def __init__(self, sigma: float, learn_sigma: bool, min_sigma: float):
+    # min_sigma has a default here only so that the config.yaml of a run trained before the key
+    # existed still builds (load_run, evaluate, resume); configs/model/likelihood/gaussian.yaml
+    # gives it for every new run.
+    def __init__(self, sigma: float, learn_sigma: bool, min_sigma: float = 0.002):
         super().__init__()
         if not sigma > 0:
             raise ConfigError("sigma", sigma, "must be a number > 0")
