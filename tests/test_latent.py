@@ -31,7 +31,7 @@ from vae_experiments.analysis.latent import (
     traversal_codes,
 )
 from vae_experiments.analysis.latent_plots import latent_scatter, project_2d
-from vae_experiments.cli.common import analysis_dir, discard_unused, run_dir_of
+from vae_experiments.cli.common import analysis_dir, run_dir_of
 from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.models import (
     MLP,
@@ -347,9 +347,17 @@ def test_sample_command_on_an_ae(trained_runs, tmp_path):
     folders = set((run / "analysis").glob("*"))
     result = run_sample(tmp_path, f"run={run}", "n=20", "components=3", "seed=1")
     assert result.returncode == 0, result.stderr[-3000:]
+    # A second call whose folder name would be the same (only the seed differs; what main()
+    # runs, in process): every file of the first call stays as it was.
+    from vae_experiments.cli.sample import sample_latents
+
+    first, folders_first = snapshot(run / "analysis"), set((run / "analysis").glob("*"))
+    report = sample_latents(run, n=20, components=3, seed=2, device="cpu")
+    after = snapshot(run / "analysis")
+    assert {name: after.get(name) for name in first} == first
 
     out = outputs_of(result)  # this call's own folder, named after what made it
-    assert set((run / "analysis").glob("*")) - folders == {out}  # claimed once
+    assert folders_first - folders == {out}  # claimed once
     assert out.name.startswith("sample-best-gmm-c3")
     for name in ("samples_gmm.png", "traversal.png", "latent_scatter.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
@@ -360,17 +368,9 @@ def test_sample_command_on_an_ae(trained_runs, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no outputs/ (or anything else) in the cwd
     assert "gmm" in result.stdout and "diag_gaussian" in result.stdout
 
-    # A second call whose folder name is taken (only the seed differs; what main() runs, in
-    # process: the same resolver names the folder) gets a folder of its own, and the first
-    # call's files stay as they were.
-    from vae_experiments.cli.sample import sample_latents
-
-    first, folders = snapshot(out), set((run / "analysis").glob("*"))
-    report = sample_latents(run, n=20, components=3, seed=2, device="cpu")
-    second = Path(report["sampled"]["png"]).parent
-    assert set((run / "analysis").glob("*")) - folders == {second}
+    second = Path(report["sampled"]["png"]).parent  # a folder of its own
+    assert set((run / "analysis").glob("*")) - folders_first == {second}
     assert second.name.startswith("sample-best-gmm-c3_") and report["seed"] == 2
-    assert snapshot(out) == first
     assert find_run_dirs(run.parent) == [run]  # summarize.py takes no call folder for a run
 
     report = json.loads((out / "latent_densities.json").read_text())
@@ -421,6 +421,8 @@ def test_sample_command_on_a_vae_offers_its_prior(trained_runs):
 
 
 def test_each_analysis_call_claims_a_folder_of_its_own(tmp_path):
+    from vae_experiments.cli.common import discard_unused
+
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("seed: 0\n")
