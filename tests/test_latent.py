@@ -44,6 +44,7 @@ from vae_experiments.models import (
 )
 from vae_experiments.models.likelihoods import SquaredError
 from vae_experiments.runs import load_data, load_split
+from vae_experiments.runs.records import find_run_dirs
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.module import LitModel
 
@@ -326,20 +327,51 @@ def run_sample(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def outputs_of(result: subprocess.CompletedProcess) -> Path:
+    """The folder a command's call wrote into, from its last line ("... outputs are in DIR")."""
+    return Path(result.stdout.strip().splitlines()[-1].rsplit(" are in ", 1)[1])
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time (ns)."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
 def test_sample_command_on_an_ae(trained_runs, tmp_path):
     run = trained_runs("ae")
     config = (run / "config.yaml").read_bytes()
+    folders = set((run / "analysis").glob("*"))
     result = run_sample(tmp_path, f"run={run}", "n=20", "components=3", "seed=1")
     assert result.returncode == 0, result.stderr[-3000:]
+    # A second call whose folder name would be the same (only the seed differs; what main()
+    # runs, in process): every file of the first call stays as it was.
+    from vae_experiments.cli.sample import sample_latents
 
-    out = run / "analysis"
+    first, folders_first = snapshot(run / "analysis"), set((run / "analysis").glob("*"))
+    report = sample_latents(run, n=20, components=3, seed=2, device="cpu")
+    after = snapshot(run / "analysis")
+    assert {name: after.get(name) for name in first} == first
+
+    out = outputs_of(result)  # this call's own folder, named after what made it
+    assert folders_first - folders == {out}  # claimed once
+    assert out.name.startswith("sample-best-gmm-c3")
     for name in ("samples_gmm.png", "traversal.png", "latent_scatter.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     assert (out / "sample.log").is_file()
+    assert "components=3" in (out / "sample.yaml").read_text()  # what made it
     assert (run / "config.yaml").read_bytes() == config
     assert not (run / ".hydra").exists()  # Hydra wrote nothing into the run
     assert list(tmp_path.iterdir()) == []  # no outputs/ (or anything else) in the cwd
     assert "gmm" in result.stdout and "diag_gaussian" in result.stdout
+
+    second = Path(report["sampled"]["png"]).parent  # a folder of its own
+    assert set((run / "analysis").glob("*")) - folders_first == {second}
+    assert second.name.startswith("sample-best-gmm-c3_") and report["seed"] == 2
+    assert find_run_dirs(run.parent) == [run]  # summarize.py takes no call folder for a run
 
     report = json.loads((out / "latent_densities.json").read_text())
     assert report["num_train_codes"] == 1294 and report["num_test_codes"] == 359
@@ -373,9 +405,11 @@ def test_sample_command_on_a_vae_offers_its_prior(trained_runs):
     run = trained_runs("vae_2d")
     ckpt = run / "checkpoints" / "last.ckpt"
     report = sample_latents(ckpt, density="prior", n=16, components=2, device="cpu")
-    assert (run / "analysis" / "samples_prior.png").read_bytes()[:8] == PNG_MAGIC
-    assert (run / "analysis" / "latent_scatter.png").read_bytes()[:8] == PNG_MAGIC
-    assert json.loads((run / "analysis" / "latent_densities.json").read_text()) == report
+    out = Path(report["sampled"]["png"]).parent  # a new folder, named after the .ckpt's name
+    assert out.parent == run / "analysis" and out.name.startswith("sample-last-prior-c2")
+    assert (out / "samples_prior.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "latent_scatter.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((out / "latent_densities.json").read_text()) == report
     assert report["checkpoint"] == str(ckpt) and report["model"] == "VAE"
     assert set(report["test_log_lik"]) == {"diag_gaussian", "gmm", "prior"}
     # The prior's value is the test posterior means under N(0, I), computed here directly.
@@ -386,15 +420,46 @@ def test_sample_command_on_a_vae_offers_its_prior(trained_runs):
     assert report["test_log_lik"]["prior"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_each_analysis_call_claims_a_folder_of_its_own(tmp_path):
+    from vae_experiments.cli.common import discard_unused
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    analysis = run / "analysis"
+
+    first = analysis_dir(run, "sample", "best", "gmm", "c10")
+    assert first == str(analysis / "sample-best-gmm-c10") and Path(first).is_dir()
+    (Path(first) / "latent_densities.json").write_text("{}")
+    # Taken names are never reused, even if empty: _1, _2, ...
+    assert analysis_dir(run, "sample", "best", "gmm", "c10") == f"{first}_1"
+    assert analysis_dir(str(run), "sample", "best", "gmm", "c10") == f"{first}_2"
+    assert (Path(first) / "latent_densities.json").read_text() == "{}"
+    # A .ckpt file names the checkpoint; a setting cannot leave the analysis folder.
+    ckpt = run / "checkpoints" / "epoch=3-step=40.ckpt"
+    ckpt.write_bytes(b"")
+    assert analysis_dir(ckpt, "evaluate", "best", "test", "k5") == str(
+        analysis / "evaluate-epoch=3-step=40-test-k5"
+    )
+    assert analysis_dir(run, "sample", "last", "../x") == str(analysis / "sample-last-.._x")
+    assert analysis_dir(run, "sample-multirun") == str(analysis / "sample-multirun")
+
+    # A call that stopped at a bad setting leaves nothing; one that wrote results is kept.
+    failed = Path(analysis_dir(run, "sample", "best", "typo"))
+    (failed / "sample.log").write_text("")
+    (failed / "sample.yaml").write_text("")
+    assert discard_unused(failed, "sample") and not failed.exists()
+    assert not discard_unused(first, "sample") and Path(first).is_dir()
+
+
 def test_sample_command_rejects_bad_runs_and_densities(trained_runs, tmp_path):
     with pytest.raises(SystemExit, match="error: .* is not a run directory"):
-        analysis_dir(tmp_path / "typo")
+        analysis_dir(tmp_path / "typo", "sample")
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         run_dir_of(tmp_path / "typo")
     assert not (tmp_path / "typo").exists()
     run = trained_runs("ae")
     assert run_dir_of(run / "checkpoints" / "best.ckpt") == run
-    assert analysis_dir(run) == str(run / "analysis")
 
     from vae_experiments.cli.sample import sample_latents
 

@@ -269,6 +269,20 @@ def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+def outputs_of(done: subprocess.CompletedProcess) -> Path:
+    """The folder a command's call wrote into, from its last line ("... outputs are in DIR")."""
+    return Path(done.stdout.strip().splitlines()[-1].rsplit(" are in ", 1)[1])
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time (ns)."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
 def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     run = shutil.copytree(trained_runs("vae"), tmp_path / "run")  # leave the shared run alone
     config_before = (run / "config.yaml").read_bytes()
@@ -279,27 +293,49 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     done = run_script([f"run={run}", "k=50"], cwd)
     assert done.returncode == 0, done.stderr
     assert "log p(x), IWAE k=50" in done.stdout
+    # A second evaluation (what main() runs, in process), with settings that name the same
+    # folder: every file of the first stays as it was, and metrics.json holds the latest.
+    from hydra import compose, initialize_config_dir
 
-    metrics = read_metrics(run)
+    from vae_experiments.cli.evaluate import evaluate
+    from vae_experiments.configs import CONFIG_DIR
+
+    first, metrics_first = snapshot(run / "analysis"), read_metrics(run)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"run={run}", "k=50", "seed=1", "device=cpu"])
+    second = evaluate(cfg)
+    after = snapshot(run / "analysis")
+    assert {name: after.get(name) for name in first} == first
+    assert second["seed"] == 1 and read_metrics(run)["test/log_px"] == second["metrics"]["log_px"]
+    assert (run / "analysis" / "evaluate-best-test-k50_1" / "evaluate_test.json").is_file()
+
+    metrics = metrics_first
     for key, value in metrics_before.items():  # kept, training's test/elbo included
         assert metrics[key] == value
     added = {"test/log_px", "test/log_px_k", "test/bpd", "test/active_units"}
     assert set(metrics) == set(metrics_before) | added
     assert metrics["test/log_px_k"] == 50
     assert metrics["test/log_px"] < 0 and metrics["test/bpd"] > 0
-    record = json.loads((run / "analysis" / "evaluate_test.json").read_text())
+    out = outputs_of(done)  # this call's own folder, named after what made it
+    assert out == run / "analysis" / "evaluate-best-test-k50"
+    record = json.loads((out / "evaluate_test.json").read_text())
     assert record["metrics"]["num_images"] == 359
     assert record["metrics"]["log_px"] == metrics["test/log_px"]
     assert record["metrics"]["log_px"] >= record["metrics"]["elbo"]
+    assert record["k"] == 50 and record["checkpoint"].endswith("best.ckpt")
 
     assert (run / "config.yaml").read_bytes() == config_before
-    assert (run / "analysis" / "evaluate.log").is_file()
+    assert (out / "evaluate.log").is_file()
+    assert f"run={run}" in (out / "evaluate.yaml").read_text()  # what made it
     assert list(cwd.iterdir()) == []  # no outputs/ (or anything else) where it was run
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert added <= set(events.Tags()["scalars"])
-    assert events.Scalars("test/log_px")[-1].value == pytest.approx(metrics["test/log_px"])
+    # The latest evaluation, as in metrics.json.
+    assert events.Scalars("test/log_px")[-1].value == pytest.approx(
+        read_metrics(run)["test/log_px"]
+    )
 
 
 def test_evaluate_command_needs_a_run(tmp_path):

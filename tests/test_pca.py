@@ -132,3 +132,32 @@ def test_compare_pca_command_writes_its_report(tmp_path):
         assert (out / picture).read_bytes().startswith(b"\x89PNG")
     assert list((out / "tensorboard").glob("events.*"))
     assert not (tmp_path / "outputs").exists()
+
+
+def test_compare_pca_never_writes_into_an_earlier_comparison(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from vae_experiments.cli import compare_pca  # registers ${fresh_dir:...}
+    from vae_experiments.configs import CONFIG_DIR
+
+    # The default directory: a new one per call, also for two calls in the same second.
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        chosen = [
+            OmegaConf.select(compose("compare_pca", return_hydra_config=True), "hydra.run.dir")
+            for _ in range(2)
+        ]
+    assert chosen[0] != chosen[1] and all((tmp_path / d).is_dir() for d in chosen)
+
+    # hydra.run.dir= naming an earlier comparison: refused before Hydra writes anything.
+    earlier = tmp_path / "report"
+    (earlier / ".hydra").mkdir(parents=True)
+    (earlier / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (earlier / "comparison.csv").write_text("method,latent_dim,test_recon_mse\n")
+    monkeypatch.setattr(sys, "argv", ["compare_pca.py", f"hydra.run.dir={earlier}"])
+    with pytest.raises(SystemExit, match="already holds a run .* or delete it first") as refused:
+        compare_pca.main()
+    assert "resume=" not in str(refused.value)
+    assert (earlier / ".hydra" / "config.yaml").read_text() == "seed: 0\n"
+    assert sorted(p.name for p in earlier.iterdir()) == [".hydra", "comparison.csv"]

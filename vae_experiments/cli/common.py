@@ -1,44 +1,105 @@
 """Shared by the analysis commands about one trained run: where their outputs go (a Hydra
-resolver) and which device they use.
+resolver), the record of each call, and which device they use.
 
-``python scripts/<command>.py run=<run dir or checkpoint>`` writes into ``<run dir>/analysis/``.
-Hydra's own output follows it there, through the ``analysis_dir`` resolver in the command's
-config, so that no ``outputs/`` folder appears and the run's ``.hydra/`` is never overwritten::
+Each call of ``python scripts/<command>.py run=<run dir or checkpoint>`` writes into a folder of
+its own, ``<run dir>/analysis/<command>-<checkpoint>-<settings>/`` (e.g.
+``analysis/sample-last-gmm-c20/``, ``analysis/evaluate-best-test-k5000/``), created by
+:func:`analysis_dir` and never one that exists (a repeat gets ``_1``, ``_2``, ...), so no call
+overwrites what an earlier one wrote. Hydra's log goes there too, through the ``analysis_dir``
+resolver in the command's config, so that no ``outputs/`` folder appears and the run's
+``.hydra/`` is never overwritten::
 
     hydra:
-      run:
-        dir: ${analysis_dir:${oc.select:run,null}}   # oc.select: a missing run= gets our message
+      run:   # oc.select: a missing run= gets our message
+        dir: ${analysis_dir:${oc.select:run,null},sample,${checkpoint},${density},c${components}}
       output_subdir: null
 
-Call :func:`register_resolvers` at import time of the module defining the ``@hydra.main``
-function (before Hydra composes the config).
+The resolver is cached, so the folder is claimed once per call however often Hydra reads
+``hydra.run.dir``. Call :func:`register_resolvers` at import time of the module defining the
+``@hydra.main`` function (before Hydra composes the config).
 """
 
 from __future__ import annotations
 
+import re
+import shlex
+import shutil
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from vae_experiments.runs import ANALYSIS_DIR, run_dir_of
+from vae_experiments.cli.run_dirs import claim_fresh_dir
+from vae_experiments.runs import ANALYSIS_DIR, atomic_write, run_dir_of
+
+#: Characters kept in a folder name made from settings; others become ``_`` (no ``/``).
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
-def analysis_dir(run: str | Path | None) -> str:
-    """``<run dir>/analysis`` for a run directory or a checkpoint in it (an OmegaConf resolver).
+def analysis_dir(
+    run: str | Path | None, command: str, checkpoint: str | None = None, *settings: object
+) -> str:
+    """Claims a new folder for one call of an analysis command (also an OmegaConf resolver):
+    ``<run dir>/analysis/<command>-<checkpoint>-<settings joined by ->``.
 
-    A bad ``run=`` exits with a one-line message before Hydra creates any directory (OmegaConf
-    would wrap an exception into a long traceback; SystemExit passes through as it is).
+    Args:
+        run: a run directory or a checkpoint file in one (the command's ``run=``).
+        command: the command's name (``sample``, ``evaluate``), first in the folder's name.
+        checkpoint: ``best`` or ``last``; when ``run`` is a ``.ckpt`` file, its name is used
+            instead (that is the checkpoint the command loads). None leaves it out.
+        settings: further values that name the call (``gmm``, ``c20``).
+
+    Returns:
+        The folder, created here (atomically): if the name is taken, ``<name>_1``, ``_2``, ...
+
+    A bad ``run=`` exits with a one-line message before anything is created (OmegaConf would
+    wrap an exception into a long traceback; SystemExit passes through as it is).
     """
     try:
-        return str(run_dir_of(run) / ANALYSIS_DIR)
+        run_dir = run_dir_of(run)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    parts = [command]
+    if checkpoint is not None:
+        parts.append(Path(str(run)).stem if str(run).endswith(".ckpt") else checkpoint)
+    name = "-".join(_UNSAFE.sub("_", str(part)) for part in [*parts, *settings])
+    return claim_fresh_dir(str(run_dir / ANALYSIS_DIR / name))
+
+
+def save_call(out_dir: str | Path, command: str, cfg: DictConfig, overrides: list[str]) -> Path:
+    """Writes what made a call, ``<out_dir>/<command>.yaml``: its command line (as a comment)
+    and its config. Not ``config.yaml``: that name marks a run directory (``runs.is_run_dir``).
+
+    Returns:
+        The file written.
+    """
+    path = Path(out_dir) / f"{command}.yaml"
+    line = shlex.join(["python", f"scripts/{command}.py", *overrides])
+    with atomic_write(path) as file:
+        file.write(f"# {line}\n{OmegaConf.to_yaml(cfg, resolve=True)}")
+    return path
+
+
+def discard_unused(out_dir: str | Path, command: str) -> bool:
+    """Removes a call's folder that holds nothing but its log and its ``<command>.yaml`` (a call
+    that stopped at a bad setting), so that mistakes leave no folders behind.
+
+    Returns:
+        Whether the folder was removed.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return False
+    if {p.name for p in out_dir.iterdir()} <= {f"{command}.log", f"{command}.yaml"}:
+        shutil.rmtree(out_dir)
+        return True
+    return False
 
 
 def register_resolvers() -> None:
-    """Registers ``${analysis_dir:<run>}`` with OmegaConf (once; later calls do nothing)."""
+    """Registers ``${analysis_dir:<run>,<command>,...}`` with OmegaConf (once; later calls do
+    nothing). Cached: a folder is claimed once per call, however often Hydra reads it."""
     if not OmegaConf.has_resolver("analysis_dir"):
-        OmegaConf.register_new_resolver("analysis_dir", analysis_dir)
+        OmegaConf.register_new_resolver("analysis_dir", analysis_dir, use_cache=True)
 
 
 def resolve_device(device: str) -> str:

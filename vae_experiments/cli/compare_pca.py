@@ -1,8 +1,15 @@
-"""``python scripts/compare_pca.py``: autoencoders against PCA at several latent sizes."""
+"""``python scripts/compare_pca.py``: autoencoders against PCA at several latent sizes.
+
+Each call writes into a directory of its own: by default a new
+``outputs/compare_pca/<date>/<time>/`` (``_1``, ``_2``, ... for calls started in the same second),
+and a ``hydra.run.dir=`` that already holds a comparison is refused, so that no comparison
+overwrites another's tables, pictures or trained runs.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -10,10 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vae_experiments.cli import run_dirs
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure, unknown_key_messages
 from vae_experiments.configs import CONFIG_DIR
 
 log = logging.getLogger(__name__)
+run_dirs.register_resolvers()  # ${fresh_dir:...} in configs/compare_pca.yaml
 
 
 def run_config(cfg: DictConfig, overrides: list[str], latent_dim: int) -> DictConfig:
@@ -106,5 +115,12 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
 
 @suggest_keys_on_failure(CONFIG_DIR, "compare_pca")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare_pca")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     compare(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    """``python scripts/compare_pca.py`` / ``vae-compare-pca``: refuses a ``hydra.run.dir=`` that
+    holds an earlier comparison (Hydra would overwrite its config), then runs Hydra."""
+    run_dirs.refuse_existing_run_dir(sys.argv[1:], resumable=False)
+    _main()

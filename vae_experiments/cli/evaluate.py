@@ -3,8 +3,14 @@
 Computes the IWAE estimate of log p(x) with ``k`` samples, the ELBO from the same samples, KL,
 the reconstruction term, bits per dimension and active units on a split; merges
 ``{split}/log_px``, ``{split}/log_px_k``, ``{split}/bpd`` and ``{split}/active_units`` into the
-run's ``metrics.json`` and TensorBoard, and writes the whole evaluation to
-``<run>/analysis/evaluate_<split>.json``. Hydra's log goes to ``<run>/analysis/evaluate.log``.
+run's ``metrics.json`` and TensorBoard (the run's summary: the latest evaluation of a split
+wins there), and writes the whole evaluation, with the checkpoint and ``k`` that made it, into a
+new folder for this call, ``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``,
+... when that name is taken: an earlier evaluation's files are never replaced)::
+
+    evaluate_<split>.json     the evaluation record
+    evaluate.log              Hydra's log of the call
+    evaluate.yaml             the call's command line and config
 """
 
 from __future__ import annotations
@@ -12,15 +18,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vae_experiments.cli.common import (
+    analysis_dir,
+    discard_unused,
     register_resolvers,
     resolve_device,
     run_dir_of,
+    save_call,
 )
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
 from vae_experiments.configs import CONFIG_DIR
@@ -66,11 +77,17 @@ def format_table(results: dict[str, Any], training: dict[str, Any], split: str) 
     )
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
+def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Runs the evaluation of ``cfg`` (``configs/evaluate.yaml``) and writes its outputs.
 
+    Args:
+        cfg: the command's config.
+        out_dir: where this call's files go; None claims a new folder under
+            ``<run>/analysis/`` (:func:`~vae_experiments.cli.common.analysis_dir`), as the
+            command does.
+
     Returns:
-        The evaluation record written to ``<run>/analysis/evaluate_<split>.json``.
+        The evaluation record written to ``<out_dir>/evaluate_<split>.json``.
     """
     import torch
     from torch.utils.tensorboard import SummaryWriter
@@ -78,7 +95,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from vae_experiments.analysis.likelihood import check_vae, evaluate_vae
     from vae_experiments.runs import (
-        ANALYSIS_DIR,
         CHECKPOINT_CHOICES,
         METRICS_FILE,
         find_checkpoint,
@@ -114,6 +130,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         check_vae(model)
     except ValueError as exc:
         raise UsageError(f"{exc} (run={cfg.run})") from exc
+    if out_dir is None:
+        out_dir = analysis_dir(cfg.run, "evaluate", cfg.checkpoint, cfg.split, f"k{k}")
+    out_dir = Path(out_dir)
     datamodule = load_data(run_cfg)
     batch_size = int(cfg.eval.batch_size or datamodule.batch_size)
     num_images = len(datamodule.splits[cfg.split])
@@ -142,16 +161,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     results["latent_dim"] = model.latent_dim
 
-    metrics_path = run_dir / METRICS_FILE
-    metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
-    new = {f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS}
-    write_json_atomic(metrics_path, {**metrics, **new})
-    step = int(metrics.get("steps", 0))
-    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
-        for tag, value in new.items():
-            if not math.isnan(value):
-                writer.add_scalar(tag, value, global_step=step)
-
     record = {
         "run": str(run_dir.resolve()),
         "checkpoint": str(ckpt_path.resolve()),
@@ -166,8 +175,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": results,
         "likelihood": type(model.likelihood).__name__,
     }
-    record_path = run_dir / ANALYSIS_DIR / f"evaluate_{cfg.split}.json"
+    # Before metrics.json: the run's summary never holds a value that no record explains.
+    record_path = out_dir / f"evaluate_{cfg.split}.json"
     write_json_atomic(record_path, record)
+
+    metrics_path = run_dir / METRICS_FILE
+    metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
+    new = {f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS}
+    write_json_atomic(metrics_path, {**metrics, **new})
+    step = int(metrics.get("steps", 0))
+    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
+        for tag, value in new.items():
+            if not math.isnan(value):
+                writer.add_scalar(tag, value, global_step=step)
 
     print(
         f"\n{run_dir} ({ckpt_path.name}), {cfg.split} split: {num_images} images, "
@@ -176,6 +196,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     log.info("added %s to %s", ", ".join(new), metrics_path)
     log.info("wrote %s and TensorBoard scalars to %s", record_path, run_dir / "tensorboard")
+    print(f"this call's outputs are in {out_dir}")
     return record
 
 
@@ -183,7 +204,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """``python scripts/evaluate.py run=<run dir or .ckpt> [k=5000] [split=test] ...``."""
+    out_dir = HydraConfig.get().runtime.output_dir  # this call's own folder (configs/evaluate.yaml)
+    save_call(out_dir, "evaluate", cfg, list(HydraConfig.get().overrides.task))
     try:
-        evaluate(cfg)
-    except UsageError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        evaluate(cfg, out_dir)
+    except BaseException as exc:
+        discard_unused(out_dir, "evaluate")  # stopped before writing: leave no folder behind
+        if isinstance(exc, UsageError):
+            raise SystemExit(f"error: {exc}") from None
+        raise

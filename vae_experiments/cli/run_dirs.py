@@ -69,9 +69,10 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function, use_cache=True)
 
 
-def refuse_existing_run_dir(argv: Sequence[str]) -> None:
+def refuse_existing_run_dir(argv: Sequence[str], resumable: bool = True) -> None:
     """Exits with a message if ``hydra.run.dir=`` (or, with ``-m``, ``hydra.sweep.dir=``) on the
     command line names a directory where a run already is: Hydra would overwrite its config.
+    ``resumable``: whether the message offers ``resume=`` (train.py; not compare_pca.py).
 
     Not checked when resuming, in the extra processes of a distributed run (they join the
     first one's directory) and in a SLURM job that was requeued (it continues its own run).
@@ -92,11 +93,11 @@ def refuse_existing_run_dir(argv: Sequence[str]) -> None:
             else ([directory] if holds_a_run(directory) else [])
         )
         if taken:
+            resume = f"continue that run with resume={taken[0]}, " if resumable else ""
             raise SystemExit(
                 f"error: {arg} names a directory that already holds "
                 f"{'runs' if multirun else 'a run'} ({taken[0]}); nothing is overwritten. "
-                f"Choose another directory, continue that run with resume={taken[0]}, or "
-                "delete it first"
+                f"Choose another directory, {resume}or delete it first"
             )
 
 

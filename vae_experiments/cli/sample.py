@@ -1,13 +1,16 @@
 """``python scripts/sample.py run=<run dir> density=gmm n=64``: sample from a latent density.
 
 Encodes the run's training split, fits a density to the codes (``gmm``, ``diag_gaussian``, or
-for a VAE its ``prior``), decodes ``n`` draws, and writes into ``<run dir>/analysis/``::
+for a VAE its ``prior``), decodes ``n`` draws, and writes into a new folder for this call,
+``<run dir>/analysis/sample-<checkpoint>-<density>-c<components>/`` (``_1``, ``_2``, ... when
+that name is taken: an earlier call's files are never replaced)::
 
     samples_<density>.png     the decoded draws
     traversal.png             one row per latent dimension, swept from its 5% to 95% quantile
     latent_scatter.png        test codes coloured by label (2-D codes, or their PCA projection)
     latent_densities.json     test-split log-likelihood of the codes under every density
     sample.log
+    sample.yaml               the call's command line and config
 """
 
 from __future__ import annotations
@@ -18,9 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vae_experiments.cli.common import register_resolvers, resolve_device, run_dir_of
+from vae_experiments.cli.common import (
+    analysis_dir,
+    discard_unused,
+    register_resolvers,
+    resolve_device,
+    run_dir_of,
+    save_call,
+)
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
 from vae_experiments.configs import CONFIG_DIR
 
@@ -41,13 +52,16 @@ def sample_latents(
     batch_size: int = 1000,
     traversal_steps: int = 9,
     traversal_dims: int | None = 16,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fits latent densities to a run's training codes and writes the pictures and the table.
 
-    Args: as the keys of ``configs/sample.yaml``.
+    Args: as the keys of ``configs/sample.yaml``, and
+        out_dir: where the files go; None claims a new folder under ``<run dir>/analysis/``
+            (:func:`~vae_experiments.cli.common.analysis_dir`), as the command does.
 
     Returns:
-        What ``<run dir>/analysis/latent_densities.json`` holds.
+        What ``<out_dir>/latent_densities.json`` holds.
     """
     import torch
 
@@ -62,7 +76,6 @@ def sample_latents(
     from vae_experiments.analysis.latent_plots import latent_scatter
     from vae_experiments.pictures import image_grid, save_grid
     from vae_experiments.runs import (
-        ANALYSIS_DIR,
         find_checkpoint,
         iterate_split,
         load_data,
@@ -71,7 +84,6 @@ def sample_latents(
     )
 
     run_dir = run_dir_of(run)
-    out_dir = run_dir / ANALYSIS_DIR
     ckpt = find_checkpoint(run, checkpoint)
     device = resolve_device(device)
     model, cfg = load_run(ckpt, map_location=device)
@@ -81,6 +93,9 @@ def sample_latents(
         raise ValueError(f"unknown density {density!r}; choose one of: {', '.join(kinds)}{hint}")
     if n < 1 or components < 1:
         raise ValueError(f"n and components must be >= 1, got n={n}, components={components}")
+    if out_dir is None:
+        out_dir = analysis_dir(run, "sample", checkpoint, density, f"c{components}")
+    out_dir = Path(out_dir)
 
     datamodule = load_data(cfg, batch_size=batch_size)
     train_codes = encode_split(model, iterate_split(datamodule, "train", device=device))
@@ -151,21 +166,29 @@ def sample_latents(
     )
     for path in [*paths.values(), out_dir / DENSITIES_FILE]:
         print(f"wrote {path}")
+    print(f"this call's outputs are in {out_dir}")
     return result
 
 
 @suggest_keys_on_failure(CONFIG_DIR, "sample")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    sample_latents(
-        run=cfg.run,
-        density=cfg.density,
-        components=cfg.components,
-        n=cfg.n,
-        checkpoint=cfg.checkpoint,
-        seed=cfg.seed,
-        device=cfg.device,
-        batch_size=cfg.batch_size,
-        traversal_steps=cfg.traversal_steps,
-        traversal_dims=cfg.traversal_dims,
-    )
+    out_dir = HydraConfig.get().runtime.output_dir  # this call's own folder (configs/sample.yaml)
+    save_call(out_dir, "sample", cfg, list(HydraConfig.get().overrides.task))
+    try:
+        sample_latents(
+            run=cfg.run,
+            density=cfg.density,
+            components=cfg.components,
+            n=cfg.n,
+            checkpoint=cfg.checkpoint,
+            seed=cfg.seed,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            traversal_steps=cfg.traversal_steps,
+            traversal_dims=cfg.traversal_dims,
+            out_dir=out_dir,
+        )
+    except BaseException:
+        discard_unused(out_dir, "sample")  # stopped before writing: leave no folder behind
+        raise

@@ -12,7 +12,8 @@ A run directory (``outputs/<date>/<time>/`` or ``multirun/<date>/<time>/<job>/``
     status.json               how the run stands: running, finished, failed or interrupted
     tensorboard/, csv/        the logger's files
     images/                   reconstruction and sample grids as PNG
-    analysis/                 what the analysis commands (evaluate, sample) wrote about it
+    analysis/<call>/          a folder per call of an analysis command (evaluate, sample), named
+                              after what made it (``evaluate-best-test-k5000``); never reused
 
 Plain Python: no torch, Lightning or Hydra.
 """
