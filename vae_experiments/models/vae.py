@@ -31,6 +31,13 @@ def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w, 1) - math.log(log_w.shape[1])
 
 
+def _randn(*shape: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normal draws on the generator's device (a CPU generator gives the same draws
+    for a model on any device), moved to ``device``."""
+    where = generator.device if generator is not None else device
+    return torch.randn(*shape, generator=generator, device=where).to(device)
+
+
 def _standard_normal_log_prob(noise: torch.Tensor) -> torch.Tensor:
     """log N(noise; 0, I), summed over the last dim: (..., D) -> (...)."""
     return -0.5 * (noise.square() + math.log(2 * math.pi)).sum(-1)
@@ -237,8 +244,9 @@ class VAE(LatentModel):
         }
 
     def sample_codes(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n draws of z from the prior N(0, I): (n, latent_dim)."""
-        return torch.randn(n, self.latent_dim, device=self.device, generator=generator)
+        """n draws of z from the prior N(0, I): (n, latent_dim), on the model's device (drawn on
+        the generator's)."""
+        return _randn(n, self.latent_dim, generator=generator, device=self.device)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -352,9 +360,9 @@ class HierarchicalVAE(VAE):
 
     def sample_codes(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n draws of z1 from the prior, ancestrally from z_L ~ N(0, I): (n, latent_dims[0])."""
-        z = torch.randn(n, self.latent_dims[-1], device=self.device, generator=generator)
+        z = _randn(n, self.latent_dims[-1], generator=generator, device=self.device)
         for layer in reversed(range(len(self.latent_dims) - 1)):
             mu, logvar = self._down(layer, z)
-            eps = torch.randn(mu.shape, device=self.device, generator=generator)
+            eps = _randn(*mu.shape, generator=generator, device=self.device)
             z = self.reparameterise(mu, logvar, eps)
         return z
