@@ -31,7 +31,9 @@ def expected_test_metrics(model_name: str) -> set[str]:
     base = {"test/loss", "test/recon", "test/recon_mse"}
     if model_name not in VAES:
         return base
-    return base | {"test/kl", "test/elbo"} | ({"test/iwae_bound"} if model_name == "iwae" else set())
+    return (
+        base | {"test/kl", "test/elbo"} | ({"test/iwae_bound"} if model_name == "iwae" else set())
+    )
 
 
 def load_test_images(cfg_overrides: list[str]) -> torch.Tensor:

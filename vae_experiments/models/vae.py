@@ -94,7 +94,9 @@ class VAE(LatentModel):
             raise ConfigError("k", k, "must be an integer >= 1 (1: the ELBO)")
         weighted = "the importance-weighted bound (k > 1) has no separate KL term to weight"
         if k > 1 and beta != 1:
-            raise ConfigError("beta", beta, f"must be 1 with k={k}: {weighted}; use k=1 for beta")
+            raise ConfigError(
+                "beta", beta, f"must be 1 with k={k}: {weighted}; use k=1 for a beta-VAE"
+            )
         if k > 1 and kl_warmup_steps != 0:
             raise ConfigError(
                 "kl_warmup_steps", kl_warmup_steps, f"must be 0 with k={k}: {weighted}"
