@@ -64,7 +64,10 @@ def train_run(run_dir: Path, overrides: list[str]) -> Path:
     """Trains in process as ``python train.py`` would (train() saves the run's config.yaml)."""
     from vae_experiments.training import train
 
-    cfg = compose_config([*FAST, *overrides])
+    # A stack of latent layers (model=hvae) is sized by model.latent_dims, not FAST's latent_dim.
+    stacked = any(o.startswith("model.latent_dims=") for o in overrides)
+    fast = [o for o in FAST if not (stacked and o.startswith("model.latent_dim="))]
+    cfg = compose_config([*fast, *overrides])
     train(cfg, run_dir)
     return run_dir
 

@@ -32,7 +32,9 @@ IMAGE_SHAPE = (1, 8, 8)
 
 
 def build_from_config(name: str, image_shape=IMAGE_SHAPE, overrides=()):
-    cfg = compose_config([f"model={name}", "model.latent_dim=3", *overrides])
+    # A stack of latent layers has z1 of size 3 as its code.
+    latent = "model.latent_dims=[3,2]" if name == "hvae" else "model.latent_dim=3"
+    cfg = compose_config([f"model={name}", latent, *overrides])
     return instantiate(small_model_config(cfg.model), key="model", image_shape=list(image_shape))
 
 
@@ -67,6 +69,7 @@ def test_every_model_config_builds_and_has_the_interface(name, image_shape):
 
     terms = model.loss(x, step=0)
     expected = {"loss", "recon", "recon_mse"} | ({"kl", "elbo"} if model.has_prior else set())
+    expected |= {"iwae_bound"} if getattr(model, "k", 1) > 1 else set()
     assert set(terms) == expected
     for value in terms.values():
         assert value.shape == () and torch.isfinite(value)

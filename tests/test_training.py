@@ -24,9 +24,16 @@ def run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict, 
     return read_metrics(run_dir), run_dir
 
 
+VAES = ("vae", "iwae", "hvae")
+
+
 def expected_test_metrics(model_name: str) -> set[str]:
     base = {"test/loss", "test/recon", "test/recon_mse"}
-    return base | {"test/kl", "test/elbo"} if model_name == "vae" else base
+    if model_name not in VAES:
+        return base
+    return (
+        base | {"test/kl", "test/elbo"} | ({"test/iwae_bound"} if model_name == "iwae" else set())
+    )
 
 
 def load_test_images(cfg_overrides: list[str]) -> torch.Tensor:
@@ -37,7 +44,9 @@ def load_test_images(cfg_overrides: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_each_model_trains_and_writes_its_run(tmp_path, name):
-    overrides = [f"model={name}", *([] if name == "linear_ae" else SMALL)]
+    overrides = [f"model={name}", *([] if name in ("linear_ae", "hvae") else SMALL)]
+    if name == "hvae":  # MLP bodies; sized by latent_dims (FAST's latent_dim is left out)
+        overrides += ["model.network.hidden_dims=[32]", "model.latent_dims=[4,2]"]
     metrics, run_dir = run(tmp_path, overrides)
 
     expected = expected_test_metrics(name)
@@ -56,18 +65,19 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "images" / "reconstructions.png").is_file()
-    assert (run_dir / "images" / "samples.png").is_file() == (name == "vae")
+    assert (run_dir / "images" / "samples.png").is_file() == (name in VAES)
 
     # The logged test metric is what the reloaded model gives on the test split.
     model, cfg = load_run(run_dir)
-    assert cfg.model._target_.endswith(".VAE" if name == "vae" else ".Autoencoder")
+    targets = {"vae": ".VAE", "iwae": ".VAE", "hvae": ".HierarchicalVAE"}
+    assert cfg.model._target_.endswith(targets.get(name, ".Autoencoder"))
     assert not model.training
-    x = load_test_images(overrides)
+    x = load_test_images([] if name == "hvae" else overrides)  # the same digits; FAST composes
     with torch.no_grad():
         recon_mse = squared_error(x, model.reconstruct(x)).mean()
     assert float(recon_mse) == pytest.approx(metrics["test/recon_mse"], rel=1e-4)
 
-    if name == "vae":
+    if name in VAES:
         assert metrics["test/elbo"] == pytest.approx(
             -(metrics["test/recon"] + metrics["test/kl"]), rel=0.05
         )

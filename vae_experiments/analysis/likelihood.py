@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from vae_experiments.models import VAE, LatentModel, gaussian_kl
+from vae_experiments.models import VAE, LatentModel
 
 #: Latent noise elements (images x samples x latent dims) drawn per random draw. Fixed, so the
 #: samples do not depend on how the work is chunked.
@@ -56,7 +56,7 @@ def check_vae(model: LatentModel) -> None:
 
 
 def _noise_blocks(
-    batch_size: int, k: int, latent_dim: int, generator: torch.Generator | None, like: Tensor
+    batch_size: int, k: int, noise_dim: int, generator: torch.Generator | None, like: Tensor
 ) -> Iterator[Tensor]:
     """Standard normal noise (B, k_block, D) in blocks that together give k samples per image.
 
@@ -64,10 +64,10 @@ def _noise_blocks(
     moved to ``like``'s device and dtype.
     """
     device = generator.device if generator is not None else like.device
-    block = max(1, min(k, NOISE_BLOCK_ELEMS // (batch_size * latent_dim)))
+    block = max(1, min(k, NOISE_BLOCK_ELEMS // (batch_size * noise_dim)))
     for start in range(0, k, block):
         size = min(block, k - start)
-        eps = torch.randn(batch_size, size, latent_dim, generator=generator, device=device)
+        eps = torch.randn(batch_size, size, noise_dim, generator=generator, device=device)
         yield eps.to(like.device, like.dtype)
 
 
@@ -123,8 +123,9 @@ def _log_weight_stats(
     """Per-image statistics of K importance samples for images x (B, C, H, W).
 
     Returns float64 (B,) tensors ``log_px`` (the IWAE estimate), ``mean_log_w`` (mean log-weight,
-    an ELBO estimate) and ``mean_log_px_z`` (mean log p(x | z)), and the posterior ``mu`` and
-    ``logvar`` (B, D) in the model's dtype.
+    an ELBO estimate), ``mean_log_px_z`` (mean log p(x | z)) and ``kl`` (KL(q(z | x) || p(z)),
+    :meth:`VAE.kl_estimate`), and ``means``, each latent layer's posterior means (B, D_l) in the
+    model's dtype.
     """
     check_vae(model)
     if k < 1:
@@ -140,7 +141,7 @@ def _log_weight_stats(
         lse = torch.full((batch_size,), -math.inf, dtype=torch.float64, device=x.device)
         sum_log_w = torch.zeros(batch_size, dtype=torch.float64, device=x.device)
         sum_log_px_z = torch.zeros_like(sum_log_w)
-        for eps in _noise_blocks(batch_size, k, model.latent_dim, generator, mu):
+        for eps in _noise_blocks(batch_size, k, model.noise_dim, generator, mu):
             block = eps.shape[1]
             images, samples = _chunk_sizes(batch_size, block, row_elems, max_batch_elems)
             for i in range(0, batch_size, images):
@@ -152,12 +153,13 @@ def _log_weight_stats(
                     lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(log_w, 1).double())
                     sum_log_w[rows] += log_w.double().sum(1)
                     sum_log_px_z[rows] += log_px_z.double().sum(1)
+        mean_log_w, mean_log_px_z = sum_log_w / k, sum_log_px_z / k
         return {
             "log_px": lse - math.log(k),
-            "mean_log_w": sum_log_w / k,
-            "mean_log_px_z": sum_log_px_z / k,
-            "mu": mu,
-            "logvar": logvar,
+            "mean_log_w": mean_log_w,
+            "mean_log_px_z": mean_log_px_z,
+            "kl": model.kl_estimate((mu, logvar), mean_log_px_z - mean_log_w).double(),
+            "means": model.posterior_means(x),
         }
 
 
@@ -254,27 +256,32 @@ def evaluate_vae(
           8-bit data scaled to [0, 1] and gets the 8-bit discretisation term,
           ``bpd = (-log_px / D) / ln 2 + 8``; a Bernoulli likelihood none);
         - ``active_units``: the number of latent units with Cov_x(E_q[z_u | x]) > 0.01 over the
-          split (:func:`count_active_units`; NaN for a single image);
+          split (:func:`count_active_units`; NaN for a single image), all layers together;
+        - ``active_units_per_layer``: the same per latent layer, image side first (a list);
         - ``num_images``.
     """
     check_vae(model)
     with _eval_mode(model):
         sums = {"log_px": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
-        means, num_images, num_dims = [], 0, None
+        means, num_images, num_dims = [[] for _ in model.latent_dims], 0, None
         for batch in batches:
             x = batch[0] if isinstance(batch, tuple | list) else batch
             stats = _log_weight_stats(model, x, k, max_batch_elems, generator)
             sums["log_px"] += float(stats["log_px"].sum())
             sums["elbo"] += float(stats["mean_log_w"].sum())
             sums["recon"] -= float(stats["mean_log_px_z"].sum())
-            sums["kl"] += float(gaussian_kl(stats["mu"], stats["logvar"]).double().sum())
-            means.append(stats["mu"].double().cpu())
+            sums["kl"] += float(stats["kl"].sum())
+            for layer, layer_means in zip(means, stats["means"], strict=True):
+                layer.append(layer_means.double().cpu())
             num_images += x.shape[0]
             num_dims = x[0].numel()
     if num_images == 0:
         raise ValueError("evaluate_vae got no images: the batches were empty")
     results = {name: total / num_images for name, total in sums.items()}
     bit_depth = 8 if model.likelihood.continuous_density else None
+    per_layer = [
+        count_active_units(torch.cat(layer)) if num_images > 1 else math.nan for layer in means
+    ]
     return {
         "log_px": results["log_px"],
         "log_px_k": k,
@@ -282,6 +289,7 @@ def evaluate_vae(
         "recon": results["recon"],
         "kl": results["kl"],
         "bpd": bits_per_dim(results["log_px"], num_dims, bit_depth),
-        "active_units": count_active_units(torch.cat(means)) if num_images > 1 else math.nan,
+        "active_units": sum(per_layer),
+        "active_units_per_layer": per_layer,
         "num_images": num_images,
     }

@@ -52,6 +52,17 @@ class UsageError(ValueError):
 register_resolvers()
 
 
+def _of_latent_dims(results: dict[str, Any]) -> str:
+    """``of 16``, or ``of 150 (per layer: 30 of 100, 8 of 50)`` for a stack of latent layers."""
+    dims = results["latent_dims"]
+    if len(dims) == 1:
+        return f"of {dims[0]}"
+    layers = ", ".join(
+        f"{n} of {d}" for n, d in zip(results["active_units_per_layer"], dims, strict=True)
+    )
+    return f"of {sum(dims)} (per layer: {layers})"
+
+
 def format_table(results: dict[str, Any], training: dict[str, Any], split: str) -> str:
     """The evaluation as a small text table (nats per image)."""
     k = results["log_px_k"]
@@ -65,7 +76,7 @@ def format_table(results: dict[str, Any], training: dict[str, Any], split: str) 
         ("recon, -log p(x|z)", f"{results['recon']:.3f}", ""),
         ("KL(q(z|x) || p(z))", f"{results['kl']:.3f}", ""),
         ("bits/dim", f"{results['bpd']:.4f}", ""),
-        ("active units", f"{results['active_units']}", f"of {results['latent_dim']}"),
+        ("active units", f"{results['active_units']}", _of_latent_dims(results)),
     ]
     if f"{split}/elbo" in training:
         rows.append(
@@ -159,7 +170,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    results["latent_dim"] = model.latent_dim
+    results["latent_dims"] = list(model.latent_dims)
 
     record = {
         "run": str(run_dir.resolve()),

@@ -111,14 +111,17 @@ def sample_latents(
     )
 
     densities = {kind: fit_density(kind, train_codes, components, seed) for kind in DENSITIES}
-    if model.has_prior:
+    if model.has_prior and len(model.latent_dims) == 1:  # a stack's codes have no N(0, I) prior
         densities["prior"] = StandardNormal(model.latent_dim).fit(train_codes)
     heldout = {k: heldout_log_likelihood(d, test_codes) for k, d in densities.items()}
     fitted = {k: heldout_log_likelihood(d, train_codes) for k, d in densities.items()}
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        samples = model.decode(densities[density].sample(n, generator=generator))
+        if density == "prior":  # through every latent layer of a stacked model
+            samples = model.sample(n, generator=generator)
+        else:
+            samples = model.decode(densities[density].sample(n, generator=generator))
     per_row = math.ceil(math.sqrt(n))
     paths = {
         "samples": save_grid(

@@ -17,7 +17,7 @@ from vae_experiments.models.networks import (
     MLPEncoder,
     Network,
 )
-from vae_experiments.models.vae import VAE, gaussian_kl
+from vae_experiments.models.vae import VAE, HierarchicalVAE, gaussian_kl, iwae_bound
 
 __all__ = [
     "MLP",
@@ -28,6 +28,7 @@ __all__ = [
     "ConvDecoder",
     "ConvEncoder",
     "Gaussian",
+    "HierarchicalVAE",
     "GaussianNoise",
     "LatentModel",
     "Likelihood",
@@ -38,5 +39,6 @@ __all__ = [
     "Network",
     "SquaredError",
     "gaussian_kl",
+    "iwae_bound",
     "networks",
 ]

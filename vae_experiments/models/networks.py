@@ -34,24 +34,35 @@ def _check_sizes(name: str, sizes: Sequence[int], non_empty: bool) -> None:
         raise ConfigError(name, list(sizes), f"must be {rule}")
 
 
-def _mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers between consecutive sizes, ReLU between them but not after the last."""
+#: The nonlinearities an MLP body can use between its layers, by config name.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """Linear layers between consecutive sizes, ``activation`` between them but not after the
+    last."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
 
 class MLPEncoder(nn.Module):
     """Flattens the image and applies an MLP; with no hidden layers it is a single affine map."""
 
-    def __init__(self, image_shape: Sequence[int], hidden_dims: Sequence[int], out_features: int):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        hidden_dims: Sequence[int],
+        out_features: int,
+        activation: str = "relu",
+    ):
         super().__init__()
         self.image_shape = _check_image_shape(image_shape)
         self.out_features = out_features
-        self.net = _mlp([math.prod(self.image_shape), *hidden_dims, out_features])
+        self.net = _mlp([math.prod(self.image_shape), *hidden_dims, out_features], activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))  # (B, C*H*W) -> (B, out_features)
@@ -60,10 +71,16 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """MLP from the latent to C*H*W outputs, reshaped to the image shape."""
 
-    def __init__(self, image_shape: Sequence[int], hidden_dims: Sequence[int], latent_dim: int):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        hidden_dims: Sequence[int],
+        latent_dim: int,
+        activation: str = "relu",
+    ):
         super().__init__()
         self.image_shape = _check_image_shape(image_shape)
-        self.net = _mlp([latent_dim, *hidden_dims, math.prod(self.image_shape)])
+        self.net = _mlp([latent_dim, *hidden_dims, math.prod(self.image_shape)], activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(-1, *self.image_shape)  # (B, C*H*W) -> (B, C, H, W)
@@ -214,21 +231,26 @@ class Linear(Network):
 
 
 class MLP(Network):
-    """Fully connected layers with ReLUs between them.
+    """Fully connected layers with a nonlinearity between them.
 
     Args:
         hidden_dims: hidden widths from the image side; the decoder uses them in reverse.
+        activation: ``relu`` or ``tanh`` (Burda et al. 2015's networks) between layers. The
+            default is for run configs saved before the key existed; configs give it.
     """
 
-    def __init__(self, hidden_dims: list[int]):
+    def __init__(self, hidden_dims: list[int], activation: str = "relu"):
         _check_sizes("hidden_dims", hidden_dims, non_empty=False)
+        if activation not in ACTIVATIONS:
+            raise ConfigError("activation", activation, f"must be one of {', '.join(ACTIVATIONS)}")
         self.hidden_dims = [int(h) for h in hidden_dims]
+        self.activation = activation
 
     def encoder(self, image_shape: Sequence[int], out_features: int) -> MLPEncoder:
-        return MLPEncoder(image_shape, self.hidden_dims, out_features)
+        return MLPEncoder(image_shape, self.hidden_dims, out_features, self.activation)
 
     def decoder(self, image_shape: Sequence[int], latent_dim: int) -> MLPDecoder:
-        return MLPDecoder(image_shape, self.hidden_dims[::-1], latent_dim)
+        return MLPDecoder(image_shape, self.hidden_dims[::-1], latent_dim, self.activation)
 
 
 class Conv(Network):
