@@ -57,12 +57,15 @@ def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, P
 
 @suggest_keys_on_failure(CONFIG_DIR, "train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@run_dirs.owns_run_dir
 def _main(cfg: DictConfig) -> float:
     """``python train.py model=vae data=digits ...``: trains one model; returns its test loss
     (the value Hydra's sweepers minimise).
 
     ``<run dir>/status.json`` says how the run ended; in a sweep, a failed job is recorded there
     and the other jobs still run. ``resume=<run dir>`` continues an interrupted run there.
+    The run directory is locked for the command's life; a config mistake is one ``error:`` line
+    and leaves nothing behind (``run_dirs.owns_run_dir``).
     """
     # Heavy imports after Hydra has parsed the arguments, so --help and --cfg stay fast.
     from vae_experiments.cli.multirun_ddp import ddp_sweep_job
@@ -87,7 +90,9 @@ def _main(cfg: DictConfig) -> float:
     if cfg.get("resume"):
         cfg, ckpt_path = _resume(cfg, run_dir, record)
     elif ckpt_path and not Path(ckpt_path).expanduser().is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        from vae_experiments.targets import ConfigError
+
+        raise ConfigError("ckpt_path", ckpt_path, "no such checkpoint file")
     if record:
         details = {"resumed_from": str(ckpt_path)} if ckpt_path else {}
         write_status(run_dir, RUNNING, pid=os.getpid(), **details)
@@ -128,7 +133,8 @@ def _main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """``python train.py`` / ``vae-train``: refuses a run directory that holds a run, then runs
-    Hydra."""
+    """``python train.py`` / ``vae-train``: locks a run directory given on the command line and
+    refuses one that holds a run or the user's own files, then runs Hydra."""
+    run_dirs.lock_command_line_dir(sys.argv[1:])
     run_dirs.refuse_existing_run_dir(sys.argv[1:])
     _main()
