@@ -193,10 +193,26 @@ def refuse_existing_run_dir(argv: Sequence[str]) -> None:
         )
 
 
+# Hydra's flags that print something instead of running the task.
+_NO_RUN_FLAGS = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+)
+
+
 def lock_command_line_dir(argv: Sequence[str]) -> None:
     """Locks the directory that ``hydra.run.dir=`` (``hydra.sweep.dir=`` with ``-m``) on the
     command line names, creating it if missing, before Hydra writes there; exits with a message
     naming the holder if another process holds it. Only in the first process of a run."""
+    if any(arg.split("=")[0] in _NO_RUN_FLAGS for arg in argv):
+        return  # --help, --cfg job...: Hydra prints and runs nothing
     given = _command_line_dir(argv)
     if given is not None and is_first_process():
         _lock_or_exit(given[1])
