@@ -24,6 +24,7 @@ from vae_experiments.analysis.sweeps import (
     write_summary,
 )
 from vae_experiments.cli.summarize import main
+from vae_experiments.runs import lock
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -146,7 +147,9 @@ def test_collect_runs_reads_every_run_with_its_status(sweep):
 def test_status_json_overrides_the_guess_from_metrics(tmp_path):
     make_run(tmp_path / "a", ["seed=1"], metrics={"test/loss": 1.0}, status={"status": "running"})
     make_run(tmp_path / "b", ["seed=2"], status={"status": "finished"})
+    writer = lock.acquire(tmp_path / "a")  # running: a live process writes it (else it died)
     records = {r.name: r for r in collect_runs(tmp_path)}
+    writer.release()
     assert records["a"].status == "running" and not records["a"].ok
     assert records["b"].status == "finished" and not records["b"].ok
     assert records["b"].error == "no metrics.json"

@@ -13,19 +13,52 @@ resolves ``hydra.run.dir``, by the resolvers registered here (``configs/train.ya
 
 A directory given on the command line (``hydra.run.dir=runs/x``) is checked by
 :func:`refuse_existing_run_dir` before Hydra starts.
+
+One run, one writer: the command locks its run directory (``lock.json``, runs/lock.py) when the
+directory is chosen, before Hydra writes into it (:func:`lock_command_line_dir` for one given on
+the command line), and holds the lock until it ends; a sweep's job locks its own directory
+(:func:`owns_run_dir`). Only the first process of a run takes it: the extra processes of DDP
+join its directory. A config mistake is one ``error:`` line (exit status 2, see
+:data:`CONFIG_ERROR_STATUS`) and leaves nothing behind (:func:`owns_run_dir`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import GrammarParseError, InterpolationResolutionError, MissingMandatoryValue
 
 from vae_experiments.cli import hydra_compat
-from vae_experiments.runs import holds_a_run, is_first_process, read_group_choices, run_dir_of
+from vae_experiments.runs import (
+    holds_a_run,
+    is_first_process,
+    lock,
+    read_group_choices,
+    run_dir_of,
+)
+from vae_experiments.runs.layout import LOCK_FILE, SWEEP_CONFIG_FILE
+from vae_experiments.targets import ConfigError
+
+T = TypeVar("T")
+
+#: Exit status of a command stopped by a config mistake (a usage error, as argparse's 2): it did
+#: not start, and left nothing behind. A refused run directory and a failed run exit with 1.
+CONFIG_ERROR_STATUS = 2
+
+#: Errors that are config mistakes: a value our checks refuse, a required value not given
+#: (``???``), an interpolation that does not resolve.
+CONFIG_ERRORS = (
+    ConfigError,
+    MissingMandatoryValue,
+    InterpolationResolutionError,
+    GrammarParseError,
+)
 
 #: Config groups of train.yaml: a resumed run keeps its choices.
 CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer")
@@ -34,25 +67,66 @@ CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer")
 def claim_fresh_dir(pattern: str) -> str:
     """``pattern`` if no such path exists, else ``pattern_1``, ``pattern_2``, ...; the chosen
     directory is created here (atomically), so a concurrent run cannot choose it too."""
+    return _claim_fresh_dir(pattern)[0]
+
+
+def _claim_fresh_dir(pattern: str) -> tuple[str, list[Path]]:
+    """:func:`claim_fresh_dir`, and the directories it created (outermost first)."""
     candidate, number = pattern, 0
     while True:
+        created = lock.missing_dirs(candidate)
         try:
             Path(candidate).mkdir(parents=True, exist_ok=False)
-            return candidate
+            return candidate, created
         except FileExistsError:
             number += 1
             candidate = f"{pattern}_{number}"
 
 
 def run_dir(resume: str | None, pattern: str) -> str:
-    """Resolver of ``hydra.run.dir``: the resumed run's directory, or a fresh one."""
+    """Resolver of ``hydra.run.dir``: the resumed run's directory, or a fresh one; locked for
+    this command (in its first process) before Hydra writes there."""
     if resume is None:
-        return claim_fresh_dir(pattern)
+        directory, created = _claim_fresh_dir(pattern)
+    else:
+        try:
+            directory, created = str(run_dir_of(resume, key="resume")), []
+        except (FileNotFoundError, ValueError) as error:
+            # SystemExit passes through OmegaConf as it is: one line instead of a long traceback.
+            config_error_exit(str(error))
+    if is_first_process():
+        _lock_or_exit(directory, created)
+    return directory
+
+
+def _lock_or_exit(directory: str | Path, created: Sequence[Path] = ()) -> lock.RunLock:
     try:
-        return str(run_dir_of(resume, key="resume"))
-    except FileNotFoundError as error:
-        # SystemExit passes through OmegaConf as it is: one line instead of a long traceback.
+        return lock.acquire(directory, created)
+    except lock.RunLocked as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def config_error_exit(message: str, hint: str | None = None) -> NoReturn:
+    """Ends the command for a config mistake: ``error: <message>`` (and ``hint: <hint>``) on
+    stderr, exit status :data:`CONFIG_ERROR_STATUS`."""
+    sys.stderr.write(f"error: {message}\n" + (f"hint: {hint}\n" if hint else ""))
+    sys.stderr.flush()
+    raise SystemExit(CONFIG_ERROR_STATUS)
+
+
+def config_error_message(error: BaseException) -> tuple[str, str | None]:
+    """The ``error:`` line (and a hint, or None) for one of :data:`CONFIG_ERRORS`."""
+    if isinstance(error, MissingMandatoryValue) and getattr(error, "full_key", None):
+        key = error.full_key
+        return (
+            f"{key} is required and has no value (??? in the config)",
+            f"give it on the command line: {key}=<value>",
+        )
+    if not isinstance(error, ConfigError):
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        key = getattr(error, "full_key", None)
+        return (f"{key}: {first_line}" if key else first_line), None
+    return str(error), None
 
 
 def config_subdir(resume: str | None) -> str | None:
@@ -69,10 +143,23 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function, use_cache=True)
 
 
+def _command_line_dir(argv: Sequence[str]) -> tuple[str, Path] | None:
+    """(the argument, the directory) of ``hydra.run.dir=`` (``hydra.sweep.dir=`` with ``-m``)
+    on the command line; None if there is none or it has an interpolation."""
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    for arg in argv:
+        if arg.startswith(key) and "${" not in arg:
+            return arg, Path(arg[len(key) :].strip("'\"")).expanduser()
+    return None
+
+
 def refuse_existing_run_dir(argv: Sequence[str], resumable: bool = True) -> None:
     """Exits with a message if ``hydra.run.dir=`` (or, with ``-m``, ``hydra.sweep.dir=``) on the
-    command line names a directory where a run already is: Hydra would overwrite its config.
-    ``resumable``: whether the message offers ``resume=`` (train.py; not compare_pca.py).
+    command line names a directory where a run already is (Hydra would overwrite its config),
+    or one that holds files that are not runs (the user's own: Hydra would mix a run's files
+    with them). A new or empty directory is fine. ``resumable``: whether the message offers
+    ``resume=`` (train.py; not compare_pca.py).
 
     Not checked when resuming, in the extra processes of a distributed run (they join the
     first one's directory) and in a SLURM job that was requeued (it continues its own run).
@@ -81,24 +168,108 @@ def refuse_existing_run_dir(argv: Sequence[str], resumable: bool = True) -> None
         return
     if not is_first_process() or int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0:
         return
-    multirun = any(arg in ("-m", "--multirun") for arg in argv)
-    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
-    for arg in argv:
-        if not arg.startswith(key) or "${" in arg:
-            continue
-        directory = Path(arg[len(key) :].strip("'\"")).expanduser()
-        taken = (
-            [d for d in directory.iterdir() if d.is_dir() and holds_a_run(d)]
-            if multirun and directory.is_dir()
-            else ([directory] if holds_a_run(directory) else [])
+    given = _command_line_dir(argv)
+    if given is None or not given[1].is_dir():
+        return
+    arg, directory = given
+    multirun = arg.startswith("hydra.sweep.dir=")
+    entries = [entry for entry in directory.iterdir() if entry.name != LOCK_FILE]
+    taken = (
+        [d for d in entries if d.is_dir() and holds_a_run(d)]
+        if multirun
+        else ([directory] if holds_a_run(directory) else [])
+    )
+    if taken:
+        resume = f"continue that run with resume={taken[0]}, " if resumable else ""
+        raise SystemExit(
+            f"error: {arg} names a directory that already holds "
+            f"{'runs' if multirun else 'a run'} ({taken[0]}); nothing is overwritten. "
+            f"Choose another directory, {resume}or delete it first"
         )
-        if taken:
-            resume = f"continue that run with resume={taken[0]}, " if resumable else ""
-            raise SystemExit(
-                f"error: {arg} names a directory that already holds "
-                f"{'runs' if multirun else 'a run'} ({taken[0]}); nothing is overwritten. "
-                f"Choose another directory, {resume}or delete it first"
-            )
+    if multirun and any(entry.name == SWEEP_CONFIG_FILE for entry in entries):
+        raise SystemExit(
+            f"error: {arg} names the directory of another sweep ({directory / SWEEP_CONFIG_FILE} "
+            "is there); nothing is overwritten. Choose another directory or delete it first"
+        )
+    if entries:
+        names = ", ".join(sorted(entry.name for entry in entries)[:3])
+        raise SystemExit(
+            f"error: {arg} names a directory that holds files that are not "
+            f"{'runs' if multirun else 'a run'} ({names}{', ...' if len(entries) > 3 else ''}); "
+            "nothing is overwritten. Choose a new or empty directory, e.g. a subdirectory of it"
+        )
+
+
+# Hydra's flags that print something instead of running the task.
+_NO_RUN_FLAGS = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+)
+
+
+def lock_command_line_dir(argv: Sequence[str]) -> None:
+    """Locks the directory that ``hydra.run.dir=`` (``hydra.sweep.dir=`` with ``-m``) on the
+    command line names, creating it if missing, before Hydra writes there; exits with a message
+    naming the holder if another process holds it. Only in the first process of a run."""
+    if any(arg.split("=")[0] in _NO_RUN_FLAGS for arg in argv):
+        return  # --help, --cfg job...: Hydra prints and runs nothing
+    given = _command_line_dir(argv)
+    if given is not None and is_first_process():
+        _lock_or_exit(given[1])
+
+
+def owns_run_dir(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """Decorator of a training task function (below ``@hydra.main``): the run directory is this
+    command's for the task's life, and a config mistake leaves nothing behind.
+
+    The first process takes the run directory's lock (the lock that choosing the directory took
+    already, or, in a sweep's job, a new one) and releases it when the task ends. The config is
+    checked before the task's heavy imports. A config mistake (:data:`CONFIG_ERRORS`) found
+    before any checkpoint was written ends a single run with :func:`config_error_exit`, after
+    :meth:`~vae_experiments.runs.lock.RunLock.discard` removed what the command wrote; in a
+    sweep, the job fails as any failed job does (recorded in its status.json) and the others run.
+    """
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> T:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        single_run = HydraConfig.get().mode != RunMode.MULTIRUN
+        claim = _lock_or_exit(run_dir) if is_first_process() else None
+        try:
+            # A resumed run's config is checked by _resume; a sweep's job by training (which
+            # records the failure in its status.json).
+            if single_run and not cfg.get("resume"):
+                check_early(cfg)
+            return task(cfg)
+        except CONFIG_ERRORS as error:
+            if claim is None or not single_run or claim.wrote_checkpoints():
+                raise
+            claim.discard()
+            config_error_exit(*config_error_message(error))
+        finally:
+            if claim is not None:
+                claim.release()
+
+    return wrapper
+
+
+def check_early(cfg: DictConfig) -> None:
+    """Raises one of :data:`CONFIG_ERRORS` for a config that cannot train: a required value
+    (``???``) not given, an interpolation that does not resolve, a value our checks refuse."""
+    from vae_experiments.training.config_checks import check_config
+
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_config(cfg)
 
 
 def _resume_value(argv: Sequence[str]) -> str | None:

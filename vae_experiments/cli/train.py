@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 run_dirs.register_resolvers()
 
 
-def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, Path | None]:
+def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
     """The config and checkpoint to continue the run in ``run_dir`` with (``resume=``).
 
     Everything is checked before anything of the run is touched, so a refused resume changes
@@ -41,7 +41,6 @@ def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, P
         read_metrics,
         read_status,
         run_dir_of,
-        save_config,
     )
     from vae_experiments.runs.load import UnreadableCheckpointError, check_checkpoint
     from vae_experiments.targets import ConfigError
@@ -84,9 +83,9 @@ def _resume(cfg: DictConfig, run_dir: Path, record: bool) -> tuple[DictConfig, P
         except UnreadableCheckpointError as error:
             raise ConfigError(allowed=str(error)) from None
         log.info("resuming %s from %s", run_dir, checkpoint)
-    if changed and record:
-        # The run's config says what it was trained with; the earlier one is kept beside it.
-        save_config(run_dir, resumed, keep_previous=True)
+    if changed:
+        # train() writes the changed config.yaml once everything is built (the earlier one is
+        # kept beside it), so a value that a constructor refuses changes nothing either.
         log.info("changed on resume: %s", " ".join(changed))
     return resumed, checkpoint
 
@@ -137,12 +136,15 @@ def record_interruption(run_dir: Path, stop: RunInterrupted) -> None:
 
 @suggest_keys_on_failure(CONFIG_DIR, "train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@run_dirs.owns_run_dir
 def _main(cfg: DictConfig) -> float:
     """``python train.py model=vae data=digits ...``: trains one model; returns its test loss
     (the value Hydra's sweepers minimise).
 
     ``<run dir>/status.json`` says how the run ended; in a sweep, a failed job is recorded there
     and the other jobs still run. ``resume=<run dir>`` continues an interrupted run there.
+    The run directory is locked for the command's life; a config mistake is one ``error:`` line
+    and leaves nothing behind (``run_dirs.owns_run_dir``).
     """
     # Heavy imports after Hydra has parsed the arguments, so --help and --cfg stay fast.
     from vae_experiments.cli.multirun_ddp import ddp_sweep_job
@@ -165,9 +167,11 @@ def _main(cfg: DictConfig) -> float:
     # A bad resume= or ckpt_path= fails here, before the run's status.json is touched.
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume"):
-        cfg, ckpt_path = _resume(cfg, run_dir, record)
+        cfg, ckpt_path = _resume(cfg, run_dir)
     elif ckpt_path and not Path(ckpt_path).expanduser().is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        from vae_experiments.targets import ConfigError
+
+        raise ConfigError("ckpt_path", ckpt_path, "no such checkpoint file")
     if record:
         details = {"resumed_from": str(ckpt_path)} if ckpt_path else {}
         write_status(run_dir, RUNNING, pid=os.getpid(), **details)
@@ -203,8 +207,9 @@ def _main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """``python train.py`` / ``vae-train``: refuses a run directory that holds a run, then runs
-    Hydra."""
+    """``python train.py`` / ``vae-train``: locks a run directory given on the command line and
+    refuses one that holds a run or the user's own files, then runs Hydra."""
+    run_dirs.lock_command_line_dir(sys.argv[1:])
     run_dirs.refuse_existing_run_dir(sys.argv[1:])
     # resume=DIR composes against the run's own config groups (its keys exist there).
     sys.argv[1:] = run_dirs.with_saved_choices(sys.argv[1:], CONFIG_DIR)

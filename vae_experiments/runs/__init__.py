@@ -20,12 +20,14 @@ from vae_experiments.runs.layout import (
     CHECKPOINT_CHOICES,
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    DIED,
     FAILED,
     FINISHED,
     IMAGES_DIR,
     INCOMPLETE,
     INTERRUPTED,
     LAST,
+    LOCK_FILE,
     METRICS_FILE,
     RUNNING,
     STATUS_FILE,
@@ -38,6 +40,7 @@ from vae_experiments.runs.layout import (
     run_dir_of,
 )
 from vae_experiments.runs.load import build_model, load_data, load_run
+from vae_experiments.runs.lock import RunLock, RunLocked
 from vae_experiments.runs.records import RunRecord, collect_runs, read_run
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "CHECKPOINT_CHOICES",
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
+    "DIED",
     "DiskFullError",
     "FAILED",
     "FINISHED",
@@ -54,9 +58,12 @@ __all__ = [
     "INCOMPLETE",
     "INTERRUPTED",
     "LAST",
+    "LOCK_FILE",
     "METRICS_FILE",
     "RUNNING",
     "STATUS_FILE",
+    "RunLock",
+    "RunLocked",
     "RunRecord",
     "atomic_write",
     "build_model",

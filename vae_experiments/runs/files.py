@@ -187,24 +187,29 @@ def load_config(run_dir: str | Path) -> DictConfig:
     return config
 
 
-def save_config(run_dir: str | Path, config: DictConfig, keep_previous: bool = False) -> None:
+def save_config(run_dir: str | Path, config: DictConfig) -> None:
     """Writes the run's ``config.yaml`` atomically, without Hydra's own ``hydra`` node.
+
+    A config that replaces a different one (a resume that changed values) keeps the earlier one
+    beside it as ``config.before-resume-<n>.yaml``, so the run's history stays readable; the
+    same config again writes nothing.
 
     Args:
         run_dir: the run directory.
         config: the composed config, ``model.image_shape`` filled in.
-        keep_previous: keep the config being replaced as ``config.before-resume-<n>.yaml``
-            (a resume that changed values: the run's history stays readable).
     """
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
-    if keep_previous and path.is_file():
-        number = len(list(run_dir.glob("config.before-resume-*.yaml"))) + 1
-        shutil.copy2(path, run_dir / f"config.before-resume-{number}.yaml")
     container = OmegaConf.to_container(config, resolve=False)
     container.pop("hydra", None)
+    text = OmegaConf.to_yaml(container)
+    if path.is_file():
+        if path.read_text() == text:
+            return
+        number = len(list(run_dir.glob("config.before-resume-*.yaml"))) + 1
+        shutil.copy2(path, run_dir / f"config.before-resume-{number}.yaml")
     with atomic_write(path) as f:
-        f.write(OmegaConf.to_yaml(container))
+        f.write(text)
 
 
 def read_group_choices(run_dir: str | Path) -> dict[str, str]:

@@ -10,6 +10,9 @@ A run directory (``outputs/<date>/<time>/`` or ``multirun/<date>/<time>/<job>/``
     hpc_ckpt_<n>.ckpt         Lightning's SLURM requeue checkpoint (under SLURM only)
     metrics.json              test-split metrics at the end of training, plus epochs/steps/time
     status.json               how the run stands: running, finished, failed or interrupted
+    lock.json                 while a command writes the run: its pid, host, start and command
+                              (runs/lock.py); left behind only by a killed process
+    train.log                 the log of every command that wrote the run (Hydra's job log)
     tensorboard/, csv/        the logger's files
     images/                   reconstruction and sample grids as PNG
     analysis/<call>/          a folder per call of an analysis command (evaluate, sample), named
@@ -31,6 +34,10 @@ HYDRA_CHOICES_FILE = f"{HYDRA_DIR}/hydra.yaml"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 STATUS_FILE = "status.json"
+LOCK_FILE = "lock.json"
+LOG_FILE = "train.log"  # Hydra's job log, named after hydra.job.name in configs/train.yaml
+#: What Hydra writes in a sweep's own directory (beside the job directories).
+SWEEP_CONFIG_FILE = "multirun.yaml"
 IMAGES_DIR = "images"
 ANALYSIS_DIR = "analysis"
 
@@ -44,6 +51,8 @@ HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 #: A run with neither status.json nor metrics.json: crashed early, killed, or still starting.
 INCOMPLETE = "incomplete"
+#: A run whose status.json says running while no process holds its lock (killed, power loss).
+DIED = "died"
 
 #: Files that mark a directory as holding a run (ours, or one Hydra started).
 RUN_MARKERS = (CONFIG_FILE, HYDRA_CONFIG_FILE, STATUS_FILE, CHECKPOINT_DIR)

@@ -10,6 +10,8 @@ nested inside each other. From each run it reads::
     .hydra/hydra.yaml       the config-group choices (``model: vae``), when Hydra wrote it
     metrics.json            test metrics; missing when the run failed or has not finished
     status.json             ``{"status": ..., "error": ...}``, when the run wrote one
+    lock.json               who writes the run now: a run that says ``running`` while no live
+                            process holds its lock (runs/lock.py) ``died``
 
 Plain Python and OmegaConf.
 """
@@ -31,14 +33,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from vae_experiments.runs.files import read_group_choices
 from vae_experiments.runs.layout import (
     CONFIG_FILE,
+    DIED,
     FINISHED,
     HYDRA_CONFIG_FILE,
     HYDRA_OVERRIDES_FILE,
     INCOMPLETE,
     METRICS_FILE,
+    RUNNING,
     STATUS_FILE,
     is_run_dir,
 )
+from vae_experiments.runs.lock import writer_alive
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +93,8 @@ class RunRecord:
         overrides: ``.hydra/overrides.yaml`` in order, key -> parsed value, ``+``/``++`` stripped.
         metrics: ``metrics.json`` (empty when missing).
         status: ``status.json``'s status (``running``, ``finished``, ``failed``,
-            ``interrupted``); without one, ``finished`` when ``metrics.json`` exists, else
-            ``incomplete``.
+            ``interrupted``), ``died`` for a run that says ``running`` while no process holds its
+            lock; without one, ``finished`` when ``metrics.json`` exists, else ``incomplete``.
         error: why the run has no results (``status.json``'s error, or ``"no metrics.json"``).
     """
 
@@ -178,13 +183,23 @@ def _read_overrides(run_dir: Path) -> dict[str, Any]:
 
 def _read_status(run_dir: Path, has_metrics: bool) -> tuple[str, str | None]:
     path = run_dir / STATUS_FILE
-    if path.is_file():
-        try:
+    if not path.is_file():
+        return (FINISHED, None) if has_metrics else (INCOMPLETE, f"no {METRICS_FILE}")
+    try:
+        status = json.loads(path.read_text())
+        word, error = str(status.get("status", "unknown")), status.get("error")
+        if word == RUNNING and writer_alive(run_dir) is False:
+            # Read again: the run may have ended between the two reads, releasing its lock.
             status = json.loads(path.read_text())
-            return str(status.get("status", "unknown")), status.get("error")
-        except (json.JSONDecodeError, AttributeError) as err:
-            return "unknown", f"unreadable {STATUS_FILE}: {err}"
-    return (FINISHED, None) if has_metrics else (INCOMPLETE, f"no {METRICS_FILE}")
+            if status.get("status") == RUNNING:
+                return DIED, (
+                    f"{STATUS_FILE} says running, but its process (pid {status.get('pid')}) is "
+                    f"gone; resume={run_dir} continues it"
+                )
+            word, error = str(status.get("status", "unknown")), status.get("error")
+        return word, error
+    except (json.JSONDecodeError, AttributeError) as err:
+        return "unknown", f"unreadable {STATUS_FILE}: {err}"
 
 
 def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> RunRecord:
