@@ -9,12 +9,12 @@ import torch
 
 from tests.conftest import DATA_CONFIGS, MODEL_CONFIGS, compose_config
 from vae_experiments import targets
-from vae_experiments.targets import ConfigError as ModelConfigError
-from vae_experiments.training.config_checks import (
+from vae_experiments.config_checks import (
     ConfigError,
     check_config,
     config_problems,
 )
+from vae_experiments.targets import ConfigError as ModelConfigError
 
 
 @pytest.mark.parametrize(
@@ -134,7 +134,7 @@ def test_a_gpu_trainer_without_a_gpu_fails_before_any_work(tmp_path):
 def test_max_epochs_minus_one_says_it_trains_until_stopped(tmp_path, caplog, monkeypatch):
     import importlib
 
-    from vae_experiments.training.config_checks import trains_until_stopped
+    from vae_experiments.config_checks import trains_until_stopped
 
     # The module, not the function that vae_experiments.training exports under the same name.
     train_module = importlib.import_module("vae_experiments.training.train")
@@ -160,7 +160,7 @@ def test_max_epochs_minus_one_says_it_trains_until_stopped(tmp_path, caplog, mon
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_ddp_on_cpu_counts_its_processes():
-    from vae_experiments.training.config_checks import cpu_processes
+    from vae_experiments.config_checks import cpu_processes
 
     assert cpu_processes(compose_config(["trainer=ddp", "trainer.devices=4"])) == 4
     assert (

@@ -33,6 +33,7 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
     nothing: the config (a run directory from someone else builds nothing we did not ship),
     that the run has something left to do, and that the checkpoint can be read.
     """
+    from vae_experiments.config_checks import check_config
     from vae_experiments.runs import (
         FINISHED,
         load_config,
@@ -44,7 +45,6 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
     )
     from vae_experiments.runs.load import UnreadableCheckpointError, check_checkpoint
     from vae_experiments.targets import ConfigError
-    from vae_experiments.training.config_checks import check_config
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError(

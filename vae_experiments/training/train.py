@@ -14,6 +14,11 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from vae_experiments.config_checks import (
+    check_config,
+    cpu_processes,
+    trains_until_stopped,
+)
 from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.runs import (
     BEST,
@@ -30,11 +35,6 @@ from vae_experiments.runs import (
 from vae_experiments.targets import instantiate, to_container
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
-from vae_experiments.training.config_checks import (
-    check_config,
-    cpu_processes,
-    trains_until_stopped,
-)
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise

@@ -167,18 +167,31 @@ BUILT_NODES: dict[str, tuple[str, ...]] = {
 }
 
 
-def build_problems(cfg: DictConfig) -> list[ConfigError]:
+#: Nodes whose targets are Lightning's classes: checking them imports Lightning (seconds).
+LIGHTNING_NODES = ("logger", "trainer")
+
+
+def build_problems(cfg: DictConfig, lightning: bool = True) -> list[ConfigError]:
     """What building ``cfg``'s nodes would refuse (a foreign target, an unknown key, a wrong
-    type), found without building anything."""
+    type), found without building anything; ``lightning=False`` leaves out the nodes of
+    :data:`LIGHTNING_NODES`."""
     found: list[ConfigError] = []
     for key, supplied in BUILT_NODES.items():
+        if not lightning and key in LIGHTNING_NODES:
+            continue
         node = OmegaConf.select(cfg, key, default=None)
         if isinstance(node, DictConfig) and node.get("_target_") is not None:
             found.extend(targets.problems(node, key, supplied))
     return found
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, lightning: bool = True) -> None:
     """Raises :class:`ConfigError` naming every invalid value of a composed ``train.yaml``:
-    the rules above, and every node that training builds checked against its target."""
-    raise_all([*config_problems(cfg), *build_problems(cfg), *machine_problems(cfg)])
+    the rules above, and every node that training builds checked against its target.
+
+    ``lightning=False``: the trainer and logger nodes are not checked against their classes,
+    so that a command line's mistake is reported before Lightning is imported (training checks
+    everything again).
+    """
+    problems = [*config_problems(cfg), *build_problems(cfg, lightning), *machine_problems(cfg)]
+    raise_all(problems)
