@@ -69,7 +69,9 @@ def write_status_file(run_dir):
 
 
 def write_config_file(run_dir):
-    save_config(run_dir, OmegaConf.create({"model": {"latent_dim": 2}}))
+    # Another value each call: the same config again writes nothing.
+    latent_dim = 2 + len(list(run_dir.glob("config*.yaml")))
+    save_config(run_dir, OmegaConf.create({"model": {"latent_dim": latent_dim}}))
     return run_dir / "config.yaml"
 
 

@@ -250,9 +250,10 @@ def test_evaluate_and_sample_work_on_a_trained_two_layer_run(trained_hvae, capsy
     evaluate(eval_cfg)
     assert "(per layer: " in capsys.readouterr().out
 
-    result = sample_latents(trained_hvae, density="prior", n=4, traversal_dims=2)
+    out_dir = trained_hvae / "analysis" / "sample-prior"
+    result = sample_latents(trained_hvae, density="prior", n=4, traversal_dims=2, out_dir=out_dir)
     assert result["sampled"]["density"] == "prior"
-    assert (trained_hvae / "analysis" / "samples_prior.png").is_file()
+    assert (out_dir / "samples_prior.png").is_file()
 
 
 # --- presets ----------------------------------------------------------------------------------

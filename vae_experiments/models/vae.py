@@ -132,7 +132,10 @@ class VAE(LatentModel):
         """p(z) = N(0, I) over latent vectors (event shape (latent_dim,)), on ``like``'s device
         and dtype."""
         zeros = like.new_zeros(self.latent_dim)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+        # No argument validation: a non-finite code must reach the training's non-finite check
+        # (which names the step and the terms), not fail inside torch.distributions.
+        normal = Normal(zeros, torch.ones_like(zeros), validate_args=False)
+        return Independent(normal, 1, validate_args=False)
 
     def log_prior(self, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """log p(z) of codes z (B, K, latent_dim): (B, K). ``noise`` (B, K, 0) is unused here;
