@@ -6,13 +6,14 @@ import csv
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.decomposition import PCA as SklearnPCA
 
-from tests.conftest import REPO_ROOT, train_run
+from tests.conftest import REPO_ROOT
 from vae_experiments import load_run, read_metrics
 from vae_experiments.analysis.pca import fit_pca, principal_angles
 from vae_experiments.models.base import squared_error
@@ -61,30 +62,73 @@ def test_principal_angles():
     )
 
 
-def test_linear_autoencoder_reaches_pca(tmp_path, digits_splits):
-    """Baldi & Hornik (1989): the linear AE's optimum is PCA's error and principal subspace."""
-    k = 4
-    run_dir = train_run(
-        tmp_path / "linear_ae",
-        [
-            "model=linear_ae",
-            f"model.latent_dim={k}",
-            "optimizer=lbfgs",
-            "data.batch_size=100000",
-            "trainer.max_epochs=30",
-            "logger=none",
-        ],
-    )
-    train_x, test_x = digits_splits
-    pca = fit_pca(train_x)
-    pca_error = float(squared_error(test_x, pca.reconstruct(test_x, k)).mean())
-    ae_error = read_metrics(run_dir)["test/recon_mse"]
-    assert ae_error == pytest.approx(pca_error, rel=0.02)
+def compare_linear_ae(out_dir, overrides: list[str]) -> dict[int, tuple[float, float]]:
+    """``compare_pca.py`` with its default linear AE only: latent size -> (PCA, linear AE) test
+    squared error per image."""
+    from hydra import compose, initialize_config_dir
 
-    model, _ = load_run(run_dir)
+    from vae_experiments.cli.compare_pca import compare
+    from vae_experiments.configs import CONFIG_DIR
+
+    fast = [
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "compare_pca", overrides=[*fast, *overrides, "~methods.ae_mlp", "~methods.ae_conv"]
+        )
+        assert list(cfg.methods) == ["linear_ae"]
+        results = compare(cfg, out_dir)
+    error = {(r.method, r.latent_dim): r.test_recon_mse for r in results}
+    return {k: (error["pca", k], error["linear_ae", k]) for k in cfg.latent_dims}
+
+
+def test_linear_autoencoder_reaches_pca(tmp_path, digits_splits):
+    """Baldi & Hornik (1989): the linear AE's optimum is PCA's error and principal subspace; with
+    compare_pca's defaults (full-batch L-BFGS, small initial weights) it gets within 1%."""
+    k = 8
+    errors = compare_linear_ae(tmp_path, [f"latent_dims=[{k}]"])
+    pca_error, ae_error = errors[k]
+    assert pca_error <= ae_error * 1.001 and ae_error <= pca_error * 1.01, errors
+
+    model, _ = load_run(tmp_path / "runs" / f"linear_ae_k{k}")
+    assert ae_error == pytest.approx(
+        read_metrics(tmp_path / "runs" / f"linear_ae_k{k}")["test/recon_mse"]
+    )
+    train_x, _ = digits_splits
     decoder_columns = model.decoder.net[0].weight.detach()  # (D, k)
-    angles = principal_angles(decoder_columns, pca.components[:k].T)
-    assert math.degrees(float(angles.max())) < 5.0
+    # The decoder spans PCA's leading directions; the 8th is left out of the check: its variance
+    # is within 10% of the 9th's, so a mix of the two costs under 1% of the error.
+    angles = principal_angles(fit_pca(train_x).components[:6].T, decoder_columns)
+    assert math.degrees(float(angles.max())) < 10.0
+
+
+@pytest.mark.slow
+def test_linear_autoencoder_reaches_pca_at_every_default_size_on_digits(tmp_path):
+    errors = compare_linear_ae(tmp_path, [])
+    assert sorted(errors) == [2, 8, 16, 32]  # compare_pca.yaml's latent_dims
+    for pca_error, ae_error in errors.values():
+        assert ae_error <= pca_error * 1.01, errors
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
+    reason=f"needs Fashion-MNIST in {FASHION_MNIST} (apt-get install dataset-fashion-mnist)",
+)
+def test_linear_autoencoder_reaches_pca_on_fashion_mnist(tmp_path):
+    """Real 784-pixel images: 12,000 training images (val_size=0.8 of the 60,000), the 10,000
+    test images, compare_pca's default linear AE against PCA fitted on the same 12,000."""
+    errors = compare_linear_ae(
+        tmp_path, ["data=fashion_mnist", "data.source.val_size=0.8", "latent_dims=[8]"]
+    )
+    pca_error, ae_error = errors[8]
+    assert ae_error <= pca_error * 1.01, errors
 
 
 def test_compare_pca_command_writes_its_report(tmp_path):

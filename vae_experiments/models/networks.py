@@ -221,13 +221,36 @@ class Network:
 
 
 class Linear(Network):
-    """One affine map each way (no hidden layer): the linear autoencoder's body."""
+    """One affine map each way (no hidden layer): the linear autoencoder's body.
+
+    Args:
+        init_scale: factor on PyTorch's default initial weights (biases untouched). Gradient
+            training removes an initial weight component along a direction of the data at a rate
+            proportional to the data's variance there, so the default weights' random part in the
+            hundreds of nearly constant pixel directions lingers for thousands of steps and keeps
+            a linear AE well above PCA's error; small weights (0.01) start near the saddle at zero
+            instead, which full-batch L-BFGS leaves along the principal directions. Must be > 0:
+            at exactly zero the weights get no gradient.
+    """
+
+    def __init__(self, init_scale: float = 1.0):
+        if not init_scale > 0:
+            raise ConfigError("init_scale", init_scale, "must be > 0 (e.g. 1.0 or 0.01)")
+        self.init_scale = float(init_scale)
 
     def encoder(self, image_shape: Sequence[int], out_features: int) -> MLPEncoder:
-        return MLPEncoder(image_shape, [], out_features)
+        encoder = MLPEncoder(image_shape, [], out_features)
+        self._scale(encoder.net)
+        return encoder
 
     def decoder(self, image_shape: Sequence[int], latent_dim: int) -> MLPDecoder:
-        return MLPDecoder(image_shape, [], latent_dim)
+        decoder = MLPDecoder(image_shape, [], latent_dim)
+        self._scale(decoder.net)
+        return decoder
+
+    def _scale(self, layers: nn.Sequential) -> None:
+        with torch.no_grad():
+            layers[0].weight.mul_(self.init_scale)
 
 
 class MLP(Network):
