@@ -345,7 +345,7 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     # folder: every file of the first stays as it was, and metrics.json holds the latest.
     from hydra import compose, initialize_config_dir
 
-    from vae_experiments.cli.evaluate import evaluate
+    from vae_experiments.cli.evaluate import UsageError, evaluate
     from vae_experiments.configs import CONFIG_DIR
 
     first, metrics_first = snapshot(run / "analysis"), read_metrics(run)
@@ -358,6 +358,10 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     assert second["seed"] == 1 and read_metrics(run)["test/log_px"] == second["metrics"]["log_px"]
     assert (run / "analysis" / "evaluate-best-test-k50_1" / "evaluate_test.json").is_file()
     assert second["metrics"]["num_images"] == 100 == read_metrics(run)["test/log_px_images"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"run={run}", "max_images=0"])
+    with pytest.raises(UsageError, match="max_images must be null .* got max_images=0"):
+        evaluate(cfg)
 
     metrics = metrics_first
     for key, value in metrics_before.items():  # kept, training's test/elbo included

@@ -145,8 +145,13 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         raise UsageError(f"eval.max_batch_elems must be >= 1, got {cfg.eval.max_batch_elems}")
     max_batch_elems = int(max_batch_elems)
     max_images = cfg.get("max_images")
-    if max_images is not None and int(max_images) < 1:
-        raise UsageError(f"max_images must be null (all) or >= 1, got max_images={max_images}")
+    if max_images is not None and (
+        isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1
+    ):
+        raise UsageError(
+            f"max_images must be null (the whole split) or an integer >= 1, "
+            f"got max_images={max_images}"
+        )
 
     ckpt_path = find_checkpoint(cfg.run, cfg.checkpoint)
     model, run_cfg = load_run(ckpt_path, map_location=device)
@@ -161,7 +166,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     batch_size = int(cfg.eval.batch_size or datamodule.batch_size)
     num_images = len(datamodule.splits[cfg.split])
     if max_images is not None:
-        num_images = min(num_images, int(max_images))
+        num_images = min(num_images, max_images)
     log.info(
         "evaluating %s (%s) on the %s split: %d images, k=%d, device %s",
         run_dir,
