@@ -20,6 +20,8 @@ from tests.conftest import REPO_ROOT
 from vae_experiments import load_run, read_metrics
 from vae_experiments.analysis.likelihood import (
     bits_per_dim,
+    bound_sample_counts,
+    bounds_from_log_weights,
     count_active_units,
     evaluate_vae,
     iwae_log_likelihood,
@@ -183,6 +185,51 @@ def test_iwae_increases_with_k_and_bounds_the_elbo_on_a_trained_vae(trained_vae)
     assert result["bpd"] == pytest.approx(-result["log_px"] / (64 * math.log(2)), rel=1e-12)
 
 
+def test_bounds_from_log_weights():
+    log_w = torch.tensor(
+        [[0.0, 2.0, -1.0, 3.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64
+    )
+    bounds = bounds_from_log_weights(log_w, [1, 2, 5])
+    assert bounds[1].tolist() == pytest.approx(log_w.mean(1).tolist())  # the ELBO
+    assert bounds[5].tolist() == pytest.approx((torch.logsumexp(log_w, 1) - math.log(5)).tolist())
+    pairs = torch.logsumexp(log_w[:, :4].reshape(2, 2, 2), 2) - math.log(2)  # the 5th left out
+    assert bounds[2].tolist() == pytest.approx(pairs.mean(1).tolist())
+    assert bounds[2][1] == pytest.approx(1.0)  # equal weights: every bound is the weight
+    with pytest.raises(ValueError, match=r"in \[1, 5\], got 6"):
+        bounds_from_log_weights(log_w, [6])
+    assert bound_sample_counts(5000) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
+    assert bound_sample_counts(50, model_k=30) == [1, 2, 5, 10, 20, 30]
+    assert bound_sample_counts(1) == [] and bound_sample_counts(10, model_k=10) == [1, 2, 5]
+
+
+def test_posterior_gap_and_the_bounds_shrink_with_k(trained_vae):
+    """log p(x) - ELBO is the posterior gap, and log p(x) - L_j shrinks with j to 0 (Burda et
+    al.'s theorem 1), on a trained VAE; bound_gap is the gap of the model's own training bound."""
+    model, x = trained_vae
+    result = evaluate_vae(
+        model, [x[:200], x[200:]], k=1000, max_batch_elems=BIG, generator=seeded()
+    )
+    assert result["posterior_gap"] == pytest.approx(result["log_px"] - result["elbo"], abs=1e-12)
+    assert result["posterior_gap"] > 0
+    bounds = result["bounds"]
+    assert list(bounds) == [1, 2, 5, 10, 20, 50, 100, 200, 500]
+    assert bounds[1] == pytest.approx(result["elbo"], abs=1e-9)  # the same samples, j = 1
+    gaps = [result["log_px"] - bound for bound in bounds.values()]
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] > 0, gaps  # strictly shrinking
+    assert gaps[-1] < gaps[0] / 5
+    assert result["bound_gap"] == pytest.approx(result["posterior_gap"], abs=1e-9)  # k=1: ELBO
+
+    model.k = 5  # as an IWAE run with model.k=5: the gap of its own bound L_5
+    try:
+        iwae = evaluate_vae(model, [x], k=100, max_batch_elems=BIG, generator=seeded())
+    finally:
+        model.k = 1
+    assert iwae["bound_gap"] == pytest.approx(iwae["log_px"] - iwae["bounds"][5], abs=1e-12)
+    assert 0 < iwae["bound_gap"] < iwae["posterior_gap"]
+    one = evaluate_vae(model, [x[:10]], k=1, max_batch_elems=BIG, generator=seeded())
+    assert one["bounds"] == {} and math.isnan(one["bound_gap"]) and one["posterior_gap"] == 0
+
+
 def test_chunking_does_not_change_the_estimate(trained_vae):
     model, x = trained_vae
     x = x[:10]  # 64 pixels each
@@ -293,26 +340,36 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     done = run_script([f"run={run}", "k=50"], cwd)
     assert done.returncode == 0, done.stderr
     assert "log p(x), IWAE k=50" in done.stdout
+    assert "posterior gap" in done.stdout and "log p(x) - L_j, j samples" in done.stdout
     # A second evaluation (what main() runs, in process), with settings that name the same
     # folder: every file of the first stays as it was, and metrics.json holds the latest.
     from hydra import compose, initialize_config_dir
 
-    from vae_experiments.cli.evaluate import evaluate
+    from vae_experiments.cli.evaluate import UsageError, evaluate
     from vae_experiments.configs import CONFIG_DIR
 
     first, metrics_first = snapshot(run / "analysis"), read_metrics(run)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"run={run}", "k=50", "seed=1", "device=cpu"])
-    second = evaluate(cfg)
+        overrides = [f"run={run}", "k=50", "seed=1", "device=cpu", "max_images=100"]
+        cfg = compose("evaluate", overrides=overrides)
+    second = evaluate(cfg)  # the first 100 images
     after = snapshot(run / "analysis")
     assert {name: after.get(name) for name in first} == first
     assert second["seed"] == 1 and read_metrics(run)["test/log_px"] == second["metrics"]["log_px"]
     assert (run / "analysis" / "evaluate-best-test-k50_1" / "evaluate_test.json").is_file()
+    assert second["metrics"]["num_images"] == 100 == read_metrics(run)["test/log_px_images"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"run={run}", "max_images=0"])
+    with pytest.raises(UsageError, match="max_images must be null .* got max_images=0"):
+        evaluate(cfg)
 
     metrics = metrics_first
     for key, value in metrics_before.items():  # kept, training's test/elbo included
         assert metrics[key] == value
-    added = {"test/log_px", "test/log_px_k", "test/bpd", "test/active_units"}
+    added = {
+        *("test/log_px", "test/log_px_k", "test/log_px_images", "test/bpd", "test/active_units"),
+        *("test/posterior_gap", "test/bound_gap"),
+    }
     assert set(metrics) == set(metrics_before) | added
     assert metrics["test/log_px_k"] == 50
     assert metrics["test/log_px"] < 0 and metrics["test/bpd"] > 0
@@ -322,6 +379,10 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     assert record["metrics"]["num_images"] == 359
     assert record["metrics"]["log_px"] == metrics["test/log_px"]
     assert record["metrics"]["log_px"] >= record["metrics"]["elbo"]
+    assert metrics["test/log_px_images"] == 359
+    gap = record["metrics"]["log_px"] - record["metrics"]["elbo"]
+    assert metrics["test/posterior_gap"] == pytest.approx(gap) == metrics["test/bound_gap"]
+    assert list(record["metrics"]["bounds"]) == ["1", "2", "5", "10", "20"]  # JSON keys
     assert record["k"] == 50 and record["checkpoint"].endswith("best.ckpt")
 
     assert (run / "config.yaml").read_bytes() == config_before

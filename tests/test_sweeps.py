@@ -392,3 +392,29 @@ def test_summary_of_a_real_tiny_sweep(tmp_path):
     assert mse == sorted(mse)
     assert main([str(sweep), "--sort", "test/recon_mse"]) == 0
     assert (sweep / "summary_test_recon_mse.png").is_file()
+
+
+def test_posterior_gap_against_a_config_key_that_presets_set(tmp_path, capsys):
+    """Runs made with experiment= presets set model.k without an override: --x model.k reads it
+    from each run's config, and the preset names (one per k) do not split the line."""
+    gaps = {"burda_vae_1layer": (1, 30.0), "burda_iwae_k5": (5, 34.0), "burda_iwae_k50": (50, 38.0)}
+    for name, (k, gap) in gaps.items():
+        make_run(
+            tmp_path / name,
+            [f"experiment={name}", "data=fashion_mnist", "trainer.max_epochs=1"],
+            metrics={"test/loss": 250.0 - k / 10, "test/posterior_gap": gap},
+            config={"model": {"k": k}, "seed": 0},
+        )
+    table = summary_table(collect_runs(tmp_path), keys=["model.k"])
+    assert table.swept == ["model.k", "experiment"]
+    assert [r["model.k"] for r in table.rows()] == [50, 5, 1]  # by test/loss
+    (axes,) = plot_summary(table, metric="test/posterior_gap", x="model.k").axes
+    (line,) = axes.get_lines()
+    assert list(line.get_xdata()) == [1, 5, 50] and list(line.get_ydata()) == [30.0, 34.0, 38.0]
+
+    out = tmp_path / "report"
+    args = [str(tmp_path), "--x", "model.k", "--metric", "test/posterior_gap", "--out", str(out)]
+    assert main(args) == 0
+    assert "plot: test/posterior_gap against model.k" in capsys.readouterr().out
+    assert (out / "summary_test_posterior_gap.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| burda_iwae_k50 | 50 | burda_iwae_k50 |" in (out / "summary.md").read_text()

@@ -30,7 +30,7 @@ Plain PyTorch, so it works in a notebook::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -119,13 +119,16 @@ def _log_weight_stats(
     k: int,
     max_batch_elems: int,
     generator: torch.Generator | None,
+    bound_ks: Sequence[int] = (),
 ) -> dict[str, Tensor]:
     """Per-image statistics of K importance samples for images x (B, C, H, W).
 
     Returns float64 (B,) tensors ``log_px`` (the IWAE estimate), ``mean_log_w`` (mean log-weight,
     an ELBO estimate), ``mean_log_px_z`` (mean log p(x | z)) and ``kl`` (KL(q(z | x) || p(z)),
     :meth:`VAE.kl_estimate`), and ``means``, each latent layer's posterior means (B, D_l) in the
-    model's dtype.
+    model's dtype. With ``bound_ks``, also ``bounds``: j -> (B,) estimates of the j-sample bound
+    L_j from the same K samples (:func:`bounds_from_log_weights`); this keeps all B x K
+    log-weights (float64) in memory.
     """
     check_vae(model)
     if k < 1:
@@ -141,6 +144,8 @@ def _log_weight_stats(
         lse = torch.full((batch_size,), -math.inf, dtype=torch.float64, device=x.device)
         sum_log_w = torch.zeros(batch_size, dtype=torch.float64, device=x.device)
         sum_log_px_z = torch.zeros_like(sum_log_w)
+        all_log_w = lse.new_empty(batch_size, k if bound_ks else 0)
+        offset = 0  # index of the block's first sample among the K
         for eps in _noise_blocks(batch_size, k, model.noise_dim, generator, mu):
             block = eps.shape[1]
             images, samples = _chunk_sizes(batch_size, block, row_elems, max_batch_elems)
@@ -153,14 +158,56 @@ def _log_weight_stats(
                     lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(log_w, 1).double())
                     sum_log_w[rows] += log_w.double().sum(1)
                     sum_log_px_z[rows] += log_px_z.double().sum(1)
+                    if bound_ks:
+                        columns = slice(offset + s, offset + s + log_w.shape[1])
+                        all_log_w[rows, columns] = log_w.double()
+            offset += block
         mean_log_w, mean_log_px_z = sum_log_w / k, sum_log_px_z / k
-        return {
+        stats = {
             "log_px": lse - math.log(k),
             "mean_log_w": mean_log_w,
             "mean_log_px_z": mean_log_px_z,
             "kl": model.kl_estimate((mu, logvar), mean_log_px_z - mean_log_w).double(),
             "means": model.posterior_means(x),
         }
+        if bound_ks:
+            stats["bounds"] = bounds_from_log_weights(all_log_w, bound_ks)
+        return stats
+
+
+def bounds_from_log_weights(log_w: Tensor, bound_ks: Iterable[int]) -> dict[int, Tensor]:
+    """Estimates of the j-sample bounds L_j = E[log (1/j) sum_i w_i] from K log-weights.
+
+    The K samples are cut into floor(K / j) disjoint groups of j (the first ones; a remainder is
+    left out), and each group's log-mean-exp is averaged: an unbiased estimate of L_j. j = 1 is
+    the mean log-weight (the ELBO from the samples), j = K the IWAE estimate itself.
+
+    Args:
+        log_w: (B, K) log-weights of B images.
+        bound_ks: the j, each between 1 and K.
+
+    Returns:
+        j -> (B,) estimates, in ``log_w``'s dtype.
+    """
+    batch_size, k = log_w.shape
+    bounds = {}
+    for j in bound_ks:
+        if not 1 <= j <= k:
+            raise ValueError(f"a bound's sample count must be in [1, {k}], got {j}")
+        groups = log_w[:, : k // j * j].reshape(batch_size, k // j, j)
+        bounds[j] = (torch.logsumexp(groups, 2) - math.log(j)).mean(1)
+    return bounds
+
+
+def bound_sample_counts(k: int, model_k: int = 1) -> list[int]:
+    """The j whose bound L_j an evaluation with K = ``k`` samples reports: 1, 2, 5, 10, 20,
+    50, ... below k, and the model's training ``model_k`` (below k)."""
+    counts = {model_k} if model_k < k else set()
+    j = 1
+    while j < k:
+        counts.update(c for c in (j, 2 * j, 5 * j) if c < k)
+        j *= 10
+    return sorted(counts)
 
 
 def iwae_log_likelihood(
@@ -247,8 +294,14 @@ def evaluate_vae(
         - ``log_px``: the IWAE estimate of log p(x) with ``k`` samples;
         - ``log_px_k``: ``k``;
         - ``elbo``: the mean log-weight over the same samples (an ELBO estimate with k samples,
-          so lower variance than the single-sample ELBO of training); ``log_px - elbo`` is the
-          gain of importance weighting;
+          so lower variance than the single-sample ELBO of training);
+        - ``posterior_gap``: ``log_px - elbo``, an estimate of the posterior gap
+          E_x KL(q(z | x) || p(z | x)) = log p(x) - ELBO (from below, as ``log_px`` is);
+        - ``bounds``: j -> L_j, the j-sample bound from the same samples
+          (:func:`bounds_from_log_weights`), for j in :func:`bound_sample_counts` (1 is
+          ``elbo``); log_px - L_j shrinks towards 0 as j grows;
+        - ``bound_gap``: ``log_px - L_j`` for the model's own training bound, j = ``model.k``
+          (the posterior gap for a VAE trained on the ELBO); NaN when ``model.k >= k``;
         - ``recon``: the mean of -log p(x | z) over the samples;
         - ``kl``: KL(q(z | x) || p(z)), analytic;
         - ``bpd``: bits per dimension of ``log_px`` (:func:`bits_per_dim`; a likelihood that is a
@@ -262,11 +315,16 @@ def evaluate_vae(
     """
     check_vae(model)
     with _eval_mode(model):
+        model_k = int(getattr(model, "k", 1))
+        bound_ks = bound_sample_counts(k, model_k)
         sums = {"log_px": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
+        bound_sums = dict.fromkeys(bound_ks, 0.0)
         means, num_images, num_dims = [[] for _ in model.latent_dims], 0, None
         for batch in batches:
             x = batch[0] if isinstance(batch, tuple | list) else batch
-            stats = _log_weight_stats(model, x, k, max_batch_elems, generator)
+            stats = _log_weight_stats(model, x, k, max_batch_elems, generator, bound_ks)
+            for j, bound in stats.get("bounds", {}).items():
+                bound_sums[j] += float(bound.sum())
             sums["log_px"] += float(stats["log_px"].sum())
             sums["elbo"] += float(stats["mean_log_w"].sum())
             sums["recon"] -= float(stats["mean_log_px_z"].sum())
@@ -278,6 +336,7 @@ def evaluate_vae(
     if num_images == 0:
         raise ValueError("evaluate_vae got no images: the batches were empty")
     results = {name: total / num_images for name, total in sums.items()}
+    bounds = {j: total / num_images for j, total in bound_sums.items()}
     bit_depth = 8 if model.likelihood.continuous_density else None
     per_layer = [
         count_active_units(torch.cat(layer)) if num_images > 1 else math.nan for layer in means
@@ -286,6 +345,9 @@ def evaluate_vae(
         "log_px": results["log_px"],
         "log_px_k": k,
         "elbo": results["elbo"],
+        "posterior_gap": results["log_px"] - results["elbo"],
+        "bound_gap": results["log_px"] - bounds[model_k] if model_k in bounds else math.nan,
+        "bounds": bounds,
         "recon": results["recon"],
         "kl": results["kl"],
         "bpd": bits_per_dim(results["log_px"], num_dims, bit_depth),

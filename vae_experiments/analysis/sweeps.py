@@ -193,6 +193,7 @@ def summary_table(
     sort_by: str | None = "test/loss",
     descending: bool = False,
     metrics: Sequence[str] | None = None,
+    keys: Sequence[str] = (),
 ) -> SummaryTable:
     """Orders a sweep's runs by a metric and splits settings into swept and fixed.
 
@@ -204,6 +205,9 @@ def summary_table(
         descending: largest first (for metrics where higher is better, e.g. ``test/elbo``).
         metrics: metric columns; names or shell patterns (``test/*``). Default: every metric of
             any run, ``sort_by`` first, then ``test/*``, then the others.
+        keys: config keys to compare besides the overridden ones, read from each run's config
+            (``model.k`` of runs made with ``experiment=`` presets, which set it without an
+            override); swept when their values differ.
 
     Raises:
         ValueError: ``sort_by`` or a requested metric is in no run's metrics.
@@ -230,7 +234,7 @@ def summary_table(
             f"cannot sort by {sort_by!r}: no run has it; metrics found: {', '.join(available)}"
         )
 
-    keys: list[str] = []
+    keys = list(keys)
     for record in records:
         keys += [k for k in record.overrides if k not in keys]
     settings = {r.name: {k: r.setting(k) for k in keys} for r in records}
@@ -313,7 +317,9 @@ def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None =
     if x is None:
         return _bar_chart(table, runs, metric, note)
 
-    others = [k for k in table.swept if k != x]
+    # A key whose values pair one-to-one with x's (experiment=burda_iwae_k50 beside model.k=50)
+    # would give each point a line of its own.
+    others = [k for k in table.swept if k != x and not _one_to_one(table, runs, k, x)]
     groups: dict[tuple, list[RunRecord]] = {}
     for record in runs:
         label = tuple(table.settings[record.name][k] for k in others)
@@ -374,6 +380,15 @@ def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None =
             fontsize="small",
         )
     return fig
+
+
+def _one_to_one(table: SummaryTable, runs: list[RunRecord], key: str, x: str) -> bool:
+    """Whether the runs' values of ``key`` and of ``x`` determine each other."""
+    pairs = {
+        (format_value(table.settings[r.name][key]), format_value(table.settings[r.name][x]))
+        for r in runs
+    }
+    return len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
 
 
 def _colors(n: int) -> list:

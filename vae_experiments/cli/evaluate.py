@@ -1,9 +1,11 @@
 """``python scripts/evaluate.py run=<run dir or .ckpt>``: likelihood evaluation of a trained VAE.
 
-Computes the IWAE estimate of log p(x) with ``k`` samples, the ELBO from the same samples, KL,
-the reconstruction term, bits per dimension and active units on a split; merges
-``{split}/log_px``, ``{split}/log_px_k``, ``{split}/bpd`` and ``{split}/active_units`` into the
-run's ``metrics.json`` and TensorBoard (the run's summary: the latest evaluation of a split
+Computes the IWAE estimate of log p(x) with ``k`` samples, the ELBO from the same samples, the
+posterior gap log p(x) - ELBO, the bounds L_j for smaller j, KL, the reconstruction term, bits
+per dimension and active units on a split (or its first ``max_images`` images); merges
+``{split}/log_px``, ``{split}/log_px_k``, ``{split}/log_px_images``, ``{split}/posterior_gap``,
+``{split}/bound_gap``, ``{split}/bpd`` and ``{split}/active_units`` into the run's
+``metrics.json`` and TensorBoard (the run's summary: the latest evaluation of a split
 wins there), and writes the whole evaluation, with the checkpoint and ``k`` that made it, into a
 new folder for this call, ``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``,
 ... when that name is taken: an earlier evaluation's files are never replaced)::
@@ -37,7 +39,15 @@ from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
 from vae_experiments.configs import CONFIG_DIR
 
 #: metrics.json / TensorBoard keys this command adds, after the split name.
-METRIC_KEYS = ("log_px", "log_px_k", "bpd", "active_units")
+METRIC_KEYS = (
+    "log_px",
+    "log_px_k",
+    "log_px_images",
+    "posterior_gap",
+    "bound_gap",
+    "bpd",
+    "active_units",
+)
 #: Defaults of eval.max_batch_elems (see configs/evaluate.yaml): small chunks stay in a CPU's
 #: cache; a GPU wants large calls.
 CPU_MAX_BATCH_ELEMS = 2**22
@@ -68,16 +78,16 @@ def format_table(results: dict[str, Any], training: dict[str, Any], split: str) 
     k = results["log_px_k"]
     rows = [
         (f"log p(x), IWAE k={k}", f"{results['log_px']:.3f}", "nats/image"),
-        (
-            "ELBO, same samples",
-            f"{results['elbo']:.3f}",
-            f"gap {results['log_px'] - results['elbo']:.3f}",
-        ),
+        ("ELBO, same samples", f"{results['elbo']:.3f}", ""),
+        ("posterior gap", f"{results['posterior_gap']:.3f}", "log p(x) - ELBO = KL(q || p(z|x))"),
         ("recon, -log p(x|z)", f"{results['recon']:.3f}", ""),
         ("KL(q(z|x) || p(z))", f"{results['kl']:.3f}", ""),
         ("bits/dim", f"{results['bpd']:.4f}", ""),
         ("active units", f"{results['active_units']}", _of_latent_dims(results)),
     ]
+    if results["bounds"]:
+        gaps = ", ".join(f"{j}: {results['log_px'] - b:.3f}" for j, b in results["bounds"].items())
+        rows.append(("log p(x) - L_j, j samples", "", gaps))
     if f"{split}/elbo" in training:
         rows.append(
             (f"training's {split}/elbo", f"{training[f'{split}/elbo']:.3f}", "one sample per image")
@@ -134,6 +144,14 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     if int(max_batch_elems) < 1:
         raise UsageError(f"eval.max_batch_elems must be >= 1, got {cfg.eval.max_batch_elems}")
     max_batch_elems = int(max_batch_elems)
+    max_images = cfg.get("max_images")
+    if max_images is not None and (
+        isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1
+    ):
+        raise UsageError(
+            f"max_images must be null (the whole split) or an integer >= 1, "
+            f"got max_images={max_images}"
+        )
 
     ckpt_path = find_checkpoint(cfg.run, cfg.checkpoint)
     model, run_cfg = load_run(ckpt_path, map_location=device)
@@ -147,6 +165,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     datamodule = load_data(run_cfg)
     batch_size = int(cfg.eval.batch_size or datamodule.batch_size)
     num_images = len(datamodule.splits[cfg.split])
+    if max_images is not None:
+        num_images = min(num_images, max_images)
     log.info(
         "evaluating %s (%s) on the %s split: %d images, k=%d, device %s",
         run_dir,
@@ -162,7 +182,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     with tqdm(total=num_images, unit="img", desc=f"IWAE k={k}", dynamic_ncols=True) as bar:
 
         def batches():
+            left = num_images  # the split's first num_images images, in order
             for x, _ in iterate_split(datamodule, cfg.split, batch_size, device):
+                if left <= 0:
+                    break
+                x = x[:left]
+                left -= len(x)
                 yield x
                 bar.update(len(x))  # after the batch was evaluated
 
@@ -171,6 +196,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     results["latent_dims"] = list(model.latent_dims)
+    results["log_px_images"] = results["num_images"]
 
     record = {
         "run": str(run_dir.resolve()),

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--x",
         metavar="KEY",
-        help="the swept key on the plot's x-axis (default: the first "
-        "swept key with numeric values; with none, a bar per run)",
+        help="the swept key on the plot's x-axis, an override or any config key whose value "
+        "differs between runs (model.k); default: the first swept key with numeric values; "
+        "with none, a bar per run",
     )
     parser.add_argument(
         "--out",
@@ -91,14 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     try:
-        table = summary_table(records, args.sort, args.descending, metrics)
+        keys = [args.x] if args.x is not None else []
+        table = summary_table(records, args.sort, args.descending, metrics, keys)
     except ValueError as err:
         parser.error(str(err))
     metric = args.metric or args.sort
     if not args.no_plot:
         if args.x is not None and args.x not in table.swept:
             parser.error(
-                f"--x {args.x!r} is not a swept key; swept keys: {', '.join(table.swept) or 'none'}"
+                f"--x {args.x!r} is not a swept key (no override, and the same value or none "
+                f"in every run's config); swept keys: {', '.join(table.swept) or 'none'}"
             )
         if args.metric is not None and not any(args.metric in r.metrics for r in records):
             found = sorted({k for r in records for k in r.metrics})
