@@ -25,8 +25,9 @@ from vae_experiments.models import (
     gaussian_kl,
 )
 from vae_experiments.models.base import squared_error
-from vae_experiments.models.likelihoods import Laplace
+from vae_experiments.models.likelihoods import DiscretizedLogistic, Laplace
 from vae_experiments.targets import ConfigError, instantiate
+from vae_experiments.training.train import choose_likelihood
 
 IMAGE_SHAPE = (1, 8, 8)
 
@@ -35,6 +36,7 @@ def build_from_config(name: str, image_shape=IMAGE_SHAPE, overrides=()):
     # A stack of latent layers has z1 of size 3 as its code.
     latent = "model.latent_dims=[3,2]" if name == "hvae" else "model.latent_dim=3"
     cfg = compose_config([f"model={name}", latent, *overrides])
+    choose_likelihood(cfg)  # model/likelihood=auto, as train() does
     return instantiate(small_model_config(cfg.model), key="model", image_shape=list(image_shape))
 
 
@@ -88,6 +90,7 @@ PART_CLASSES = {
     "network": {"linear": Linear, "mlp": MLP, "conv": Conv},
     "likelihood": {
         "bernoulli": Bernoulli,
+        "discretized_logistic": DiscretizedLogistic,
         "gaussian": Gaussian,
         "laplace": Laplace,
         "squared_error": SquaredError,
@@ -349,7 +352,7 @@ def test_laplace_matches_torch_laplace_summed_over_pixels(b):
     assert log_prob.shape == (6,)
     expected = torch.distributions.Laplace(mean, b).log_prob(x).flatten(1).sum(1)
     torch.testing.assert_close(log_prob, expected)
-    assert Laplace(b).mean(mean) is mean and Laplace.continuous_density
+    assert Laplace(b).mean(mean) is mean and Laplace.support == "continuous"
     assert list(Laplace(b).parameters()) == []  # b is fixed, not learned
 
 

@@ -219,12 +219,12 @@ class ActiveUnits:
     images, so a DDP run sums :attr:`sums` over processes and passes the result to
     :meth:`counts`. (Raw sums of squares lose digits only when a mean is ~1e6 times the spread;
     posterior means are near the N(0, I) prior's scale.)
+
+    Args:
+        layer_dims: the units of each latent layer, image side first (``model.latent_dims``).
     """
 
     def __init__(self, layer_dims: Sequence[int]) -> None:
-        """Args:
-        layer_dims: the units of each latent layer, image side first (``model.latent_dims``).
-        """
         self.layer_dims = [int(dim) for dim in layer_dims]
         #: (2 * D + 1,) float64: sums of the means, of their squares, and the number of images;
         #: D is all layers' units together. None until a batch is added.
