@@ -61,8 +61,8 @@ def seeded(seed: int = 0) -> torch.Generator:
     ],
 )
 def test_the_default_likelihood_follows_the_data(overrides, expected):
-    cfg = compose_config(overrides)
-    choose_likelihood(cfg)
+    cfg = compose_config(overrides)  # choose_likelihood(cfg) included, as train() calls it
+    assert choose_likelihood(cfg) is None  # done: nothing left to choose
     model = instantiate(cfg.model, key="model", image_shape=[3, 8, 8])
     assert type(model.likelihood) is expected
 
@@ -75,9 +75,8 @@ def test_the_run_config_names_the_likelihood_trained_with(trained_runs):
 
 
 def test_auto_with_an_unknown_likelihood_name_says_which_exist():
-    cfg = compose_config(["model.likelihood.eight_bit=discretised"])
     with pytest.raises(ConfigError, match="model.likelihood.eight_bit=discretised is invalid: "):
-        choose_likelihood(cfg)
+        compose_config(["model.likelihood.eight_bit=discretised"])  # which calls choose_likelihood
 
 
 # --- the discretized logistic ------------------------------------------------------------------

@@ -27,7 +27,6 @@ from vae_experiments.models import (
 from vae_experiments.models.base import squared_error
 from vae_experiments.models.likelihoods import DiscretizedLogistic, Laplace
 from vae_experiments.targets import ConfigError, instantiate
-from vae_experiments.training.train import choose_likelihood
 
 IMAGE_SHAPE = (1, 8, 8)
 
@@ -36,7 +35,6 @@ def build_from_config(name: str, image_shape=IMAGE_SHAPE, overrides=()):
     # A stack of latent layers has z1 of size 3 as its code.
     latent = "model.latent_dims=[3,2]" if name == "hvae" else "model.latent_dim=3"
     cfg = compose_config([f"model={name}", latent, *overrides])
-    choose_likelihood(cfg)  # model/likelihood=auto, as train() does
     return instantiate(small_model_config(cfg.model), key="model", image_shape=list(image_shape))
 
 
