@@ -226,20 +226,27 @@ class ActiveUnits:
 
     def __init__(self, layer_dims: Sequence[int]) -> None:
         self.layer_dims = [int(dim) for dim in layer_dims]
-        #: (2 * D + 1,) float64: sums of the means, of their squares, and the number of images;
-        #: D is all layers' units together. None until a batch is added.
+        #: (2 * D + 1,) float64 (float32 on MPS): sums of the means, of their squares, and the
+        #: number of images; D is all layers' units together. None until a batch is added.
         self.sums: Tensor | None = None
+
+    @staticmethod
+    def _dtype(device: torch.device | str) -> torch.dtype:
+        # float64 where the device has it (Apple's MPS has not).
+        return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
     def empty_sums(self, device: torch.device | str) -> Tensor:
         """Sums of no images: what a process without a batch contributes to a sum over all."""
-        return torch.zeros(2 * sum(self.layer_dims) + 1, dtype=torch.float64, device=device)
+        size = 2 * sum(self.layer_dims) + 1
+        return torch.zeros(size, dtype=self._dtype(device), device=device)
 
     def add(self, means: Sequence[Tensor]) -> None:
         """Adds one batch: each latent layer's posterior means (B, D_l), image side first."""
         dims = [layer.shape[1] for layer in means]
         if dims != self.layer_dims:
             raise ValueError(f"posterior means of layers {dims}, expected {self.layer_dims}")
-        flat = torch.cat([layer.detach().double() for layer in means], dim=1)  # (B, D)
+        dtype = self._dtype(means[0].device)
+        flat = torch.cat([layer.detach().to(dtype) for layer in means], dim=1)  # (B, D)
         count = flat.new_full((1,), flat.shape[0])
         batch = torch.cat([flat.sum(0), flat.square().sum(0), count])
         self.sums = batch if self.sums is None else self.sums + batch
