@@ -33,9 +33,15 @@ MLP_64 = ["model/network=mlp", "model.network.hidden_dims=[64]"]
 
 
 def compose_config(overrides: list[str] = ()) -> DictConfig:
-    """``configs/train.yaml`` composed with overrides, as ``python train.py ...`` would."""
+    """``configs/train.yaml`` composed with overrides, as ``python train.py ...`` would, and
+    ``model/likelihood=auto`` replaced by the data's likelihood, as ``train()`` does first (so
+    that ``cfg.model`` builds as it is)."""
+    from vae_experiments.training.train import choose_likelihood
+
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name="train", overrides=list(overrides))
+    choose_likelihood(cfg)
+    return cfg
 
 
 @pytest.fixture
@@ -75,7 +81,8 @@ def train_run(run_dir: Path, overrides: list[str]) -> Path:
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory) -> Callable[[str], Path]:
     """``trained_runs("vae")`` -> the directory of a small model trained on digits for a few
-    epochs; trained once per session per name. Names: ``vae`` (MLP, Bernoulli, latent 4), ``ae``
+    epochs; trained once per session per name. Names: ``vae`` (MLP, the default likelihood:
+    discretized logistic on the grey digits, latent 4), ``ae``
     (MLP, latent 4), ``linear_ae`` (latent 4), ``vae_2d`` and ``ae_2d`` (latent 2)."""
     recipes = {
         "vae": ["model=vae", *MLP_64, "trainer.max_epochs=5"],

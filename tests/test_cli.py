@@ -203,6 +203,12 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: all from one process.
     writers = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").glob("events.*")}
     assert len(writers) == 1
+    # Active units over both processes' validation images, once per epoch (no hang, no error).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("val/active_units")) == 2
     configs = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("config.yaml"))
     assert configs == [".hydra/config.yaml", "config.yaml"]  # Hydra's record and the run's
     assert not (tmp_path / "outputs").exists()

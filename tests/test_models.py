@@ -25,7 +25,7 @@ from vae_experiments.models import (
     gaussian_kl,
 )
 from vae_experiments.models.base import squared_error
-from vae_experiments.models.likelihoods import Laplace
+from vae_experiments.models.likelihoods import DiscretizedLogistic, Laplace
 from vae_experiments.targets import ConfigError, instantiate
 
 IMAGE_SHAPE = (1, 8, 8)
@@ -88,6 +88,7 @@ PART_CLASSES = {
     "network": {"linear": Linear, "mlp": MLP, "conv": Conv},
     "likelihood": {
         "bernoulli": Bernoulli,
+        "discretized_logistic": DiscretizedLogistic,
         "gaussian": Gaussian,
         "laplace": Laplace,
         "squared_error": SquaredError,
@@ -264,7 +265,7 @@ def test_state_dict_keys_are_those_of_checkpoints_written_before_parts_were_conf
         "likelihood.log_sigma",
         *(f"encoder.net.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")),
     ]
-    conv = build_from_config("vae")
+    conv = build_from_config("vae", overrides=["model/likelihood=bernoulli"])  # theirs
     prefixes = list(
         dict.fromkeys(k.split(".")[0] + "." + k.split(".")[1] for k in conv.state_dict())
     )
@@ -349,7 +350,7 @@ def test_laplace_matches_torch_laplace_summed_over_pixels(b):
     assert log_prob.shape == (6,)
     expected = torch.distributions.Laplace(mean, b).log_prob(x).flatten(1).sum(1)
     torch.testing.assert_close(log_prob, expected)
-    assert Laplace(b).mean(mean) is mean and Laplace.continuous_density
+    assert Laplace(b).mean(mean) is mean and Laplace.support == "continuous"
     assert list(Laplace(b).parameters()) == []  # b is fixed, not learned
 
 

@@ -2,26 +2,56 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import ImageDraw, ImageFont
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 
 from vae_experiments.runs.files import atomic_write
 
+#: Pixels between the images of a grid.
+PADDING = 2
 
-def image_grid(rows: list[torch.Tensor], min_side: int = 48) -> torch.Tensor:
+
+def image_grid(
+    rows: list[torch.Tensor], min_side: int = 48, row_labels: Sequence[str] | None = None
+) -> torch.Tensor:
     """Stacks equal-length image batches (B, C, H, W) as rows of one grid (3, H', W').
 
     Small images (digits are 8x8) are enlarged with nearest-neighbour scaling so that each is at
-    least ``min_side`` pixels high and the grid is readable.
+    least ``min_side`` pixels high and the grid is readable. ``row_labels`` (one per row) are
+    written in black in a white margin on the left.
     """
     images = torch.cat(rows).detach().float().clamp(0, 1).cpu()
     scale = max(1, -(-min_side // images.shape[-2]))
     if scale > 1:
         images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    return make_grid(images, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
+    grid = make_grid(images, nrow=rows[0].shape[0], padding=PADDING, pad_value=1.0)
+    if row_labels is None:
+        return grid
+    if len(row_labels) != len(rows):
+        raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows")
+    return _label_rows(grid, row_labels, row_height=images.shape[-2] + PADDING)
+
+
+def _label_rows(grid: torch.Tensor, labels: Sequence[str], row_height: int) -> torch.Tensor:
+    """``grid`` (3, H, W) with a white left margin holding one label per row of images."""
+    font = ImageFont.load_default()
+    boxes = [font.getbbox(label) for label in labels]  # (left, top, right, bottom) each
+    margin = 2 * PADDING + math.ceil(max(box[2] for box in boxes))
+    canvas = torch.ones(3, grid.shape[1], grid.shape[2] + margin)
+    canvas[:, :, margin:] = grid
+    picture = to_pil_image(canvas)
+    draw = ImageDraw.Draw(picture)
+    for row, (label, box) in enumerate(zip(labels, boxes, strict=True)):
+        middle = PADDING + row * row_height + (row_height - PADDING) / 2
+        draw.text((PADDING, middle - (box[1] + box[3]) / 2), label, fill=(0, 0, 0), font=font)
+    return pil_to_tensor(picture).float() / 255
 
 
 def save_grid(grid: torch.Tensor, path: str | Path) -> Path:

@@ -319,9 +319,23 @@ def traversal_codes(
     Row ``i`` (``steps`` codes) sets every dimension to the codes' median except ``dims[i]``,
     which goes linearly from its ``quantile`` to its ``1 - quantile`` quantile.
     """
-    _check_codes(codes, 1, "traversal_codes")
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
+    dims, (low, center, high) = _traversal_range(codes, dims, quantile)
+    dim = codes.shape[1]
+    grid = center.repeat(len(dims), steps, 1)  # (rows, steps, D)
+    position = torch.linspace(0, 1, steps, device=codes.device)
+    for row, d in enumerate(dims):
+        grid[row, :, d] = low[d] + (high[d] - low[d]) * position
+    return grid.reshape(len(dims) * steps, dim)
+
+
+def _traversal_range(
+    codes: Tensor, dims: Sequence[int] | None, quantile: float
+) -> tuple[list[int], Tensor]:
+    """The dimensions of a traversal (all by default) and the codes' ``quantile``, median and
+    ``1 - quantile`` quantile of every dimension: (3, D)."""
+    _check_codes(codes, 1, "traversal_codes")
     dim = codes.shape[1]
     dims = list(range(dim)) if dims is None else list(dims)
     if not dims or any(not 0 <= d < dim for d in dims):
@@ -330,13 +344,17 @@ def traversal_codes(
         )
     codes = codes.detach().float()
     levels = torch.tensor([quantile, 0.5, 1 - quantile], device=codes.device)
-    low, center, high = torch.quantile(codes, levels, dim=0)  # (D,) each; an even N's median
-    # is the mean of the middle two, as numpy's
-    grid = center.repeat(len(dims), steps, 1)  # (rows, steps, D)
-    position = torch.linspace(0, 1, steps, device=codes.device)
-    for row, d in enumerate(dims):
-        grid[row, :, d] = low[d] + (high[d] - low[d]) * position
-    return grid.reshape(len(dims) * steps, dim)
+    # An even N's median is the mean of the middle two, as numpy's.
+    return dims, torch.quantile(codes, levels, dim=0)
+
+
+def traversal_labels(
+    codes: Tensor, dims: Sequence[int] | None = None, quantile: float = 0.05
+) -> list[str]:
+    """One label per row of :func:`traversal_codes`: the dimension and the range it sweeps,
+    ``"z3: -1.6 to 1.7"``."""
+    dims, (low, _, high) = _traversal_range(codes, dims, quantile)
+    return [f"z{d}: {float(low[d]):.2g} to {float(high[d]):.2g}" for d in dims]
 
 
 @torch.no_grad()

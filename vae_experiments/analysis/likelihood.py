@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from vae_experiments.models import VAE, LatentModel
+from vae_experiments.models.likelihoods import BINARY, CONTINUOUS, EIGHT_BIT, Likelihood
 
 #: Latent noise elements (images x samples x latent dims) drawn per random draw. Fixed, so the
 #: samples do not depend on how the work is chunked.
@@ -255,17 +256,149 @@ def bits_per_dim(log_px: float, num_dims: int, bit_depth: int | None = None) -> 
     return bpd + bit_depth if bit_depth is not None else bpd
 
 
+class ActiveUnits:
+    """Counts active latent units (Burda et al. 2015, section 5.2): units whose posterior mean
+    varies across the data, ``Cov_x(E_q[z_u | x]) > threshold``, the unbiased variance over the
+    images added.
+
+    Batches of posterior means are added as running float64 sums on their device (no host
+    sync); :meth:`counts` reads them. Sums from several processes add up to those of all their
+    images, so a DDP run sums :attr:`sums` over processes and passes the result to
+    :meth:`counts`. (Raw sums of squares lose digits only when a mean is ~1e6 times the spread;
+    posterior means are near the N(0, I) prior's scale.)
+
+    Args:
+        layer_dims: the units of each latent layer, image side first (``model.latent_dims``).
+    """
+
+    def __init__(self, layer_dims: Sequence[int]) -> None:
+        self.layer_dims = [int(dim) for dim in layer_dims]
+        #: (2 * D + 1,) float64 (float32 on MPS): sums of the means, of their squares, and the
+        #: number of images; D is all layers' units together. None until a batch is added.
+        self.sums: Tensor | None = None
+
+    @staticmethod
+    def _dtype(device: torch.device | str) -> torch.dtype:
+        # float64 where the device has it (Apple's MPS has not).
+        return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+    def empty_sums(self, device: torch.device | str) -> Tensor:
+        """Sums of no images: what a process without a batch contributes to a sum over all."""
+        size = 2 * sum(self.layer_dims) + 1
+        return torch.zeros(size, dtype=self._dtype(device), device=device)
+
+    def add(self, means: Sequence[Tensor]) -> None:
+        """Adds one batch: each latent layer's posterior means (B, D_l), image side first."""
+        dims = [layer.shape[1] for layer in means]
+        if dims != self.layer_dims:
+            raise ValueError(f"posterior means of layers {dims}, expected {self.layer_dims}")
+        dtype = self._dtype(means[0].device)
+        flat = torch.cat([layer.detach().to(dtype) for layer in means], dim=1)  # (B, D)
+        count = flat.new_full((1,), flat.shape[0])
+        batch = torch.cat([flat.sum(0), flat.square().sum(0), count])
+        self.sums = batch if self.sums is None else self.sums + batch
+
+    def counts(
+        self, sums: Tensor | None = None, threshold: float = ACTIVE_UNIT_THRESHOLD
+    ) -> list[int]:
+        """Active units per latent layer, from :attr:`sums` or the same sums over all processes
+        (``sums``); a host sync.
+
+        Raises:
+            ValueError: fewer than two images were added.
+        """
+        sums = self.sums if sums is None else sums
+        num_images = 0 if sums is None else int(sums[-1])
+        if num_images < 2:
+            raise ValueError(
+                f"active units need the posterior means of >= 2 images, got {num_images}"
+            )
+        total = sum(self.layer_dims)
+        mean = sums[:total] / num_images
+        variance = (sums[total : 2 * total] - num_images * mean.square()) / (num_images - 1)
+        active = (variance > threshold).tolist()
+        counts, start = [], 0
+        for dim in self.layer_dims:
+            counts.append(sum(active[start : start + dim]))
+            start += dim
+        return counts
+
+
 def count_active_units(means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """Latent units whose posterior mean varies across the data: ``Cov_x(E_q[z_u | x]) > threshold``.
 
     Burda et al. 2015, section 5.2. ``means`` (N, D) are the posterior means of the N images of
-    a split; the variance is the unbiased one over the N images.
+    a split; the variance is the unbiased one over the N images (:class:`ActiveUnits`).
     """
     if means.ndim != 2 or means.shape[0] < 2:
         raise ValueError(
             f"active units need posterior means (N, D) of N >= 2 images, got {tuple(means.shape)}"
         )
-    return int((means.double().var(0) > threshold).sum())
+    units = ActiveUnits([means.shape[1]])
+    units.add([means])
+    return units.counts(threshold=threshold)[0]
+
+
+def observed_pixel_kind(x: Tensor) -> str:
+    """What pixels a batch (B, C, H, W) holds: ``"binary"`` (all 0 or 1), ``"8-bit"`` (all
+    k / 255 for integers k in 0..255) or ``"continuous"``. Two host syncs."""
+    if bool(((x == 0) | (x == 1)).all()):
+        return BINARY
+    levels = x * 255
+    on_grid = (levels - levels.round()).abs() < 1e-3
+    if bool((on_grid & (x >= 0) & (x <= 1)).all()):
+        return EIGHT_BIT
+    return CONTINUOUS
+
+
+#: What a log p(x) is, by :func:`describe_log_px`: a log-likelihood of the data (bits per
+#: dimension mean what papers report), a log-density of real-valued pixels, or neither.
+LIKELIHOOD, DENSITY, NOT_A_LIKELIHOOD = "likelihood", "density", "not a likelihood"
+
+_KIND_WORDS = {BINARY: "binary", EIGHT_BIT: "8-bit (256-level)", CONTINUOUS: "continuous"}
+
+
+def describe_log_px(likelihood: Likelihood, data_kind: str) -> tuple[str, str]:
+    """What the log p(x) of a VAE with ``likelihood`` means on data of pixels ``data_kind``.
+
+    Bits per dimension are those of the literature only for a likelihood of discrete pixels
+    that the data's pixels are values of: Bernoulli on binary data, a likelihood over the 256
+    levels (``DiscretizedLogistic``) on 8-bit or binary data.
+
+    Args:
+        likelihood: the model's likelihood (its ``support`` says what it is normalised over).
+        data_kind: ``"binary"``, ``"8-bit"`` or ``"continuous"`` (:func:`observed_pixel_kind`).
+
+    Returns:
+        (:data:`LIKELIHOOD`, :data:`DENSITY` or :data:`NOT_A_LIKELIHOOD`, a one-line note).
+    """
+    name = type(likelihood).__name__
+    pixels = _KIND_WORDS[data_kind]
+    support = likelihood.support
+    if support is None:
+        return NOT_A_LIKELIHOOD, (
+            f"not a likelihood: {name} is not normalised (log p(x) is off by a constant); "
+            "no bits/dim"
+        )
+    if support == CONTINUOUS:
+        return DENSITY, (
+            f"a log-density: {name} is a density on real-valued pixels, not a probability of "
+            f"the {pixels} pixels, comparable only with densities on the same pixel scale; no "
+            "bits/dim (model/likelihood=discretized_logistic is a likelihood of 8-bit pixels)"
+        )
+    fits = data_kind == BINARY or (support == EIGHT_BIT and data_kind == EIGHT_BIT)
+    if fits:
+        return LIKELIHOOD, f"a log-likelihood of the {pixels} pixels ({name})"
+    advice = (
+        "binarise the data (data.binarize=dynamic) or train with model/likelihood=auto "
+        "(discretized_logistic on 8-bit pixels)"
+        if support == BINARY
+        else "evaluate it on the 8-bit data it was made for"
+    )
+    return NOT_A_LIKELIHOOD, (
+        f"not a likelihood of the data: the {name} likelihood on {pixels} pixels is no "
+        f"log-probability of them; no bits/dim ({advice})"
+    )
 
 
 @torch.no_grad()
@@ -304,10 +437,11 @@ def evaluate_vae(
           (the posterior gap for a VAE trained on the ELBO); NaN when ``model.k >= k``;
         - ``recon``: the mean of -log p(x | z) over the samples;
         - ``kl``: KL(q(z | x) || p(z)), analytic;
-        - ``bpd``: bits per dimension of ``log_px`` (:func:`bits_per_dim`; a likelihood that is a
-          continuous density (``continuous_density``, e.g. Gaussian) is read as a density on
-          8-bit data scaled to [0, 1] and gets the 8-bit discretisation term,
-          ``bpd = (-log_px / D) / ln 2 + 8``; a Bernoulli likelihood none);
+        - ``log_px_is``: ``"likelihood"``, ``"density"`` or ``"not a likelihood"`` (the model's
+          likelihood on the pixels the batches held, :func:`describe_log_px`), and
+          ``log_px_note``, a line saying why;
+        - ``bpd``: bits per dimension of ``log_px`` (:func:`bits_per_dim`) where ``log_px`` is a
+          likelihood of the data, else None;
         - ``active_units``: the number of latent units with Cov_x(E_q[z_u | x]) > 0.01 over the
           split (:func:`count_active_units`; NaN for a single image), all layers together;
         - ``active_units_per_layer``: the same per latent layer, image side first (a list);
@@ -319,7 +453,7 @@ def evaluate_vae(
         bound_ks = bound_sample_counts(k, model_k)
         sums = {"log_px": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
         bound_sums = dict.fromkeys(bound_ks, 0.0)
-        means, num_images, num_dims = [[] for _ in model.latent_dims], 0, None
+        units, num_images, num_dims, kinds = ActiveUnits(model.latent_dims), 0, None, set()
         for batch in batches:
             x = batch[0] if isinstance(batch, tuple | list) else batch
             stats = _log_weight_stats(model, x, k, max_batch_elems, generator, bound_ks)
@@ -329,18 +463,18 @@ def evaluate_vae(
             sums["elbo"] += float(stats["mean_log_w"].sum())
             sums["recon"] -= float(stats["mean_log_px_z"].sum())
             sums["kl"] += float(stats["kl"].sum())
-            for layer, layer_means in zip(means, stats["means"], strict=True):
-                layer.append(layer_means.double().cpu())
+            units.add(stats["means"])
+            kinds.add(observed_pixel_kind(x))
             num_images += x.shape[0]
             num_dims = x[0].numel()
     if num_images == 0:
         raise ValueError("evaluate_vae got no images: the batches were empty")
     results = {name: total / num_images for name, total in sums.items()}
     bounds = {j: total / num_images for j, total in bound_sums.items()}
-    bit_depth = 8 if model.likelihood.continuous_density else None
-    per_layer = [
-        count_active_units(torch.cat(layer)) if num_images > 1 else math.nan for layer in means
-    ]
+    # The widest kind seen: one grey batch makes the data grey.
+    data_kind = max(kinds, key=[BINARY, EIGHT_BIT, CONTINUOUS].index)
+    log_px_is, note = describe_log_px(model.likelihood, data_kind)
+    per_layer = units.counts() if num_images > 1 else [math.nan] * len(model.latent_dims)
     return {
         "log_px": results["log_px"],
         "log_px_k": k,
@@ -350,7 +484,9 @@ def evaluate_vae(
         "bounds": bounds,
         "recon": results["recon"],
         "kl": results["kl"],
-        "bpd": bits_per_dim(results["log_px"], num_dims, bit_depth),
+        "log_px_is": log_px_is,
+        "log_px_note": note,
+        "bpd": bits_per_dim(results["log_px"], num_dims) if log_px_is == LIKELIHOOD else None,
         "active_units": sum(per_layer),
         "active_units_per_layer": per_layer,
         "num_images": num_images,

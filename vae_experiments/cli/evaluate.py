@@ -2,13 +2,16 @@
 
 Computes the IWAE estimate of log p(x) with ``k`` samples, the ELBO from the same samples, the
 posterior gap log p(x) - ELBO, the bounds L_j for smaller j, KL, the reconstruction term, bits
-per dimension and active units on a split (or its first ``max_images`` images); merges
-``{split}/log_px``, ``{split}/log_px_k``, ``{split}/log_px_images``, ``{split}/posterior_gap``,
-``{split}/bound_gap``, ``{split}/bpd`` and ``{split}/active_units`` into the run's
-``metrics.json`` and TensorBoard (the run's summary: the latest evaluation of a split
-wins there), and writes the whole evaluation, with the checkpoint and ``k`` that made it, into a
-new folder for this call, ``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``,
-... when that name is taken: an earlier evaluation's files are never replaced)::
+per dimension and active units on a split (or its first ``max_images`` images), and says what
+the log p(x) is: a log-likelihood of the data's pixels, a log-density (Gaussian, Laplace), or no
+likelihood of them (Bernoulli on grey pixels), with bits per dimension only for the first;
+merges ``{split}/log_px``, ``{split}/log_px_k``, ``{split}/log_px_images``,
+``{split}/posterior_gap``, ``{split}/bound_gap``, ``{split}/bpd`` (a likelihood only) and
+``{split}/active_units`` into the run's ``metrics.json`` and TensorBoard (the run's summary: the
+latest evaluation of a split wins there), and writes the whole evaluation, with the checkpoint
+and ``k`` that made it, into a new folder for this call,
+``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``, ... when that name is
+taken: an earlier evaluation's files are never replaced)::
 
     evaluate_<split>.json     the evaluation record
     evaluate.log              Hydra's log of the call
@@ -73,6 +76,14 @@ def _of_latent_dims(results: dict[str, Any]) -> str:
     return f"of {sum(dims)} (per layer: {layers})"
 
 
+def bits_per_dim_row(results: dict[str, Any]) -> tuple[str, str, str]:
+    """The table's bits/dim row: the number where log p(x) is a likelihood of the data, else
+    why there is none."""
+    if results["bpd"] is None:
+        return ("bits/dim", "-", f"none: log p(x) is {results['log_px_is']}")
+    return ("bits/dim", f"{results['bpd']:.4f}", "")
+
+
 def format_table(results: dict[str, Any], training: dict[str, Any], split: str) -> str:
     """The evaluation as a small text table (nats per image)."""
     k = results["log_px_k"]
@@ -82,7 +93,7 @@ def format_table(results: dict[str, Any], training: dict[str, Any], split: str) 
         ("posterior gap", f"{results['posterior_gap']:.3f}", "log p(x) - ELBO = KL(q || p(z|x))"),
         ("recon, -log p(x|z)", f"{results['recon']:.3f}", ""),
         ("KL(q(z|x) || p(z))", f"{results['kl']:.3f}", ""),
-        ("bits/dim", f"{results['bpd']:.4f}", ""),
+        bits_per_dim_row(results),
         ("active units", f"{results['active_units']}", _of_latent_dims(results)),
     ]
     if results["bounds"]:
@@ -93,9 +104,12 @@ def format_table(results: dict[str, Any], training: dict[str, Any], split: str) 
             (f"training's {split}/elbo", f"{training[f'{split}/elbo']:.3f}", "one sample per image")
         )
     width = max(len(name) for name, _, _ in rows)
-    return "\n".join(
+    table = "\n".join(
         f"  {name:<{width}}  {value:>10}  {note}".rstrip() for name, value, note in rows
     )
+    # Loud where log p(x) is no likelihood of the data: a number in nats reads like one.
+    flag = "" if results["log_px_is"] == "likelihood" else "WARNING: "
+    return f"{table}\n  {flag}log p(x) is {results['log_px_note']}"
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -212,14 +226,19 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         "metrics": results,
         "likelihood": type(model.likelihood).__name__,
     }
+    if results["log_px_is"] != "likelihood":
+        log.warning("log p(x) of %s is %s", run_dir, results["log_px_note"])
     # Before metrics.json: the run's summary never holds a value that no record explains.
     record_path = out_dir / f"evaluate_{cfg.split}.json"
     write_json_atomic(record_path, record)
 
     metrics_path = run_dir / METRICS_FILE
     metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
-    new = {f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS}
-    write_json_atomic(metrics_path, {**metrics, **new})
+    new = {f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS if results[key] is not None}
+    # No bits/dim where log p(x) is no likelihood of the data, nor an earlier call's beside it.
+    dropped = {f"{cfg.split}/{key}" for key in METRIC_KEYS if results[key] is None}
+    kept = {key: value for key, value in metrics.items() if key not in dropped}
+    write_json_atomic(metrics_path, {**kept, **new})
     step = int(metrics.get("steps", 0))
     with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
         for tag, value in new.items():

@@ -6,7 +6,8 @@ for a VAE its ``prior``), decodes ``n`` draws, and writes into a new folder for 
 that name is taken: an earlier call's files are never replaced)::
 
     samples_<density>.png     the decoded draws
-    traversal.png             one row per latent dimension, swept from its 5% to 95% quantile
+    traversal.png             one row per latent dimension, swept from its 5% to 95% quantile,
+                              labelled on the left with the range ("z3: -1.6 to 1.7")
     latent_scatter.png        test codes coloured by label (2-D codes, or their PCA projection)
     latent_densities.json     test-split log-likelihood of the codes under every density
     sample.log
@@ -72,6 +73,7 @@ def sample_latents(
         fit_density,
         heldout_log_likelihood,
         latent_traversal,
+        traversal_labels,
     )
     from vae_experiments.analysis.latent_plots import latent_scatter
     from vae_experiments.pictures import image_grid, save_grid
@@ -130,8 +132,11 @@ def sample_latents(
     }
     dims = None if traversal_dims is None else list(range(min(traversal_dims, model.latent_dim)))
     traversal = latent_traversal(model, train_codes, steps=traversal_steps, dims=dims)
+    # Each row labelled with its dimension and the range swept: "z3: -1.6 to 1.7".
+    labels = traversal_labels(train_codes, dims)
     paths["traversal"] = save_grid(
-        image_grid(list(traversal.split(traversal_steps))), out_dir / "traversal.png"
+        image_grid(list(traversal.split(traversal_steps)), row_labels=labels),
+        out_dir / "traversal.png",
     )
     paths["latent_scatter"] = latent_scatter(
         test_codes,

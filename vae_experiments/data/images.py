@@ -11,12 +11,19 @@ from torch.utils.data import Dataset
 from vae_experiments.data.batches import SPLIT_NAMES, TensorImages, binarize_uint8, to_float
 from vae_experiments.data.checks import at_least, one_of
 from vae_experiments.data.source import ImageSource
+from vae_experiments.models.likelihoods import BINARY, EIGHT_BIT
 from vae_experiments.targets import ConfigError
 
 log = logging.getLogger(__name__)
 
 BINARIZE_CHOICES = ("none", "static", "dynamic")
 ON_DEVICE_CHOICES = ("auto", True, False)
+
+
+def pixel_kind(binarize: str) -> str:
+    """What pixels data with this ``binarize`` setting hold: ``"binary"`` (0 or 1) when
+    binarised, else ``"8-bit"`` (k / 255: every source yields uint8 images)."""
+    return EIGHT_BIT if binarize == "none" else BINARY
 
 
 class ImageData:
@@ -69,6 +76,11 @@ class ImageData:
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image, known without touching the disk."""
         return self.source.image_shape
+
+    @property
+    def pixel_kind(self) -> str:
+        """``"binary"`` or ``"8-bit"``: see :func:`pixel_kind`."""
+        return pixel_kind(self.binarize)
 
     @property
     def name(self) -> str:

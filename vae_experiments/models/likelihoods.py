@@ -18,12 +18,23 @@ from vae_experiments.targets import ConfigError
 log = logging.getLogger(__name__)
 
 
+#: What a likelihood's ``log_prob`` is a log-probability of (:attr:`Likelihood.support`), and
+#: what pixels a batch holds (:func:`vae_experiments.analysis.likelihood.pixel_kind`):
+#: pixels 0 or 1 (binary or binarised data) ...
+BINARY = "binary"
+#: ... pixels k / 255 for integers k (8-bit data: 256 levels) ...
+EIGHT_BIT = "8-bit"
+#: ... or any real value (a density, or data off the 8-bit grid).
+CONTINUOUS = "continuous"
+
+
 class Likelihood(nn.Module):
     """Interface: ``log_prob(x, output) -> (B,)`` and ``mean(output) -> (B, C, H, W)``."""
 
-    #: Whether ``log_prob`` is a density over continuous pixel values (then bits per dimension
-    #: on 8-bit data get the discretisation term) rather than a probability of discrete values.
-    continuous_density: bool = False
+    #: What ``log_prob`` is normalised over: :data:`BINARY` (a probability of pixels 0 or 1),
+    #: :data:`EIGHT_BIT` (a probability of the 256 levels k / 255), :data:`CONTINUOUS` (a density
+    #: on real pixel values), or None (not normalised: not a likelihood at all).
+    support: str | None = None
 
     def log_prob(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -33,7 +44,13 @@ class Likelihood(nn.Module):
 
 
 class Bernoulli(Likelihood):
-    """Independent Bernoulli pixels parameterised by logits; x in [0, 1] (binary or grey)."""
+    """Independent Bernoulli pixels parameterised by logits.
+
+    A likelihood of binary pixels (0 or 1). Grey x in [0, 1] train as a cross-entropy, but
+    ``log_prob`` is then no log-probability of the data (evaluate.py says so).
+    """
+
+    support = BINARY
 
     def log_prob(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         bce = F.binary_cross_entropy_with_logits(output, x, reduction="none")
@@ -65,7 +82,7 @@ class Gaussian(Likelihood):
             used as given.
     """
 
-    continuous_density = True
+    support = CONTINUOUS
 
     #: How sharply the learned log(sigma) turns into the bound (softplus's ``beta``): at the bound
     #: itself the sigma used is min_sigma * 2 ** (1 / BOUND_SHARPNESS), 7% above it.
@@ -136,7 +153,7 @@ class Laplace(Likelihood):
         b: the scale (mean absolute deviation) of every pixel.
     """
 
-    continuous_density = True
+    support = CONTINUOUS
 
     def __init__(self, b: float):
         super().__init__()
@@ -149,6 +166,87 @@ class Laplace(Likelihood):
 
     def mean(self, output: torch.Tensor) -> torch.Tensor:
         return output
+
+
+def _log1mexp(d: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(d)) for d <= 0, accurate at both ends (Maechler 2012)."""
+    return torch.where(d > -math.log(2), torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
+
+
+def _log_sigmoid_difference(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(upper) - sigmoid(lower)) for upper > lower, without cancellation.
+
+    Where both are large and positive the two sigmoids are both near 1; the same difference is
+    then taken as sigmoid(-lower) - sigmoid(-upper), whose terms are small.
+    """
+    flip = (upper + lower) > 0
+    upper, lower = torch.where(flip, -lower, upper), torch.where(flip, -upper, lower)
+    log_upper = F.logsigmoid(upper)
+    return log_upper + _log1mexp(F.logsigmoid(lower) - log_upper)
+
+
+class DiscretizedLogistic(Likelihood):
+    """Independent logistic pixels around the decoder output, discretised to the 256 levels of
+    8-bit data: a probability of each level, summing to 1 over the levels.
+
+    Pixel value ``x = k / 255`` (k = 0..255) gets the logistic's mass on the bin ``[x - 1/510,
+    x + 1/510]``, the first and last bins reaching out to -inf and +inf (Salimans et al. 2017,
+    PixelCNN++, https://arxiv.org/abs/1701.05517, with one component and one scale). So
+    ``log_prob`` (B,) is a log-likelihood of the 8-bit image in nats, at most 0, and bits per
+    dimension are those the literature reports for 8-bit images. On binarised data (pixels 0
+    or 255) it is still a likelihood, over 256 levels.
+
+    Args:
+        scale: the logistic's scale s (std = s pi / sqrt(3)), or its starting value when
+            ``learn_scale`` is true.
+        learn_scale: learn log(scale) as one parameter shared by every pixel (the
+            sigma-VAE's choice for a Gaussian, https://arxiv.org/abs/2006.13202). Needs no lower
+            bound: a probability of discrete values cannot exceed 1.
+    """
+
+    support = EIGHT_BIT
+    #: Levels of 8-bit pixels; the data are ``k / (LEVELS - 1)``.
+    LEVELS = 256
+
+    def __init__(self, scale: float, learn_scale: bool):
+        super().__init__()
+        if not scale > 0:
+            raise ConfigError("scale", scale, "must be a number > 0")
+        self.learn_scale = learn_scale
+        log_scale = torch.tensor(math.log(scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The logistic's scale s (scalar)."""
+        return self.log_scale.exp()
+
+    def log_prob(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        half_bin = 0.5 / (self.LEVELS - 1)
+        inverse_scale = torch.exp(-self.log_scale)
+        centred = x - output
+        upper = (centred + half_bin) * inverse_scale  # the bin's edges, standardised
+        lower = (centred - half_bin) * inverse_scale
+        # The first and last levels take the tails; the middle test picks by value, not by
+        # exact equality, so that x = k / 255 in float32 finds its level.
+        log_mass = torch.where(
+            x < half_bin,
+            F.logsigmoid(upper),  # log CDF(upper)
+            torch.where(
+                x > 1 - half_bin,
+                F.logsigmoid(-lower),  # log (1 - CDF(lower))
+                _log_sigmoid_difference(upper, lower),
+            ),
+        )
+        return log_mass.flatten(1).sum(1)
+
+    def mean(self, output: torch.Tensor) -> torch.Tensor:
+        # The logistic's centre, in the pixel range (the discretised mean up to the mass the
+        # end levels take from the tails).
+        return output.clamp(0, 1)
 
 
 class SquaredError(Likelihood):

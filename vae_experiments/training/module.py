@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
+from vae_experiments.analysis.likelihood import ACTIVE_UNIT_THRESHOLD, ActiveUnits
 from vae_experiments.models import LatentModel
 from vae_experiments.training import lightning_compat
 from vae_experiments.training.optimizer_settings import apply_changed_settings, configured_settings
@@ -188,6 +189,10 @@ class LitModel(pl.LightningModule):
         self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler else None
         self._saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
         self._settings_at_checkpoint: dict[str, Any] | None = None
+        # Models with a prior: active units of the posterior means over each validation epoch.
+        counts_units = getattr(model, "has_prior", False) and hasattr(model, "posterior_means")
+        self._active_units = ActiveUnits(model.latent_dims) if counts_units else None
+        self._last_active_units: int | None = None  # the previous validation epoch's count
         # No save_hyperparameters: the run's config.yaml holds everything, image shape included,
         # and load_run rebuilds the model from it.
 
@@ -198,6 +203,9 @@ class LitModel(pl.LightningModule):
         step = self.global_step if stage == "train" else None
         terms = self.model.loss(x, step=step)
         self._means[stage].add(terms, x.shape[0], step=step)
+        if stage == "val" and self._active_units is not None:
+            # One more encoder pass, in validation only; sums stay on the device.
+            self._active_units.add(self.model.posterior_means(x))
         return terms["loss"]
 
     def _logs_this_step(self) -> bool:
@@ -362,9 +370,53 @@ class LitModel(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._means["val"].reset()
+        if self._active_units is not None:
+            self._active_units.sums = None
 
     def on_validation_epoch_end(self) -> None:
         self._log_means("val", sync=True)
+        self._log_active_units()
+
+    def _log_active_units(self) -> None:
+        """Logs ``val/active_units`` (Burda et al.'s count over the whole validation split, all
+        processes) and warns when it falls to zero: posterior collapse. One collective and one
+        host sync per validation epoch."""
+        units = self._active_units
+        if units is None:
+            return
+        sums = units.sums if units.sums is not None else units.empty_sums(self.device)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        if int(sums[-1]) < 2:
+            return
+        active = sum(units.counts(sums))
+        # Equal on every process already; sync_dist keeps Lightning from warning about it.
+        self.log("val/active_units", float(active), on_epoch=True, sync_dist=True)
+        if self.trainer.sanity_checking:
+            return
+        previous, self._last_active_units = self._last_active_units, active
+        if active == 0 and previous != 0 and self.trainer.is_global_zero:
+            log.warning(self._collapse_message())
+
+    def _collapse_message(self) -> str:
+        """Says that no latent unit is active, what that means, and what to try."""
+        model = self.model
+        total = sum(model.latent_dims)
+        tries = []
+        warmup = getattr(model, "kl_warmup_steps", None)
+        if warmup is not None:
+            steps = 10 * max(1, int(self.trainer.num_training_batches))
+            now = f"now {warmup}" if warmup else "now off"
+            tries.append(f"a KL warm-up (model.kl_warmup_steps={steps}: 10 epochs; {now})")
+        beta = getattr(model, "beta", None)
+        if beta is not None:
+            tries.append(f"a lower model.beta (now {beta:g})")
+        tries.append("a smaller decoder, or more epochs (units can open up later)")
+        return (
+            f"posterior collapse: val/active_units=0 of {total} in epoch {self.current_epoch} "
+            f"(step {self.global_step}): no latent unit's posterior mean varies across the "
+            f"validation images (variance > {ACTIVE_UNIT_THRESHOLD:g}), so the decoder ignores z "
+            f"and samples all look alike. To try: {_and(tries)}."
+        )
 
     def on_test_epoch_start(self) -> None:
         self._means["test"].reset()
