@@ -36,7 +36,7 @@ def compose_config(overrides: list[str] = ()) -> DictConfig:
     """``configs/train.yaml`` composed with overrides, as ``python train.py ...`` would, and
     ``model/likelihood=auto`` replaced by the data's likelihood, as ``train()`` does first (so
     that ``cfg.model`` builds as it is)."""
-    from vae_experiments.training.train import choose_likelihood
+    from vae_experiments.config_checks import choose_likelihood
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))

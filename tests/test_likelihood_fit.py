@@ -22,6 +22,7 @@ from vae_experiments.analysis.likelihood import (
     evaluate_vae,
     observed_pixel_kind,
 )
+from vae_experiments.config_checks import choose_likelihood
 from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.models import MLP, VAE, Bernoulli, Gaussian, SquaredError
 from vae_experiments.models.likelihoods import DiscretizedLogistic, Laplace
@@ -29,7 +30,6 @@ from vae_experiments.pictures import PADDING, image_grid
 from vae_experiments.runs import load_run
 from vae_experiments.targets import ConfigError, instantiate
 from vae_experiments.training.module import LitModel
-from vae_experiments.training.train import choose_likelihood
 
 IMAGE_SHAPE = (1, 8, 8)
 LEVELS = torch.arange(256, dtype=torch.float64) / 255  # every value of an 8-bit pixel

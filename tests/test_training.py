@@ -203,8 +203,10 @@ def test_train_terms_are_logged_at_the_logging_interval(tmp_path):
 
 
 def test_channels_last_trains_a_conv_model_like_nchw(tmp_path):
-    nhwc, run_dir = run(tmp_path, ["model=vae", *SMALL, "channels_last=true"], "nhwc")
-    nchw, _ = run(tmp_path, ["model=vae", *SMALL, "channels_last=false"], "nchw")
+    # Bernoulli: a learned likelihood scale would amplify the kernels' rounding differences.
+    vae = ["model=vae", "model/likelihood=bernoulli", *SMALL]
+    nhwc, run_dir = run(tmp_path, [*vae, "channels_last=true"], "nhwc")
+    nchw, _ = run(tmp_path, [*vae, "channels_last=false"], "nchw")
     for key in ("test/loss", "test/recon_mse", "test/kl"):  # other kernels, the same training
         assert nhwc[key] == pytest.approx(nchw[key], rel=1e-2), key
     model, _ = load_run(run_dir)  # a plain model again, in the default memory format

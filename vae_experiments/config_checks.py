@@ -1,4 +1,6 @@
-"""Checks of a composed training config, before any data is read or any model is built.
+"""Checks of a composed training config, before any data is read or any model is built, and
+the one choice made from the config alone before them: the likelihood the data call for
+(:func:`choose_likelihood`, for ``model/likelihood=auto``).
 
 Every message names the key, the bad value and what is allowed, in the form the command line
 takes, e.g. ``data.batch_size=0 is invalid: must be an integer >= 1``. A check applies only
@@ -9,14 +11,21 @@ before any data is read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from vae_experiments import targets
+from vae_experiments.configs import CONFIG_DIR
+from vae_experiments.data.images import pixel_kind
+from vae_experiments.models.likelihoods import BINARY
 from vae_experiments.runs.layout import CHECKPOINT_CHOICES
 from vae_experiments.targets import ConfigError, raise_all
+
+log = logging.getLogger(__name__)
 
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 
@@ -195,3 +204,39 @@ def check_config(cfg: DictConfig, lightning: bool = True) -> None:
     """
     problems = [*config_problems(cfg), *build_problems(cfg, lightning), *machine_problems(cfg)]
     raise_all(problems)
+
+
+#: The ``_target_`` of ``model/likelihood=auto`` (configs/model/likelihood/auto.yaml).
+AUTO_LIKELIHOOD = "auto"
+
+
+def choose_likelihood(cfg: DictConfig) -> str | None:
+    """Puts the likelihood the data call for in place of ``model/likelihood=auto``, in ``cfg``.
+
+    ``auto.yaml`` names a likelihood config for each kind of pixels: ``binary`` for binarised
+    data (``data.binarize=static|dynamic``), ``eight_bit`` for the rest (every source yields
+    8-bit images). That file's contents replace ``cfg.model.likelihood``, so the run's
+    ``config.yaml`` names the likelihood trained with.
+
+    Returns:
+        The name of the likelihood chosen, or None when ``cfg`` names one itself.
+    """
+    node = cfg.model.get("likelihood")
+    if not isinstance(node, DictConfig) or node.get("_target_") != AUTO_LIKELIHOOD:
+        return None
+    kind = pixel_kind(cfg.data.get("binarize", "none"))
+    key = "binary" if kind == BINARY else "eight_bit"
+    name = node.get(key)
+    folder = Path(CONFIG_DIR) / "model" / "likelihood"
+    if not (isinstance(name, str) and (folder / f"{name}.yaml").is_file()):
+        options = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != AUTO_LIKELIHOOD)
+        raise ConfigError(f"model.likelihood.{key}", name, f"must be one of {', '.join(options)}")
+    with open_dict(cfg):
+        cfg.model.likelihood = OmegaConf.load(folder / f"{name}.yaml")
+    log.info(
+        "model.likelihood: %s, for %s pixels (model/likelihood=auto; model/likelihood=<name> "
+        "chooses one)",
+        name,
+        kind,
+    )
+    return name

@@ -266,9 +266,10 @@ def owns_run_dir(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
 def check_early(cfg: DictConfig) -> None:
     """Raises one of :data:`CONFIG_ERRORS` for a config that cannot train: a required value
     (``???``) not given, an interpolation that does not resolve, a value our checks refuse."""
-    from vae_experiments.config_checks import check_config
+    from vae_experiments.config_checks import check_config, choose_likelihood
 
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    choose_likelihood(cfg)  # model/likelihood=auto: the one the data call for
     check_config(cfg, lightning=False)  # seconds sooner: Lightning is not imported yet
 
 

@@ -16,13 +16,11 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import (
     check_config,
+    choose_likelihood,
     cpu_processes,
     trains_until_stopped,
 )
-from vae_experiments.configs import CONFIG_DIR
 from vae_experiments.data.datamodule import ImageDataModule
-from vae_experiments.data.images import pixel_kind
-from vae_experiments.models.likelihoods import BINARY
 from vae_experiments.runs import (
     BEST,
     CHECKPOINT_DIR,
@@ -35,7 +33,7 @@ from vae_experiments.runs import (
     save_config,
     write_json_atomic,
 )
-from vae_experiments.targets import ConfigError, instantiate, to_container
+from vae_experiments.targets import instantiate, to_container
 from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
@@ -47,40 +45,6 @@ log = logging.getLogger(__name__)
 
 #: Prefix of metrics.json keys that describe the run before it was resumed.
 STALE_PREFIX = "stale/"
-#: The ``_target_`` of ``model/likelihood=auto`` (configs/model/likelihood/auto.yaml).
-AUTO_LIKELIHOOD = "auto"
-
-
-def choose_likelihood(cfg: DictConfig) -> str | None:
-    """Puts the likelihood the data call for in place of ``model/likelihood=auto``, in ``cfg``.
-
-    ``auto.yaml`` names a likelihood config for each kind of pixels: ``binary`` for binarised
-    data (``data.binarize=static|dynamic``), ``eight_bit`` for the rest (every source yields
-    8-bit images). That file's contents replace ``cfg.model.likelihood``, so the run's
-    ``config.yaml`` names the likelihood trained with.
-
-    Returns:
-        The name of the likelihood chosen, or None when ``cfg`` names one itself.
-    """
-    node = cfg.model.get("likelihood")
-    if not isinstance(node, DictConfig) or node.get("_target_") != AUTO_LIKELIHOOD:
-        return None
-    kind = pixel_kind(cfg.data.get("binarize", "none"))
-    key = "binary" if kind == BINARY else "eight_bit"
-    name = node.get(key)
-    folder = Path(CONFIG_DIR) / "model" / "likelihood"
-    if not (isinstance(name, str) and (folder / f"{name}.yaml").is_file()):
-        options = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != AUTO_LIKELIHOOD)
-        raise ConfigError(f"model.likelihood.{key}", name, f"must be one of {', '.join(options)}")
-    with open_dict(cfg):
-        cfg.model.likelihood = OmegaConf.load(folder / f"{name}.yaml")
-    log.info(
-        "model.likelihood: %s, for %s pixels (model/likelihood=auto; model/likelihood=<name> "
-        "chooses one)",
-        name,
-        kind,
-    )
-    return name
 
 
 def build_logger(cfg: DictConfig | None, run_dir: Path) -> Logger | None:
