@@ -78,6 +78,7 @@ def test_console_script_shows_the_config(tmp_path):
     assert config["data"]["source"]["_target_"] == "vae_experiments.data.Digits"
 
 
+@pytest.mark.slow  # a sweep of four runs; test_a_failing_job_is_recorded_and_the_sweep_goes_on sweeps by default
 def test_sweep_over_models_and_latent_sizes(tmp_path):
     sweep_dir = tmp_path / "sweep"
     run_cli(

@@ -117,6 +117,7 @@ def test_unknown_option_lists_the_available_ones(monkeypatch, capsys, group, opt
     assert "is not a config key" not in err
 
 
+@pytest.mark.slow  # three subprocesses; train.py's suggestions are tested in process
 def test_the_analysis_commands_suggest_too(tmp_path):
     result = run_cli(
         [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "kk=3"],

@@ -398,6 +398,7 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     )
 
 
+@pytest.mark.slow  # a subprocess for one message
 def test_evaluate_command_needs_a_run(tmp_path):
     done = run_script([], tmp_path)
     assert done.returncode != 0
@@ -405,6 +406,7 @@ def test_evaluate_command_needs_a_run(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a subprocess for one message
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_evaluate_on_cuda_without_a_gpu_says_what_to_use(trained_runs, tmp_path):
     done = run_script([f"run={trained_runs('vae')}", "device=cuda", "k=2"], tmp_path)

@@ -131,6 +131,7 @@ def test_linear_autoencoder_reaches_pca_on_fashion_mnist(tmp_path):
     assert ae_error <= pca_error * 1.01, errors
 
 
+@pytest.mark.slow  # the whole command in a subprocess; compare() is tested in process
 def test_compare_pca_command_writes_its_report(tmp_path):
     out = tmp_path / "report"
     result = subprocess.run(

@@ -401,8 +401,10 @@ def test_resumed_config_applies_typed_values_from_the_command_line():
     ("argument", "message"),
     [
         ("resume={tmp}/nowhere", "does not exist; pass the run directory"),
-        ("resume={tmp}", "has no config.yaml"),
-        ("resume={tmp}/missing.ckpt", "no such checkpoint file"),
+        pytest.param("resume={tmp}", "has no config.yaml", marks=pytest.mark.slow),
+        pytest.param(
+            "resume={tmp}/missing.ckpt", "no such checkpoint file", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_resume_of_something_that_is_no_run_says_so(tmp_path, argument, message):
@@ -488,6 +490,7 @@ def test_a_sweep_directory_that_holds_runs_is_refused(tmp_path):
     refuse_existing_run_dir([f"hydra.sweep.dir={sweep}"])  # not a sweep: run.dir counts
 
 
+@pytest.mark.slow  # trains a run, then one refusal
 def test_resume_and_ckpt_path_together_are_refused(tmp_path):
     run_dir = train_run(tmp_path / "run", [*RESUMABLE, "trainer.max_epochs=1"])
     result = run_cli(
