@@ -165,7 +165,9 @@ def find_run_dirs(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
-def _read_overrides(run_dir: Path) -> dict[str, Any]:
+def read_overrides(run_dir: Path) -> dict[str, Any]:
+    """``.hydra/overrides.yaml`` in order, key -> parsed value (:func:`parse_override`); empty
+    when Hydra wrote none."""
     path = run_dir / HYDRA_OVERRIDES_FILE
     if not path.is_file():
         return {}
@@ -220,7 +222,7 @@ def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> RunRec
     return RunRecord(
         path=run_dir,
         name=name,
-        overrides=_read_overrides(run_dir),
+        overrides=read_overrides(run_dir),
         metrics=metrics,
         status=status,
         error=error,
