@@ -90,9 +90,16 @@ def _max_epochs(value: Any) -> str | None:
     return "must be an integer >= 0, or -1 (no limit)"
 
 
+def _metric_key(value: Any) -> str | None:
+    if isinstance(value, str) and value.startswith(("val/", "test/")):
+        return None
+    return "must be a val/ or test/ key of metrics.json, e.g. val/loss or test/elbo"
+
+
 # key -> rule returning None when the value is allowed, else what is allowed.
 RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
+    "optimized_metric": _metric_key,
     "test_ckpt": _one_of(CHECKPOINT_CHOICES),
     "trainer.max_epochs": _max_epochs,
     # A negative clip value would flip the gradients' sign (torch clips by max_norm / norm).

@@ -49,6 +49,7 @@ __all__ = [
     "find_run_dirs",
     "parse_override",
     "parse_value",
+    "plot_search",
     "plot_summary",
     "read_run",
     "summary_table",
@@ -421,6 +422,45 @@ def _bar_chart(table: SummaryTable, runs: list[RunRecord], metric: str, note: st
     ax.set_ylabel(", ".join(table.swept) or "run")
     ax.set_title(f"{metric} per run\n{note}", fontsize="medium")
     ax.grid(True, axis="x", alpha=0.3)
+    return fig
+
+
+def plot_search(table: SummaryTable, metric: str, keys: Sequence[str]) -> Figure:
+    """A search's metric against each searched value, one axis per searched key (the same
+    metric on every axis), the table's first run (the best) marked.
+
+    Args:
+        table: from :func:`summary_table`, sorted by ``metric``.
+        metric: the searched metric (the search's ``optimized_metric``).
+        keys: the searched keys (their runs' values are read from ``table.settings``).
+
+    Raises:
+        ValueError: the metric is in no finished run.
+    """
+    runs = [r for r in table.records if r.ok and is_number(r.metrics.get(metric))]
+    if not runs:
+        raise ValueError(f"no finished trial has the metric {metric!r}; nothing to plot")
+    fig = Figure(figsize=(4.2 * max(1, len(keys)), 4.0), layout="constrained")
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)[0]
+    color, best_color = _colors(2)
+    for ax, key in zip(axes, keys, strict=False):
+        values = [table.settings[r.name].get(key) for r in runs]
+        ys = [float(r.metrics[metric]) for r in runs]
+        if all(is_number(v) for v in values):
+            xs = [float(v) for v in values]
+            if min(xs) > 0 and max(xs) / min(xs) >= 100:
+                ax.set_xscale("log")
+        else:
+            distinct = sorted({format_value(v) for v in values})
+            xs = [float(distinct.index(format_value(v))) for v in values]
+            ax.set_xticks(range(len(distinct)), distinct)
+        ax.scatter(xs, ys, color=color, s=30, label="trial")
+        ax.scatter(xs[:1], ys[:1], color=best_color, s=90, marker="*", label="best")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{metric} of {len(runs)} trials against each searched value", fontsize="medium")
     return fig
 
 

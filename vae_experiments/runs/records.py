@@ -40,6 +40,7 @@ from vae_experiments.runs.layout import (
     INCOMPLETE,
     METRICS_FILE,
     RUNNING,
+    SEARCH_FILE,
     STATUS_FILE,
     is_run_dir,
 )
@@ -242,3 +243,15 @@ def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
             "multirun/<date>/<time> (or outputs/<date>)"
         )
     return [read_run(path, sweep_dir) for path in find_run_dirs(sweep_dir)]
+
+
+def read_search(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """``<sweep dir>/search.yaml`` of a search (``hydra/sweeper=optuna``): ``optimized_metric``,
+    ``direction``, ``searched`` (key -> as typed), ``fixed``, ``best`` and ``trials``; None
+    for a sweep that is no search, or when the file cannot be read."""
+    path = Path(sweep_dir) / SEARCH_FILE
+    try:
+        search = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return search if isinstance(search, dict) else None

@@ -224,6 +224,7 @@ def train(
                 signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
             ) from None
 
+        validated = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         test_ckpt = best.best_model_path if cfg.test_ckpt == BEST else ""
         test_ckpt = test_ckpt or last.best_model_path or None
         try:
@@ -241,6 +242,8 @@ def train(
                 phase="testing",
             ) from None
     metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}
+    # The last validation epoch's terms: what a search (optimized_metric=val/loss) compares.
+    metrics.update({key: float(value) for key, value in validated.items()})
     metrics.update(
         epochs=trainer.current_epoch,
         steps=trainer.global_step,
