@@ -3,13 +3,16 @@ when one is not installed."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MLP_64, compose_config, train_run
+from vae_experiments.cli.run_dirs import run_name
 from vae_experiments.config_checks import check_config, logger_nodes
 from vae_experiments.targets import ConfigError
 from vae_experiments.training.trackers import tracked_hparams
@@ -103,3 +106,24 @@ def test_wandb_runs_offline_without_an_api_key(tmp_path, monkeypatch):
     for key in (b"train/loss", b"val/loss", b"test/loss", b"images/reconstructions"):
         assert key in data, key
     assert list((offline / "files" / "media" / "images").rglob("reconstructions*.png"))
+
+
+def test_run_names_say_what_the_run_is():
+    overrides = ["model.latent_dim=32", "logger=mlflow", "hydra.run.dir=x", "+optimizer.lr=1e-3"]
+    assert run_name("vae", "fashion_mnist", overrides) == "vae-fashion_mnist-latent_dim=32-lr=1e-3"
+    assert run_name("ae", "digits", ["model/network=mlp", "model.network.hidden_dims=[8,16]"]) == (
+        "ae-digits-network=mlp-hidden_dims=_8_16_"
+    )
+    assert len(run_name("vae", "digits", [f"model.k{i}={i}" for i in range(100)])) <= 120
+
+
+def test_a_short_epoch_still_logs_train_terms_and_a_line_in_train_log(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vae_experiments.training.callbacks")
+    # 3 steps per epoch, fewer than trainer.log_every_n_steps=20.
+    overrides = ["model=vae", *TINY, "trainer.max_epochs=2", "+trainer.limit_train_batches=3"]
+    run_dir = train_run(tmp_path / "run", [*overrides, "logger=csv"])
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows if r.get("train/loss")] == [0, 1]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(" (")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "train/loss=" in lines[0] and "val/loss=" in lines[0] and "val/kl=" in lines[0]

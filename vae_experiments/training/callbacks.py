@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from vae_experiments.pictures import image_grid, save_grid
 from vae_experiments.training import lightning_compat
+
+log = logging.getLogger(__name__)
 
 
 class ImageGrids(pl.Callback):
@@ -108,6 +111,40 @@ class EpochTimer(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.epoch_seconds = [float(t) for t in state_dict.get("epoch_seconds", [])]
+
+
+class EpochLog(pl.Callback):
+    """One line per training epoch in the run's log (``train.log``), so that a job on a cluster
+    can be followed from its log: ``epoch 3/30 (step 120): train/loss=... val/loss=...``, with
+    the epoch's last ``train/loss`` point and its validation terms (global rank 0 only).
+
+    Written when the next epoch starts or training ends: the epoch's own metrics reach the
+    trainer after every ``on_train_epoch_end`` hook has run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._finished: int | None = None  # the epoch whose line is due
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finished = trainer.current_epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        epoch, self._finished = self._finished, None
+        if epoch is None or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics  # host values once per epoch
+        shown = [key for key in ("train/loss",) if key in metrics]
+        shown += sorted(key for key in metrics if key.startswith("val/"))
+        terms = " ".join(f"{key}={float(metrics[key]):.5g}" for key in shown)
+        limit = trainer.max_epochs if trainer.max_epochs not in (None, -1) else "?"
+        log.info("epoch %d/%s (step %d): %s", epoch + 1, limit, trainer.global_step, terms)
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -212,8 +212,9 @@ class LitModel(pl.LightningModule):
         """Whether the trainer writes step metrics after this step (every log_every_n_steps)."""
         return lightning_compat.logs_this_step(self.trainer)
 
-    def _log_means(self, stage: str, sync: bool) -> None:
-        """Log the means accumulated in ``stage`` since the last call, then start afresh."""
+    def _log_means(self, stage: str, sync: bool, epoch_end: bool = False) -> None:
+        """Log the means accumulated in ``stage`` since the last call, then start afresh;
+        ``epoch_end``: training's remainder at the end of its epoch (an epoch-level point)."""
         means = self._means[stage].pop(self.trainer.strategy if sync else None)
         if stage != "train" and means:
             self._warn_if_nonfinite(stage, means)
@@ -222,8 +223,8 @@ class LitModel(pl.LightningModule):
                 f"{stage}/{name}",
                 value,
                 prog_bar=name == "loss",
-                on_step=stage == "train",
-                on_epoch=stage != "train",
+                on_step=stage == "train" and not epoch_end,
+                on_epoch=stage != "train" or epoch_end,
                 # Already summed over processes; syncing the equal values again is a no-op that
                 # keeps Lightning from warning about unsynced epoch metrics.
                 sync_dist=sync,
@@ -286,6 +287,9 @@ class LitModel(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Before ModelCheckpoint's hook: Lightning calls the module's first.
         self._raise_if_nonfinite(weights=True)
+        # What the epoch trained since its last train/* point (all of it in an epoch shorter
+        # than log_every_n_steps): at least one point per epoch, one host read per epoch.
+        self._log_means("train", sync=False, epoch_end=True)
 
     def on_validation_start(self) -> None:
         # Checkpoints are written at the end of validation. Also called in the sanity check,

@@ -33,7 +33,7 @@ from vae_experiments.runs import (
     write_json_atomic,
 )
 from vae_experiments.targets import instantiate, to_container
-from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
+from vae_experiments.training.callbacks import EpochLog, EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
@@ -187,6 +187,7 @@ def train(
     interruption = Interruption(checkpoint_path(run_dir, LAST))
     callbacks: list[pl.Callback] = [
         timer,
+        EpochLog(),
         interruption,
         best,
         last,
