@@ -115,6 +115,8 @@ def test_run_names_say_what_the_run_is():
         "ae-digits-network=mlp-hidden_dims=_8_16_"
     )
     assert len(run_name("vae", "digits", [f"model.k{i}={i}" for i in range(100)])) <= 120
+    sampled = ["model.beta=3.781904084470194", "optimized_metric=test/elbo", "optimizer.lr=1e-3"]
+    assert run_name("vae", "digits", sampled) == "vae-digits-beta=3.782-lr=1e-3"
 
 
 def test_a_short_epoch_still_logs_train_terms_and_a_line_in_train_log(tmp_path, caplog):

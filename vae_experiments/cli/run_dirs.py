@@ -72,7 +72,15 @@ CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer")
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
 
 #: Overrides that say where a run goes or how it is shown, not what it is: left out of its name.
-UNNAMED_OVERRIDES = ("hydra", "resume", "ckpt_path", "logger", "callbacks", "trainer.enable_")
+UNNAMED_OVERRIDES = (
+    "hydra",
+    "resume",
+    "ckpt_path",
+    "logger",
+    "callbacks",
+    "trainer.enable_",
+    "optimized_metric",
+)
 
 #: Longest run name, in characters (file systems allow 255 per folder name).
 MAX_RUN_NAME = 120
@@ -159,8 +167,17 @@ def run_name(model: str | None, data: str | None, overrides: Sequence[str] = ())
         key, _, value = str(override).lstrip("+~").partition("=")
         if key in ("model", "data") or key.startswith(UNNAMED_OVERRIDES):
             continue
-        parts.append(f"{key.rpartition('.')[2].rpartition('/')[2]}={value}")
+        parts.append(f"{key.rpartition('.')[2].rpartition('/')[2]}={_short(value)}")
     return UNSAFE_NAME_CHARS.sub("_", "-".join(parts))[:MAX_RUN_NAME].rstrip("-")
+
+
+def _short(value: str) -> str:
+    """A number as a name shows it: ``3.781904084470194`` -> ``3.782`` (the config keeps all)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if len(value) > 6 and "." in value else value
 
 
 def register_resolvers() -> None:

@@ -81,7 +81,11 @@ def best_trial_lines(table, search: dict, metric: str) -> str:
     best = next((r for r in table.records if r.ok and metric in r.metrics), None)
     if best is None:
         return "best trial: none finished"
-    searched = [f"{k}={format_value(table.settings[best.name].get(k))}" for k in search["searched"]]
+    values = {k: table.settings[best.name].get(k) for k in search["searched"]}
+    searched = [
+        f"{k}={v!r}" if isinstance(v, float) else f"{k}={format_value(v)}"
+        for k, v in values.items()
+    ]
     command = " ".join(["python train.py", *search.get("fixed", []), *searched])
     return (
         f"best trial: {best.name} ({metric}={format_value(best.metrics[metric])}, "
@@ -139,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if search and not args.no_plot and any(r.ok and args.sort in r.metrics for r in records):
         path = Path(out_dir) / "summary_search.png"
-        plot_search(table, args.sort, list(search["searched"])).savefig(path, dpi=120)
+        log_keys = [key for key, typed in search["searched"].items() if "log" in str(typed)]
+        plot_search(table, args.sort, list(search["searched"]), log_keys).savefig(path, dpi=120)
         written.append(path)
 
     print(table.to_markdown())
