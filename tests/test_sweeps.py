@@ -164,6 +164,7 @@ def test_table_sorts_by_metric_and_puts_failures_last(sweep):
         "trainer.max_epochs": 3,
         "model.network.hidden_dims": [16],
         "optimizer.lr": 0.001,
+        "epochs": 3,  # a metric with one value in every finished run
     }
     # failures are ordered by their swept values: ae/4 (job 5) before ae/10 (job 4)
     assert [r.name for r in table.failures] == ["5", "4"]

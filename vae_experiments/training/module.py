@@ -142,7 +142,8 @@ class LitModel(pl.LightningModule):
     """Wraps a :class:`LatentModel` for CPU, GPU and multi-GPU/multi-node training.
 
     Every term of ``model.loss`` is logged as ``{stage}/{name}`` (``train/loss``, ``val/elbo``, ...):
-    training terms every ``trainer.log_every_n_steps`` steps as the mean over those steps,
+    training terms every ``trainer.log_every_n_steps`` steps as the mean over those steps (and
+    at each epoch's end over the steps since, so that every epoch has a point),
     validation and test terms once per epoch as the mean over all images of all processes.
     Terms are accumulated on the device, so a step costs no host sync and no logging call.
 

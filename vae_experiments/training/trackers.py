@@ -74,7 +74,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
 
 
 def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A config as ``{"model.latent_dim": 16, ...}`` with scalar values (lists as their text)."""
+    """A config as ``{"model.latent_dim": 16, ...}`` with scalar values (lists and null as their
+    text)."""
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     flat: dict[str, Any] = {}
@@ -82,7 +83,7 @@ def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
         for key, value in node.items():
             flat.update(flat_config(value, f"{prefix}{key}."))
     else:
-        is_scalar = node is None or isinstance(node, int | float | str | bool)
+        is_scalar = isinstance(node, int | float | str | bool)  # null too becomes text: a column
         flat[prefix[:-1]] = node if is_scalar else str(node)
     return flat
 
