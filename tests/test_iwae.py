@@ -319,3 +319,18 @@ def test_every_preset_trains_a_few_steps_on_digits(tmp_path, name):
         overrides.append("model.latent_dims=[100,50]")
     run_dir = train_run(tmp_path / "run", overrides)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_upper_network_is_a_group_choice_of_its_own():
+    """model=hvae's upper network (z1 <-> z2) is chosen like the main one, and its default's
+    widths do not leak into another choice."""
+    default = compose_config(["model=hvae", "model.latent_dims=[3,2]"]).model
+    assert default.upper_network.hidden_dims == [100, 100]
+    assert default.upper_network.activation == "tanh"
+    linear = compose_config(
+        ["model=hvae", "model.latent_dims=[3,2]", "model/network@model.upper_network=linear"]
+    ).model
+    assert "hidden_dims" not in linear.upper_network
+    model = instantiate(linear, key="model", image_shape=list(IMAGE_SHAPE))
+    terms = model.loss(binary_images())
+    assert torch.isfinite(terms["loss"])

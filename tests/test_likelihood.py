@@ -413,3 +413,30 @@ def test_evaluate_on_cuda_without_a_gpu_says_what_to_use(trained_runs, tmp_path)
     assert done.returncode != 0
     assert "device=cuda: torch sees no GPU on this machine; use device=cpu" in done.stderr
     assert "map_location" not in done.stderr
+
+
+def test_the_table_says_how_many_samples_training_used():
+    """An IWAE k=5 run's logged test/elbo averages five samples per image, and its objective is
+    the k=5 bound: the table must not call it a one-sample ELBO."""
+    from vae_experiments.cli.evaluate import format_table
+
+    results = {
+        "log_px_k": 100,
+        "log_px": -90.0,
+        "elbo": -95.0,
+        "posterior_gap": 5.0,
+        "recon": 80.0,
+        "kl": 15.0,
+        "bpd": 0.17,
+        "log_px_is": "likelihood",
+        "log_px_note": "a likelihood",
+        "active_units": 3,
+        "latent_dims": [4],
+        "bounds": {},
+    }
+    training = {"test/elbo": -96.0, "test/iwae_bound": -93.0}
+    iwae = format_table(results, training, "test", training_k=5)
+    assert "5 samples per image" in iwae and "one sample" not in iwae
+    assert "training's test/iwae_bound" in iwae and "IWAE k=5" in iwae
+    vae = format_table(results, {"test/elbo": -96.0}, "test", training_k=1)
+    assert "one sample per image" in vae and "iwae_bound" not in vae

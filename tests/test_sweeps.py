@@ -314,6 +314,10 @@ def test_plot_log_scale_and_bar_chart(tmp_path):
     (axes,) = plot_summary(table).axes
     assert axes.get_xscale() == "log"
     assert axes.get_legend() is None  # a single line
+    for job, k in enumerate([1, 5, 50]):  # IWAE's samples per image, as Burda et al. sweep them
+        make_run(tmp_path / "k" / str(job), [f"model.k={k}"], metrics={"test/loss": -k})
+    (axes,) = plot_summary(summary_table(collect_runs(tmp_path / "k"))).axes
+    assert axes.get_xscale() == "log"
 
     for job, model in enumerate(["ae", "vae", "linear_ae"]):
         make_run(tmp_path / "models" / str(job), [f"model={model}"], metrics={"test/loss": job})

@@ -435,7 +435,8 @@ def plot_one_unit(
         )
 
     values = sorted(set(position.values()))
-    if numeric and values[0] > 0 and values[-1] / values[0] >= 100:
+    # Geometric sweeps (lr 1e-4..1e-2, IWAE k 1, 5, 50) read on a log axis; 2..16 stays linear.
+    if numeric and values[0] > 0 and values[-1] / values[0] >= 20:
         ax.set_xscale("log")
     if len(values) <= 12:
         labels = {p: k for k, p in position.items()}

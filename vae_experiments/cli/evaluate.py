@@ -84,8 +84,18 @@ def bits_per_dim_row(results: dict[str, Any]) -> tuple[str, str, str]:
     return ("bits/dim", f"{results['bpd']:.4f}", "")
 
 
-def format_table(results: dict[str, Any], training: dict[str, Any], split: str) -> str:
-    """The evaluation as a small text table (nats per image)."""
+def format_table(
+    results: dict[str, Any], training: dict[str, Any], split: str, training_k: int = 1
+) -> str:
+    """The evaluation as a small text table (nats per image).
+
+    Args:
+        results: this evaluation's metrics (:func:`evaluate_vae` plus ``latent_dims``).
+        training: the run's ``metrics.json``, whose ``<split>/elbo`` (and ``iwae_bound``)
+            training logged.
+        split: the evaluated split.
+        training_k: the samples per image the run trained with (``model.k``).
+    """
     k = results["log_px_k"]
     rows = [
         (f"log p(x), IWAE k={k}", f"{results['log_px']:.3f}", "nats/image"),
@@ -99,9 +109,15 @@ def format_table(results: dict[str, Any], training: dict[str, Any], split: str) 
     if results["bounds"]:
         gaps = ", ".join(f"{j}: {results['log_px'] - b:.3f}" for j, b in results["bounds"].items())
         rows.append(("log p(x) - L_j, j samples", "", gaps))
+    # What training logged on this split, with as many samples per image as it trained with.
+    samples = "one sample" if training_k == 1 else f"{training_k} samples"
     if f"{split}/elbo" in training:
+        note = f"training's estimate, {samples} per image"
+        rows.append((f"training's {split}/elbo", f"{training[f'{split}/elbo']:.3f}", note))
+    if f"{split}/iwae_bound" in training:
+        note = f"training's objective, IWAE k={training_k}"
         rows.append(
-            (f"training's {split}/elbo", f"{training[f'{split}/elbo']:.3f}", "one sample per image")
+            (f"training's {split}/iwae_bound", f"{training[f'{split}/iwae_bound']:.3f}", note)
         )
     width = max(len(name) for name, _, _ in rows)
     table = "\n".join(
@@ -248,7 +264,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     print(
         f"\n{run_dir} ({ckpt_path.name}), {cfg.split} split: {num_images} images, "
         f"{seconds:.1f} s ({num_images / seconds:.1f} images/s)\n"
-        + format_table(results, metrics, cfg.split)
+        + format_table(results, metrics, cfg.split, int(getattr(model, "k", 1)))
     )
     log.info("added %s to %s", ", ".join(new), metrics_path)
     log.info("wrote %s and TensorBoard scalars to %s", record_path, run_dir / "tensorboard")

@@ -19,6 +19,7 @@ from vae_experiments.config_checks import (
     cpu_processes,
     trains_until_stopped,
 )
+from vae_experiments.cpu_memory import reuse_freed_cpu_memory
 from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.runs import (
     BEST,
@@ -127,6 +128,7 @@ def train(
             "trainer.max_epochs=-1: training runs until it is stopped (Ctrl-C or SIGTERM saves "
             "a checkpoint and stops; resume= continues it)"
         )
+    reuse_freed_cpu_memory()  # large CPU batches (full-batch L-BFGS) at half the cost
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
