@@ -185,6 +185,28 @@ class PeakMemory:
         return f"{self.peak_bytes / 2**20:,.0f} MiB {kind}"
 
 
+@contextlib.contextmanager
+def clock(kind: str) -> Iterator[None]:
+    """While inside, both paths' epoch timers read ``kind``: ``wall`` (time.perf_counter) or
+    ``cpu`` (time.process_time: CPU seconds of this process, all its threads). On a shared
+    machine the CPU clock leaves out the time other processes held the cores; it suits CPU runs
+    with ``--threads 1``, where it is the work a step costs."""
+    if kind == "wall":
+        yield
+        return
+    import types
+
+    from vae_experiments.training import callbacks  # EpochTimer: our path's epoch times
+
+    cpu_time = types.SimpleNamespace(perf_counter=time.process_time)
+    saved = callbacks.time, globals()["time"]
+    callbacks.time = globals()["time"] = cpu_time
+    try:
+        yield
+    finally:
+        callbacks.time, globals()["time"] = saved
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -557,6 +579,7 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) ->
         "",
         f"{datetime.date.today()}, torch {torch.__version__}, Lightning {pytorch_lightning.__version__}, "
         f"{args.epochs} epochs per training case (median after the first), seed {args.seed}, "
+        f"{'CPU time of the process' if args.clock == 'cpu' else 'wall-clock time'}, "
         f"load average {args.load_before} before and {load_average()} after the run.",
         f"Command: `python scripts/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
@@ -628,6 +651,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
     parser.add_argument("--full", action="store_true", help="full datasets on a CPU too")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="what an epoch's time is: wall clock, or CPU time of this process (steadier on a "
+        "shared machine; use with --threads 1 on a CPU)",
+    )
     parser.add_argument("--iwae-k", type=int, default=5000, help="importance samples per image")
     parser.add_argument(
         "--iwae-images", type=int, default=None, help="test images (default: 10,000; 48 on a CPU)"
@@ -672,7 +702,9 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[Row] = []
     trained_run = None
-    with tempfile.TemporaryDirectory(prefix="vae-benchmark-") as tmp:
+    if args.clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu times CPU work only; on a GPU use the wall clock")
+    with tempfile.TemporaryDirectory(prefix="vae-benchmark-") as tmp, clock(args.clock):
         for name in args.cases:
             start = time.perf_counter()
             if name == IWAE_CASE:
