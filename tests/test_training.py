@@ -232,10 +232,9 @@ def test_compiled_loss_trains_like_the_eager_one(tmp_path, monkeypatch):
 
 
 def test_lightnings_per_hook_attribute_bypasses_module_setattr(monkeypatch):
+    from vae_experiments.targets import instantiate as build
     from vae_experiments.training import lightning_compat
     from vae_experiments.training.module import LitModel
-
-    from vae_experiments.targets import instantiate as build
 
     cfg = compose_config([*FAST, *MLP_64])
     model = build(cfg.model, key="model", image_shape=[1, 8, 8])
