@@ -149,8 +149,22 @@ class EpochLog(pl.Callback):
 
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose state key is built once: Lightning formats it for every hook of
-    every step (its profiler's action names), and ModelCheckpoint's is a dict's repr."""
+    every step (its profiler's action names), and ModelCheckpoint's is a dict's repr. Without
+    ``every_n_train_steps`` or ``train_time_interval`` (how the run's checkpoints are made: at
+    the end of validation or of the epoch) its per-step hook returns at once."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._saves_within_epochs = bool(
+            kwargs.get("every_n_train_steps") or kwargs.get("train_time_interval") is not None
+        )
 
     @property
     def state_key(self) -> str:
         return lightning_compat.fixed_state_key(self)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        # ModelCheckpoint's own checks reach the same "nothing to save" after a dozen attribute
+        # look-ups, every step.
+        if self._saves_within_epochs:
+            super().on_train_batch_end(trainer, pl_module, *args)

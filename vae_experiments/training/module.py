@@ -197,6 +197,14 @@ class LitModel(pl.LightningModule):
         # No save_hyperparameters: the run's config.yaml holds everything, image shape included,
         # and load_run rebuilds the model from it.
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets the current hook's name around every hook call, dozens of times per
+        # step; a plain attribute needs none of nn.Module's parameter/buffer/submodule checks.
+        if name in lightning_compat.HOOK_NAME_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def _step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
         x = batch[0]
         if self.channels_last and x.ndim == 4:
