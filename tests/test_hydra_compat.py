@@ -67,5 +67,10 @@ def test_config_groups_lists_nested_groups():
 
 def test_group_options_lists_a_nested_groups_files():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        assert hydra_compat.group_options("model/network") == ["conv", "linear", "mlp", "small_tanh_mlp"]
+        assert hydra_compat.group_options("model/network") == [
+            "conv",
+            "linear",
+            "mlp",
+            "small_tanh_mlp",
+        ]
         assert "vae" in hydra_compat.group_options("model")
