@@ -4,6 +4,7 @@
     python scripts/benchmark.py --cases mlp_vae      # one case
     python scripts/benchmark.py --variants compile,bf16,nchw   # options, against our defaults
     python scripts/benchmark.py --full               # full datasets even on a CPU
+    python scripts/benchmark.py --cases overhead --threads 1   # per-step cost of our loop
 
 For each training case it runs (a) the plain loop written below (Adam, the model's own loss, one
 validation pass per epoch, data as one uint8 tensor on the device) and (b) our path exactly as
@@ -11,7 +12,11 @@ validation pass per epoch, data as one uint8 tensor on the device) and (b) our p
 and last checkpoints, image grids), and prints the median seconds per epoch after the first
 (warm-up) epoch, the ratio ours / plain, training images per second and peak memory. The IWAE
 case times ``vae_experiments.analysis.likelihood.evaluate_vae`` against a plainly written batched
-log-sum-exp with the same chunk budget. The table is printed and written into BENCHMARKS.md
+log-sum-exp with the same chunk budget. The overhead cases (``--cases overhead``) are small models
+at batch 20, where the arithmetic of a step is small and the loop's own cost per optimizer step
+shows: their figure is milliseconds per step, ours minus plain. Conv cases also run the plain loop
+in ``channels_last`` memory format, which our path uses by default; each of our rows is compared
+with the plain loop in its own memory format. The table is printed and written into BENCHMARKS.md
 (``--markdown``) as this machine's section, replacing its previous one.
 
 Fashion-MNIST is read from ``$VAE_DATA_DIR`` / ``data/`` or Debian's
@@ -33,9 +38,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic
 
 import torch
 
@@ -94,10 +100,41 @@ TRAINING_CASES = {
         ["data.source.num_train=1280", "data.source.num_val=320", "data.source.num_test=64"],
     ),
 }
+#: Per-step cost: small models at batch 20, 1,000 steps per epoch, where the arithmetic is a
+#: small part of a step. Same limits on every device (the step count, not the data, matters).
+OVERHEAD_LIMITS = [
+    "+trainer.limit_train_batches=1000",
+    "+trainer.limit_val_batches=10",
+    "+trainer.limit_test_batches=10",
+]
+TRAINING_CASES["overhead_tiny"] = Case(
+    "MLP VAE 784-8-2 (arithmetic nearly free), Fashion-MNIST, batch 20, 1,000 steps per epoch",
+    [
+        "model=vae",
+        "model/network=mlp",
+        "model/likelihood=bernoulli",
+        "model.network.hidden_dims=[8]",
+        "model.latent_dim=2",
+        "data=fashion_mnist",
+        "data.batch_size=20",
+        *OVERHEAD_LIMITS,
+    ],
+)
+TRAINING_CASES["overhead_burda"] = Case(
+    "Burda et al.'s 1-layer VAE 784-200-200-50 tanh (experiment=burda_vae_1layer: dynamic "
+    "binarization, Adam eps 1e-4, epoch lr schedule) on Fashion-MNIST, batch 20, 1,000 steps per "
+    "epoch",
+    ["experiment=burda_vae_1layer", "data=fashion_mnist", *OVERHEAD_LIMITS],
+)
 IWAE_CASE = "iwae"
 ALL_CASES = [*TRAINING_CASES, IWAE_CASE]
+#: --cases names that stand for several cases.
+CASE_GROUPS = {"overhead": [name for name in TRAINING_CASES if name.startswith("overhead_")]}
 
 #: --variants name -> (overrides for our path, applies to conv nets only)
+#: The plain loop in NHWC memory format, as our path runs conv nets by default.
+PLAIN_CHANNELS_LAST = "plain + channels_last"
+
 VARIANTS = {
     "compile": (["compile=true"], False),
     "bf16": (["trainer.precision=bf16-mixed"], False),
@@ -149,6 +186,28 @@ class PeakMemory:
         return f"{self.peak_bytes / 2**20:,.0f} MiB {kind}"
 
 
+@contextlib.contextmanager
+def clock(kind: str) -> Iterator[None]:
+    """While inside, both paths' epoch timers read ``kind``: ``wall`` (time.perf_counter) or
+    ``cpu`` (time.process_time: CPU seconds of this process, all its threads). On a shared
+    machine the CPU clock leaves out the time other processes held the cores; it suits CPU runs
+    with ``--threads 1``, where it is the work a step costs."""
+    if kind == "wall":
+        yield
+        return
+    import types
+
+    from vae_experiments.training import callbacks  # EpochTimer: our path's epoch times
+
+    cpu_time = types.SimpleNamespace(perf_counter=time.process_time)
+    saved = callbacks.time, globals()["time"]
+    callbacks.time = globals()["time"] = cpu_time
+    try:
+        yield
+    finally:
+        callbacks.time, globals()["time"] = saved
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -166,8 +225,12 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from vae_experiments.config_checks import choose_likelihood
+
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+        cfg = hydra_compose(config_name="train", overrides=overrides)
+    choose_likelihood(cfg)  # model/likelihood=auto (experiment presets): as train() does first
+    return cfg
 
 
 def load_data(cfg) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
@@ -178,9 +241,13 @@ def load_data(cfg) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
     return {name: split.images for name, split in data.splits.items()}, data.image_shape
 
 
-def build_model(cfg, image_shape) -> torch.nn.Module:
-    from vae_experiments.targets import instantiate
+def instantiate(cfg, key: str, **kwargs):
+    from vae_experiments.targets import instantiate as instantiate_target
 
+    return instantiate_target(cfg, key=key, **kwargs)
+
+
+def build_model(cfg, image_shape) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     return instantiate(cfg.model, key="model", image_shape=list(image_shape))
 
@@ -194,16 +261,24 @@ def plain_training(
     val_images: torch.Tensor,
     batch_size: int,
     epochs: int,
-    lr: float,
+    make_optimizer: Callable[..., torch.optim.Optimizer],
     seed: int,
     max_train_batches: int | None,
     max_val_batches: int | None,
     device: torch.device,
+    dynamic_binarization: bool = False,
+    channels_last: bool = False,
 ) -> list[float]:
-    """A hand-written loop: returns the seconds of each epoch."""
-    model.to(device)
+    """A hand-written loop: returns the seconds of each epoch.
+
+    ``make_optimizer`` takes the parameters (the run's ``optimizer=``, as ours gets it);
+    ``dynamic_binarization`` resamples each training batch from Bernoulli(x), as
+    ``data.binarize=dynamic`` does; ``channels_last`` stores weights and batches in NHWC.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
     train_images, val_images = train_images.to(device), val_images.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model.parameters())
     num_batches = len(train_images) // batch_size
     if max_train_batches is not None:
         num_batches = min(num_batches, max_train_batches)
@@ -220,7 +295,12 @@ def plain_training(
         for batch in range(num_batches):
             # index_select: as fast as a careful hand-written loop gets (x[idx] is far slower).
             x = train_images.index_select(0, order[batch * batch_size : (batch + 1) * batch_size])
-            loss = model.loss(x.float().div_(255), step=step)["loss"]
+            x = x.float().div_(255)
+            if dynamic_binarization:
+                x = torch.bernoulli(x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = model.loss(x, step=step)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -230,6 +310,7 @@ def plain_training(
         with torch.no_grad():
             for first in val_starts:
                 x = val_images[first : first + batch_size].float().div_(255)
+                x = x.contiguous(memory_format=memory_format)
                 total += model.loss(x)["loss"] * len(x)
         val_loss = (total / min(len(val_images), len(val_starts) * batch_size)).item()
         synchronize(device)
@@ -331,12 +412,19 @@ class Row:
     images: int
     seconds: float
     memory: str
+    steps: int | None = None  # optimizer steps per epoch (training cases)
     note: str = ""
     ratio: float | None = None
+    overhead_ms: float | None = None  # per step, above the plain loop it is compared with
 
     @property
     def per_second(self) -> float:
         return self.images / self.seconds
+
+    @property
+    def ms_per_step(self) -> float | None:
+        """Milliseconds per optimizer step: the epoch (validation included) over its steps."""
+        return 1000 * self.seconds / self.steps if self.steps else None
 
 
 def time_training_case(
@@ -361,49 +449,66 @@ def time_training_case(
     images_per_epoch = train_batches * batch_size
 
     variants = [("ours", [])]
+    is_conv = cfg.model.network._target_.endswith(".Conv")
     for variant in args.variants:
         variant_overrides, conv_only = VARIANTS[variant]
-        if not conv_only or cfg.model.network._target_.endswith(".Conv"):
+        if not conv_only or is_conv:
             variants.append((f"ours + {variant}", variant_overrides))
+    # Like with like: a conv net's plain loop runs in both memory formats, and each of our rows
+    # is compared with the plain loop in its own format (ours: cfg.channels_last).
+    plains = {"plain": False, **({PLAIN_CHANNELS_LAST: True} if is_conv else {})}
+    make_optimizer = instantiate(cfg.optimizer, key="optimizer")
+    test_limit = cfg.trainer.get("limit_test_batches")
+    test_images = splits["test"]
+    if isinstance(test_limit, int):
+        test_images = test_images[: test_limit * batch_size]  # the batches our test sees
     # Each path runs --repeats times, alternating, so that a slow spell of a shared machine
     # does not fall on one path only; a path's time is its fastest run (as timeit reports).
-    rows = {label: None for label in ["plain", *(label for label, _ in variants)]}
+    rows = {label: None for label in [*plains, *(label for label, _ in variants)]}
     times: dict[str, list[float]] = {label: [] for label in rows}
     for repeat in range(args.repeats):
-        model = build_model(cfg, image_shape)
-        with PeakMemory(device) as memory:
-            epoch_seconds = plain_training(
-                model,
-                splits["train"],
-                splits["val"],
-                batch_size,
-                args.epochs,
-                cfg.optimizer.lr,
-                args.seed,
-                limit_train if isinstance(limit_train, int) else None,
-                limit_val if isinstance(limit_val, int) else None,
-                device,
-            )
-        times["plain"].append(steady_seconds(epoch_seconds))
-        rows["plain"] = Row(name, "plain", images_per_epoch, 0.0, memory.label)
-        rows["plain"].note = f"test loss {mean_loss(model, splits['test'], batch_size):.2f}"
-        del model
+        for label, channels_last in plains.items():
+            model = build_model(cfg, image_shape)
+            with PeakMemory(device) as memory:
+                epoch_seconds = plain_training(
+                    model,
+                    splits["train"],
+                    splits["val"],
+                    batch_size,
+                    args.epochs,
+                    make_optimizer,
+                    args.seed,
+                    limit_train if isinstance(limit_train, int) else None,
+                    limit_val if isinstance(limit_val, int) else None,
+                    device,
+                    dynamic_binarization=cfg.data.get("binarize") == "dynamic",
+                    channels_last=channels_last,
+                )
+            times[label].append(steady_seconds(epoch_seconds))
+            rows[label] = Row(name, label, images_per_epoch, 0.0, memory.label, train_batches)
+            rows[label].note = f"test loss {mean_loss(model, test_images, batch_size):.2f}"
+            del model
         for label, extra in variants:
             run_dir = workdir / name / f"{label.replace(' + ', '_')}_{repeat}"
             with PeakMemory(device) as memory:
                 metrics = our_training(compose([*overrides, *extra]), run_dir)
             times[label].append(metrics["seconds_per_epoch"])
-            rows[label] = Row(name, label, images_per_epoch, 0.0, memory.label)
+            rows[label] = Row(name, label, images_per_epoch, 0.0, memory.label, train_batches)
             rows[label].note = f"test loss {metrics['test/loss']:.2f}"
     for label, row in rows.items():
         row.seconds = min(times[label])
         if args.repeats > 1:
             row.note += f"; {args.repeats} runs: {', '.join(f'{t:.2f}' for t in times[label])} s"
-    plain, ours = rows["plain"], rows["ours"]
-    for label, row in rows.items():
-        if label != "plain":
-            row.ratio = row.seconds / plain.seconds
-        if label not in ("plain", "ours"):
+    ours = rows["ours"]
+    for label, extra in variants:
+        row = rows[label]
+        channels_last = compose([*overrides, *extra]).channels_last
+        plain = rows[PLAIN_CHANNELS_LAST if is_conv and channels_last else "plain"]
+        row.ratio = row.seconds / plain.seconds
+        row.overhead_ms = 1000 * (row.seconds - plain.seconds) / train_batches
+        if is_conv:
+            row.note += f"; vs {plain.path}"
+        if label != "ours":
             row.note += f"; {ours.seconds / row.seconds:.2f}x vs ours"
     return list(rows.values()), workdir / name / "ours_0"
 
@@ -458,31 +563,56 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
 
 
+def load_average() -> str:
+    """The 1-minute load average (``uptime``'s first figure): other work on a shared machine."""
+    with contextlib.suppress(OSError, AttributeError):
+        return f"{os.getloadavg()[0]:.2f}"
+    return "unknown"
+
+
 def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) -> str:
     import pytorch_lightning
 
+    # A run of the overhead cases alone gets its own section, so it leaves the full table be.
+    only_overhead = set(args.cases) <= set(CASE_GROUPS["overhead"])
     lines = [
-        f"### {device_name(device)}",
+        f"### {device_name(device)}{': overhead cases' if only_overhead else ''}",
         "",
         f"{datetime.date.today()}, torch {torch.__version__}, Lightning {pytorch_lightning.__version__}, "
-        f"{args.epochs} epochs per training case (median after the first), seed {args.seed}.",
+        f"{args.epochs} epochs per training case (median after the first), seed {args.seed}, "
+        f"{'CPU time of the process' if args.clock == 'cpu' else 'wall-clock time'}, "
+        f"load average {args.load_before} before and {load_average()} after the run.",
         f"Command: `python scripts/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        "| case | path | images | s/epoch (s) | images/s | ours/plain | peak memory | note |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| case | path | images | s/epoch (s) | ms/step | images/s | ours/plain | + ms/step "
+        "| peak memory | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         ratio = f"**{row.ratio:.3f}**" if row.ratio is not None else ""
+        ms = f"{row.ms_per_step:.3f}" if row.ms_per_step is not None else ""
+        overhead = f"{row.overhead_ms:+.3f}" if row.overhead_ms is not None else ""
         lines.append(
-            f"| {row.case} | {row.path} | {row.images:,} | {row.seconds:.3f} | "
-            f"{row.per_second:,.0f} | {ratio} | {row.memory} | {row.note} |"
+            f"| {row.case} | {row.path} | {row.images:,} | {row.seconds:.3f} | {ms} | "
+            f"{row.per_second:,.0f} | {ratio} | {overhead} | {row.memory} | {row.note} |"
         )
-    lines += ["", "Cases:"]
+    lines += [
+        "",
+        "ms/step: an epoch's time (its validation pass and checkpoints included) over its optimizer "
+        "steps; + ms/step: ours minus the plain loop it is compared with, per step. Conv cases: "
+        "each of our rows is compared with the plain loop in the same memory format (ours "
+        "defaults to channels_last).",
+        "",
+        "Cases:",
+    ]
     for name, case in TRAINING_CASES.items():
-        lines.append(f"- `{name}`: {case.title}")
-    lines.append(
-        f"- `{IWAE_CASE}`: IWAE log p(x) of the MLP VAE, k={args.iwae_k} (time for all its images)"
-    )
+        if name in args.cases:
+            lines.append(f"- `{name}`: {case.title}")
+    if IWAE_CASE in args.cases:
+        lines.append(
+            f"- `{IWAE_CASE}`: IWAE log p(x) of the MLP VAE, k={args.iwae_k} "
+            "(time for all its images)"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -503,7 +633,9 @@ def write_section(path: Path, section: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--cases", default=",".join(ALL_CASES), help=f"comma-separated, from {ALL_CASES}"
+        "--cases",
+        default=",".join(ALL_CASES),
+        help=f"comma-separated, from {ALL_CASES}, or overhead (the overhead_* cases)",
     )
     parser.add_argument(
         "--variants",
@@ -520,6 +652,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
     parser.add_argument("--full", action="store_true", help="full datasets on a CPU too")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="what an epoch's time is: wall clock, or CPU time of this process (steadier on a "
+        "shared machine; use with --threads 1 on a CPU)",
+    )
     parser.add_argument("--iwae-k", type=int, default=5000, help="importance samples per image")
     parser.add_argument(
         "--iwae-images", type=int, default=None, help="test images (default: 10,000; 48 on a CPU)"
@@ -531,7 +670,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="file whose section for this machine gets the table (others are kept)",
     )
     args = parser.parse_args(argv)
-    args.cases = [c for c in args.cases.split(",") if c]
+    args.cases = [
+        c for group in args.cases.split(",") if group for c in CASE_GROUPS.get(group, [group])
+    ]
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [c for c in args.cases if c not in ALL_CASES] + [
         v for v in args.variants if v not in VARIANTS
@@ -557,13 +698,16 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(device_arg)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    print(f"benchmark on {device_name(device)}", flush=True)
+    args.load_before = load_average()
+    print(f"benchmark on {device_name(device)}, load average {args.load_before}", flush=True)
 
     rows: list[Row] = []
     trained_run = None
-    with tempfile.TemporaryDirectory(prefix="vae-benchmark-") as tmp:
+    if args.clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu times CPU work only; on a GPU use the wall clock")
+    with tempfile.TemporaryDirectory(prefix="vae-benchmark-") as tmp, clock(args.clock):
         for name in args.cases:
-            start = time.perf_counter()
+            start = monotonic()  # wall time of the case, whatever --clock times
             if name == IWAE_CASE:
                 case_rows = time_iwae_case(args, device, trained_run)
             else:
@@ -575,12 +719,15 @@ def main(argv: list[str] | None = None) -> None:
             rows += case_rows
             for row in case_rows:
                 ratio = f"  ours/plain {row.ratio:.3f}" if row.ratio is not None else ""
+                if row.overhead_ms is not None:
+                    ratio += f" ({row.overhead_ms:+.3f} ms/step)"
+                ms = f"{row.ms_per_step:7.3f} ms/step  " if row.ms_per_step is not None else ""
                 print(
-                    f"{row.case:12s} {row.path:22s} {row.seconds:8.3f} s  "
+                    f"{row.case:14s} {row.path:22s} {row.seconds:8.3f} s  {ms}"
                     f"{row.per_second:9,.0f} images/s  {row.memory}{ratio}  {row.note}",
                     flush=True,
                 )
-            print(f"  ({name}: {time.perf_counter() - start:.0f} s)", flush=True)
+            print(f"  ({name}: {monotonic() - start:.0f} s)", flush=True)
     table = markdown(rows, args, device)
     write_section(args.markdown, table)
     print()

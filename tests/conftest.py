@@ -32,6 +32,12 @@ FAST = [
 MLP_64 = ["model/network=mlp", "model.network.hidden_dims=[64]"]
 
 
+def sweep_job(sweep_dir: Path, number: int | str) -> Path:
+    """The directory of job ``number`` of a sweep, ``<number>-<what the run is>``."""
+    (found,) = Path(sweep_dir).glob(f"{number}-*")
+    return found
+
+
 def compose_config(overrides: list[str] = ()) -> DictConfig:
     """``configs/train.yaml`` composed with overrides, as ``python train.py ...`` would, and
     ``model/likelihood=auto`` replaced by the data's likelihood, as ``train()`` does first (so

@@ -68,3 +68,52 @@ def test_the_table_replaces_only_its_own_machines_section(tmp_path):
         "# Benchmarks\n\nHow to run it.\n\n### CPU A\n\nnew A\n\n### GPU B\n\nold B\n\n"
         "### GPU C\n\nnew C\n"
     )
+
+
+def test_overhead_stands_for_the_overhead_cases():
+    benchmark = load_benchmark()
+    args = benchmark.parse_args(["--cases", "overhead,iwae"])
+    assert args.cases == ["overhead_tiny", "overhead_burda", "iwae"]
+    for name in args.cases[:2]:  # batch 20 and 1,000 steps per epoch, as BENCHMARKS.md says
+        cfg = benchmark.compose(benchmark.TRAINING_CASES[name].overrides)
+        assert cfg.data.batch_size == 20 and cfg.trainer.limit_train_batches == 1000
+
+
+def test_the_cpu_clock_times_both_paths_and_is_put_back():
+    import time
+
+    from vae_experiments.training import callbacks
+
+    benchmark = load_benchmark()
+    with benchmark.clock("cpu"):
+        assert callbacks.time.perf_counter is time.process_time  # our path's EpochTimer
+        assert benchmark.time.perf_counter is time.process_time  # the plain loop
+    assert callbacks.time is time and benchmark.time is time
+
+
+def test_plain_loop_runs_channels_last_and_dynamic_binarization():
+    import torch
+
+    from vae_experiments.models import VAE, Bernoulli, Conv
+
+    benchmark = load_benchmark()
+    torch.manual_seed(0)
+    model = VAE([1, 8, 8], 2, Conv([4, 8]), Bernoulli(), beta=1.0, kl_warmup_steps=0)
+    images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    seconds = benchmark.plain_training(
+        model,
+        images,
+        images,
+        4,
+        2,
+        torch.optim.Adam,
+        0,
+        None,
+        None,
+        torch.device("cpu"),
+        dynamic_binarization=True,
+        channels_last=True,
+    )
+    assert len(seconds) == 2
+    weights = [p for p in model.parameters() if p.ndim == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import CONFIG_DIR, REPO_ROOT
+from tests.conftest import CONFIG_DIR, REPO_ROOT, sweep_job
 from tests.fake_slurm import fake_slurm_env, install_fake_slurm
 from tests.test_cli import QUICK
 
@@ -38,12 +38,12 @@ def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 
 def finished_jobs(sweep_dir: Path) -> list[str]:
-    """Names of the job directories of a sweep, each checked to hold a finished run."""
+    """Numbers of the job directories of a sweep, each checked to hold a finished run."""
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     for job in jobs:
         assert json.loads((sweep_dir / job / "status.json").read_text())["status"] == "finished"
         assert "test/loss" in json.loads((sweep_dir / job / "metrics.json").read_text())
-    return jobs
+    return [job.partition("-")[0] for job in jobs]
 
 
 def test_submitit_local_runs_a_tiny_sweep(tmp_path):
@@ -62,11 +62,13 @@ def test_submitit_local_runs_a_tiny_sweep(tmp_path):
     )
     assert finished_jobs(sweep_dir) == ["0", "1"]
     for job, latent_dim in (("0", 2), ("1", 4)):
-        hydra_cfg = yaml.safe_load((sweep_dir / job / ".hydra" / "hydra.yaml").read_text())
+        hydra_cfg = yaml.safe_load(
+            (sweep_job(sweep_dir, job) / ".hydra" / "hydra.yaml").read_text()
+        )
         assert hydra_cfg["hydra"]["launcher"]["_target_"].endswith("LocalLauncher")
         job_id = hydra_cfg["hydra"]["job"]["id"]  # submitit's id: the job ran as its own process
         assert list((sweep_dir / ".submitit" / job_id).glob("*_result.pkl"))
-        config = yaml.safe_load((sweep_dir / job / ".hydra" / "config.yaml").read_text())
+        config = yaml.safe_load((sweep_job(sweep_dir, job) / ".hydra" / "config.yaml").read_text())
         assert config["model"]["latent_dim"] == latent_dim
 
 
@@ -147,10 +149,14 @@ def test_ddp_sweep_on_slurm_has_one_directory_per_job(tmp_path):
     assert "#SBATCH --array=0-1%2" in script and "#SBATCH --ntasks-per-node=2" in script
     assert finished_jobs(sweep_dir) == ["0", "1"]
     for job in ("0", "1"):
-        assert json.loads((sweep_dir / job / "metrics.json").read_text())["world_size"] == 2
-        log = (sweep_dir / job / "train.log").read_text()  # srun started both ranks: one log
+        assert (
+            json.loads((sweep_job(sweep_dir, job) / "metrics.json").read_text())["world_size"] == 2
+        )
+        log = (
+            sweep_job(sweep_dir, job) / "train.log"
+        ).read_text()  # srun started both ranks: one log
         assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
-        assert sorted(p.name for p in (sweep_dir / job / "checkpoints").iterdir()) == [
+        assert sorted(p.name for p in (sweep_job(sweep_dir, job) / "checkpoints").iterdir()) == [
             "best.ckpt",
             "last.ckpt",
         ]

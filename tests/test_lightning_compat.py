@@ -280,3 +280,22 @@ def test_quiet_lightning_noise_hides_only_lightnings_noise_and_only_inside(tmp_p
     assert not any(leaf_spec in message for message in quiet)
     if not any(leaf_spec in message for message in loud):
         pytest.skip("torch no longer warns about LeafSpec here: its filter can go")
+
+
+def test_hook_name_attributes_are_what_lightning_sets_on_the_module_around_hooks(
+    tmp_path, monkeypatch
+):
+    set_on_module: dict[str, set] = {}  # attribute -> the values Lightning set during fit
+    original = torch.nn.Module.__setattr__
+
+    def record(module, name, value):
+        if isinstance(module, Tiny):
+            set_on_module.setdefault(name, set()).add(value if isinstance(value, str) else None)
+        original(module, name, value)
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", record)
+    fit(tmp_path, batches=2)
+    for name in lightning_compat.HOOK_NAME_ATTRIBUTES:
+        # Set while fitting, to hook names (and None): never a parameter, buffer or module.
+        assert "training_step" in set_on_module[name]
+        assert "on_train_batch_end" in set_on_module[name]

@@ -449,7 +449,11 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
             assert cfg.hydra.run.dir == dirs[-1]  # chosen once, then kept
     finally:
         setup_globals()  # Hydra's own ${now:...} again
-    assert dirs == ["outputs/12-00-00/12-00-00", "outputs/12-00-00/12-00-00_1"]
+    # Named after what the run is: the default model and data, no overrides.
+    assert dirs == [
+        "outputs/12-00-00/12-00-00-vae-digits",
+        "outputs/12-00-00/12-00-00-vae-digits_1",
+    ]
     assert all((tmp_path / d).is_dir() for d in dirs)
     assert cfg.hydra.output_subdir == ".hydra"
 

@@ -164,6 +164,7 @@ def test_table_sorts_by_metric_and_puts_failures_last(sweep):
         "trainer.max_epochs": 3,
         "model.network.hidden_dims": [16],
         "optimizer.lr": 0.001,
+        "epochs": 3,  # a metric with one value in every finished run
     }
     # failures are ordered by their swept values: ae/4 (job 5) before ae/10 (job 4)
     assert [r.name for r in table.failures] == ["5", "4"]
@@ -203,11 +204,11 @@ def test_metric_columns_default_and_chosen(sweep):
         "test/log_px",
         "test/loss",
         "test/recon",
-        "epochs",
         "steps",
         "train_seconds",
         "world_size",
     ]
+    assert table.fixed["epochs"] == 3  # the same in every finished run: not a column
     chosen = summary_table(records, metrics=["test/loss", "test/k*", "epochs"])
     assert chosen.metrics == ["test/loss", "test/kl", "epochs"]
     assert chosen.columns == ["run", "model", "model.latent_dim", *chosen.metrics, "status"]
@@ -248,7 +249,8 @@ def test_markdown_and_csv(sweep):
     lines = markdown.splitlines()
     assert (
         lines[0]
-        == "fixed: trainer.max_epochs=3, model.network.hidden_dims=[16], optimizer.lr=0.001"
+        == "fixed: trainer.max_epochs=3, model.network.hidden_dims=[16], optimizer.lr=0.001, "
+        "epochs=3"
     )
     header = next(line for line in lines if line.startswith("| run"))
     assert header.split(" | ")[1:3] == ["model", "model.latent_dim"]
@@ -283,6 +285,26 @@ def test_plot_one_line_per_other_swept_value(sweep):
     assert axes.get_xlabel() == "model.latent_dim" and axes.get_ylabel() == "test/loss"
     with pytest.raises(ValueError, match="not a swept key; swept keys: model, model.latent_dim"):
         plot_summary(table, x="seed")
+
+
+def test_a_loss_in_nats_and_one_in_squared_error_get_an_axis_each(tmp_path):
+    likelihoods = {"ae": "SquaredError", "vae": "DiscretizedLogistic"}
+    for model, dims in (("ae", (2, 8)), ("vae", (2, 8))):
+        for dim in dims:
+            make_run(
+                tmp_path / f"{model}{dim}",
+                [f"model={model}", f"model.latent_dim={dim}"],
+                metrics={"test/loss": dim * (100.0 if model == "vae" else 1.0), "test/kl": 1.0},
+                config={"model": {"likelihood": {"_target_": f"m.{likelihoods[model]}"}}},
+            )
+    table = summary_table(collect_runs(tmp_path))
+    assert table.metrics == ["test/loss"] and table.fixed["test/kl"] == 1.0
+    figure = plot_summary(table, metric="test/loss")
+    labels = sorted(axes.get_ylabel() for axes in figure.axes)
+    assert labels == ["test/loss [DiscretizedLogistic (vae)]", "test/loss [SquaredError (ae)]"]
+    for axes in figure.axes:
+        assert len(axes.get_lines()) == 1  # one model per axis
+    (kl_axes,) = plot_summary(table, metric="test/kl").axes  # nats for both: one axis
 
 
 def test_plot_log_scale_and_bar_chart(tmp_path):

@@ -50,7 +50,9 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
     metrics, run_dir = run(tmp_path, overrides)
 
     expected = expected_test_metrics(name)
-    assert set(metrics) == expected | {
+    validated = {key.replace("test/", "val/") for key in expected}  # the last validation epoch
+    assert {key for key in metrics if key.startswith("val/")} - {"val/active_units"} == validated
+    assert {key for key in metrics if not key.startswith("val/")} == expected | {
         "epochs",
         "steps",
         "train_seconds",
@@ -229,3 +231,76 @@ def test_compiled_loss_trains_like_the_eager_one(tmp_path, monkeypatch):
     compiled, _ = run(tmp_path, [*overrides, "compile=true"], "compiled")
     for key in ("test/loss", "test/recon_mse", "test/kl"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key
+
+
+def test_lightnings_per_hook_attribute_bypasses_module_setattr(monkeypatch):
+    from vae_experiments.targets import instantiate as build
+    from vae_experiments.training import lightning_compat
+    from vae_experiments.training.module import LitModel
+
+    cfg = compose_config([*FAST, *MLP_64])
+    model = build(cfg.model, key="model", image_shape=[1, 8, 8])
+    lit = LitModel(model, lambda params: torch.optim.Adam(params))
+    layer = torch.nn.Linear(1, 1)
+    calls = []
+    original = torch.nn.Module.__setattr__
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "__setattr__",
+        lambda module, name, value: calls.append(name) or original(module, name, value),
+    )
+    (name,) = lightning_compat.HOOK_NAME_ATTRIBUTES
+    setattr(lit, name, "training_step")
+    assert getattr(lit, name) == "training_step" and calls == []
+    lit.extra = layer  # everything else still goes through nn.Module
+    assert calls == ["extra"] and "extra" in lit._modules
+
+
+def test_run_checkpoint_skips_the_step_hook_unless_it_saves_within_epochs(tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from vae_experiments.training.callbacks import RunCheckpoint
+
+    calls = []
+    original = ModelCheckpoint.on_train_batch_end
+
+    def count(self, *args, **kwargs):
+        calls.append(self.filename)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelCheckpoint, "on_train_batch_end", count)
+    per_epoch = RunCheckpoint(dirpath=tmp_path, filename="last", monitor=None)
+    per_step = RunCheckpoint(
+        dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1
+    )
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.ones(6, 2))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[per_epoch, per_step],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=2))
+    assert calls == ["{step}"] * 3  # only the callback that saves within epochs ran it
+    assert sorted(p.name for p in tmp_path.glob("step=*.ckpt")) == [
+        "step=1.ckpt",
+        "step=2.ckpt",
+        "step=3.ckpt",
+    ]
+    assert (tmp_path / "last.ckpt").is_file()

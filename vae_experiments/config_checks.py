@@ -11,7 +11,10 @@ before any data is read.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import netrc
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,9 +90,16 @@ def _max_epochs(value: Any) -> str | None:
     return "must be an integer >= 0, or -1 (no limit)"
 
 
+def _metric_key(value: Any) -> str | None:
+    if isinstance(value, str) and value.startswith(("val/", "test/")):
+        return None
+    return "must be a val/ or test/ key of metrics.json, e.g. val/loss or test/elbo"
+
+
 # key -> rule returning None when the value is allowed, else what is allowed.
 RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
+    "optimized_metric": _metric_key,
     "test_ckpt": _one_of(CHECKPOINT_CHOICES),
     "trainer.max_epochs": _max_epochs,
     # A negative clip value would flip the gradients' sign (torch clips by max_norm / norm).
@@ -165,19 +175,86 @@ def config_problems(cfg: DictConfig) -> list[ConfigError]:
     return problems
 
 
-#: The nodes that training builds, with the arguments it passes at build time.
+#: The nodes that training builds, with the arguments it passes at build time (the loggers
+#: under ``logger`` are found by :func:`logger_nodes`).
 BUILT_NODES: dict[str, tuple[str, ...]] = {
     "model": ("image_shape",),
     "data": (),
     "optimizer": (),
     "scheduler.scheduler": (),
-    "logger": ("save_dir",),
     "trainer": ("logger", "callbacks", "default_root_dir", "plugins"),
 }
 
+#: What training passes to every logger: its directory.
+LOGGER_ARGUMENTS = ("save_dir",)
 
 #: Nodes whose targets are Lightning's classes: checking them imports Lightning (seconds).
 LIGHTNING_NODES = ("logger", "trainer")
+
+#: Trackers outside our required dependencies: the logger class's name -> the package it needs.
+#: Both come with ``pip install "vae-experiments[tracking]"``.
+TRACKER_PACKAGES = {"MLFlowLogger": "mlflow", "WandbLogger": "wandb"}
+
+
+def wandb_logged_in() -> bool:
+    """Whether Weights & Biases has an API key here (``WANDB_API_KEY`` or ``wandb login``'s
+    entry in ``~/.netrc``), so that a run can go online without asking for one."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def logger_nodes(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The loggers that ``cfg.logger`` configures, key -> node (plain dicts, resolved).
+
+    Each file of the ``logger`` group puts its logger under its own name
+    (``logger.tensorboard``, ``logger.mlflow``), so ``logger=[tensorboard,mlflow]`` composes
+    both; the config of a run saved before that, one node with a ``_target_`` at ``logger``, is
+    read as it is. WandbLogger's ``offline: null`` becomes offline unless an API key is set
+    (:func:`wandb_logged_in`), so that a run never waits at a login prompt.
+    """
+    node = cfg.get("logger")
+    if not isinstance(node, DictConfig):
+        return {}
+    container = targets.to_container(node)
+    found = (
+        {"logger": container}
+        if "_target_" in container
+        else {
+            f"logger.{name}": value for name, value in container.items() if isinstance(value, dict)
+        }
+    )
+    nodes = {}
+    for key, value in found.items():
+        if value.get("_target_") is None:
+            continue  # logger=none of an earlier run: `_target_: null`
+        if str(value["_target_"]).endswith("WandbLogger") and value.get("offline") is None:
+            value["offline"] = not wandb_logged_in()
+        nodes[key] = value
+    return nodes
+
+
+def tracker_problems(cfg: DictConfig) -> list[ConfigError]:
+    """A tracker chosen whose package is not installed (``logger=mlflow`` without mlflow),
+    with the command that installs it; found without importing anything."""
+    found = []
+    for key, node in logger_nodes(cfg).items():
+        target = str(node["_target_"])
+        package = TRACKER_PACKAGES.get(target.rpartition(".")[2])
+        if package is not None and importlib.util.find_spec(package) is None:
+            found.append(
+                ConfigError(
+                    f"{key}._target_",
+                    target,
+                    f"needs the {package} package, which is not installed; install it with: "
+                    f'pip install "vae-experiments[tracking]" (or pip install {package}), or '
+                    "choose another logger (logger=tensorboard)",
+                )
+            )
+    return found
 
 
 def build_problems(cfg: DictConfig, lightning: bool = True) -> list[ConfigError]:
@@ -191,6 +268,9 @@ def build_problems(cfg: DictConfig, lightning: bool = True) -> list[ConfigError]
         node = OmegaConf.select(cfg, key, default=None)
         if isinstance(node, DictConfig) and node.get("_target_") is not None:
             found.extend(targets.problems(node, key, supplied))
+    if lightning:
+        for key, node in logger_nodes(cfg).items():
+            found.extend(targets.problems(node, key, LOGGER_ARGUMENTS))
     return found
 
 
@@ -202,7 +282,12 @@ def check_config(cfg: DictConfig, lightning: bool = True) -> None:
     so that a command line's mistake is reported before Lightning is imported (training checks
     everything again).
     """
-    problems = [*config_problems(cfg), *build_problems(cfg, lightning), *machine_problems(cfg)]
+    problems = [
+        *config_problems(cfg),
+        *tracker_problems(cfg),
+        *build_problems(cfg, lightning),
+        *machine_problems(cfg),
+    ]
     raise_all(problems)
 
 

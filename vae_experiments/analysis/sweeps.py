@@ -20,12 +20,12 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from matplotlib import colormaps
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import NullLocator
 
 from vae_experiments.runs.records import (
@@ -49,8 +49,10 @@ __all__ = [
     "find_run_dirs",
     "parse_override",
     "parse_value",
+    "plot_search",
     "plot_summary",
     "read_run",
+    "unit_groups",
     "summary_table",
     "write_summary",
 ]
@@ -95,7 +97,8 @@ class SummaryTable:
     Attributes:
         records: finished runs in sort order, then the runs without results.
         swept: keys whose value differs between runs, in the order they were typed.
-        fixed: keys with the same value in every run.
+        fixed: keys with the same value in every run, and (with the default metric columns)
+            metrics with the same value in every finished run.
         metrics: metric columns.
         sort_by, descending: how the finished runs were ordered.
         settings: run name -> key -> the run's value of every overridden key (read from the
@@ -204,7 +207,9 @@ def summary_table(
             of their names. Runs without results come last.
         descending: largest first (for metrics where higher is better, e.g. ``test/elbo``).
         metrics: metric columns; names or shell patterns (``test/*``). Default: every metric of
-            any run, ``sort_by`` first, then ``test/*``, then the others.
+            any run that differs between the finished runs (one value everywhere goes to
+            ``fixed``), ``sort_by`` first, then ``test/*``, then the others; ``val/*`` only when
+            ``sort_by`` is one of them.
         keys: config keys to compare besides the overridden ones, read from each run's config
             (``model.k`` of runs made with ``experiment=`` presets, which set it without an
             override); swept when their values differ.
@@ -215,8 +220,21 @@ def summary_table(
     records = list(records)
     available = sorted({k for r in records for k in r.metrics}, key=_metric_order)
 
+    constant: dict[str, Any] = {}
     if metrics is None:
-        columns = list(available)
+        # Only what tells runs apart: a metric with one value in every finished run goes to the
+        # fixed line; val/* (the last validation epoch) only when ordering by one of them.
+        finished_runs = [r for r in records if r.ok]
+        shows_val = bool(sort_by and sort_by.startswith("val/"))
+        columns = []
+        for name in available:
+            if name.startswith("val/") and not shows_val:
+                continue
+            values = {format_value(r.metrics.get(name)) for r in finished_runs}
+            if len(finished_runs) > 1 and len(values) == 1 and name != sort_by:
+                constant[name] = finished_runs[0].metrics.get(name)
+            else:
+                columns.append(name)
         if sort_by in columns:
             columns.remove(sort_by)
             columns.insert(0, sort_by)
@@ -245,6 +263,7 @@ def summary_table(
             swept.append(key)
         else:
             fixed[key] = settings[records[0].name][key]
+    fixed.update(constant)
 
     def settings_key(record: RunRecord) -> tuple:
         return (
@@ -290,7 +309,60 @@ def plot_filename(metric: str) -> str:
     return "summary_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", metric).strip("_") or "metric") + ".png"
 
 
+#: Terms whose unit is the likelihood's (nats of one likelihood, squared error of another):
+#: runs with different likelihoods get an axis each.
+LIKELIHOOD_TERMS = ("loss", "recon", "elbo", "log_px")
+#: The config key that names a run's likelihood.
+LIKELIHOOD_KEY = "model.likelihood._target_"
+
+
+def unit_groups(table: SummaryTable, metric: str) -> dict[str, list[RunRecord]]:
+    """The table's runs split by what ``metric`` measures: by likelihood (``SquaredError``,
+    ``DiscretizedLogistic``) for a term in :data:`LIKELIHOOD_TERMS`, else one group (``""``)."""
+    if metric.rpartition("/")[2] not in LIKELIHOOD_TERMS:
+        return {"": list(table.records)}
+    groups: dict[str, list[RunRecord]] = {}
+    for record in table.records:
+        likelihood = record.setting(LIKELIHOOD_KEY)
+        groups.setdefault(str(likelihood).rpartition(".")[2] if likelihood else "", []).append(
+            record
+        )
+    return groups
+
+
 def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None = None) -> Figure:
+    """A metric against a swept value, one line per combination of the other swept values; one
+    axis per unit the metric has in these runs (:func:`unit_groups`: a loss in nats and a loss
+    in squared error are not drawn on one axis).
+
+    Args and Raises: as :func:`plot_one_unit`.
+    """
+    metric = metric or table.sort_by or (table.metrics[0] if table.metrics else None)
+    groups = {
+        unit: records
+        for unit, records in unit_groups(table, metric).items()
+        if any(r.ok and is_number(r.metrics.get(metric)) for r in records)
+    }
+    if len(groups) <= 1:
+        return plot_one_unit(table, metric, x)
+    figure = Figure(figsize=(7.0 * len(groups), 4.8), layout="constrained")
+    for panel, (unit, records) in zip(
+        figure.subfigures(1, len(groups)), groups.items(), strict=True
+    ):
+        models = sorted({format_value(r.setting("model")) for r in records})
+        plot_one_unit(
+            replace(table, records=records), metric, x, panel, f"{unit} ({', '.join(models)})"
+        )
+    return figure
+
+
+def plot_one_unit(
+    table: SummaryTable,
+    metric: str | None = None,
+    x: str | None = None,
+    figure: Figure | SubFigure | None = None,
+    unit: str = "",
+) -> Figure | SubFigure:
     """A metric against a swept value, one line per combination of the other swept values.
 
     Args:
@@ -299,6 +371,9 @@ def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None =
         x: a swept key (default: :func:`default_x`). Numbers go on a numeric axis (log-scale
             when they span two orders of magnitude or more), other values on a categorical one.
             With no such key, a horizontal bar per run, in table order.
+
+        figure: where to draw (a panel of a larger figure); default: a new figure.
+        unit: what the metric measures in these runs, shown beside its name.
 
     Raises:
         ValueError: the metric is in no finished run, or ``x`` is not a swept key.
@@ -314,8 +389,9 @@ def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None =
     not_shown = len(table.records) - len(runs)
     note = f"{len(runs)} runs" + (f"; {not_shown} without {metric} not shown" if not_shown else "")
 
+    ylabel = f"{metric} [{unit}]" if unit else metric
     if x is None:
-        return _bar_chart(table, runs, metric, note)
+        return _bar_chart(table, runs, metric, note, figure, ylabel)
 
     # A key whose values pair one-to-one with x's (experiment=burda_iwae_k50 beside model.k=50)
     # would give each point a line of its own.
@@ -334,7 +410,7 @@ def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None =
         position = {format_value(v): float(i) for i, v in enumerate(distinct)}
 
     outside = len(groups) > 8  # a long legend goes beside the axes, not over the lines
-    fig = Figure(figsize=(9.0 if outside else 7.0, 4.8), layout="constrained")
+    fig = figure or Figure(figsize=(9.0 if outside else 7.0, 4.8), layout="constrained")
     ax = fig.add_subplot()
     colors = _colors(len(groups))
 
@@ -370,8 +446,8 @@ def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None =
         ax.set_xlim(values[0] - 0.5, values[-1] + 0.5)
 
     ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} against {x}\n{note}", fontsize="medium")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} against {x}\n{note}", fontsize="medium")
     ax.grid(True, alpha=0.3)
     if others:
         ax.legend(
@@ -397,7 +473,14 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _bar_chart(table: SummaryTable, runs: list[RunRecord], metric: str, note: str) -> Figure:
+def _bar_chart(
+    table: SummaryTable,
+    runs: list[RunRecord],
+    metric: str,
+    note: str,
+    figure: Figure | SubFigure | None = None,
+    label: str | None = None,
+) -> Figure | SubFigure:
     """One horizontal bar per run, labelled by its swept values (the keys name the axis)."""
 
     def value(record: RunRecord, key: str) -> str:
@@ -411,17 +494,59 @@ def _bar_chart(table: SummaryTable, runs: list[RunRecord], metric: str, note: st
         ]
     heights = [float(r.metrics[metric]) for r in runs]
     width = min(16.0, 5.5 + 0.075 * max(len(label) for label in labels))
-    fig = Figure(figsize=(width, max(2.5, 0.3 * len(runs) + 1.5)), layout="constrained")
+    fig = figure or Figure(figsize=(width, max(2.5, 0.3 * len(runs) + 1.5)), layout="constrained")
     ax = fig.add_subplot()
     bars = ax.barh(range(len(runs)), heights, color=_colors(1)[0])
     ax.bar_label(bars, labels=[f"{h:.4g}" for h in heights], padding=3, fontsize="small")
     ax.set_yticks(range(len(runs)), labels, fontsize="small")
     ax.invert_yaxis()  # the table's first row on top
     ax.margins(x=0.15)
-    ax.set_xlabel(metric)
+    ax.set_xlabel(label or metric)
     ax.set_ylabel(", ".join(table.swept) or "run")
-    ax.set_title(f"{metric} per run\n{note}", fontsize="medium")
+    ax.set_title(f"{label or metric} per run\n{note}", fontsize="medium")
     ax.grid(True, axis="x", alpha=0.3)
+    return fig
+
+
+def plot_search(
+    table: SummaryTable, metric: str, keys: Sequence[str], log_keys: Sequence[str] = ()
+) -> Figure:
+    """A search's metric against each searched value, one axis per searched key (the same
+    metric on every axis), the table's first run (the best) marked.
+
+    Args:
+        table: from :func:`summary_table`, sorted by ``metric``.
+        metric: the searched metric (the search's ``optimized_metric``).
+        keys: the searched keys (their runs' values are read from ``table.settings``).
+        log_keys: keys searched on a log scale (``tag(log, interval(a,b))``): a log axis.
+
+    Raises:
+        ValueError: the metric is in no finished run.
+    """
+    runs = [r for r in table.records if r.ok and is_number(r.metrics.get(metric))]
+    if not runs:
+        raise ValueError(f"no finished trial has the metric {metric!r}; nothing to plot")
+    fig = Figure(figsize=(4.2 * max(1, len(keys)), 4.0), layout="constrained")
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)[0]
+    color, best_color = _colors(2)
+    for ax, key in zip(axes, keys, strict=False):
+        values = [table.settings[r.name].get(key) for r in runs]
+        ys = [float(r.metrics[metric]) for r in runs]
+        if all(is_number(v) for v in values):
+            xs = [float(v) for v in values]
+            if min(xs) > 0 and (key in log_keys or max(xs) / min(xs) >= 100):
+                ax.set_xscale("log")
+        else:
+            distinct = sorted({format_value(v) for v in values})
+            xs = [float(distinct.index(format_value(v))) for v in values]
+            ax.set_xticks(range(len(distinct)), distinct)
+        ax.scatter(xs, ys, color=color, s=30, label="trial")
+        ax.scatter(xs[:1], ys[:1], color=best_color, s=90, marker="*", label="best")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{metric} of {len(runs)} trials against each searched value", fontsize="medium")
     return fig
 
 

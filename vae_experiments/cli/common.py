@@ -21,18 +21,15 @@ The resolver is cached, so the folder is claimed once per call however often Hyd
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from vae_experiments.cli.run_dirs import UNSAFE_NAME_CHARS as _UNSAFE
 from vae_experiments.cli.run_dirs import claim_fresh_dir
 from vae_experiments.runs import ANALYSIS_DIR, atomic_write, run_dir_of
-
-#: Characters kept in a folder name made from settings; others become ``_`` (no ``/``).
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
 def analysis_dir(

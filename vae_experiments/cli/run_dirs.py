@@ -9,7 +9,11 @@ resolves ``hydra.run.dir``, by the resolvers registered here (``configs/train.ya
   runs started in the same second get two directories;
 - ``${fresh_dir:<pattern>}``: the same for a sweep's directory;
 - ``${config_subdir:${resume}}``: ``.hydra``, or nothing when resuming, so that the run's saved
-  config is not replaced by the one composed for the ``resume=`` command line.
+  config is not replaced by the one composed for the ``resume=`` command line;
+- ``${run_name:<model>,<data>,<overrides>}``: what the run is, after its time (or its job number
+  in a sweep), e.g. ``outputs/2026-11-30/03-42-06-vae-fashion_mnist-latent_dim=32``, so that
+  folders, TensorBoard's runs and MLflow's and W&B's run names tell runs apart and still sort by
+  time.
 
 A directory given on the command line (``hydra.run.dir=runs/x``) is checked by
 :func:`refuse_existing_run_dir` before Hydra starts.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +67,23 @@ CONFIG_ERRORS = (
 
 #: Config groups of train.yaml: a resumed run keeps its choices.
 CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer")
+
+#: Characters kept in a folder name made from settings; others become ``_`` (no ``/``).
+UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
+
+#: Overrides that say where a run goes or how it is shown, not what it is: left out of its name.
+UNNAMED_OVERRIDES = (
+    "hydra",
+    "resume",
+    "ckpt_path",
+    "logger",
+    "callbacks",
+    "trainer.enable_",
+    "optimized_metric",
+)
+
+#: Longest run name, in characters (file systems allow 255 per folder name).
+MAX_RUN_NAME = 120
 
 
 def claim_fresh_dir(pattern: str) -> str:
@@ -134,10 +156,39 @@ def config_subdir(resume: str | None) -> str | None:
     return ".hydra" if resume is None else None
 
 
+def run_name(model: str | None, data: str | None, overrides: Sequence[str] = ()) -> str:
+    """Resolver: what a run is, ``<model>-<data>-<key>=<value>...`` from its config-group choices
+    and its command line's overrides, keys shortened to their last part
+    (``vae-fashion_mnist-latent_dim=32-lr=0.001``); overrides that only say where the run goes
+    or how it is logged (:data:`UNNAMED_OVERRIDES`) are left out. At most
+    :data:`MAX_RUN_NAME` characters, safe as a folder name."""
+    parts = [str(part) for part in (model, data) if part]
+    for override in overrides:
+        key, _, value = str(override).lstrip("+~").partition("=")
+        if key in ("model", "data") or key.startswith(UNNAMED_OVERRIDES):
+            continue
+        parts.append(f"{key.rpartition('.')[2].rpartition('/')[2]}={_short(value)}")
+    return UNSAFE_NAME_CHARS.sub("_", "-".join(parts))[:MAX_RUN_NAME].rstrip("-")
+
+
+def _short(value: str) -> str:
+    """A number as a name shows it: ``3.781904084470194`` -> ``3.782`` (the config keeps all)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if len(value) > 6 and "." in value else value
+
+
 def register_resolvers() -> None:
-    """Registers ``run_dir``, ``fresh_dir`` and ``config_subdir`` (once). Cached: a directory is
-    chosen once per command, and Hydra hands the choice on to a sweep's jobs."""
-    resolvers = {"run_dir": run_dir, "fresh_dir": claim_fresh_dir, "config_subdir": config_subdir}
+    """Registers ``run_dir``, ``fresh_dir``, ``config_subdir`` and ``run_name`` (once). Cached: a
+    directory is chosen once per command, and Hydra hands the choice on to a sweep's jobs."""
+    resolvers = {
+        "run_dir": run_dir,
+        "fresh_dir": claim_fresh_dir,
+        "config_subdir": config_subdir,
+        "run_name": run_name,
+    }
     for name, function in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function, use_cache=True)

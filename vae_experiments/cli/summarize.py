@@ -19,9 +19,12 @@ from pathlib import Path
 from vae_experiments.analysis.sweeps import (
     collect_runs,
     default_x,
+    format_value,
+    plot_search,
     summary_table,
     write_summary,
 )
+from vae_experiments.runs.records import read_search
 
 log = logging.getLogger("summarize")
 
@@ -40,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sort",
-        default="test/loss",
         metavar="METRIC",
-        help="order runs by this metric (default: %(default)s; lowest first)",
+        help="order runs by this metric (default: a search's optimized_metric, in its "
+        "direction; else test/loss, lowest first)",
     )
     parser.add_argument(
         "--descending", action="store_true", help="highest first (e.g. --sort test/elbo)"
@@ -73,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def best_trial_lines(table, search: dict, metric: str) -> str:
+    """The best finished trial of a search, and the command line that trains its config."""
+    best = next((r for r in table.records if r.ok and metric in r.metrics), None)
+    if best is None:
+        return "best trial: none finished"
+    values = {k: table.settings[best.name].get(k) for k in search["searched"]}
+    searched = [
+        f"{k}={v!r}" if isinstance(v, float) else f"{k}={format_value(v)}"
+        for k, v in values.items()
+    ]
+    command = " ".join(["python train.py", *search.get("fixed", []), *searched])
+    return (
+        f"best trial: {best.name} ({metric}={format_value(best.metrics[metric])}, "
+        f"{search['direction']}d over {len(table.records)} trials)\n"
+        f"best config: {command}\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns its exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")  # no-op if set
@@ -91,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
 
+    search = read_search(args.sweep_dir)  # hydra/sweeper=optuna: rank by what it optimized
+    if args.sort is None:
+        args.sort = search["optimized_metric"] if search else "test/loss"
+        args.descending = args.descending or bool(search and search["direction"] == "maximize")
     try:
         keys = [args.x] if args.x is not None else []
         table = summary_table(records, args.sort, args.descending, metrics, keys)
@@ -116,7 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot write into %s (%s); choose another folder with --out DIR", out_dir, err)
         return 1
 
+    if search and not args.no_plot and any(r.ok and args.sort in r.metrics for r in records):
+        path = Path(out_dir) / "summary_search.png"
+        log_keys = [key for key, typed in search["searched"].items() if "log" in str(typed)]
+        plot_search(table, args.sort, list(search["searched"]), log_keys).savefig(path, dpi=120)
+        written.append(path)
+
     print(table.to_markdown())
+    if search:
+        print(best_trial_lines(table, search, args.sort))
     if not args.no_plot and any(p.suffix == ".png" for p in written):
         x = args.x or default_x(table)
         print(f"plot: {metric} against {x}" if x else f"plot: {metric} per run (no numeric key)")

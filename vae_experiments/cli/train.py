@@ -137,9 +137,9 @@ def record_interruption(run_dir: Path, stop: RunInterrupted) -> None:
 @suggest_keys_on_failure(CONFIG_DIR, "train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @run_dirs.owns_run_dir
-def _main(cfg: DictConfig) -> float:
-    """``python train.py model=vae data=digits ...``: trains one model; returns its test loss
-    (the value Hydra's sweepers minimise).
+def _main(cfg: DictConfig) -> float | None:
+    """``python train.py model=vae data=digits ...``: trains one model; returns its
+    ``optimized_metric`` from metrics.json (the value a search optimizes; None if it has none).
 
     ``<run dir>/status.json`` says how the run ended; in a sweep, a failed job is recorded there
     and the other jobs still run. ``resume=<run dir>`` continues an interrupted run there.
@@ -203,7 +203,7 @@ def _main(cfg: DictConfig) -> float:
         raise
     if record:
         write_status(run_dir, FINISHED)
-    return metrics["test/loss"]
+    return metrics.get(cfg.get("optimized_metric", "test/loss"))
 
 
 def main() -> None:

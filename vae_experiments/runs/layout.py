@@ -38,6 +38,7 @@ LOCK_FILE = "lock.json"
 LOG_FILE = "train.log"  # Hydra's job log, named after hydra.job.name in configs/train.yaml
 #: What Hydra writes in a sweep's own directory (beside the job directories).
 SWEEP_CONFIG_FILE = "multirun.yaml"
+SEARCH_FILE = "search.yaml"  # a search's trials and best one, in its sweep dir (cli/search.py)
 IMAGES_DIR = "images"
 ANALYSIS_DIR = "analysis"
 

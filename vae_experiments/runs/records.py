@@ -40,6 +40,7 @@ from vae_experiments.runs.layout import (
     INCOMPLETE,
     METRICS_FILE,
     RUNNING,
+    SEARCH_FILE,
     STATUS_FILE,
     is_run_dir,
 )
@@ -165,7 +166,9 @@ def find_run_dirs(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
-def _read_overrides(run_dir: Path) -> dict[str, Any]:
+def read_overrides(run_dir: Path) -> dict[str, Any]:
+    """``.hydra/overrides.yaml`` in order, key -> parsed value (:func:`parse_override`); empty
+    when Hydra wrote none."""
     path = run_dir / HYDRA_OVERRIDES_FILE
     if not path.is_file():
         return {}
@@ -220,7 +223,7 @@ def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> RunRec
     return RunRecord(
         path=run_dir,
         name=name,
-        overrides=_read_overrides(run_dir),
+        overrides=read_overrides(run_dir),
         metrics=metrics,
         status=status,
         error=error,
@@ -240,3 +243,15 @@ def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
             "multirun/<date>/<time> (or outputs/<date>)"
         )
     return [read_run(path, sweep_dir) for path in find_run_dirs(sweep_dir)]
+
+
+def read_search(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """``<sweep dir>/search.yaml`` of a search (``hydra/sweeper=optuna``): ``optimized_metric``,
+    ``direction``, ``searched`` (key -> as typed), ``fixed``, ``best`` and ``trials``; None
+    for a sweep that is no search, or when the file cannot be read."""
+    path = Path(sweep_dir) / SEARCH_FILE
+    try:
+        search = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return search if isinstance(search, dict) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from vae_experiments.pictures import image_grid, save_grid
 from vae_experiments.training import lightning_compat
+
+log = logging.getLogger(__name__)
 
 
 class ImageGrids(pl.Callback):
@@ -110,10 +113,58 @@ class EpochTimer(pl.Callback):
         self.epoch_seconds = [float(t) for t in state_dict.get("epoch_seconds", [])]
 
 
+class EpochLog(pl.Callback):
+    """One line per training epoch in the run's log (``train.log``), so that a job on a cluster
+    can be followed from its log: ``epoch 3/30 (step 120): train/loss=... val/loss=...``, with
+    the epoch's last ``train/loss`` point and its validation terms (global rank 0 only).
+
+    Written when the next epoch starts or training ends: the epoch's own metrics reach the
+    trainer after every ``on_train_epoch_end`` hook has run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._finished: int | None = None  # the epoch whose line is due
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finished = trainer.current_epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        epoch, self._finished = self._finished, None
+        if epoch is None or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics  # host values once per epoch
+        shown = [key for key in ("train/loss",) if key in metrics]
+        shown += sorted(key for key in metrics if key.startswith("val/"))
+        terms = " ".join(f"{key}={float(metrics[key]):.5g}" for key in shown)
+        limit = trainer.max_epochs if trainer.max_epochs not in (None, -1) else "?"
+        log.info("epoch %d/%s (step %d): %s", epoch + 1, limit, trainer.global_step, terms)
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose state key is built once: Lightning formats it for every hook of
-    every step (its profiler's action names), and ModelCheckpoint's is a dict's repr."""
+    every step (its profiler's action names), and ModelCheckpoint's is a dict's repr. Without
+    ``every_n_train_steps`` or ``train_time_interval`` (how the run's checkpoints are made: at
+    the end of validation or of the epoch) its per-step hook returns at once."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._saves_within_epochs = bool(
+            kwargs.get("every_n_train_steps") or kwargs.get("train_time_interval") is not None
+        )
 
     @property
     def state_key(self) -> str:
         return lightning_compat.fixed_state_key(self)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        # ModelCheckpoint's own checks reach the same "nothing to save" after a dozen attribute
+        # look-ups, every step.
+        if self._saves_within_epochs:
+            super().on_train_batch_end(trainer, pl_module, *args)

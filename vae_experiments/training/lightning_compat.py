@@ -70,6 +70,16 @@ def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
     return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
 
 
+#: Attributes that Lightning's trainer sets on the LightningModule around every hook it calls
+#: (``pl_module._current_fx_name = hook_name`` before, the previous name after), a few dozen
+#: times per training step. They hold a hook's name or None, never a parameter, buffer or
+#: submodule, so :class:`~vae_experiments.training.module.LitModel` stores them directly instead
+#: of through ``torch.nn.Module.__setattr__``, which checks every value against all three.
+#: Private: the attribute name is Lightning's (``trainer/call.py``); if a Lightning version
+#: renames it, nothing breaks, the shortcut only stops applying (and its test fails by name).
+HOOK_NAME_ATTRIBUTES = frozenset({"_current_fx_name"})
+
+
 #: Where a fit checkpoint keeps the validation loop's batch counters.
 VAL_PROGRESS_KEY = "epoch_loop.val_loop.batch_progress"
 

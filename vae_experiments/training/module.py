@@ -142,7 +142,8 @@ class LitModel(pl.LightningModule):
     """Wraps a :class:`LatentModel` for CPU, GPU and multi-GPU/multi-node training.
 
     Every term of ``model.loss`` is logged as ``{stage}/{name}`` (``train/loss``, ``val/elbo``, ...):
-    training terms every ``trainer.log_every_n_steps`` steps as the mean over those steps,
+    training terms every ``trainer.log_every_n_steps`` steps as the mean over those steps (and
+    at each epoch's end over the steps since, so that every epoch has a point),
     validation and test terms once per epoch as the mean over all images of all processes.
     Terms are accumulated on the device, so a step costs no host sync and no logging call.
 
@@ -196,6 +197,14 @@ class LitModel(pl.LightningModule):
         # No save_hyperparameters: the run's config.yaml holds everything, image shape included,
         # and load_run rebuilds the model from it.
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets the current hook's name around every hook call, dozens of times per
+        # step; a plain attribute needs none of nn.Module's parameter/buffer/submodule checks.
+        if name in lightning_compat.HOOK_NAME_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def _step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
         x = batch[0]
         if self.channels_last and x.ndim == 4:
@@ -212,8 +221,9 @@ class LitModel(pl.LightningModule):
         """Whether the trainer writes step metrics after this step (every log_every_n_steps)."""
         return lightning_compat.logs_this_step(self.trainer)
 
-    def _log_means(self, stage: str, sync: bool) -> None:
-        """Log the means accumulated in ``stage`` since the last call, then start afresh."""
+    def _log_means(self, stage: str, sync: bool, epoch_end: bool = False) -> None:
+        """Log the means accumulated in ``stage`` since the last call, then start afresh;
+        ``epoch_end``: training's remainder at the end of its epoch (an epoch-level point)."""
         means = self._means[stage].pop(self.trainer.strategy if sync else None)
         if stage != "train" and means:
             self._warn_if_nonfinite(stage, means)
@@ -222,8 +232,8 @@ class LitModel(pl.LightningModule):
                 f"{stage}/{name}",
                 value,
                 prog_bar=name == "loss",
-                on_step=stage == "train",
-                on_epoch=stage != "train",
+                on_step=stage == "train" and not epoch_end,
+                on_epoch=stage != "train" or epoch_end,
                 # Already summed over processes; syncing the equal values again is a no-op that
                 # keeps Lightning from warning about unsynced epoch metrics.
                 sync_dist=sync,
@@ -286,6 +296,9 @@ class LitModel(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Before ModelCheckpoint's hook: Lightning calls the module's first.
         self._raise_if_nonfinite(weights=True)
+        # What the epoch trained since its last train/* point (all of it in an epoch shorter
+        # than log_every_n_steps): at least one point per epoch, one host read per epoch.
+        self._log_means("train", sync=False, epoch_end=True)
 
     def on_validation_start(self) -> None:
         # Checkpoints are written at the end of validation. Also called in the sanity check,

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from pytorch_lightning.callbacks import TQDMProgressBar
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import (
@@ -35,24 +34,18 @@ from vae_experiments.runs import (
     write_json_atomic,
 )
 from vae_experiments.targets import instantiate, to_container
-from vae_experiments.training.callbacks import EpochTimer, ImageGrids, RunCheckpoint
+from vae_experiments.training.callbacks import EpochLog, EpochTimer, ImageGrids, RunCheckpoint
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
 from vae_experiments.training.module import LitModel, OptimizerFactory
+from vae_experiments.training.trackers import build_loggers, report_run
 
 log = logging.getLogger(__name__)
 
 #: Prefix of metrics.json keys that describe the run before it was resumed.
 STALE_PREFIX = "stale/"
-
-
-def build_logger(cfg: DictConfig | None, run_dir: Path) -> Logger | None:
-    """The ``logger=`` group's logger writing under ``run_dir``; None for ``logger=none``."""
-    if not cfg or cfg.get("_target_") is None:
-        return None
-    return instantiate(cfg, key="logger", save_dir=str(run_dir))
 
 
 def build_lr_scheduler(cfg: DictConfig | None) -> dict[str, Any] | None:
@@ -73,33 +66,6 @@ def check_optimizer(
     trial = optimizer(model.parameters())
     if lr_scheduler is not None:
         lr_scheduler["scheduler"](trial)
-
-
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config as ``{"model.latent_dim": 16, ...}`` with scalar values, for the HPARAMS tab."""
-    flat: dict[str, Any] = {}
-
-    def visit(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                visit(value, f"{prefix}{key}.")
-        else:
-            is_scalar = isinstance(node, int | float | str | bool)
-            flat[prefix[:-1]] = node if is_scalar else str(node)
-
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container = {k: v for k, v in container.items() if k != "hydra"}
-    visit(container, "")
-    return flat
-
-
-def log_hparams(logger: Logger, cfg: DictConfig, metrics: dict[str, float]) -> None:
-    """Records the flattened config; TensorBoard also gets the test metrics (HPARAMS tab)."""
-    if isinstance(logger, TensorBoardLogger):
-        test_metrics = {k: v for k, v in metrics.items() if k.startswith("test/")}
-        logger.log_hyperparams(flat_hparams(cfg), metrics=test_metrics)
-    else:
-        logger.log_hyperparams(flat_hparams(cfg))
 
 
 def stale_analysis_metrics(run_dir: Path, metrics: dict[str, float]) -> dict[str, float]:
@@ -223,6 +189,7 @@ def train(
     interruption = Interruption(checkpoint_path(run_dir, LAST))
     callbacks: list[pl.Callback] = [
         timer,
+        EpochLog(),
         interruption,
         best,
         last,
@@ -237,7 +204,7 @@ def train(
         )
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
-    logger = build_logger(cfg.get("logger"), run_dir)
+    loggers = build_loggers(cfg, run_dir)
     trainer_options = {}
     if cfg.trainer.get("benchmark", "unset") is None:
         trainer_options["benchmark"] = not cfg.trainer.get("deterministic", False)
@@ -245,7 +212,7 @@ def train(
         cfg.trainer,
         key="trainer",
         **trainer_options,
-        logger=logger if logger is not None else False,
+        logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
@@ -260,6 +227,7 @@ def train(
                 signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
             ) from None
 
+        validated = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         test_ckpt = best.best_model_path if cfg.test_ckpt == BEST else ""
         test_ckpt = test_ckpt or last.best_model_path or None
         try:
@@ -277,6 +245,8 @@ def train(
                 phase="testing",
             ) from None
     metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}
+    # The last validation epoch's terms: what a search (optimized_metric=val/loss) compares.
+    metrics.update({key: float(value) for key, value in validated.items()})
     metrics.update(
         epochs=trainer.current_epoch,
         steps=trainer.global_step,
@@ -287,9 +257,7 @@ def train(
     metrics.update(stale_analysis_metrics(run_dir, metrics))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / METRICS_FILE, metrics)
-        if logger is not None:
-            log_hparams(logger, cfg, metrics)
-            logger.finalize("success")
+        report_run(loggers, cfg, run_dir, metrics)
         log.info("test metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
         log.info("run directory: %s", run_dir)
     return metrics
