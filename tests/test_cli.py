@@ -210,6 +210,7 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert len(events.Scalars("val/active_units")) == 2
+    assert "trainer/epoch" in events.Tags()["scalars"] and "epoch" not in events.Tags()["scalars"]
     configs = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("config.yaml"))
     assert configs == [".hydra/config.yaml", "config.yaml"]  # Hydra's record and the run's
     assert not (tmp_path / "outputs").exists()

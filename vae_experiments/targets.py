@@ -36,11 +36,12 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 #: ``_target_`` prefixes that may be built from a config. Each must name classes only (checked
-#: after import): our models' parts and data sources, torch's optimizers and LR schedulers, and
-#: Lightning's trainer and loggers.
+#: after import): our models' parts, data sources and TensorBoard logger, torch's optimizers and
+#: LR schedulers, and Lightning's trainer and loggers.
 ALLOWED_TARGETS: tuple[str, ...] = (
     "vae_experiments.models.",
     "vae_experiments.data.",
+    "vae_experiments.training.trackers.TensorBoardLogger",
     "torch.optim.",
     "pytorch_lightning.Trainer",
     "pytorch_lightning.trainer.trainer.Trainer",

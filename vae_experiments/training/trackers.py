@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
+from pytorch_lightning.loggers import TensorBoardLogger as LightningTensorBoardLogger
 
 from vae_experiments.config_checks import logger_nodes
 from vae_experiments.runs import METRICS_FILE, read_group_choices
@@ -44,6 +45,17 @@ NOT_HPARAMS = (
 )
 #: Config groups that are no hyperparameter.
 NOT_HPARAM_GROUPS = ("logger",)
+
+
+class TensorBoardLogger(LightningTensorBoardLogger):
+    """Lightning's TensorBoard logger, with the ``epoch`` value Lightning adds to every logged
+    set filed as ``trainer/epoch``: TensorBoard sorts its cards by name, and a bare ``epoch``
+    card would open the Scalars tab ahead of the loss terms (``test/``, ``train/``, ``val/``)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "epoch" in metrics:
+            metrics = {("trainer/epoch" if k == "epoch" else k): v for k, v in metrics.items()}
+        super().log_metrics(metrics, step)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
