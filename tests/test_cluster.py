@@ -46,6 +46,7 @@ def finished_jobs(sweep_dir: Path) -> list[str]:
     return [job.partition("-")[0] for job in jobs]
 
 
+@pytest.mark.slow  # about 25 s; the default suite checks the launchers' settings (sbatch script)
 def test_submitit_local_runs_a_tiny_sweep(tmp_path):
     sweep_dir = tmp_path / "sweep"
     run(
