@@ -13,6 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
@@ -236,7 +237,8 @@ def test_ddp_children_run_in_the_job_directory_of_a_sweep(tmp_path, monkeypatch)
 def lightning_noise(tmp_path: Path) -> None:
     """A run that makes Lightning say everything :func:`quiet_lightning_noise` hides: a
     mid-epoch resume (DataLoader not resumable) from another run's checkpoint (dirpath changed)
-    into a checkpoint folder that is not empty; Lightning's own pytree code runs in every fit."""
+    into a checkpoint folder that is not empty, an epoch shorter than the logging interval;
+    Lightning's own pytree code runs in every fit."""
 
     def save_mid_epoch(trainer, pl_module, batch_idx):
         if batch_idx == 0:
@@ -247,6 +249,8 @@ def lightning_noise(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "other.ckpt").write_bytes(b"")
     fit(tmp_path, [ModelCheckpoint(tmp_path / "b", **options)], ckpt_path=tmp_path / "mid.ckpt")
+    # Fewer batches than log_every_n_steps, with a logger.
+    fit(tmp_path, logger=CSVLogger(tmp_path / "csv"), log_every_n_steps=50)
 
 
 def test_quiet_lightning_noise_hides_only_lightnings_noise_and_only_inside(tmp_path, caplog):
@@ -270,6 +274,7 @@ def test_quiet_lightning_noise_hides_only_lightnings_noise_and_only_inside(tmp_p
         "You're resuming from a checkpoint that ended before",
         "Checkpoint directory",
         "The dirpath has changed from",
+        "is smaller than the logging interval",
     ]
     for text in noise:
         assert any(text in message for message in loud), f"Lightning no longer warns {text!r}"

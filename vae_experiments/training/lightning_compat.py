@@ -143,6 +143,9 @@ QUIET_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # on the DataLoader), and the checkpoint folder of the run being resumed is meant to be full.
     (r"You're resuming from a checkpoint that ended before", UserWarning, ""),
     (r"Checkpoint directory .* exists and is not empty", UserWarning, ""),
+    # A run with fewer batches per epoch than log_every_n_steps: LitModel logs the train terms
+    # at every epoch's end too, so the curve Lightning warns about is there.
+    (r"The number of training batches .* is smaller than the logging interval", UserWarning, ""),
     # ckpt_path= from another run: its checkpoint callbacks' state stays with that run, as it
     # should.
     (r"The dirpath has changed from", UserWarning, ""),
