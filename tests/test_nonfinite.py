@@ -117,6 +117,7 @@ def test_a_nan_val_loss_never_replaces_the_best_checkpoint(tmp_path, monkeypatch
     assert best["global_step"] == STEPS_PER_EPOCH
 
 
+@pytest.mark.slow  # the command in a subprocess; the message is tested in process above
 def test_an_absurd_learning_rate_fails_the_cli_run_with_the_message(tmp_path):
     # Adam moves every weight by about lr in its first step: the VAE's loss is nan at step 1.
     run_dir = tmp_path / "run"

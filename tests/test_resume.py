@@ -216,12 +216,13 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.05)
 
 
-# SIGTERM in the default suite; SIGINT (also tested by test_cli's Ctrl-C test) and SIGUSR1 go
-# through the same handler, and run with -m slow to keep the default suite under 10 minutes.
+# All three with -m slow, to keep the default suite under 10 minutes: the default suite signals
+# train.py in test_cli's Ctrl-C test, and checks exact resume after a signal in process
+# (test_a_signal_saves_a_checkpoint_that_resumes_exactly); the three go through one handler.
 @pytest.mark.parametrize(
     "signal_name",
     [
-        "SIGTERM",
+        pytest.param("SIGTERM", marks=pytest.mark.slow),
         pytest.param("SIGINT", marks=pytest.mark.slow),
         pytest.param("SIGUSR1", marks=pytest.mark.slow),
     ],

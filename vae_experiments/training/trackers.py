@@ -146,16 +146,22 @@ def run_hparams(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def report_run(
     loggers: list[Logger], cfg: DictConfig, run_dir: Path, metrics: dict[str, float]
 ) -> None:
-    """Tells each tracker about the finished run: its settings (TensorBoard's HPARAMS with the
-    test metrics), and for MLflow and W&B its image grids and ``metrics.json``; then closes it."""
+    """Tells each tracker about the finished run: its settings (TensorBoard's HPARAMS: those of
+    :func:`tracked_hparams`, with the test metrics; MLflow's params and W&B's config: those and
+    the whole flattened config), and for MLflow and W&B its image grids and ``metrics.json``;
+    then closes it."""
     hparams = run_hparams(cfg, run_dir)
+    # Trackers with a search over params get the whole config (flattened) besides; TensorBoard's
+    # HPARAMS table, one column a key, only the settings that matter.
+    container = OmegaConf.to_container(cfg, resolve=True)
+    whole = {**hparams, **flat_config({k: v for k, v in container.items() if k != "hydra"})}
     test_metrics = {k: v for k, v in metrics.items() if k.startswith("test/")}
     images = sorted((run_dir / "images").glob("*.png"))
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams, metrics=test_metrics)
         else:
-            logger.log_hyperparams(hparams)
+            logger.log_hyperparams(whole)
         if isinstance(logger, MLFlowLogger):
             for path in [*images, run_dir / METRICS_FILE]:
                 artifact_dir = "images" if path.suffix == ".png" else None
