@@ -510,3 +510,16 @@ def test_resume_and_ckpt_path_together_are_refused(tmp_path):
     )
     assert result.returncode != 0
     assert "resume= and ckpt_path= cannot go together" in result.stderr
+
+
+def test_resume_refuses_max_epochs_below_the_checkpoints_epoch(tmp_path):
+    """Lowering trainer.max_epochs under the epoch the checkpoint reached: refused by name,
+    before anything is written (Lightning would fail inside fit, after the status changed)."""
+    from vae_experiments.cli.train import _refuse_max_epochs_below
+    from vae_experiments.targets import ConfigError
+
+    cfg = compose_config(["trainer.max_epochs=4"])
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=4 is invalid: .* at epoch 18"):
+        _refuse_max_epochs_below(tmp_path, cfg, 18)
+    _refuse_max_epochs_below(tmp_path, cfg, 4)  # the run ends at once, as Lightning does
+    _refuse_max_epochs_below(tmp_path, compose_config(["trainer.max_epochs=-1"]), 18)

@@ -79,9 +79,10 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
         log.warning("%s has no checkpoint yet: training it again from the start", run_dir)
     else:
         try:
-            check_checkpoint(checkpoint, key="resume")
+            _, epoch = check_checkpoint(checkpoint, key="resume")
         except UnreadableCheckpointError as error:
             raise ConfigError(allowed=str(error)) from None
+        _refuse_max_epochs_below(run_dir, resumed, epoch)
         log.info("resuming %s from %s", run_dir, checkpoint)
     if changed:
         # train() writes the changed config.yaml once everything is built (the earlier one is
@@ -108,6 +109,21 @@ def _refuse_if_nothing_to_train(run_dir: Path, cfg: DictConfig, metrics: dict) -
         raise ConfigError(
             allowed=f"resume={run_dir}: the run finished at step {steps} "
             f"(trainer.max_steps={max_steps}); raise trainer.max_steps to train on"
+        )
+
+
+def _refuse_max_epochs_below(run_dir: Path, cfg: DictConfig, epoch: int) -> None:
+    """Raises ConfigError, before anything is written, for a ``trainer.max_epochs`` below the
+    epoch the checkpoint reached (Lightning would fail after the run's status was rewritten)."""
+    from vae_experiments.targets import ConfigError
+
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and max_epochs != -1 and max_epochs < epoch:
+        raise ConfigError(
+            "trainer.max_epochs",
+            max_epochs,
+            f"the checkpoint of {run_dir} is at epoch {epoch}; give at least "
+            f"trainer.max_epochs={epoch} (or leave it out)",
         )
 
 
