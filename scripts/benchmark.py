@@ -5,6 +5,8 @@
     python scripts/benchmark.py --variants compile,bf16,nchw   # options, against our defaults
     python scripts/benchmark.py --full               # full datasets even on a CPU
     python scripts/benchmark.py --cases overhead --threads 1   # per-step cost of our loop
+    python scripts/benchmark.py --cases overhead --threads 1 --variants ungrouped  # and without
+                                                     # groups of steps (steps_per_group=1)
 
 For each training case it runs (a) the plain loop written below (Adam, the model's own loss, one
 validation pass per epoch, data as one uint8 tensor on the device) and (b) our path exactly as
@@ -139,6 +141,8 @@ VARIANTS = {
     "compile": (["compile=true"], False),
     "bf16": (["trainer.precision=bf16-mixed"], False),
     "nchw": (["channels_last=false"], True),  # the default is channels_last=true
+    # Every step through Lightning's per-batch loop (the default groups up to 20 steps a batch).
+    "ungrouped": (["steps_per_group=1"], False),
 }
 
 

@@ -313,10 +313,10 @@ def test_dynamic_binarize_keeps_train_grey_and_fixes_eval_splits():
 @pytest.mark.parametrize(
     ("binarize", "trainer", "binary"),
     [
-        ("dynamic", SimpleNamespace(training=True), True),
+        ("dynamic", SimpleNamespace(training=True, current_epoch=0), True),
         ("dynamic", SimpleNamespace(training=False), False),
         ("dynamic", None, False),
-        ("none", SimpleNamespace(training=True), False),
+        ("none", SimpleNamespace(training=True, current_epoch=0), False),
     ],
 )
 def test_on_after_batch_transfer(binarize, trainer, binary):

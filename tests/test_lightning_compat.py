@@ -172,14 +172,21 @@ def test_restart_validation_from_start_redoes_the_whole_pass_then_trains_on(tmp_
     assert trainer.global_step == 4
 
 
-def test_train_batches_fetched_counts_batches_of_the_current_epoch(tmp_path):
-    seen = []
+def test_count_optimizer_step_counts_a_step_lightning_did_not_take(tmp_path):
+    counted = []
 
-    def record(trainer, pl_module, batch_idx):
-        seen.append((trainer.current_epoch, lightning_compat.train_batches_fetched(trainer)))
+    def count_one_more(trainer, pl_module, batch_idx):
+        before = (trainer.global_step, trainer.fit_loop.epoch_loop._batches_that_stepped)
+        lightning_compat.count_optimizer_step(trainer)
+        counted.append((before, trainer.global_step))
 
-    fit(tmp_path, [OnBatchEnd(record)], batches=3, max_epochs=2)
-    assert seen == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    trainer = fit(tmp_path, [OnBatchEnd(count_one_more)], batches=2, max_epochs=2)
+    # Each batch: Lightning's step and the one counted; the logging step count follows.
+    assert [after for _, after in counted] == [2, 4, 6, 8]
+    assert [before for before, _ in counted] == [(1, 0), (3, 2), (5, 4), (7, 6)]
+    assert trainer.global_step == 8
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 8
+    assert lightning_compat.dump_checkpoint(trainer)["global_step"] == 8  # what checkpoints save
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")

@@ -86,7 +86,9 @@ def test_a_signal_saves_a_checkpoint_that_resumes_exactly(
     tmp_path, straight_run, monkeypatch, stop_step
 ):
     """SIGTERM arrives during step ``stop_step``; the run stops after it with a checkpoint, and
-    the resumed run ends as if it had never stopped."""
+    the resumed run ends as if it had never stopped. One step at a time (``steps_per_group=1``:
+    Lightning's per-batch hooks every step, so the signal can be sent from one; groups of steps
+    are stopped and resumed in ``test_step_groups.py``), resumed in groups."""
 
     def send_sigterm(self, trainer, *args):
         if trainer.global_step == stop_step:
@@ -95,7 +97,7 @@ def test_a_signal_saves_a_checkpoint_that_resumes_exactly(
     monkeypatch.setattr(Interruption, "on_train_batch_end", send_sigterm, raising=False)
     run_dir = start_run(tmp_path / "run")
     with pytest.raises(RunInterrupted) as stopped:
-        train(compose_config([*FAST, *RESUMABLE]), run_dir)
+        train(compose_config([*FAST, *RESUMABLE, "steps_per_group=1"]), run_dir)
     assert stopped.value.signal_name == "SIGTERM"
     assert stopped.value.step == stop_step
     assert stopped.value.checkpoint == run_dir / "checkpoints" / "last.ckpt"

@@ -101,6 +101,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
     "optimized_metric": _metric_key,
     "test_ckpt": _one_of(CHECKPOINT_CHOICES),
+    "steps_per_group": _int_at_least(1),
     "trainer.max_epochs": _max_epochs,
     # A negative clip value would flip the gradients' sign (torch clips by max_norm / norm).
     "trainer.gradient_clip_val": _optional(_number(0), off="no clipping"),

@@ -7,6 +7,7 @@ The Lightning side, :class:`~vae_experiments.data.datamodule.ImageDataModule`, i
 from __future__ import annotations
 
 from vae_experiments.data.batches import (
+    BatchGroup,
     ShuffledBatchSampler,
     TensorImages,
     iterate_split,
@@ -34,6 +35,7 @@ __all__ = [
     "ImageFiles",
     "ImageFolder",
     "ImageSource",
+    "BatchGroup",
     "ShuffledBatchSampler",
     "Synthetic",
     "TensorImages",

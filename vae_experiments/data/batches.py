@@ -8,7 +8,7 @@ bytes of float32, and :func:`to_float` converts them there.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,14 +49,72 @@ class TensorImages(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """Return uint8 images (B, C, H, W) and int64 labels (B,) for 1-D ``indices`` (B,)."""
+        """Return uint8 images (B, C, H, W) and int64 labels (B,) for 1-D ``indices`` (B,);
+        for 2-D ``indices`` (S, B), a group of S batches: images (S, B, C, H, W), labels (S, B).
+        """
         # index_select, not images[indices]: advanced indexing of a uint8 (N, C, H, W) tensor is
         # ~40x slower on a CPU (1.4 ms vs 0.03 ms for 128 Fashion-MNIST images).
-        return self.images.index_select(0, indices), self.labels.index_select(0, indices)
+        flat = indices.reshape(-1)
+        images = self.images.index_select(0, flat)
+        labels = self.labels.index_select(0, flat)
+        if indices.ndim == 1:
+            return images, labels
+        return images.view(*indices.shape, *images.shape[1:]), labels.view(indices.shape)
+
+
+class BatchGroup:
+    """S training batches that arrived together: ``group[i]`` is batch i, (B, C, H, W), made
+    when it is taken, so that per-batch random draws (dynamic binarisation) happen in the same
+    order as with one batch at a time, between the model's own draws of each step.
+
+    Args:
+        images: float images (S, B, C, H, W).
+        make_batch: applied to each batch when it is taken; None: the batch as it is.
+    """
+
+    def __init__(
+        self, images: Tensor, make_batch: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
+        if images.ndim != 5:
+            raise ValueError(f"a group of batches is (S, B, C, H, W), got {tuple(images.shape)}")
+        self.images = images
+        self.make_batch = make_batch
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Tensor:
+        batch = self.images[index]
+        return batch if self.make_batch is None else self.make_batch(batch)
+
+
+def group_sizes(first_batch: int, num_batches: int, group_size: int) -> list[int]:
+    """How many consecutive batches each group of an epoch's pass holds, the pass starting at
+    batch ``first_batch`` of the epoch's ``num_batches``.
+
+    Groups end at every multiple of ``group_size`` and at the epoch's end, so every pass over a
+    whole epoch has the same ``ceil(num_batches / group_size)`` groups, as Lightning expects of
+    a loader's length. A pass that resumes inside a group (a run stopped part-way through it)
+    gives the rest of that group to the next one, so the epoch still has that many groups in
+    all; the sizes sum to ``num_batches - first_batch``.
+    """
+    ends = [end for end in range(group_size, num_batches, group_size) if end > first_batch]
+    ends.append(num_batches)
+    if first_batch % group_size and len(ends) > 1:
+        ends = ends[1:]  # the rest of the group cut short joins the next group
+    sizes, start = [], first_batch
+    for end in ends:
+        if end > start:
+            sizes.append(end - start)
+            start = end
+    return sizes
 
 
 class ShuffledBatchSampler(Sampler[Tensor]):
-    """Yields one 1-D int64 index tensor per batch, sharded across DDP processes.
+    """Yields one 1-D int64 index tensor per batch, sharded across DDP processes; with
+    ``steps_per_item`` > 1, a 2-D (steps, batch size) tensor per group of up to that many
+    consecutive batches (see :func:`group_sizes`), which the training module trains as that many
+    optimizer steps.
 
     The shuffle depends only on ``seed + epoch``, so every rank draws the same permutation and
     takes a disjoint stride of it. With ``drop_last`` every rank gets the same number of full
@@ -71,6 +129,9 @@ class ShuffledBatchSampler(Sampler[Tensor]):
         seed: Run seed; the permutation of epoch ``e`` is seeded with ``seed + e``.
         rank: This process's rank; ``None`` asks ``torch.distributed`` when iterating.
         world_size: Number of processes; ``None`` asks ``torch.distributed`` when iterating.
+        steps_per_item: Batches per yielded item (training only: needs ``drop_last``).
+        max_batches: Batches per epoch at most: a count, or a fraction of the epoch's batches
+            (``trainer.limit_train_batches``, as Lightning reads it); None: all.
     """
 
     def __init__(
@@ -82,8 +143,14 @@ class ShuffledBatchSampler(Sampler[Tensor]):
         seed: int,
         rank: int | None = None,
         world_size: int | None = None,
+        steps_per_item: int = 1,
+        max_batches: int | float | None = None,
     ) -> None:
         super().__init__()
+        if steps_per_item > 1 and not drop_last:
+            raise ValueError("steps_per_item > 1 needs drop_last (full training batches)")
+        if steps_per_item < 1:
+            raise ValueError(f"steps_per_item must be >= 1, got {steps_per_item}")
         if num_items < 0:
             raise ValueError(f"num_items must be >= 0, got {num_items}")
         if batch_size < 1:
@@ -96,6 +163,8 @@ class ShuffledBatchSampler(Sampler[Tensor]):
         # Resolved lazily: the DataLoader may be built before the process group exists.
         self.rank = rank
         self.world_size = world_size
+        self.steps_per_item = steps_per_item
+        self.max_batches = max_batches
         self.epoch = 0
         #: Where the yielded index tensors live: the device of the images they index.
         self.index_device = torch.device("cpu")
@@ -112,10 +181,15 @@ class ShuffledBatchSampler(Sampler[Tensor]):
 
         ``len()`` still counts the whole epoch, as Lightning expects of a resumed loader.
         """
-        if batches_done >= len(self):
+        if batches_done >= self.batches_per_epoch():
             epoch, batches_done = epoch + 1, 0
         self.epoch = epoch
         self._resume = (epoch, batches_done) if batches_done > 0 else None
+
+    @property
+    def resume_batches_done(self) -> int:
+        """Batches of its epoch that the next pass skips (set by :meth:`resume_at`)."""
+        return self._resume[1] if self._resume is not None else 0
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         dist = torch.distributed
@@ -150,11 +224,28 @@ class ShuffledBatchSampler(Sampler[Tensor]):
                 f"the training split ({self.num_items} images) has no image for each of the "
                 "processes; use fewer devices or more data"
             )
-        return shard_size // self._batch_size(shard_size)
+        batches = shard_size // self._batch_size(shard_size)
+        limit = self.max_batches
+        if limit is None:
+            return batches
+        if isinstance(limit, float):
+            limited = int(batches * limit)
+            if limited == 0 and limit > 0:
+                raise ValueError(
+                    f"trainer.limit_train_batches={limit} of {batches} training batches is 0 "
+                    "batches; use a larger fraction or a count (trainer.limit_train_batches=1)"
+                )
+            return limited
+        return min(batches, limit)
+
+    def batches_per_epoch(self) -> int:
+        """Batches (optimizer steps, in training) this rank takes per epoch."""
+        return self._num_batches(self._shard_size(*self._rank_and_world_size()))
 
     def __len__(self) -> int:
-        """Number of batches this rank yields per epoch."""
-        return self._num_batches(self._shard_size(*self._rank_and_world_size()))
+        """Items this rank yields per epoch: batches, or groups of them (the same number in
+        every epoch, resumed or not: Lightning counts them to find the epoch's end)."""
+        return math.ceil(self.batches_per_epoch() / self.steps_per_item)
 
     def __iter__(self) -> Iterator[Tensor]:
         rank, world_size = self._rank_and_world_size()
@@ -171,8 +262,16 @@ class ShuffledBatchSampler(Sampler[Tensor]):
         if self._resume is not None and self._resume[0] == self.epoch:
             first = self._resume[1]
         self._resume = None
-        for batch in range(first, self._num_batches(len(shard))):
-            yield shard[batch * batch_size : (batch + 1) * batch_size]
+        num_batches = self._num_batches(len(shard))
+        if self.steps_per_item == 1:
+            for batch in range(first, num_batches):
+                yield shard[batch * batch_size : (batch + 1) * batch_size]
+            return
+        start = first * batch_size
+        for size in group_sizes(first, num_batches, self.steps_per_item):
+            end = start + size * batch_size
+            yield shard[start:end].view(size, batch_size)
+            start = end
 
 
 def binarize_uint8(images: Tensor, generator: torch.Generator) -> Tensor:

@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vae_experiments.data.batches import ShuffledBatchSampler, TensorImages, make_loader
+from vae_experiments.data.batches import (
+    BatchGroup,
+    ShuffledBatchSampler,
+    TensorImages,
+    make_loader,
+)
 from vae_experiments.data.images import ImageData
 
 log = logging.getLogger(__name__)
@@ -27,17 +32,34 @@ ON_DEVICE_MAX_FREE_FRACTION = 0.25
 class ImageDataModule(pl.LightningDataModule):
     """uint8 batches from ``data``'s splits, float32 in [0, 1] on the device.
 
+    Training batches can come in groups (``steps_per_item`` > 1): images (S, B, C, H, W), one
+    optimizer step per batch, so that the training loop's per-batch work is paid once per group
+    (see :class:`~vae_experiments.training.module.LitModel`).
+
     Args:
         data: The run's data; its splits are loaded at :meth:`setup`.
+
+    Attributes:
+        steps_per_item: Training batches per group at most; 1: single batches. Set before the
+            training loader is built; only in-memory splits are grouped.
+        max_train_batches: Training batches per epoch at most (``limit_train_batches`` counted
+            in batches, when batches are grouped); None: all.
     """
 
     def __init__(self, data: ImageData) -> None:
         super().__init__()
         self.data = data
+        self.steps_per_item = 1
+        self.max_train_batches: int | float | None = None
         # Splits moved to the accelerator, by split name; filled on first use of a dataloader.
         self._device_splits: dict[str, Dataset] = {}
         # (epoch, training batches done in it) from a checkpoint being resumed.
         self._resume_position: tuple[int, int] | None = None
+        # The steps_per_item of the checkpoint being resumed (1 for checkpoints without it).
+        self._resume_steps_per_item = 1
+        self._train_sampler: ShuffledBatchSampler | None = None
+        # [epoch, training batches of it that reached the device so far]
+        self._train_progress = [0, 0]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -58,13 +80,53 @@ class ImageDataModule(pl.LightningDataModule):
         sampler = ShuffledBatchSampler(
             len(dataset), self.data.batch_size, shuffle=train, drop_last=train, seed=self.data.seed
         )
+        if train:
+            self._configure_train_sampler(sampler, dataset)
         if train and self._resume_position is not None:
             sampler.resume_at(*self._resume_position)
             self._resume_position = None
+        if train:
+            self._train_progress = [sampler.epoch, sampler.resume_batches_done]
+            self._train_sampler = sampler
         # Its own generator: each iter() draws a worker base seed, which would otherwise
         # advance the global RNG and shift every later random draw (resumed runs too).
         generator = torch.Generator().manual_seed(self.data.seed)
         return make_loader(dataset, sampler, self.data.num_workers, generator)
+
+    def _configure_train_sampler(self, sampler: ShuffledBatchSampler, dataset: Dataset) -> None:
+        steps = self.steps_per_item if isinstance(dataset, TensorImages) else 1
+        if steps > 1 and self._resume_position is not None and self._resume_position[1] > 0:
+            # Lightning counts the interrupted epoch's batches in the groups they came in: the
+            # epoch ends in groups of the same size (1 for checkpoints made without groups).
+            steps = self._resume_steps_per_item
+        sampler.steps_per_item = steps
+        sampler.max_batches = self.max_train_batches
+
+    @property
+    def train_batches_per_epoch(self) -> int:
+        """Training batches (optimizer steps) per epoch on this process; 0 before the training
+        loader is built."""
+        return self._train_sampler.batches_per_epoch() if self._train_sampler else 0
+
+    @property
+    def counts_steps_itself(self) -> bool:
+        """Whether the trainer's count of training batches is a count of groups (batches are
+        grouped, and ``limit_train_batches`` is applied here), so that
+        :attr:`train_batches_per_epoch` is the number of steps per epoch; otherwise the
+        trainer's ``num_training_batches`` is."""
+        return self.steps_per_item > 1 and self._train_sampler is not None
+
+    def train_batches_done(self, epoch: int) -> int:
+        """Training batches of ``epoch`` that reached the device so far (between steps: how
+        many were trained on)."""
+        progress_epoch, done = self._train_progress
+        return done if progress_epoch == epoch else 0
+
+    def untrained(self, batches: int) -> None:
+        """The last ``batches`` batches of the latest training group were not trained (training
+        stopped inside the group): the position saved in checkpoints does not count them, so a
+        resumed run trains them."""
+        self._train_progress[1] -= batches
 
     def _accelerator(self) -> torch.device | None:
         """The trainer's device when it is not the CPU, else None."""
@@ -113,22 +175,26 @@ class ImageDataModule(pl.LightningDataModule):
         permutation, where Lightning alone would start the interrupted epoch again."""
         trainer = getattr(self, "trainer", None)
         # Also while validating inside fit: ModelCheckpoint saves at the end of validation.
-        if trainer is None or trainer.state.fn != "fit":
+        if trainer is None or trainer.state.fn != "fit" or self._train_sampler is None:
             return {}
-        # Imported here: training/ imports this module (a top-level import would be circular).
-        from vae_experiments.training.lightning_compat import train_batches_fetched
-
-        # Checkpoints are written between steps, so every batch fetched so far was trained on
-        # (the data fetcher's look-ahead is not counted here).
-        epoch, done = trainer.current_epoch, train_batches_fetched(trainer)
-        if done >= trainer.num_training_batches:  # also when limit_train_batches ends epochs
+        # Checkpoints are written between steps, so every batch that reached the device was
+        # trained on (the data fetcher's look-ahead has not: it is transferred when its turn
+        # comes).
+        epoch = trainer.current_epoch
+        done = self.train_batches_done(epoch)
+        if done >= self.train_batches_per_epoch:  # also when limit_train_batches ends epochs
             epoch, done = epoch + 1, 0
-        return {"train_epoch": epoch, "train_batches_done": done}
+        return {
+            "train_epoch": epoch,
+            "train_batches_done": done,
+            "steps_per_item": self._train_sampler.steps_per_item,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; the next training loader starts where it says."""
         if "train_epoch" in state:
             self._resume_position = (int(state["train_epoch"]), int(state["train_batches_done"]))
+            self._resume_steps_per_item = int(state.get("steps_per_item", 1))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled full batches of uint8 (B, C, H, W) images and int64 (B,) labels."""
@@ -142,13 +208,25 @@ class ImageDataModule(pl.LightningDataModule):
         """Test batches in order, last batch possibly partial."""
         return self._dataloader("test", train=False)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Turn a device batch into float32 images (B, C, H, W) and int64 labels (B,).
+    def on_after_batch_transfer(
+        self, batch: Any, dataloader_idx: int
+    ) -> tuple[Tensor | BatchGroup, Tensor]:
+        """Turn a device batch into float32 images (B, C, H, W) and int64 labels (B,), a group
+        of training batches into a :class:`BatchGroup` of S such batches and labels (S, B); and
+        count the training batches.
 
-        Under ``binarize="dynamic"`` training images are resampled from Bernoulli(x) each step.
+        Under ``binarize="dynamic"`` training images are resampled from Bernoulli(x) each step
+        (in a group, as each batch is taken).
         """
         images, labels = batch
         x = self.data.to_float(images)
-        if self.data.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
-            x = torch.bernoulli(x)
-        return x, labels
+        training = self.trainer is not None and self.trainer.training
+        if not training:
+            return x, labels
+        steps = images.shape[0] if images.ndim == 5 else 1  # a group: (S, B, C, H, W)
+        epoch = self.trainer.current_epoch
+        self._train_progress = [epoch, self.train_batches_done(epoch) + steps]
+        resample = torch.bernoulli if self.data.binarize == "dynamic" else None
+        if images.ndim == 5:
+            return BatchGroup(x, resample), labels
+        return (x if resample is None else resample(x)), labels

@@ -1,4 +1,5 @@
-"""Callbacks: image grids for TensorBoard and as PNG files; epoch timing; checkpoints."""
+"""Callbacks: image grids for TensorBoard and as PNG files; epoch timing; checkpoints; the
+progress bar."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from vae_experiments.pictures import image_grid, save_grid
@@ -168,3 +169,44 @@ class RunCheckpoint(ModelCheckpoint):
         # look-ups, every step.
         if self._saves_within_epochs:
             super().on_train_batch_end(trainer, pl_module, *args)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, counting a training epoch in optimizer steps also when the
+    data module yields groups of batches (``steps_per_group``), where Lightning counts groups.
+
+    ``refresh_rate`` is in steps: the bar moves when a multiple of it was passed.
+    """
+
+    def _steps_done(self, trainer: pl.Trainer, batch_idx: int) -> int:
+        datamodule = getattr(trainer, "datamodule", None)
+        if hasattr(datamodule, "train_batches_done"):
+            return datamodule.train_batches_done(trainer.current_epoch)
+        return batch_idx + 1
+
+    @property
+    def total_train_batches(self) -> int | float:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "counts_steps_itself", False):
+            return datamodule.train_batches_per_epoch
+        return super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._shown = self._steps_done(trainer, -1)  # a resumed epoch starts part-way
+        if self.train_progress_bar is not None and self._shown:
+            self.train_progress_bar.n = self._shown
+            self.train_progress_bar.refresh()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        bar = self.train_progress_bar
+        if bar is None or bar.disable:
+            return
+        done = self._steps_done(trainer, batch_idx)
+        shown, self._shown = getattr(self, "_shown", 0), done
+        if done // self.refresh_rate > shown // self.refresh_rate or done == bar.total:
+            bar.n = done
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -110,16 +110,25 @@ def restart_validation_from_start(checkpoint: dict[str, Any]) -> None:
     progress["is_last_batch"] = False
 
 
-def train_batches_fetched(trainer: pl.Trainer) -> int:
-    """How many training batches of the current epoch the fit loop has taken so far (between
-    steps: how many were trained on).
+def count_optimizer_step(trainer: pl.Trainer) -> None:
+    """Counts an optimizer step that the LightningModule took itself inside ``training_step``
+    (a group of batches, see ``LitModel``) as automatic optimization counts its own:
+    ``trainer.global_step`` and the step that logged metrics are filed under go up by one, so
+    that both count optimizer steps as in a run without groups, and checkpoints save them.
 
-    Private: ``trainer.fit_loop.epoch_loop.batch_progress.current.ready``. ``trainer.fit_loop`` is
-    public, but its loop classes (``_FitLoop``, ``_TrainingEpochLoop``) and their progress
-    counters are private since Lightning 2.0; ``trainer.global_step`` counts optimizer steps over
-    all epochs, not batches in this one.
+    Private: the training epoch loop's ``automatic_optimization.optim_progress.optimizer``
+    (``step`` and ``zero_grad`` progress; ``global_step`` reads ``step.total.completed``) and
+    ``_batches_that_stepped`` (the step of logged metrics, and what ``log_every_n_steps``
+    counts). Lightning has no public way to count a step it did not take.
     """
-    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.automatic_optimization.optim_progress.optimizer
+    progress.zero_grad.increment_ready()
+    progress.zero_grad.increment_started()
+    progress.zero_grad.increment_completed()
+    progress.step.increment_ready()
+    progress.step.increment_completed()
+    loop._batches_that_stepped += 1
 
 
 def fixed_state_key(callback: ModelCheckpoint) -> str:

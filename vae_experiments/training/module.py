@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
 from vae_experiments.analysis.likelihood import ACTIVE_UNIT_THRESHOLD, ActiveUnits
+from vae_experiments.data.batches import BatchGroup
 from vae_experiments.models import LatentModel
 from vae_experiments.training import lightning_compat
 from vae_experiments.training.optimizer_settings import apply_changed_settings, configured_settings
@@ -58,21 +59,29 @@ def _and(words: Sequence[str]) -> str:
 
 class TermMeans:
     """Running image-weighted means of named loss terms, kept on the device: adding a batch
-    costs a few small kernels and no host sync; the means are read once per logging interval.
+    keeps its (detached) terms and launches no kernel; they are summed in one go when the means
+    or the record below are read (at most every :data:`FOLD_EVERY` batches otherwise), so a
+    step costs no host sync and next to no time.
 
-    Given the step, :meth:`add` also records on the device the first step at which each term
-    was not finite, and its value there; :meth:`first_nonfinite` reads that record (a sync).
+    Given the step, :meth:`add` also has the first step at which each term was not finite, and
+    its value there, recorded on the device; :meth:`first_nonfinite` reads that record (a sync).
     """
+
+    #: Batches kept before they are summed, whether or not anything is read.
+    FOLD_EVERY = 256
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self._sums: torch.Tensor | None = None  # (num_terms,): sums weighted by batch size
         self._count = 0  # images added: batch sizes are host integers, so no tensor is needed
+        # Added and not yet summed: (terms, batch size, step or None) per batch.
+        self._pending: list[tuple[tuple[torch.Tensor, ...], int, int | None]] = []
         self._first_bad_step: torch.Tensor | None = None  # (num_terms,) int64; NEVER if finite
         self._first_bad_value: torch.Tensor | None = None  # (num_terms,): the value at that step
 
     def reset(self) -> None:
         """Starts the means afresh; the record of non-finite steps is kept."""
+        self._fold()
         self._sums = None
         self._count = 0
 
@@ -81,29 +90,53 @@ class TermMeans:
     ) -> None:
         """Adds a batch's terms (each a scalar mean over its ``batch_size`` images); with
         ``step``, records which of them are not finite at that step."""
-        values = torch.stack([value.detach().float() for value in terms.values()])
-        if self._sums is None:
+        if not self.names:
             self.names = list(terms)
-            self._sums = values * batch_size
-        else:
-            self._sums.add_(values, alpha=batch_size)
-        self._count += batch_size
-        if step is not None:
-            self._record_nonfinite(values, step)
+        # detach: a kept term must not keep its batch's autograd graph alive.
+        self._pending.append((tuple(value.detach() for value in terms.values()), batch_size, step))
+        if len(self._pending) >= self.FOLD_EVERY:
+            self._fold()
 
-    def _record_nonfinite(self, values: torch.Tensor, step: int) -> None:
-        steps = torch.where(torch.isfinite(values), NEVER, step)  # (num_terms,)
-        if self._first_bad_step is None:
-            self._first_bad_step, self._first_bad_value = steps, values
+    def _fold(self) -> None:
+        """Sums the pending batches into the means and the non-finite record (a few kernels,
+        no sync)."""
+        if not self._pending:
             return
-        first = steps < self._first_bad_step
-        self._first_bad_step = torch.where(first, steps, self._first_bad_step)
-        self._first_bad_value = torch.where(first, values, self._first_bad_value)
+        rows, self._pending = self._pending, []
+        # (batches, num_terms) in float32 whatever the precision the terms came in.
+        values = torch.stack([value.float() for terms, _, _ in rows for value in terms])
+        values = values.view(len(rows), len(self.names))
+        sizes = [size for _, size, _ in rows]
+        weights = torch.tensor(sizes, dtype=values.dtype).to(values.device, non_blocking=True)
+        sums = (values * weights[:, None]).sum(0)
+        self._sums = sums if self._sums is None else self._sums.add_(sums)
+        self._count += sum(sizes)
+        stepped = [index for index, (_, _, step) in enumerate(rows) if step is not None]
+        if stepped:
+            steps = torch.tensor([rows[index][2] for index in stepped], dtype=torch.int64)
+            steps = steps.to(values.device, non_blocking=True)
+            if len(stepped) < len(rows):
+                values = values[stepped]
+            self._record_nonfinite(values, steps)
+
+    def _record_nonfinite(self, values: torch.Tensor, steps: torch.Tensor) -> None:
+        """Merges the first non-finite step of each term in ``values`` (batches, num_terms),
+        taken at ``steps`` (batches,), into the record."""
+        bad_steps = torch.where(torch.isfinite(values), NEVER, steps[:, None])
+        first_steps, first_rows = bad_steps.min(0)  # (num_terms,) each
+        first_values = values.gather(0, first_rows[None]).squeeze(0)
+        if self._first_bad_step is None:
+            self._first_bad_step, self._first_bad_value = first_steps, first_values
+            return
+        first = first_steps < self._first_bad_step
+        self._first_bad_step = torch.where(first, first_steps, self._first_bad_step)
+        self._first_bad_value = torch.where(first, first_values, self._first_bad_value)
 
     def first_nonfinite(self, strategy: Any = None) -> NonFiniteTerms | None:
         """The first recorded step at which any term was not finite, over all processes when
         ``strategy`` is given (its ``all_gather`` is a collective: call it on every process);
         None if every term was finite."""
+        self._fold()
         if self._first_bad_step is None:
             return None
         steps, values = self._first_bad_step, self._first_bad_value
@@ -128,6 +161,7 @@ class TermMeans:
     def pop(self, strategy: Any = None) -> dict[str, torch.Tensor]:
         """The means since the last reset (summed over processes through ``strategy.reduce`` when
         given), and a reset. Empty when nothing was added."""
+        self._fold()
         if self._sums is None:
             return {}
         sums = torch.cat([self._sums, self._sums.new_full((1,), self._count)])
@@ -146,6 +180,11 @@ class LitModel(pl.LightningModule):
     at each epoch's end over the steps since, so that every epoch has a point),
     validation and test terms once per epoch as the mean over all images of all processes.
     Terms are accumulated on the device, so a step costs no host sync and no logging call.
+
+    Training batches may come in groups of S batches (:class:`BatchGroup`) from the data module
+    (``steps_per_group``, :mod:`~vae_experiments.training.step_groups`): one optimizer step
+    each, the first S - 1 taken here, the last by Lightning, with the same weights as one batch
+    at a time. Lightning's ``batch_idx`` then counts groups; ``global_step`` counts steps.
 
     A non-finite training term stops training with :class:`NonFiniteLossError`. The device
     records the first step at which a term was not finite; the host reads that record where it
@@ -205,8 +244,8 @@ class LitModel(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
-    def _step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
-        x = batch[0]
+    def _step(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        """The batch's loss (a scalar), its terms added to ``stage``'s means."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         step = self.global_step if stage == "train" else None
@@ -275,20 +314,106 @@ class LitModel(pl.LightningModule):
         log.warning(message)
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        logs = self._logs_this_step()
+        """The loss of ``batch[0]``: images (B, C, H, W), or a :class:`BatchGroup` of S batches
+        from :class:`~vae_experiments.data.ImageDataModule`, one optimizer step each: this
+        method takes the first steps itself (:meth:`_own_steps`) and returns the last trained
+        batch's loss for Lightning's automatic optimization to step on."""
+        images = batch[0]
+        first_step = self.global_step
+        if isinstance(images, BatchGroup):
+            images = self._own_steps(images, batch_idx)
+            # A logging step anywhere in the group: the point is written at the group's end.
+            interval = self.trainer.log_every_n_steps
+            logs = (self.global_step + 1) // interval > first_step // interval
+        else:
+            logs = self._logs_this_step()
+        loss = self._step(images, "train")
         # Where the host reads the metrics anyway, and before the epoch's checkpoint.
         if logs or batch_idx + 1 == self.trainer.num_training_batches:
             self._raise_if_nonfinite()
         if logs:
-            self._log_means("train", sync=False)
+            self._log_train_point()
         return loss
 
+    def _own_steps(self, group: BatchGroup, batch_idx: int) -> torch.Tensor:
+        """Takes an optimizer step on each batch of ``group`` (S batches) but the last one to
+        train, and returns that batch (B, C, H, W) for Lightning's step.
+
+        A group stops early at ``trainer.max_steps``, and when a signal asked training to stop
+        (SIGTERM, Ctrl-C: the checkpoint is written after the next step, one later than without
+        groups), except in an epoch's last group, whose end Lightning must see; the data module
+        is told which batches were not trained, and a resumed run trains them first.
+        """
+        trainer = self.trainer
+        own = len(group) - 1
+        if trainer.max_steps >= 0:
+            own = max(0, min(own, trainer.max_steps - self.global_step - 1))
+        may_stop = batch_idx + 1 < trainer.num_training_batches
+        for index in range(own):
+            self._own_step(group[index])
+            if may_stop and trainer.received_sigterm:
+                own = index + 1
+                break
+        untrained = len(group) - 1 - own
+        if untrained:
+            trainer.datamodule.untrained(untrained)
+        return group[own]
+
+    def _log_train_point(self) -> None:
+        """Writes the means of the train terms since the last point to every logger, filed
+        under this step as Lightning files ``self.log(..., on_step=True)``, with one host read;
+        the progress bar gets ``train/loss`` through ``self.log``. Writing to the loggers
+        directly skips Lightning's bookkeeping of each logged value, which cost about as much
+        as a small model's step per term logged."""
+        means = self._means["train"].pop()
+        if not means:
+            return
+        values = torch.stack(list(means.values())).tolist()
+        metrics: dict[str, float] = {
+            f"train/{name}": value for name, value in zip(means, values, strict=True)
+        }
+        if "train/loss" in metrics:
+            self.log(
+                "train/loss",
+                metrics["train/loss"],
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
+        if self.trainer.loggers:
+            metrics["epoch"] = self.current_epoch  # as Lightning adds to every logged set
+            step = self.global_step
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def _own_step(self, x: torch.Tensor) -> None:
+        """One optimizer step on the batch ``x`` (B, C, H, W), in the order Lightning's automatic
+        optimization takes it (loss, zero_grad, backward, clipping, step), so the weights come
+        out bit for bit the same, but without Lightning's per-step hooks, closure and wrappers:
+        their fixed cost is what groups of batches save. The conditions under which batches
+        are grouped (:func:`~vae_experiments.training.step_groups.steps_per_group`) leave out
+        what would make this step differ from Lightning's (gradient accumulation, a gradient
+        scaler, DDP's gradient sync, step-interval lr schedulers, optimizers that need a
+        closure)."""
+        trainer = self.trainer
+        optimizer = trainer.optimizers[0]
+        loss = self._step(x, "train")
+        optimizer.zero_grad()
+        loss.backward()
+        if trainer.gradient_clip_val:
+            self.configure_gradient_clipping(
+                optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+            )
+        optimizer.step()
+        lightning_compat.count_optimizer_step(trainer)
+
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        return self._step(batch[0], "val")
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
+        return self._step(batch[0], "test")
 
     def on_train_epoch_start(self) -> None:
         self._means["train"].reset()
@@ -417,7 +542,11 @@ class LitModel(pl.LightningModule):
         tries = []
         warmup = getattr(model, "kl_warmup_steps", None)
         if warmup is not None:
-            steps = 10 * max(1, int(self.trainer.num_training_batches))
+            datamodule = getattr(self.trainer, "datamodule", None)
+            per_epoch = self.trainer.num_training_batches
+            if getattr(datamodule, "counts_steps_itself", False):
+                per_epoch = datamodule.train_batches_per_epoch
+            steps = 10 * max(1, int(per_epoch))
             now = f"now {warmup}" if warmup else "now off"
             tries.append(f"a KL warm-up (model.kl_warmup_steps={steps}: 10 epochs; {now})")
         beta = getattr(model, "beta", None)

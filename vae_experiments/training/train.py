@@ -10,7 +10,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, open_dict
-from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import (
@@ -34,12 +33,19 @@ from vae_experiments.runs import (
     write_json_atomic,
 )
 from vae_experiments.targets import instantiate, to_container
-from vae_experiments.training.callbacks import EpochLog, EpochTimer, ImageGrids, RunCheckpoint
+from vae_experiments.training.callbacks import (
+    EpochLog,
+    EpochTimer,
+    ImageGrids,
+    RunCheckpoint,
+    StepProgressBar,
+)
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
 from vae_experiments.training.module import LitModel, OptimizerFactory
+from vae_experiments.training.step_groups import steps_per_group
 from vae_experiments.training.trackers import build_loggers, report_run
 
 log = logging.getLogger(__name__)
@@ -203,7 +209,7 @@ def train(
             )
         )
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
+        callbacks.append(StepProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
     loggers = build_loggers(cfg, run_dir)
     trainer_options = {}
     if cfg.trainer.get("benchmark", "unset") is None:
@@ -217,6 +223,15 @@ def train(
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
     )
+    # Runs saved before the key existed trained one step at a time, and resume so.
+    most = int(cfg.get("steps_per_group", 1))
+    group = steps_per_group(most, trainer, data.splits["train"], optimizer, lr_scheduler)
+    if group > 1:
+        # Lightning counts groups as batches: the data module counts the epoch in batches.
+        datamodule.steps_per_item = group
+        limit = trainer.limit_train_batches
+        datamodule.max_train_batches = None if limit == 1.0 and isinstance(limit, float) else limit
+        trainer.limit_train_batches = 1.0
 
     with interruption.catching_signals(trainer):
         try:
