@@ -197,6 +197,15 @@ def test_grouped_training_gives_the_same_weights_as_one_step_at_a_time(
     assert train_loss_steps(grouped) == [19, 25, 45, 51]
 
 
+def test_bf16_mixed_groups_give_the_same_weights(tmp_path):
+    # The group's own steps run inside Lightning's autocast context, their backward outside it.
+    bf16 = [*EXACT, "trainer.precision=bf16-mixed", "trainer.max_epochs=1"]
+    one = train_run(tmp_path / "one", [*bf16, "steps_per_group=1"])
+    grouped = train_run(tmp_path / "grouped", bf16)
+    assert last_checkpoint(grouped)["ImageDataModule"]["steps_per_item"] == 20
+    assert_same_weights(one, grouped)
+
+
 def test_groups_ending_at_logging_steps_log_at_the_same_steps(tmp_path):
     ungrouped = train_run(tmp_path / "one", ["steps_per_group=1", "trainer.max_epochs=1"])
     grouped = train_run(tmp_path / "grouped", ["trainer.max_epochs=1"])
@@ -270,3 +279,23 @@ def test_a_run_stopped_one_step_at_a_time_resumes_in_groups_exactly(
     train(cfg, run_dir, ckpt_path=run_dir / "checkpoints" / "last.ckpt")
     assert_same_weights(one_step_at_a_time, run_dir)
     assert last_checkpoint(run_dir)["ImageDataModule"]["steps_per_item"] == 1
+
+
+def test_an_epoch_stopped_in_groups_ends_in_groups_or_is_refused_by_name(tmp_path, monkeypatch):
+    stop_during_step(monkeypatch, 4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = [*FAST, *EXACT, "data.batch_size=48"]
+    with pytest.raises(RunInterrupted):
+        train(compose_config(cfg), run_dir)
+    monkeypatch.undo()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    # A run that cannot take groups (here: gradient accumulation) says so before training.
+    refused = compose_config([*cfg, "+trainer.accumulate_grad_batches=2"])
+    with pytest.raises(ValueError, match=r"inside epoch 0 \(after 6 batches\).* groups of 20 .*"
+                       r"accumulate_grad_batches=2"):
+        train(refused, tmp_path / "other", ckpt_path=last)
+    # steps_per_group=1 takes effect after the interrupted epoch: it ends in its groups.
+    train(compose_config([*cfg, "steps_per_group=1"]), run_dir, ckpt_path=last)
+    assert last_checkpoint(run_dir)["global_step"] == 52
+    assert train_loss_steps(run_dir)[-1] == 51

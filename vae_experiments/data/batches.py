@@ -68,7 +68,7 @@ class BatchGroup:
     order as with one batch at a time, between the model's own draws of each step.
 
     Args:
-        images: float images (S, B, C, H, W).
+        images: images (S, B, C, H, W), any dtype (the data module's are uint8).
         make_batch: applied to each batch when it is taken; None: the batch as it is.
     """
 

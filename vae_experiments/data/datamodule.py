@@ -44,6 +44,8 @@ class ImageDataModule(pl.LightningDataModule):
             training loader is built; only in-memory splits are grouped.
         max_train_batches: Training batches per epoch at most (``limit_train_batches`` counted
             in batches, when batches are grouped); None: all.
+        groups_refused: Why this run's training cannot take groups of batches (see
+            :func:`~vae_experiments.training.step_groups.ungrouped_because`); None: it can.
     """
 
     def __init__(self, data: ImageData) -> None:
@@ -51,6 +53,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.data = data
         self.steps_per_item = 1
         self.max_train_batches: int | float | None = None
+        self.groups_refused: str | None = None
         # Splits moved to the accelerator, by split name; filled on first use of a dataloader.
         self._device_splits: dict[str, Dataset] = {}
         # (epoch, training batches done in it) from a checkpoint being resumed.
@@ -95,10 +98,29 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _configure_train_sampler(self, sampler: ShuffledBatchSampler, dataset: Dataset) -> None:
         steps = self.steps_per_item if isinstance(dataset, TensorImages) else 1
-        if steps > 1 and self._resume_position is not None and self._resume_position[1] > 0:
-            # Lightning counts the interrupted epoch's batches in the groups they came in: the
-            # epoch ends in groups of the same size (1 for checkpoints made without groups).
-            steps = self._resume_steps_per_item
+        saved = self._resume_steps_per_item
+        if self._resume_position is not None and self._resume_position[1] > 0 and saved != steps:
+            # Lightning counts the interrupted epoch's batches in the groups they came in, and
+            # finds the epoch's end (and its validation) by that count: the epoch must end in
+            # groups of the same size (1 for checkpoints made without groups).
+            epoch, done = self._resume_position
+            if saved > 1 and self.groups_refused is not None:
+                raise ValueError(
+                    f"the checkpoint stopped inside epoch {epoch} (after {done} batches), which "
+                    f"was trained in groups of {saved} steps (steps_per_group), and this run "
+                    f"cannot train in groups: {self.groups_refused}. Resume it with the "
+                    "settings it was trained with, or from a checkpoint written at an epoch's "
+                    "end (checkpoints/best.ckpt)"
+                )
+            if saved > 1:
+                log.info(
+                    "the interrupted epoch %d goes on in groups of %d steps, as it was trained "
+                    "(steps_per_group=%d takes effect in the next session)",
+                    epoch,
+                    saved,
+                    self.steps_per_item,
+                )
+            steps = saved
         sampler.steps_per_item = steps
         sampler.max_batches = self.max_train_batches
 
@@ -114,7 +136,7 @@ class ImageDataModule(pl.LightningDataModule):
         grouped, and ``limit_train_batches`` is applied here), so that
         :attr:`train_batches_per_epoch` is the number of steps per epoch; otherwise the
         trainer's ``num_training_batches`` is."""
-        return self.steps_per_item > 1 and self._train_sampler is not None
+        return self._train_sampler is not None and self._train_sampler.steps_per_item > 1
 
     def train_batches_done(self, epoch: int) -> int:
         """Training batches of ``epoch`` that reached the device so far (between steps: how
@@ -215,18 +237,23 @@ class ImageDataModule(pl.LightningDataModule):
         of training batches into a :class:`BatchGroup` of S such batches and labels (S, B); and
         count the training batches.
 
-        Under ``binarize="dynamic"`` training images are resampled from Bernoulli(x) each step
-        (in a group, as each batch is taken).
+        Under ``binarize="dynamic"`` training images are resampled from Bernoulli(x) each step.
+        A group's batches are converted (and resampled) one at a time, as they are taken: in
+        the same order of random draws as without groups, and each batch's floats made while
+        its uint8 images are still in the cache.
         """
         images, labels = batch
-        x = self.data.to_float(images)
         training = self.trainer is not None and self.trainer.training
         if not training:
-            return x, labels
+            return self.data.to_float(images), labels
         steps = images.shape[0] if images.ndim == 5 else 1  # a group: (S, B, C, H, W)
         epoch = self.trainer.current_epoch
         self._train_progress = [epoch, self.train_batches_done(epoch) + steps]
-        resample = torch.bernoulli if self.data.binarize == "dynamic" else None
         if images.ndim == 5:
-            return BatchGroup(x, resample), labels
-        return (x if resample is None else resample(x)), labels
+            return BatchGroup(images, self._training_batch), labels
+        return self._training_batch(images), labels
+
+    def _training_batch(self, images: Tensor) -> Tensor:
+        """uint8 training images (B, C, H, W) as float32, resampled under dynamic binarisation."""
+        x = self.data.to_float(images)
+        return torch.bernoulli(x) if self.data.binarize == "dynamic" else x

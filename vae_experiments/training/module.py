@@ -401,7 +401,12 @@ class LitModel(pl.LightningModule):
         optimizer = trainer.optimizers[0]
         loss = self._step(x, "train")
         optimizer.zero_grad()
-        loss.backward()
+        if torch.is_autocast_enabled(x.device.type):
+            # Lightning runs backward outside its autocast context (bf16-mixed): so do we.
+            with torch.autocast(x.device.type, enabled=False):
+                loss.backward()
+        else:
+            loss.backward()
         if trainer.gradient_clip_val:
             self.configure_gradient_clipping(
                 optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm

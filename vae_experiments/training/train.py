@@ -45,7 +45,7 @@ from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
 from vae_experiments.training.module import LitModel, OptimizerFactory
-from vae_experiments.training.step_groups import steps_per_group
+from vae_experiments.training.step_groups import steps_per_group, ungrouped_because
 from vae_experiments.training.trackers import build_loggers, report_run
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,11 @@ def train(
     # Runs saved before the key existed trained one step at a time, and resume so.
     most = int(cfg.get("steps_per_group", 1))
     group = steps_per_group(most, trainer, data.splits["train"], optimizer, lr_scheduler)
-    if group > 1:
+    datamodule.groups_refused = ungrouped_because(
+        trainer, data.splits["train"], optimizer, lr_scheduler
+    )
+    if group > 1 or datamodule.groups_refused is None:
+        # Also at steps_per_group=1: a checkpoint made inside a grouped epoch ends it in groups.
         # Lightning counts groups as batches: the data module counts the epoch in batches.
         datamodule.steps_per_item = group
         limit = trainer.limit_train_batches
