@@ -191,12 +191,28 @@ class StepProgressBar(TQDMProgressBar):
             return datamodule.train_batches_per_epoch
         return super().total_train_batches
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A run resumed inside an epoch gets no on_train_epoch_start for it: the bar is set here.
+        self._start_epoch(trainer)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        self._shown = self._steps_done(trainer, -1)  # a resumed epoch starts part-way
-        if self.train_progress_bar is not None and self._shown:
-            self.train_progress_bar.n = self._shown
-            self.train_progress_bar.refresh()
+        self._start_epoch(trainer)
+
+    def _start_epoch(self, trainer: pl.Trainer) -> None:
+        """The bar at the epoch's steps done so far (part-way in a resumed epoch), out of its
+        steps, named after the epoch."""
+        bar = self.train_progress_bar
+        self._shown = self._steps_done(trainer, -1)
+        if bar is None or bar.disable:
+            return
+        total = self.total_train_batches
+        bar.total = None if total == float("inf") else total
+        bar.set_description(f"Epoch {trainer.current_epoch}")
+        bar.reset(total=bar.total)
+        bar.initial = bar.n = self._shown  # the rate counts this session's steps only
+        bar.refresh()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
