@@ -178,6 +178,8 @@ class StepProgressBar(TQDMProgressBar):
     ``refresh_rate`` is in steps: the bar moves when a multiple of it was passed.
     """
 
+    _shown = 0  # steps of the epoch the bar shows
+
     def _steps_done(self, trainer: pl.Trainer, batch_idx: int) -> int:
         datamodule = getattr(trainer, "datamodule", None)
         if hasattr(datamodule, "train_batches_done"):
@@ -221,7 +223,7 @@ class StepProgressBar(TQDMProgressBar):
         if bar is None or bar.disable:
             return
         done = self._steps_done(trainer, batch_idx)
-        shown, self._shown = getattr(self, "_shown", 0), done
+        shown, self._shown = self._shown, done
         if done // self.refresh_rate > shown // self.refresh_rate or done == bar.total:
             bar.n = done
             bar.refresh()

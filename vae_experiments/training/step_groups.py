@@ -6,9 +6,11 @@ automatic optimization's closure, the logger connector, the data fetcher; BENCHM
 as the arithmetic of a small MLP VAE's step. With groups, the data module yields S batches at once
 and :class:`~vae_experiments.training.module.LitModel` takes S - 1 of their optimizer steps itself,
 in Lightning's order, and hands the last to Lightning: the loop's cost is paid once per S steps,
-the weights are the same bit for bit, and everything that happens between batches (logging every
-``log_every_n_steps``, checkpoints, signals, validation at the epoch's end, epoch lr schedulers)
-still happens, because groups end at every logging step and at the epoch's end.
+the weights are the same bit for bit, and everything that happens between batches (checkpoints,
+signals, validation at the epoch's end, epoch lr schedulers) still happens, because groups end at
+the epoch's end. Groups end at multiples of S counted from the epoch's start, S dividing
+``log_every_n_steps``: a logging step is a group's last step when the epochs before it were
+multiples of S long; otherwise its point is written at the end of the group that holds it.
 
 What a group leaves out, per step: Lightning's per-step hooks of callbacks
 (``on_train_batch_start/end``, ``on_before_backward``, ``on_after_backward``,
