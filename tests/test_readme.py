@@ -36,7 +36,7 @@ MARKER = re.compile(r"<!--\s*(not run by the tests|slow in the tests)\s*:?\s*(.*
 EXCERPT_HEADER = re.compile(r"#\s*(\S+\.(?:py|yaml))\s*$")
 BLOCK_TIMEOUT_S = 1800
 # Top-level paths of the checkout that are not copied: outputs of earlier runs, data, git.
-NOT_COPIED_AT_TOP = {".git", "runs", "outputs", "multirun", "data", "lightning_logs"}
+NOT_COPIED_AT_TOP = {".git", ".venv", "runs", "outputs", "multirun", "data", "lightning_logs"}
 NOT_COPIED = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
 
 
@@ -156,6 +156,8 @@ def _copy_repository(target: Path) -> Path:
             if name in NOT_COPIED
             or name.endswith(".egg-info")
             or (at_top and name in NOT_COPIED_AT_TOP)
+            # a virtual environment under any name (README's is .venv): gigabytes, not ours
+            or (Path(folder) / name / "pyvenv.cfg").is_file()
         }
 
     shutil.copytree(REPO_ROOT, target, ignore=ignore)
