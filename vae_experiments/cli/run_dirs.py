@@ -47,7 +47,7 @@ from vae_experiments.runs import (
     read_group_choices,
     run_dir_of,
 )
-from vae_experiments.runs.layout import LOCK_FILE, SWEEP_CONFIG_FILE
+from vae_experiments.runs.layout import LOCK_FILE, SEARCH_FILE, SWEEP_CONFIG_FILE
 from vae_experiments.targets import ConfigError
 
 T = TypeVar("T")
@@ -212,6 +212,10 @@ def refuse_existing_run_dir(argv: Sequence[str], resumable: bool = True) -> None
     with them). A new or empty directory is fine. ``resumable``: whether the message offers
     ``resume=`` (train.py; not compare_pca.py).
 
+    The sweep directory of a search (it holds ``search.yaml``) is left to a search, which
+    continues its study there (``cli/search.py`` checks that it is the same study); any other
+    command is refused there.
+
     Not checked when resuming, in the extra processes of a distributed run (they join the
     first one's directory) and in a SLURM job that was requeued (it continues its own run).
     """
@@ -224,6 +228,17 @@ def refuse_existing_run_dir(argv: Sequence[str], resumable: bool = True) -> None
         return
     arg, directory = given
     multirun = arg.startswith("hydra.sweep.dir=")
+    if multirun and (directory / SEARCH_FILE).is_file():
+        from vae_experiments.cli.search import is_search_command
+
+        if is_search_command(argv):
+            return  # a search continues in its own directory: the search checks it is its own
+        raise SystemExit(
+            f"error: {arg} names the directory of a search ({directory / SEARCH_FILE} is "
+            "there); nothing is overwritten. Continue the search with its own command "
+            "(hydra/sweeper=optuna and its hydra.sweeper.storage), choose another directory "
+            "or delete it first"
+        )
     entries = [entry for entry in directory.iterdir() if entry.name != LOCK_FILE]
     taken = (
         [d for d in entries if d.is_dir() and holds_a_run(d)]
@@ -274,6 +289,16 @@ def lock_command_line_dir(argv: Sequence[str]) -> None:
     given = _command_line_dir(argv)
     if given is not None and is_first_process():
         _lock_or_exit(given[1])
+
+
+def discard_command_line_dir(argv: Sequence[str]) -> None:
+    """For a command that stopped on a config mistake before it ran anything: removes the
+    directory that ``hydra.run.dir=`` (``hydra.sweep.dir=`` with ``-m``) on the command line
+    names if this command created it, or else what it wrote there
+    (:meth:`~vae_experiments.runs.lock.RunLock.discard`), and releases its lock."""
+    given = _command_line_dir(argv)
+    if given is not None and is_first_process():
+        _lock_or_exit(given[1]).discard()
 
 
 def owns_run_dir(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:

@@ -146,6 +146,11 @@ def record_interruption(run_dir: Path, stop: RunInterrupted) -> None:
         resume_from=str(checkpoint) if checkpoint else None,
         resume_command=command,
     )
+    from vae_experiments.cli.search import is_search_job
+
+    if is_search_job():  # the search records the trial and says how to continue the search
+        log.warning("%s", stop)
+        return
     then = "Run the test again" if stop.phase == "testing" else "Continue it"
     log.warning("%s. %s with: %s", stop, then, command)
 

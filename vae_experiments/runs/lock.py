@@ -134,6 +134,14 @@ def _parse(text: str, path: Path) -> LockHolder:
         ) from None
 
 
+def process_alive(pid: int, host: str) -> bool | None:
+    """Whether process ``pid`` of ``host`` still runs; None for another host, where this cannot
+    be told from here."""
+    if host != socket.gethostname():
+        return None
+    return _pid_alive(pid)
+
+
 def writer_alive(run_dir: str | Path) -> bool | None:
     """Whether a live process holds ``run_dir``'s lock: True; False when there is no lock or its
     pid is dead on this host (a killed run); None when it was taken on another host (or cannot
@@ -144,9 +152,7 @@ def writer_alive(run_dir: str | Path) -> bool | None:
         return None
     if holder is None:
         return False
-    if holder.host != socket.gethostname():
-        return None
-    return _pid_alive(holder.pid)
+    return process_alive(holder.pid, holder.host)
 
 
 def missing_dirs(path: str | Path) -> list[Path]:
