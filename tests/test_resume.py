@@ -168,6 +168,18 @@ def test_a_signal_during_the_test_keeps_last_ckpt_and_resume_runs_the_test(
     train(compose_config([*FAST, *RESUMABLE]), run_dir, ckpt_path=run_dir / "checkpoints/last.ckpt")
     assert checkpoint(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH  # nothing trained again
     assert_same_training(straight_run, run_dir)
+    # metrics.json as an uninterrupted run's: the same keys (val/* from the checkpoint, as this
+    # session validated nothing), the same values but timings, and the first session's timings.
+    metrics, straight = read_metrics(run_dir), read_metrics(straight_run)
+    timings = {"train_seconds", "seconds_per_epoch"}
+    assert metrics.keys() == straight.keys() and any(k.startswith("val/") for k in metrics)
+    assert {k: v for k, v in metrics.items() if k not in timings} == {
+        k: v for k, v in straight.items() if k not in timings
+    }
+    timer = checkpoint(run_dir)["callbacks"]["EpochTimer"]
+    assert len(timer["epoch_seconds"]) == 2  # last.ckpt holds its own epoch's time too
+    assert metrics["seconds_per_epoch"] == round(timer["epoch_seconds"][1], 4) > 0
+    assert metrics["train_seconds"] >= round(timer["train_seconds"], 3) > 0
 
 
 def test_sampler_resumes_inside_an_epoch():
@@ -483,6 +495,10 @@ def test_last_ckpt_is_rewritten_every_epoch_even_when_best_is_not(tmp_path):
     assert checkpoint(run_dir, "best")["global_step"] == STEPS_PER_EPOCH
     assert checkpoint(run_dir, "last")["global_step"] == 3 * STEPS_PER_EPOCH
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    # metrics.json's times are the whole training's, not those of the best checkpoint tested.
+    timer = checkpoint(run_dir, "last")["callbacks"]["EpochTimer"]
+    assert len(timer["epoch_seconds"]) == 3
+    assert read_metrics(run_dir)["train_seconds"] >= round(timer["train_seconds"], 3)
 
 
 def test_a_sweep_directory_that_holds_runs_is_refused(tmp_path):
