@@ -417,19 +417,14 @@ def new_run_command(
     """``python train.py <the run's overrides> <these> ckpt_path=<checkpoint>``: a new run from
     a run's checkpoint, with the run's settings and ``overrides`` in place of its own values,
     ready to paste (quoted where a shell needs it)."""
-    unrun = ("resume", "ckpt_path")
-    given = [
-        line
-        for line in overrides
-        if _override_key(line) not in unrun and not _override_key(line).startswith("hydra.")
-    ]
+
+    def a_setting(line: str) -> bool:  # not which run, nor where it goes
+        key = _override_key(line)
+        return key not in ("resume", "ckpt_path") and not key.startswith("hydra.")
+
+    given = [line for line in overrides if a_setting(line)]
     keys = {_override_key(line) for line in given}
-    kept = [
-        line
-        for line in started_with
-        if _override_key(line) not in keys | set(unrun)
-        and not _override_key(line).startswith("hydra.")
-    ]
+    kept = [line for line in started_with if a_setting(line) and _override_key(line) not in keys]
     return shlex.join(["python", "train.py", *kept, *given, f"ckpt_path={checkpoint}"])
 
 

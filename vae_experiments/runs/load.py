@@ -146,9 +146,9 @@ def check_checkpoint(path: str | Path, key: str = "resume") -> tuple[int, int]:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         try:
             run_dir = run_dir_of(path) if path.suffix == ".ckpt" else path
+            others = [entry for entry in readable_checkpoints(run_dir) if entry[0] != path]
         except FileNotFoundError:  # a checkpoint file on its own: no other to offer
-            run_dir = path.parent / "no run"
-        others = [entry for entry in readable_checkpoints(run_dir) if entry[0] != path]
+            others = []
         if others:
             other, step, epoch = others[0]
             advice = (
