@@ -38,6 +38,7 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
         FINISHED,
         load_config,
         newest_checkpoint,
+        read_command_overrides,
         read_group_choices,
         read_metrics,
         read_status,
@@ -63,9 +64,17 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
             "hydra.run.dir out (or give that directory)",
         )
     saved = load_config(run_dir)
+    resume = Path(str(cfg.resume)).expanduser()
+    checkpoint = resume if resume.suffix == ".ckpt" else newest_checkpoint(run_dir)
     try:
+        # What may change (how long and how it trains, not what or on what data): one rule.
         resumed, changed = run_dirs.resumed_config(
-            saved, cfg, HydraConfig.get().overrides.task, read_group_choices(run_dir)
+            saved,
+            cfg,
+            HydraConfig.get().overrides.task,
+            read_group_choices(run_dir),
+            checkpoint=checkpoint,
+            started_with=read_command_overrides(run_dir),
         )
     except ValueError as error:
         raise ConfigError(allowed=str(error)) from None
@@ -73,8 +82,6 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
     status = read_status(run_dir) or {}
     if status.get("status") == FINISHED:
         _refuse_if_nothing_to_train(run_dir, resumed, read_metrics(run_dir))
-    resume = Path(str(cfg.resume)).expanduser()
-    checkpoint = resume if resume.suffix == ".ckpt" else newest_checkpoint(run_dir)
     if checkpoint is None:
         log.warning("%s has no checkpoint yet: training it again from the start", run_dir)
     else:
@@ -89,6 +96,44 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
         # kept beside it), so a value that a constructor refuses changes nothing either.
         log.info("changed on resume: %s", " ".join(changed))
     return resumed, checkpoint
+
+
+def _check_start_checkpoint(cfg: DictConfig, path: Path) -> None:
+    """Raises ConfigError, before anything of the new run is built or written, for a
+    ``ckpt_path=`` that is no file, cannot be read, or holds another model than ``cfg``'s (its
+    model class, network, latent size or image shape differ: its weights would not load)."""
+    from vae_experiments.config_checks import choose_likelihood
+    from vae_experiments.runs import read_command_overrides, run_dir_of
+    from vae_experiments.runs.load import (
+        CheckpointModelError,
+        UnreadableCheckpointError,
+        check_checkpoint,
+        check_checkpoint_model,
+    )
+    from vae_experiments.targets import ConfigError
+
+    if not path.is_file():
+        raise ConfigError("ckpt_path", str(path), "no such checkpoint file")
+    try:
+        check_checkpoint(path, key="ckpt_path")
+        choose_likelihood(cfg)  # the model as train() builds it (model/likelihood=auto)
+        check_checkpoint_model(path, cfg, key="ckpt_path")
+    except UnreadableCheckpointError as error:
+        raise ConfigError(allowed=str(error)) from None
+    except CheckpointModelError as error:
+        try:
+            started_with = read_command_overrides(run_dir_of(path))
+        except FileNotFoundError:  # a checkpoint file on its own
+            started_with = []
+        if started_with:
+            its_run = run_dirs.new_run_command(started_with, [], path)
+            fix = f"give its run's model and data settings, as in: {its_run} (with your changes)"
+        else:
+            fix = "give the model settings it was trained with"
+        raise ConfigError(
+            allowed=f"{error}; nothing was started. To train on from it, {fix}; to train this "
+            "model, leave ckpt_path out"
+        ) from None
 
 
 def _refuse_if_nothing_to_train(run_dir: Path, cfg: DictConfig, metrics: dict) -> None:
@@ -189,10 +234,8 @@ def _main(cfg: DictConfig) -> float | None:
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume"):
         cfg, ckpt_path = _resume(cfg, run_dir)
-    elif ckpt_path and not Path(ckpt_path).expanduser().is_file():
-        from vae_experiments.targets import ConfigError
-
-        raise ConfigError("ckpt_path", ckpt_path, "no such checkpoint file")
+    elif ckpt_path:
+        _check_start_checkpoint(cfg, Path(ckpt_path).expanduser())
     if record:
         details = {"resumed_from": str(ckpt_path)} if ckpt_path else {}
         write_status(run_dir, RUNNING, pid=os.getpid(), **details)

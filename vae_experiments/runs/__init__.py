@@ -7,6 +7,7 @@ from vae_experiments.runs.files import (
     DiskFullError,
     atomic_write,
     load_config,
+    read_command_overrides,
     read_group_choices,
     read_metrics,
     read_status,
@@ -44,6 +45,7 @@ from vae_experiments.runs.lock import RunLock, RunLocked
 from vae_experiments.runs.records import RunRecord, collect_runs, read_run
 
 __all__ = [
+    "read_command_overrides",
     "read_group_choices",
     "ANALYSIS_DIR",
     "BEST",

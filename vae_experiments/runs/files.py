@@ -24,6 +24,7 @@ from vae_experiments.runs.layout import (
     CONFIG_FILE,
     HYDRA_CHOICES_FILE,
     HYDRA_CONFIG_FILE,
+    HYDRA_OVERRIDES_FILE,
     METRICS_FILE,
     STATUS_FILE,
 )
@@ -232,3 +233,18 @@ def read_group_choices(run_dir: str | Path) -> dict[str, str]:
         for group, choice in choices.items()
         if not str(group).startswith("hydra/") and choice is not None
     }
+
+
+def read_command_overrides(run_dir: str | Path) -> list[str]:
+    """The overrides a run was started with, as typed (``["model=vae", "model.beta=4"]``), from
+    Hydra's ``.hydra/overrides.yaml``; empty when Hydra wrote no such file (a run trained with
+    ``train()`` in Python) or it cannot be read. A resume keeps the first command's file.
+
+    Read as plain YAML (``yaml.safe_load``), as :func:`read_group_choices`.
+    """
+    path = Path(run_dir) / HYDRA_OVERRIDES_FILE
+    try:
+        items = yaml.safe_load(path.read_text())
+    except Exception:  # missing, half-written or not Hydra's: no command line known
+        return []
+    return [str(item) for item in items] if isinstance(items, list) else []

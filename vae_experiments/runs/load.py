@@ -16,11 +16,12 @@ Hydra, so it works in a notebook::
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from vae_experiments.data import ImageData
 from vae_experiments.models import LatentModel
@@ -34,7 +35,7 @@ from vae_experiments.runs.layout import (
     find_checkpoint,
     run_dir_of,
 )
-from vae_experiments.targets import instantiate, resolve_target
+from vae_experiments.targets import format_value, instantiate, resolve_target
 
 
 def build_model(cfg: DictConfig) -> LatentModel:
@@ -143,8 +144,11 @@ def check_checkpoint(path: str | Path, key: str = "resume") -> tuple[int, int]:
         return _position(path)
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        run_dir = run_dir_of(path) if path.suffix == ".ckpt" else path
-        others = [entry for entry in readable_checkpoints(run_dir) if entry[0] != path]
+        try:
+            run_dir = run_dir_of(path) if path.suffix == ".ckpt" else path
+            others = [entry for entry in readable_checkpoints(run_dir) if entry[0] != path]
+        except FileNotFoundError:  # a checkpoint file on its own: no other to offer
+            others = []
         if others:
             other, step, epoch = others[0]
             advice = (
@@ -157,3 +161,135 @@ def check_checkpoint(path: str | Path, key: str = "resume") -> tuple[int, int]:
             f"{path} cannot be read ({reason}; truncated by a full disk or a killed copy?); "
             f"nothing was changed. {advice}"
         ) from None
+
+
+class CheckpointModelError(ValueError):
+    """A checkpoint whose model is not the one a run builds (another class, network, latent
+    size or image shape): its weights cannot be loaded. The message names the difference."""
+
+
+#: What of a model's config decides its parameters' names and shapes, with the words that name it.
+ARCHITECTURE = (
+    ("model class", "_target_"),
+    ("network", "network"),
+    ("upper network", "upper_network"),
+    ("latent size", "latent_dim"),
+    ("latent sizes", "latent_dims"),
+    ("likelihood", "likelihood"),
+    ("image shape", "image_shape"),
+)
+
+#: Most parameter names a message lists, for a checkpoint without a config beside it.
+MAX_LISTED_KEYS = 3
+
+
+def check_checkpoint_model(path: str | Path, cfg: DictConfig, key: str = "ckpt_path") -> None:
+    """Raises :class:`CheckpointModelError` when checkpoint ``path`` holds the weights of another
+    model than the one ``cfg`` (a composed ``train.yaml`` config, likelihood chosen) builds:
+    before anything of a run is built, as the model's parameter names and shapes, built on the
+    meta device (no memory, no initialisation), differ from the checkpoint's.
+
+    The message names what differs in the models' configs (model class, network, latent size,
+    likelihood, image shape) when the checkpoint's run directory has its ``config.yaml``, and a
+    few of the differing parameters when the checkpoint stands alone.
+
+    Raises:
+        CheckpointModelError: naming ``key``, the file and the difference.
+    """
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointModelError(
+            f"{key}={path} is not a checkpoint of a training run (it has no state_dict): pass "
+            "a .ckpt file from a run's checkpoints/ folder"
+        )
+    theirs = {name: tuple(value.shape) for name, value in model_state(state).items()}
+    cfg = copy.deepcopy(cfg)
+    image_shape = instantiate(cfg.data, key="data").image_shape  # from its config: reads nothing
+    with open_dict(cfg):
+        cfg.model.image_shape = [int(size) for size in image_shape]
+    with torch.device("meta"):
+        ours = {name: tuple(value.shape) for name, value in build_model(cfg).state_dict().items()}
+    if ours == theirs:
+        return
+    try:
+        saved = load_config(run_dir_of(path)).get("model")
+    except (FileNotFoundError, ValueError):
+        saved = None
+    differences = _config_differences(saved, cfg.model) if saved is not None else []
+    if differences:
+        raise CheckpointModelError(
+            f"{key}={path} holds another model than this run's: {'; '.join(differences)}"
+        )
+    raise CheckpointModelError(
+        f"{key}={path} holds the weights of another model than this run's "
+        f"({_state_differences(theirs, ours)})"
+    )
+
+
+def _plain(value: Any) -> Any:
+    return (
+        OmegaConf.to_container(value, resolve=True)
+        if isinstance(value, DictConfig | ListConfig)
+        else value
+    )
+
+
+def _class_name(node: Any) -> str:
+    target = node.get("_target_") if isinstance(node, dict) else node
+    return str(target).rpartition(".")[2]
+
+
+def _config_differences(saved: DictConfig, model: DictConfig) -> list[str]:
+    """What of :data:`ARCHITECTURE` differs between a checkpoint's model config (``saved``) and
+    this run's, in words: ``model class: VAE here, Autoencoder in the checkpoint``."""
+    differences = []
+    for label, name in ARCHITECTURE:
+        theirs, ours = _plain(saved.get(name)), _plain(model.get(name))
+        if theirs == ours:
+            continue
+        if name == "_target_":
+            differences.append(
+                f"{label}: {_class_name(ours)} here, {_class_name(theirs)} in the checkpoint"
+            )
+        elif isinstance(theirs, dict) and isinstance(ours, dict):
+            if theirs.get("_target_") != ours.get("_target_"):
+                differences.append(
+                    f"{label}: {_class_name(ours)} here, {_class_name(theirs)} in the checkpoint"
+                )
+            elif name != "likelihood":  # a likelihood's settings: its class decides
+                differences += [
+                    f"model.{name}.{leaf}: {format_value(ours.get(leaf))} here, "
+                    f"{format_value(theirs.get(leaf))} in the checkpoint"
+                    for leaf in sorted(set(theirs) | set(ours))
+                    if theirs.get(leaf) != ours.get(leaf)
+                ]
+        else:
+            differences.append(
+                f"{label}: {format_value(ours)} here, {format_value(theirs)} in the checkpoint"
+            )
+    return differences
+
+
+def _state_differences(theirs: dict[str, tuple], ours: dict[str, tuple]) -> str:
+    """A few parameters that differ, with their shapes: ``not in the checkpoint: encoder.mu.weight
+    [4, 32]; shape: decoder.net.0.weight [64, 4] here, [64, 16] in the checkpoint (+5 more)``."""
+    missing = [f"{name} {list(ours[name])}" for name in ours if name not in theirs]
+    extra = [f"{name} {list(theirs[name])}" for name in theirs if name not in ours]
+    shapes = [
+        f"{name} {list(ours[name])} here, {list(theirs[name])} in the checkpoint"
+        for name in ours
+        if name in theirs and ours[name] != theirs[name]
+    ]
+    listed, count = [], 0
+    for words, names in (
+        ("not in the checkpoint", missing),
+        ("only in the checkpoint", extra),
+        ("shape", shapes),
+    ):
+        shown = names[: max(0, MAX_LISTED_KEYS - count)]
+        count += len(shown)
+        if shown:
+            listed.append(f"{words}: {', '.join(shown)}")
+    more = len(missing) + len(extra) + len(shapes) - count
+    return "; ".join(listed) + (f" (+{more} more)" if more else "")

@@ -59,11 +59,15 @@ class ImageGrids(pl.Callback):
 
 
 class EpochTimer(pl.Callback):
-    """Wall time of every training epoch, from its start to the next epoch's start (or the end
-    of training): its validation pass, image grids and checkpoint writing are included; and the
+    """Wall time of every training epoch, from the end of the one before (from its own start for
+    a session's first epoch) to its own end, validation pass and image grids included; and the
     run's training time in all, over every resume (both are kept in checkpoints).
 
-    An epoch cut by an interruption is not counted as an epoch (its time is in the total).
+    An epoch ends here before its checkpoints are written (Lightning runs checkpoint callbacks
+    last), so the checkpoint of an epoch holds that epoch's time too: a run stopped in its final
+    test and continued reports the times its training took. An epoch's checkpoint writing is
+    counted in the next epoch. An epoch cut by an interruption is not counted as an epoch, nor
+    is the rest of one that a resumed run finishes (their time is in the total).
     """
 
     def __init__(self) -> None:
@@ -73,20 +77,20 @@ class EpochTimer(pl.Callback):
         self._seconds_before: float = 0.0  # training time of the sessions before this one
         self._fit_start: float | None = None
 
-    def _close_epoch(self) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is None:  # a session's first epoch
+            self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         now = time.perf_counter()
         if self._start is not None:
             self.epoch_seconds.append(now - self._start)
         self._start = now
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start = time.perf_counter()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_epoch()
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_epoch()
         self._start = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -112,6 +116,28 @@ class EpochTimer(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.epoch_seconds = [float(t) for t in state_dict.get("epoch_seconds", [])]
+
+
+class LastValidation(pl.Callback):
+    """The ``val/*`` terms of the last validation pass (not the sanity check), as floats, kept
+    in checkpoints: what ``metrics.json`` reports as the run's validation scores, also when a
+    resumed run validates nothing (it was stopped in its final test). One host sync per pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self.metrics = {key: float(v) for key, v in metrics.items() if key.startswith("val/")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics": dict(self.metrics)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.metrics = {str(k): float(v) for k, v in state_dict.get("metrics", {}).items()}
 
 
 class EpochLog(pl.Callback):

@@ -37,6 +37,7 @@ from vae_experiments.training.callbacks import (
     EpochLog,
     EpochTimer,
     ImageGrids,
+    LastValidation,
     RunCheckpoint,
     StepProgressBar,
 )
@@ -192,9 +193,11 @@ def train(
         enable_version_counter=False,
     )
     timer = EpochTimer()
+    validation = LastValidation()
     interruption = Interruption(checkpoint_path(run_dir, LAST))
     callbacks: list[pl.Callback] = [
         timer,
+        validation,
         EpochLog(),
         interruption,
         best,
@@ -246,7 +249,18 @@ def train(
                 signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
             ) from None
 
-        validated = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # The last validation epoch's terms (what a search with optimized_metric=val/loss
+        # compares) and the training's extent and times, over all sessions of a resumed run:
+        # taken before the test, which restores the callbacks' state from the checkpoint it
+        # tests. A session that only ran the test has them from its checkpoint.
+        training = {
+            **validation.metrics,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "train_seconds": round(timer.train_seconds, 3),
+            "seconds_per_epoch": round(timer.seconds_per_epoch or 0.0, 4),
+            "world_size": trainer.world_size,
+        }
         test_ckpt = best.best_model_path if cfg.test_ckpt == BEST else ""
         test_ckpt = test_ckpt or last.best_model_path or None
         try:
@@ -264,15 +278,7 @@ def train(
                 phase="testing",
             ) from None
     metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}
-    # The last validation epoch's terms: what a search (optimized_metric=val/loss) compares.
-    metrics.update({key: float(value) for key, value in validated.items()})
-    metrics.update(
-        epochs=trainer.current_epoch,
-        steps=trainer.global_step,
-        train_seconds=round(timer.train_seconds, 3),  # over all sessions of a resumed run
-        seconds_per_epoch=round(timer.seconds_per_epoch or 0.0, 4),
-        world_size=trainer.world_size,
-    )
+    metrics.update(training)
     metrics.update(stale_analysis_metrics(run_dir, metrics))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / METRICS_FILE, metrics)
