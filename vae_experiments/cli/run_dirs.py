@@ -42,6 +42,7 @@ from omegaconf.errors import GrammarParseError, InterpolationResolutionError, Mi
 from vae_experiments.cli import hydra_compat
 from vae_experiments.data.errors import DataError
 from vae_experiments.runs import (
+    DiskFullError,
     holds_a_run,
     is_first_process,
     lock,
@@ -126,9 +127,11 @@ def run_dir(resume: str | None, pattern: str) -> str:
 
 
 def _lock_or_exit(directory: str | Path, created: Sequence[Path] = ()) -> lock.RunLock:
+    """The run directory's lock, or an exit with one ``error:`` line: another run holds it, or
+    the disk is full (the full-disk line of ``runs/files.py``, as for any file of a run)."""
     try:
         return lock.acquire(directory, created)
-    except lock.RunLocked as error:
+    except (lock.RunLocked, DiskFullError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
