@@ -2,7 +2,8 @@
 free space, the old file intact, nothing half-written left.
 
 The full disk is simulated in process: ``os.fsync`` or the file's ``write`` raises the OSError
-the OS raises (ENOSPC, or EDQUOT for a full quota)."""
+the OS raises (ENOSPC, or EDQUOT for a full quota); for ``train.py`` as typed, by a wrapper
+script that does the same before running it."""
 
 from __future__ import annotations
 
