@@ -92,6 +92,22 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
     return resumed, checkpoint
 
 
+def _check_ckpt_path(ckpt_path: str) -> None:
+    """Raises ConfigError for a ``ckpt_path=`` that is no file, or no checkpoint that loads
+    (cut short, or not ours: ``runs.load.check_checkpoint`` says which), before anything is
+    written."""
+    from vae_experiments.runs.load import UnreadableCheckpointError, check_checkpoint
+    from vae_experiments.targets import ConfigError
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError("ckpt_path", ckpt_path, "no such checkpoint file")
+    try:
+        check_checkpoint(path, key="ckpt_path")
+    except UnreadableCheckpointError as error:
+        raise ConfigError(allowed=str(error)) from None
+
+
 def _refuse_if_nothing_to_train(run_dir: Path, cfg: DictConfig, metrics: dict) -> None:
     """Raises ConfigError for a finished run whose limits (``trainer.max_epochs``,
     ``trainer.max_steps``) this resume did not raise past what it trained."""
@@ -185,10 +201,8 @@ def _main(cfg: DictConfig) -> float | None:
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume"):
         cfg, ckpt_path = _resume(cfg, run_dir)
-    elif ckpt_path and not Path(ckpt_path).expanduser().is_file():
-        from vae_experiments.targets import ConfigError
-
-        raise ConfigError("ckpt_path", ckpt_path, "no such checkpoint file")
+    elif ckpt_path:
+        _check_ckpt_path(ckpt_path)
     if record:
         details = {"resumed_from": str(ckpt_path)} if ckpt_path else {}
         write_status(run_dir, RUNNING, pid=os.getpid(), **details)
