@@ -21,6 +21,7 @@ The resolver is cached, so the folder is claimed once per call however often Hyd
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 from pathlib import Path
@@ -29,7 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.cli.run_dirs import UNSAFE_NAME_CHARS as _UNSAFE
 from vae_experiments.cli.run_dirs import claim_fresh_dir
+from vae_experiments.data.errors import DataError
 from vae_experiments.runs import ANALYSIS_DIR, atomic_write, run_dir_of
+from vae_experiments.runs.load import UnreadableCheckpointError
+
+#: Errors in what an analysis command reads rather than in its command line: a checkpoint that
+#: was not loaded (cut short, or not ours), data that cannot be read. Each is one ``error:``
+#: line (exit status 2, as a config mistake of train.py) and leaves no folder of the call.
+BAD_INPUT_ERRORS = (UnreadableCheckpointError, DataError)
 
 
 def analysis_dir(
@@ -78,7 +86,8 @@ def save_call(out_dir: str | Path, command: str, cfg: DictConfig, overrides: lis
 
 def discard_unused(out_dir: str | Path, command: str) -> bool:
     """Removes a call's folder that holds nothing but its log and its ``<command>.yaml`` (a call
-    that stopped at a bad setting), so that mistakes leave no folders behind.
+    that stopped at a bad setting), and the run's ``analysis/`` if that leaves it empty, so
+    that mistakes leave no folders behind.
 
     Returns:
         Whether the folder was removed.
@@ -88,6 +97,9 @@ def discard_unused(out_dir: str | Path, command: str) -> bool:
         return False
     if {p.name for p in out_dir.iterdir()} <= {f"{command}.log", f"{command}.yaml"}:
         shutil.rmtree(out_dir)
+        if out_dir.parent.name == ANALYSIS_DIR:
+            with contextlib.suppress(OSError):  # not empty: earlier calls' folders
+                out_dir.parent.rmdir()
         return True
     return False
 

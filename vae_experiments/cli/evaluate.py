@@ -31,6 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vae_experiments.cli.common import (
+    BAD_INPUT_ERRORS,
     analysis_dir,
     discard_unused,
     register_resolvers,
@@ -39,6 +40,7 @@ from vae_experiments.cli.common import (
     save_call,
 )
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
+from vae_experiments.cli.run_dirs import config_error_exit
 from vae_experiments.configs import CONFIG_DIR
 
 #: metrics.json / TensorBoard keys this command adds, after the split name.
@@ -284,4 +286,6 @@ def main(cfg: DictConfig) -> None:
         discard_unused(out_dir, "evaluate")  # stopped before writing: leave no folder behind
         if isinstance(exc, UsageError):
             raise SystemExit(f"error: {exc}") from None
+        if isinstance(exc, BAD_INPUT_ERRORS):
+            config_error_exit(str(exc))
         raise

@@ -41,7 +41,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import GrammarParseError, InterpolationResolutionError, MissingMandatoryValue
 
 from vae_experiments.cli import hydra_compat
+from vae_experiments.data.errors import DataError
 from vae_experiments.runs import (
+    DiskFullError,
     holds_a_run,
     is_first_process,
     lock,
@@ -58,9 +60,12 @@ T = TypeVar("T")
 CONFIG_ERROR_STATUS = 2
 
 #: Errors that are config mistakes: a value our checks refuse, a required value not given
-#: (``???``), an interpolation that does not resolve.
+#: (``???``), an interpolation that does not resolve; and bad input data (a folder without
+#: images, a corrupt file: :class:`~vae_experiments.data.errors.DataError`), found while the
+#: data is prepared, before training starts.
 CONFIG_ERRORS = (
     ConfigError,
+    DataError,
     MissingMandatoryValue,
     InterpolationResolutionError,
     GrammarParseError,
@@ -155,9 +160,11 @@ def run_dir(resume: str | None, pattern: str) -> str:
 
 
 def _lock_or_exit(directory: str | Path, created: Sequence[Path] = ()) -> lock.RunLock:
+    """The run directory's lock, or an exit with one ``error:`` line: another run holds it, or
+    the disk is full (the full-disk line of ``runs/files.py``, as for any file of a run)."""
     try:
         return lock.acquire(directory, created)
-    except lock.RunLocked as error:
+    except (lock.RunLocked, DiskFullError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
@@ -177,7 +184,7 @@ def config_error_message(error: BaseException) -> tuple[str, str | None]:
             f"{key} is required and has no value (??? in the config)",
             f"give it on the command line: {key}=<value>",
         )
-    if not isinstance(error, ConfigError):
+    if not isinstance(error, ConfigError | DataError):
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         key = getattr(error, "full_key", None)
         return (f"{key}: {first_line}" if key else first_line), None
@@ -340,8 +347,9 @@ def owns_run_dir(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
 
     The first process takes the run directory's lock (the lock that choosing the directory took
     already, or, in a sweep's job, a new one) and releases it when the task ends. The config is
-    checked before the task's heavy imports. A config mistake (:data:`CONFIG_ERRORS`) found
-    before any checkpoint was written ends a single run with :func:`config_error_exit`, after
+    checked before the task's heavy imports. A config mistake or bad input data
+    (:data:`CONFIG_ERRORS`) found before any checkpoint was written ends a single run with
+    :func:`config_error_exit`, after
     :meth:`~vae_experiments.runs.lock.RunLock.discard` removed what the command wrote; in a
     sweep, the job fails as any failed job does (recorded in its status.json) and the others run.
     """

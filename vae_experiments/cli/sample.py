@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vae_experiments.cli.common import (
+    BAD_INPUT_ERRORS,
     analysis_dir,
     discard_unused,
     register_resolvers,
@@ -34,6 +35,7 @@ from vae_experiments.cli.common import (
     save_call,
 )
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
+from vae_experiments.cli.run_dirs import config_error_exit
 from vae_experiments.configs import CONFIG_DIR
 
 DENSITIES_FILE = "latent_densities.json"
@@ -197,6 +199,8 @@ def main(cfg: DictConfig) -> None:
             traversal_dims=cfg.traversal_dims,
             out_dir=out_dir,
         )
-    except BaseException:
+    except BaseException as exc:
         discard_unused(out_dir, "sample")  # stopped before writing: leave no folder behind
+        if isinstance(exc, BAD_INPUT_ERRORS):
+            config_error_exit(str(exc))
         raise

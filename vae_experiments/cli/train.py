@@ -92,8 +92,9 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
         _refuse_max_epochs_below(run_dir, resumed, epoch)
         log.info("resuming %s from %s", run_dir, checkpoint)
     if changed:
-        # train() writes the changed config.yaml once everything is built (the earlier one is
-        # kept beside it), so a value that a constructor refuses changes nothing either.
+        # train() writes the changed config.yaml once everything is built and the data read
+        # (the earlier one is kept beside it), so a value that a constructor refuses, or bad
+        # data, changes nothing either.
         log.info("changed on resume: %s", " ".join(changed))
     return resumed, checkpoint
 

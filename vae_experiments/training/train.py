@@ -150,8 +150,6 @@ def train(
     optimizer = instantiate(cfg.optimizer, key="optimizer")
     lr_scheduler = build_lr_scheduler(cfg.get("scheduler"))
     check_optimizer(model, optimizer, lr_scheduler)
-    if is_first_process():
-        save_config(run_dir, cfg)  # what load_run and resume= rebuild the run from
     module = LitModel(
         model,
         optimizer,
@@ -170,6 +168,10 @@ def train(
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         datamodule.prepare_data()
     datamodule.setup("fit")
+    if is_first_process():
+        # What load_run and resume= rebuild the run from; written once the data was read, so
+        # that bad data (a DataError) changes nothing of a resumed run.
+        save_config(run_dir, cfg)
 
     callbacks_cfg = cfg.callbacks
     # best.ckpt and last.ckpt are replaced in place (atomically), never versioned as
