@@ -5,6 +5,7 @@ reports read. Plain torch and OmegaConf: importing it imports neither Lightning 
 from vae_experiments.data import iterate_split, load_split
 from vae_experiments.runs.files import (
     DiskFullError,
+    after_earlier_event_files,
     atomic_write,
     load_config,
     read_group_choices,
@@ -21,6 +22,7 @@ from vae_experiments.runs.layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DIED,
+    EVENT_FILE_GLOB,
     FAILED,
     FINISHED,
     IMAGES_DIR,
@@ -38,6 +40,7 @@ from vae_experiments.runs.layout import (
     is_run_dir,
     newest_checkpoint,
     run_dir_of,
+    tensorboard_dir,
 )
 from vae_experiments.runs.load import build_model, load_data, load_run
 from vae_experiments.runs.lock import RunLock, RunLocked
@@ -52,6 +55,7 @@ __all__ = [
     "CONFIG_FILE",
     "DIED",
     "DiskFullError",
+    "EVENT_FILE_GLOB",
     "FAILED",
     "FINISHED",
     "IMAGES_DIR",
@@ -65,6 +69,7 @@ __all__ = [
     "RunLock",
     "RunLocked",
     "RunRecord",
+    "after_earlier_event_files",
     "atomic_write",
     "build_model",
     "checkpoint_path",
@@ -84,6 +89,7 @@ __all__ = [
     "read_status",
     "run_dir_of",
     "save_config",
+    "tensorboard_dir",
     "write_json_atomic",
     "write_status",
 ]
