@@ -18,6 +18,7 @@ What each tracker shows of one run:
 from __future__ import annotations
 
 import logging
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ NOT_HPARAM_GROUPS = ("logger",)
 
 
 #: MLflow's experiment tag for what kind of work an experiment holds, and its value for training
-#: models: MLflow 3's UI shows such an experiment's runs as training runs, not GenAI evaluations.
+#: models, read by MLflow 3 UIs that choose an experiment's view by its kind (newer ones open on
+#: their GenAI view whatever it says: README, MLflow).
 MLFLOW_EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
@@ -92,12 +94,13 @@ class TensorBoardLogger(LightningTensorBoardLogger):
     def log_hyperparams(
         self, params: dict[str, Any], metrics: dict[str, Any] | None = None, step: int | None = None
     ) -> None:
-        """Writes ``params`` (scalars) as this run's HPARAMS session; ``metrics`` (Lightning's
-        interface; :func:`report_run` gives none) are logged as scalars at ``step``, by default
-        the step of the latest metrics, not at step 0."""
+        """Writes ``params`` as this run's HPARAMS session (nested ones flattened, values that
+        are no scalar as text); ``metrics`` (Lightning's interface; :func:`report_run` gives
+        none) are logged as scalars at ``step``, by default the step of the latest metrics, not
+        at step 0."""
         from torch.utils.tensorboard.summary import hparams
 
-        params = dict(params)
+        params = flat_config(vars(params) if isinstance(params, Namespace) else dict(params))
         self.hparams.update(params)
         if metrics:
             self.log_metrics(metrics, step if step is not None else self.last_step)
