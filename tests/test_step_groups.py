@@ -19,6 +19,7 @@ from tests.conftest import FAST, compose_config, train_run
 from vae_experiments.data import BatchGroup, ShuffledBatchSampler, TensorImages
 from vae_experiments.data.batches import group_sizes
 from vae_experiments.models.vae import VAE
+from vae_experiments.runs import tensorboard_dir
 from vae_experiments.training import train
 from vae_experiments.training.interrupt import RunInterrupted
 from vae_experiments.training.step_groups import (
@@ -171,9 +172,10 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
 
 
 def train_loss_steps(run_dir: Path) -> list[int]:
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(tensorboard_dir(run_dir)))
     events.Reload()
-    return [event.step for event in events.Scalars("train/loss")]
+    (tag,) = [tag for tag in events.Tags()["scalars"] if tag.startswith("train/loss [")]
+    return [event.step for event in events.Scalars(tag)]  # in the unit of the run's likelihood
 
 
 @pytest.fixture(scope="module")

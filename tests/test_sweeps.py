@@ -287,21 +287,52 @@ def test_plot_one_line_per_other_swept_value(sweep):
         plot_summary(table, x="seed")
 
 
-def test_a_loss_in_nats_and_one_in_squared_error_get_an_axis_each(tmp_path):
+def ae_and_vae_runs(root: Path) -> Path:
+    """An AE's loss (squared error) and a VAE's (nats) at latent sizes 2 and 8; the AE's are
+    the smaller numbers, and recon_mse ranks the latent sizes 8 first."""
     likelihoods = {"ae": "SquaredError", "vae": "DiscretizedLogistic"}
     for model, dims in (("ae", (2, 8)), ("vae", (2, 8))):
         for dim in dims:
             make_run(
-                tmp_path / f"{model}{dim}",
+                root / f"{model}{dim}",
                 [f"model={model}", f"model.latent_dim={dim}"],
-                metrics={"test/loss": dim * (100.0 if model == "vae" else 1.0), "test/kl": 1.0},
-                config={"model": {"likelihood": {"_target_": f"m.{likelihoods[model]}"}}},
+                metrics={
+                    "test/loss": dim * (100.0 if model == "vae" else 1.0),
+                    "test/kl": 1.0,
+                    "test/recon_mse": 1.0 / dim + (0.01 if model == "vae" else 0.0),
+                },
+                config={
+                    "model": {"likelihood": {"_target_": f"m.likelihoods.{likelihoods[model]}"}}
+                },
             )
-    table = summary_table(collect_runs(tmp_path))
-    assert table.metrics == ["test/loss"] and table.fixed["test/kl"] == 1.0
+    return root
+
+
+def test_a_loss_in_nats_and_one_in_squared_error_are_sorted_apart(tmp_path):
+    table = summary_table(collect_runs(ae_and_vae_runs(tmp_path)))  # test/loss, the default
+    assert [r.name for r in table.records] == ["vae2", "vae8", "ae2", "ae8"]
+    assert table.columns[:2] == ["run", "unit"]
+    rows = table.rows()
+    assert [row["unit"] for row in rows] == ["discretized_logistic"] * 2 + ["squared_error"] * 2
+    heading = table.to_markdown().splitlines()[2]
+    assert heading.startswith(
+        "4 runs (sorted by test/loss, ascending, within each unit (discretized_logistic, "
+        "squared_error): one likelihood's do not rank against another's; --sort test/recon_mse "
+        "ranks every run)"
+    )
+    assert next(csv.reader(io.StringIO(table.to_csv())))[:2] == ["run", "unit"]
+    # A metric in one unit in every run ranks them all.
+    shared = summary_table(collect_runs(tmp_path), sort_by="test/recon_mse")
+    assert [r.name for r in shared.records] == ["ae8", "vae8", "ae2", "vae2"]
+    assert not shared.units and "unit" not in shared.columns
+
+
+def test_a_loss_in_nats_and_one_in_squared_error_get_an_axis_each(tmp_path):
+    table = summary_table(collect_runs(ae_and_vae_runs(tmp_path)))
+    assert table.metrics[0] == "test/loss" and table.fixed["test/kl"] == 1.0
     figure = plot_summary(table, metric="test/loss")
     labels = sorted(axes.get_ylabel() for axes in figure.axes)
-    assert labels == ["test/loss [DiscretizedLogistic (vae)]", "test/loss [SquaredError (ae)]"]
+    assert labels == ["test/loss [discretized_logistic (vae)]", "test/loss [squared_error (ae)]"]
     for axes in figure.axes:
         assert len(axes.get_lines()) == 1  # one model per axis
     (kl_axes,) = plot_summary(table, metric="test/kl").axes  # nats for both: one axis

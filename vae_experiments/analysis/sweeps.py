@@ -38,6 +38,7 @@ from vae_experiments.runs.records import (
     parse_value,
     read_run,
 )
+from vae_experiments.units import LIKELIHOOD_KEY, likelihood_unit, metric_unit
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ __all__ = [
     "plot_search",
     "plot_summary",
     "read_run",
-    "unit_groups",
+    "run_unit",
     "summary_table",
+    "unit_groups",
     "write_summary",
 ]
 
@@ -103,6 +105,9 @@ class SummaryTable:
         sort_by, descending: how the finished runs were ordered.
         settings: run name -> key -> the run's value of every overridden key (read from the
             run's config where it did not override it; ``None`` when it has none).
+        units: run name -> the unit ``sort_by`` is in for that run, when the finished runs
+            have it in more than one (an AE's squared error, a VAE's nats): they are sorted
+            within each unit, and the table has a ``unit`` column; else empty.
     """
 
     records: list[RunRecord]
@@ -112,6 +117,7 @@ class SummaryTable:
     sort_by: str | None
     descending: bool
     settings: dict[str, dict[str, Any]] = field(repr=False, default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[RunRecord]:
@@ -119,15 +125,22 @@ class SummaryTable:
 
     @property
     def columns(self) -> list[str]:
-        """``run``, the swept keys, the metrics, then ``status`` when some run has no results."""
+        """``run``, ``unit`` when the runs are sorted within units, the swept keys, the metrics,
+        then ``status`` when some run has no results."""
         extra = ["status"] if self.failures else []
-        return ["run", *self.swept, *self.metrics, *extra]
+        return ["run", *self._unit_column, *self.swept, *self.metrics, *extra]
+
+    @property
+    def _unit_column(self) -> list[str]:
+        return ["unit"] if self.units else []
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per run, column -> raw value (``None`` where missing)."""
         rows = []
         for record in self.records:
             row = {"run": record.name}
+            if self.units:
+                row["unit"] = self.units.get(record.name)
             row.update({key: self.settings[record.name].get(key) for key in self.swept})
             row.update({key: record.metrics.get(key) for key in self.metrics})
             row["status"] = record.status
@@ -140,7 +153,15 @@ class SummaryTable:
         if self.fixed:
             fixed = ", ".join(f"{k}={format_value(v)}" for k, v in self.fixed.items())
             lines += [f"fixed: {fixed}", ""]
-        order = f" (sorted by {self.sort_by}, {'descending' if self.descending else 'ascending'})"
+        order = f" (sorted by {self.sort_by}, {'descending' if self.descending else 'ascending'}"
+        if self.units:
+            # An AE's squared error and a VAE's nats side by side: say why they are not ranked.
+            units = ", ".join(sorted(set(self.units.values())))
+            order += f", within each unit ({units}): one likelihood's do not rank against another's"
+            shared = f"{self.sort_by.rpartition('/')[0]}/recon_mse"
+            if any(shared in r.metrics for r in self.records):
+                order += f"; --sort {shared} ranks every run"
+        order += ")"
         lines += [f"{len(self.records)} runs{order if self.sort_by else ''}", ""]
         columns = self.columns
         lines.append("| " + " | ".join(_md_cell(c) for c in columns) + " |")
@@ -160,7 +181,7 @@ class SummaryTable:
     def to_csv(self) -> str:
         """The same rows as CSV, full precision, empty cells where missing, plus ``status`` and
         ``error`` columns."""
-        columns = ["run", *self.swept, *self.metrics, "status", "error"]
+        columns = ["run", *self._unit_column, *self.swept, *self.metrics, "status", "error"]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
@@ -204,7 +225,9 @@ def summary_table(
         records: from :func:`collect_runs`.
         sort_by: the metric to order finished runs by (``None``: by swept values). Ties, and runs
             lacking the metric, follow in order of their swept values (numbers numerically), then
-            of their names. Runs without results come last.
+            of their names. Runs without results come last. A metric in the unit of the run's
+            likelihood (:mod:`vae_experiments.units`) orders the runs within each unit, the
+            units in name order, when the runs have more than one.
         descending: largest first (for metrics where higher is better, e.g. ``test/elbo``).
         metrics: metric columns; names or shell patterns (``test/*``). Default: every metric of
             any run that differs between the finished runs (one value everywhere goes to
@@ -277,7 +300,15 @@ def summary_table(
             return (1, 0.0)
         return (0, -value if descending else value)
 
-    finished = sorted((r for r in records if r.ok), key=lambda r: (metric_key(r), settings_key(r)))
+    finished_runs = [r for r in records if r.ok]
+    units = {r.name: run_unit(r, sort_by) for r in finished_runs} if sort_by else {}
+    if len(set(units.values())) < 2:
+        units = {}  # one unit: rank them all
+
+    def order(record: RunRecord) -> tuple:
+        return (units.get(record.name, ""), metric_key(record), settings_key(record))
+
+    finished = sorted(finished_runs, key=order)
     failed = sorted((r for r in records if not r.ok), key=settings_key)
     return SummaryTable(
         records=finished + failed,
@@ -287,7 +318,14 @@ def summary_table(
         sort_by=sort_by,
         descending=descending,
         settings=settings,
+        units=units,
     )
+
+
+def run_unit(record: RunRecord, metric: str) -> str:
+    """The unit ``metric`` is in for ``record``'s run (:func:`~vae_experiments.units.metric_unit`
+    of its likelihood); ``""`` for a metric with one meaning in every run."""
+    return metric_unit(metric, likelihood_unit(record.setting(LIKELIHOOD_KEY)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,24 +347,13 @@ def plot_filename(metric: str) -> str:
     return "summary_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", metric).strip("_") or "metric") + ".png"
 
 
-#: Terms whose unit is the likelihood's (nats of one likelihood, squared error of another):
-#: runs with different likelihoods get an axis each.
-LIKELIHOOD_TERMS = ("loss", "recon", "elbo", "log_px")
-#: The config key that names a run's likelihood.
-LIKELIHOOD_KEY = "model.likelihood._target_"
-
-
 def unit_groups(table: SummaryTable, metric: str) -> dict[str, list[RunRecord]]:
-    """The table's runs split by what ``metric`` measures: by likelihood (``SquaredError``,
-    ``DiscretizedLogistic``) for a term in :data:`LIKELIHOOD_TERMS`, else one group (``""``)."""
-    if metric.rpartition("/")[2] not in LIKELIHOOD_TERMS:
-        return {"": list(table.records)}
+    """The table's runs split by the unit ``metric`` is in (:func:`run_unit`: by likelihood,
+    ``squared_error``, ``discretized_logistic``, for a term in the likelihood's unit; else one
+    group, ``""``)."""
     groups: dict[str, list[RunRecord]] = {}
     for record in table.records:
-        likelihood = record.setting(LIKELIHOOD_KEY)
-        groups.setdefault(str(likelihood).rpartition(".")[2] if likelihood else "", []).append(
-            record
-        )
+        groups.setdefault(run_unit(record, metric), []).append(record)
     return groups
 
 

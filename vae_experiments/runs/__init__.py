@@ -5,6 +5,7 @@ reports read. Plain torch and OmegaConf: importing it imports neither Lightning 
 from vae_experiments.data import iterate_split, load_split
 from vae_experiments.runs.files import (
     DiskFullError,
+    after_earlier_event_files,
     atomic_write,
     load_config,
     read_command_overrides,
@@ -22,6 +23,7 @@ from vae_experiments.runs.layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DIED,
+    EVENT_FILE_GLOB,
     FAILED,
     FINISHED,
     IMAGES_DIR,
@@ -39,6 +41,7 @@ from vae_experiments.runs.layout import (
     is_run_dir,
     newest_checkpoint,
     run_dir_of,
+    tensorboard_dir,
 )
 from vae_experiments.runs.load import build_model, load_data, load_run
 from vae_experiments.runs.lock import RunLock, RunLocked
@@ -54,6 +57,7 @@ __all__ = [
     "CONFIG_FILE",
     "DIED",
     "DiskFullError",
+    "EVENT_FILE_GLOB",
     "FAILED",
     "FINISHED",
     "IMAGES_DIR",
@@ -67,6 +71,7 @@ __all__ = [
     "RunLock",
     "RunLocked",
     "RunRecord",
+    "after_earlier_event_files",
     "atomic_write",
     "build_model",
     "checkpoint_path",
@@ -86,6 +91,7 @@ __all__ = [
     "read_status",
     "run_dir_of",
     "save_config",
+    "tensorboard_dir",
     "write_json_atomic",
     "write_status",
 ]

@@ -13,7 +13,10 @@ A run directory (``outputs/<date>/<time>/`` or ``multirun/<date>/<time>/<job>/``
     lock.json                 while a command writes the run: its pid, host, start and command
                               (runs/lock.py); left behind only by a killed process
     train.log                 the log of every command that wrote the run (Hydra's job log)
-    tensorboard/, csv/        the logger's files
+    events.out.tfevents.*     TensorBoard's event files, in the run directory itself so that
+                              TensorBoard names the run after it (``tensorboard/`` in runs
+                              made before: they keep it, :func:`tensorboard_dir`)
+    csv/, wandb/              the other loggers' files
     images/                   reconstruction and sample grids as PNG
     analysis/<call>/          a folder per call of an analysis command (evaluate, sample), named
                               after what made it (``evaluate-best-test-k5000``); never reused
@@ -41,6 +44,10 @@ SWEEP_CONFIG_FILE = "multirun.yaml"
 SEARCH_FILE = "search.yaml"  # a search's trials and best one, in its sweep dir (cli/search.py)
 IMAGES_DIR = "images"
 ANALYSIS_DIR = "analysis"
+#: TensorBoard's event files (``events.out.tfevents.<second>.<host>.<pid>.<n>``).
+EVENT_FILE_GLOB = "events.out.tfevents.*"
+#: Where runs made before the events moved into the run directory itself kept them.
+OLD_TENSORBOARD_DIR = "tensorboard"
 
 #: Checkpoint names in ``checkpoints/``: ``best`` (lowest validation loss) and ``last``.
 BEST, LAST = "best", "last"
@@ -64,6 +71,15 @@ def checkpoint_path(run_dir: str | Path, which: str) -> Path:
     if which not in CHECKPOINT_CHOICES:
         raise ValueError(f"checkpoint must be best or last, got checkpoint={which}")
     return Path(run_dir) / CHECKPOINT_DIR / f"{which}.ckpt"
+
+
+def tensorboard_dir(run_dir: str | Path) -> Path:
+    """The folder of the run's TensorBoard event files: the run directory itself, whose path
+    TensorBoard shows as the run's name; ``<run_dir>/tensorboard`` for a run that already has
+    its events there (made before), so that a resumed or evaluated old run stays one run."""
+    run_dir = Path(run_dir)
+    old = run_dir / OLD_TENSORBOARD_DIR
+    return old if any(old.glob(EVENT_FILE_GLOB)) else run_dir
 
 
 def is_run_dir(path: str | Path) -> bool:
