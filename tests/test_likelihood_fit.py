@@ -29,7 +29,7 @@ from vae_experiments.models.likelihoods import DiscretizedLogistic, Laplace
 from vae_experiments.pictures import PADDING, image_grid
 from vae_experiments.runs import load_run
 from vae_experiments.targets import ConfigError, instantiate
-from vae_experiments.training.module import LitModel
+from vae_experiments.training.module import CollapseWatch, LitModel
 
 IMAGE_SHAPE = (1, 8, 8)
 LEVELS = torch.arange(256, dtype=torch.float64) / 255  # every value of an 8-bit pixel
@@ -245,7 +245,8 @@ def test_active_units_from_batches_and_processes_equal_the_whole_split():
 
 
 def fit_vae(tmp_path, model: VAE, epochs: int = 1) -> pl.Trainer:
-    """One or more short epochs on the digits, with validation, as train() would log them."""
+    """One or more short epochs (3 steps each) on the digits, with validation, as train() would
+    log them."""
     pl.seed_everything(0)
     data = instantiate(compose_config(FAST).data)
     trainer = pl.Trainer(
@@ -273,22 +274,56 @@ def test_val_active_units_are_logged(tmp_path, caplog):
     assert "posterior collapse" not in caplog.text
 
 
-def test_a_collapsed_posterior_is_warned_about_once(tmp_path, caplog):
+def collapsed_vae() -> VAE:
+    """A VAE whose encoder's means ignore the image: its last layer's mean rows zeroed and
+    frozen, so that no unit is ever active."""
     model = vae(DiscretizedLogistic(0.1, True)).train()
-    # An encoder whose means ignore the image: its last layer's mean rows zeroed and frozen.
     last = model.encoder.net[-1]
     with torch.no_grad():
         last.weight[:3].zero_()
         last.bias[:3].zero_()
     last.weight.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:3]), grad[3:]]))
     last.bias.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:3]), grad[3:]]))
+    return model
+
+
+def collapse_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
+
+
+def test_collapse_is_warned_about_when_it_persists_and_its_end_is_said():
+    # The README's vae_digits run: no active unit in its first validations, then 12 of 16.
+    watch = CollapseWatch(patience=3)
+    assert [watch.update(n, epoch) for epoch, n in enumerate([0, 0, 5, 12])] == [None] * 4
+    assert not watch.at_end()
+    # Three validations in a row: warned at the third, once; units opening up again are said.
+    watch = CollapseWatch(patience=3)
+    events = [watch.update(n, epoch) for epoch, n in enumerate([0, 0, 0, 0, 4, 0])]
+    assert events == [None, None, "collapsed", None, "recovered", None]
+    assert watch.since == 5 and watch.streak == 1
+    assert watch.at_end() and not watch.at_end()  # a run that ends collapsed: once
+    # Not during a KL warm-up: its low KL weight is when units open up.
+    watch = CollapseWatch(patience=3)
+    assert [watch.update(0, epoch, warmup_over=False) for epoch in range(4)] == [None] * 4
+    assert watch.update(0, 4, warmup_over=True) == "collapsed"
+    assert watch.since == 0 and not watch.at_end()
+
+
+def test_a_collapsed_posterior_is_warned_about_once_when_it_persists(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vae_experiments.training.module"):
-        trainer = fit_vae(tmp_path, model, epochs=2)
+        trainer = fit_vae(tmp_path, collapsed_vae(), epochs=4)
     assert float(trainer.callback_metrics["val/active_units"]) == 0
-    warnings = [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
-    assert len(warnings) == 1  # when it fell to zero, not every epoch
-    assert "val/active_units=0 of 3 in epoch 0" in warnings[0]
+    warnings = collapse_warnings(caplog)
+    assert len(warnings) == 1  # at the third validation in a row, not at the first, not again
+    assert "val/active_units=0 of 3 in the 3 validations since epoch 0 (step 9)" in warnings[0]
     assert "model.kl_warmup_steps=30" in warnings[0] and "model.beta (now 1)" in warnings[0]
+
+
+def test_a_short_run_that_ends_collapsed_says_so_at_its_end(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="vae_experiments.training.module"):
+        fit_vae(tmp_path, collapsed_vae(), epochs=2)
+    (warning,) = collapse_warnings(caplog)
+    assert "val/active_units=0 of 3 in the 2 validations since epoch 0 (step 6)" in warning
 
 
 # --- traversal labels --------------------------------------------------------------------------
