@@ -10,10 +10,11 @@ import yaml
 
 from tests.conftest import FAST
 from vae_experiments.cli import train as train_cli
-from vae_experiments.cli.search import split_arguments
+from vae_experiments.cli.search import objective, split_arguments
 from vae_experiments.cli.summarize import main as summarize
 from vae_experiments.runs import read_status
 from vae_experiments.runs.records import find_run_dirs
+from vae_experiments.targets import ConfigError
 
 optuna = pytest.importorskip("optuna")
 
@@ -86,3 +87,40 @@ def test_a_search_finds_the_best_run_goes_on_after_a_failure_and_resumes(
     # The study lives in the storage: the same command with more trials runs only the missing one.
     resumed = _search(monkeypatch, tmp_path / "b", storage, n_trials=4)
     assert len(resumed["trials"]) == 4 and len(find_run_dirs(tmp_path / "b")) == 1
+
+
+def test_the_direction_follows_the_metric_and_a_contrary_one_is_refused():
+    assert objective("val/elbo", "auto", ["model.beta"]) == ("maximize", [])
+    assert objective("val/loss", "auto", ["optimizer.lr"]) == ("minimize", [])
+    assert objective(None, "auto", []) == ("minimize", [])  # train.yaml's default, val/loss
+    assert objective("val/elbo", "maximize", []) == ("maximize", [])
+    with pytest.raises(ConfigError, match=r"direction=minimize is invalid: val/elbo is better "):
+        objective("val/elbo", "minimize", [])
+    direction, (warning,) = objective("val/my_metric", "auto", [])
+    assert direction == "minimize" and "hydra.sweeper.direction=maximize" in warning
+
+
+def test_a_test_metric_or_a_loss_that_contains_the_searched_beta_is_warned_about():
+    direction, (warning,) = objective("test/elbo", "auto", ["optimizer.lr"])
+    assert direction == "maximize"
+    assert "chooses trials on the test split" in warning and "optimized_metric=val/elbo" in warning
+    _, (warning,) = objective("val/loss", "auto", ["model.beta", "optimizer.lr"])
+    assert "changes with the searched model.beta itself" in warning and "val/elbo" in warning
+    _, warnings = objective("test/loss", "auto", ["model.k"])
+    assert len(warnings) == 2
+
+
+def test_a_search_on_val_elbo_maximises_it(tmp_path, monkeypatch):
+    args = [*FAST, "model/network=mlp", "model.network.hidden_dims=[16]", "logger=none"]
+    args += ["trainer.max_epochs=1", "+trainer.limit_train_batches=2"]
+    args += ["+trainer.limit_val_batches=1", "callbacks.latent_samples.enabled=false"]
+    args += ["model.beta=interval(0.5,8)", "optimized_metric=val/elbo"]
+    args += ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", *args])
+    train_cli.main()
+    search = yaml.safe_load((tmp_path / "search.yaml").read_text())
+    assert search["optimized_metric"] == "val/elbo" and search["direction"] == "maximize"
+    elbos = [
+        json.loads((r / "metrics.json").read_text())["val/elbo"] for r in find_run_dirs(tmp_path)
+    ]
+    assert search["best"]["value"] == pytest.approx(max(elbos))
