@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,15 @@ class RunCheckpoint(ModelCheckpoint):
         # look-ups, every step.
         if self._saves_within_epochs:
             super().on_train_batch_end(trainer, pl_module, *args)
+
+
+def shows_progress_bars() -> bool:
+    """Whether a progress bar can be seen where this process writes: a terminal, or a Jupyter
+    notebook. In a log file or a pipe (a cluster job, a sweep's worker, ``> train.log``) every
+    refresh of a bar stays as text, hundreds of lines per run; the per-epoch lines
+    (:class:`EpochLog`) say the same there."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -42,6 +42,7 @@ from vae_experiments.training.callbacks import (
     ImageGrids,
     RunCheckpoint,
     StepProgressBar,
+    shows_progress_bars,
 )
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
@@ -197,10 +198,12 @@ def train(
                 latent_cfg.num_samples, latent_cfg.components, run_dir / "images", seed=cfg.seed
             )
         )
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
-    loggers = build_loggers(cfg, run_dir)
     trainer_options = {}
+    if cfg.trainer.get("enable_progress_bar", True) and shows_progress_bars():
+        callbacks.append(StepProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
+    else:
+        trainer_options["enable_progress_bar"] = False
+    loggers = build_loggers(cfg, run_dir)
     if cfg.trainer.get("benchmark", "unset") is None:
         trainer_options["benchmark"] = not cfg.trainer.get("deterministic", False)
     trainer: pl.Trainer = instantiate(
