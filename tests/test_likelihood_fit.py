@@ -350,3 +350,32 @@ def test_traversal_rows_are_labelled_with_their_dimension_and_range():
         assert band.any()
     with pytest.raises(ValueError, match="1 row labels for 2 rows"):
         image_grid(list(images.split(5)), row_labels=labels[:1])
+
+
+def dark_rows(picture: torch.Tensor, margin: int, rows: int, image_side: int = 48) -> list[bool]:
+    """For each row of a labelled grid (3, H, W), whether its left margin holds text."""
+    dark = picture[:, :, :margin].min(0).values < 0.5  # (H, margin)
+    height = image_side + PADDING
+    return [bool(dark[PADDING + r * height : (r + 1) * height].any()) for r in range(rows)]
+
+
+def test_row_labels_are_legible_and_training_grids_say_what_each_row_is(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from vae_experiments.pictures import label_font
+    from vae_experiments.training.callbacks import ImageGrids
+
+    # Pillow's default 10 px font drew a space 1-2 px wide: "z3: -1.6 to0.74".
+    assert label_font(48 + PADDING).getlength(" ") >= 3
+    grids = ImageGrids(4, tmp_path)
+    grids._images = torch.rand(4, 1, 8, 8, generator=seeded())
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, loggers=[], global_step=0)
+    grids.on_validation_epoch_end(trainer, SimpleNamespace(model=vae(Bernoulli())))
+    plain_width = image_grid([grids._images, grids._images]).shape[2]
+    for name in ("reconstructions", "samples"):  # input over reconstruction; prior samples
+        picture = pil_to_tensor(Image.open(tmp_path / f"{name}.png").convert("RGB")).float() / 255
+        margin = picture.shape[2] - plain_width
+        assert margin > 20 and dark_rows(picture, margin, rows=2) == [True, True], name
