@@ -65,13 +65,14 @@ def test_use_threads_sets_torch_and_logs_the_choice_once(four_cpus, monkeypatch,
             assert use_threads(1) == 1
             assert use_threads(1) == 1
             assert torch.get_num_threads() == 1
-            use_threads("auto", parallel_jobs=4)
+            use_threads("auto", parallel_jobs=2)
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "CPU threads: 1 (threads=1)",
-        "CPU threads: 1 (auto: 4 CPUs shared by 4 jobs running at once; threads=1 is faster "
+        "CPU threads: 2 (auto: 4 CPUs shared by 2 jobs running at once; threads=1 is faster "
         "where other busy processes share the cores)",
     ]
 
@@ -90,3 +91,11 @@ def test_the_joblib_launchers_jobs_run_at_once(monkeypatch, mode, launcher, expe
     monkeypatch.setattr(train_cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert train_cli.parallel_jobs() == expected
+
+
+def test_the_thread_count_is_no_part_of_a_runs_name():
+    from vae_experiments.cli.run_dirs import run_name
+
+    assert (
+        run_name("vae", "digits", ["threads=1", "model.latent_dim=8"]) == "vae-digits-latent_dim=8"
+    )

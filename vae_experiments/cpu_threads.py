@@ -110,5 +110,5 @@ def use_threads(setting: int | str = AUTO, parallel_jobs: int = 1) -> int:
     if _logged != (threads, why):
         _logged = (threads, why)
         hint = "; threads=1 is faster where other busy processes share the cores"
-        log.info("CPU threads: %d (%s%s)", threads, why, hint if setting == AUTO else "")
+        log.info("CPU threads: %d (%s%s)", threads, why, hint if threads > 1 else "")
     return threads

@@ -80,6 +80,7 @@ UNNAMED_OVERRIDES = (
     "callbacks",
     "trainer.enable_",
     "optimized_metric",
+    "threads",
 )
 
 #: Longest run name, in characters (file systems allow 255 per folder name).
