@@ -39,7 +39,7 @@ def test_auto_takes_the_cpus_this_process_may_use(four_cpus):
 def test_auto_shares_the_cpus_among_jobs_running_at_once(four_cpus):
     assert choose_threads("auto", parallel_jobs=2, torch_default=32) == (
         2,
-        "auto: 4 CPUs shared by 2 jobs running at once",
+        "auto: 4 CPUs shared by 2 processes at once",
     )
     assert choose_threads("auto", parallel_jobs=3)[0] == 1
     assert choose_threads("auto", parallel_jobs=8)[0] == 1  # one thread at least
@@ -72,7 +72,7 @@ def test_use_threads_sets_torch_and_logs_the_choice_once(four_cpus, monkeypatch,
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "CPU threads: 1 (threads=1)",
-        "CPU threads: 2 (auto: 4 CPUs shared by 2 jobs running at once; threads=1 is faster "
+        "CPU threads: 2 (auto: 4 CPUs shared by 2 processes at once; threads=1 is faster "
         "where other busy processes share the cores)",
     ]
 

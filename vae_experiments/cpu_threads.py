@@ -8,8 +8,8 @@ parallel operation. ``auto`` picks the cores this process may use instead:
 
 1. the CPUs it may run on: its CPU affinity (``os.sched_getaffinity``), at most a cgroup's CPU
    quota (``cpu.max``, what ``docker --cpus`` sets), at most torch's default;
-2. divided among the jobs a launcher runs at once on this machine (``hydra/launcher=joblib``:
-   ``n_jobs``), one thread at least;
+2. divided among the processes that run at once on this machine: the jobs of
+   ``hydra/launcher=joblib`` (``n_jobs``), the processes of DDP on the CPU; one thread at least;
 3. ``OMP_NUM_THREADS``, when set and no launcher shares the CPUs, as torch itself reads it.
 
 What it cannot see is other busy processes on the same cores (a shared machine): there, fewer
@@ -71,7 +71,8 @@ def choose_threads(
 
     Args:
         setting: ``auto``, or a number of threads >= 1.
-        parallel_jobs: jobs that a launcher runs at once on this machine, sharing its CPUs.
+        parallel_jobs: processes that run at once on this machine, sharing its CPUs (a
+            launcher's jobs, DDP's processes).
         torch_default: torch's own thread count (one per physical core, or
             ``OMP_NUM_THREADS``); 0 for no bound.
 
@@ -85,7 +86,7 @@ def choose_threads(
         cpus = min(cpus, torch_default)
     if parallel_jobs > 1:
         threads = max(1, cpus // parallel_jobs)
-        return threads, f"auto: {cpus} CPUs shared by {parallel_jobs} jobs running at once"
+        return threads, f"auto: {cpus} CPUs shared by {parallel_jobs} processes at once"
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) >= 1:
         return int(omp), f"auto: OMP_NUM_THREADS={omp}"

@@ -124,7 +124,8 @@ def train(
             "a checkpoint and stops; resume= continues it)"
         )
     reuse_freed_cpu_memory()  # large CPU batches (full-batch L-BFGS) at half the cost
-    use_threads(cfg.get("threads", AUTO_THREADS), parallel_jobs)
+    # DDP on the CPU (gloo) starts `processes` of this run, each taking its share too.
+    use_threads(cfg.get("threads", AUTO_THREADS), parallel_jobs * (processes or 1))
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
