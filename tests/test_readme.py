@@ -147,6 +147,24 @@ def test_the_worked_example_is_trained_by_a_block_that_runs():
     assert all(b.marker is None for b in commands), "the worked example runs in the default suite"
 
 
+def test_the_load_a_run_snippet_prints_nothing_but_its_numbers(tmp_path, trained_runs):
+    (block,) = [b for b in BLOCKS if 'load_run("runs/vae")' in b.code and b.runs]
+    script = tmp_path / "snippet.py"
+    script.write_text(block.code.replace('"runs/vae"', repr(str(trained_runs("vae")))))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-W", "default", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no UserWarning about tensors that require grad, nor any other
+    assert result.stdout.startswith("{'loss': ")
+
+
 def _copy_repository(target: Path) -> Path:
     def ignore(folder: str, names: list[str]) -> set[str]:
         at_top = Path(folder).resolve() == REPO_ROOT.resolve()

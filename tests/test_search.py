@@ -19,6 +19,7 @@ from vae_experiments.cli import run_dirs
 from vae_experiments.cli import train as train_cli
 from vae_experiments.cli.search import (
     OptunaSearch,
+    objective,
     recover_interrupted,
     sampler_seed,
     split_arguments,
@@ -277,3 +278,40 @@ def test_a_stopped_search_records_its_trial_and_its_hint_continues_it(tmp_path):
     assert [t["state"] for t in trials] == ["interrupted", "complete", "complete"]
     assert trials[1]["params"] == trials[0]["params"] and trials[1]["rerun_of"] == 0
     assert len(find_run_dirs(sweep_dir)) == 3
+
+
+def test_the_direction_follows_the_metric_and_a_contrary_one_is_refused():
+    assert objective("val/elbo", "auto", ["model.beta"]) == ("maximize", [])
+    assert objective("val/loss", "auto", ["optimizer.lr"]) == ("minimize", [])
+    assert objective(None, "auto", []) == ("minimize", [])  # train.yaml's default, val/loss
+    assert objective("val/elbo", "maximize", []) == ("maximize", [])
+    with pytest.raises(ConfigError, match=r"direction=minimize is invalid: val/elbo is better "):
+        objective("val/elbo", "minimize", [])
+    direction, (warning,) = objective("val/my_metric", "auto", [])
+    assert direction == "minimize" and "hydra.sweeper.direction=maximize" in warning
+
+
+def test_a_test_metric_or_a_loss_that_contains_the_searched_beta_is_warned_about():
+    direction, (warning,) = objective("test/elbo", "auto", ["optimizer.lr"])
+    assert direction == "maximize"
+    assert "chooses trials on the test split" in warning and "optimized_metric=val/elbo" in warning
+    _, (warning,) = objective("val/loss", "auto", ["model.beta", "optimizer.lr"])
+    assert "changes with the searched model.beta itself" in warning and "val/elbo" in warning
+    _, warnings = objective("test/loss", "auto", ["model.k"])
+    assert len(warnings) == 2
+
+
+def test_a_search_on_val_elbo_maximises_it(tmp_path, monkeypatch):
+    args = [*FAST, "model/network=mlp", "model.network.hidden_dims=[16]", "logger=none"]
+    args += ["trainer.max_epochs=1", "+trainer.limit_train_batches=2"]
+    args += ["+trainer.limit_val_batches=1", "callbacks.latent_samples.enabled=false"]
+    args += ["model.beta=interval(0.5,8)", "optimized_metric=val/elbo"]
+    args += ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", *args])
+    train_cli.main()
+    search = yaml.safe_load((tmp_path / "search.yaml").read_text())
+    assert search["optimized_metric"] == "val/elbo" and search["direction"] == "maximize"
+    elbos = [
+        json.loads((r / "metrics.json").read_text())["val/elbo"] for r in find_run_dirs(tmp_path)
+    ]
+    assert search["best"]["value"] == pytest.approx(max(elbos))

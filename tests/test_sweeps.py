@@ -19,6 +19,7 @@ from vae_experiments.analysis.sweeps import (
     format_value,
     parse_override,
     plot_filename,
+    plot_search,
     plot_summary,
     summary_table,
     write_summary,
@@ -475,3 +476,31 @@ def test_posterior_gap_against_a_config_key_that_presets_set(tmp_path, capsys):
     assert "plot: test/posterior_gap against model.k" in capsys.readouterr().out
     assert (out / "summary_test_posterior_gap.png").read_bytes()[:8] == PNG_MAGIC
     assert "| burda_iwae_k50 | 50 | burda_iwae_k50 |" in (out / "summary.md").read_text()
+
+
+def test_a_random_searchs_draws_are_points_with_ticks_that_do_not_run_together(tmp_path):
+    # model.beta and optimizer.lr as a search draws them: each trial its own pair.
+    draws = [(3.677, 0.00196), (3.782, 0.00608), (4.616, 0.00269), (5.021, 0.00123)]
+    draws += [(6.438, 0.00114), (7.727, 0.000585)]
+    for job, (beta, lr) in enumerate(draws):
+        overrides = [f"model.beta={beta}", f"optimizer.lr={lr}"]
+        make_run(tmp_path / str(job), overrides, metrics={"test/elbo": -beta})
+    table = summary_table(collect_runs(tmp_path), sort_by="test/elbo", descending=True)
+    for connect in (True, False):  # joined by no line, whether or not summarize knows a search
+        (axes,) = plot_summary(table, x="model.beta", connect=connect).axes
+        (points,) = axes.get_lines()
+        assert points.get_linestyle() == "None" and len(points.get_xdata()) == 6
+        ticks = [t.get_text() for t in axes.get_xticklabels()]
+        assert "3.677" not in ticks and "3.782" not in ticks  # evenly spaced, not one per draw
+
+    figure = plot_search(table, "test/elbo", ["model.beta", "optimizer.lr"], ["optimizer.lr"])
+    lr_axes = figure.axes[1]
+    assert lr_axes.get_xscale() == "log"
+    assert [t.get_text() for t in lr_axes.get_xticklabels()] == ["0.001", "0.002", "0.005"]
+    assert {t.get_text() for t in lr_axes.get_xticklabels(minor=True)} <= {""}
+
+
+def test_a_grids_values_label_their_ticks(sweep):
+    (axes,) = plot_summary(summary_table(collect_runs(sweep)), metric="test/loss").axes
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["2", "4", "10", "32"]
+    assert {line.get_linestyle() for line in axes.get_lines()} == {"-"}

@@ -308,3 +308,25 @@ def test_run_checkpoint_skips_the_step_hook_unless_it_saves_within_epochs(tmp_pa
         "step=3.ckpt",
     ]
     assert (tmp_path / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("warmup", [2000, 20])
+def test_a_kl_warmup_longer_than_the_run_is_warned_about_at_its_start(tmp_path, caplog, warmup):
+    import logging
+
+    overrides = ["model=vae", *MLP_64, "trainer.max_epochs=1", f"model.kl_warmup_steps={warmup}"]
+    overrides += ["logger=none", "callbacks.image_grids.num_images=0"]
+    with caplog.at_level(logging.WARNING, logger="vae_experiments.training.module"):
+        metrics, _ = run(tmp_path, overrides)
+    steps = metrics["steps"]  # 1,294 training digits in batches of 32 (FAST): 41 steps
+    warnings = [r.getMessage() for r in caplog.records if "kl_warmup_steps" in r.getMessage()]
+    if warmup < steps:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    assert warning.startswith(
+        f"model.kl_warmup_steps=2000 is longer than the whole run, {steps} steps "
+        f"(trainer.max_epochs=1 x {steps} steps per epoch): the KL weight rises only to "
+        f"{steps / 2000:.2g} of model.beta=1 by the last step"
+    )
+    assert f"Lower model.kl_warmup_steps (e.g. {steps // 10}" in warning

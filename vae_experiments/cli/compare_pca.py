@@ -8,8 +8,11 @@ overwrites another's tables, pictures or trained runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -40,13 +43,35 @@ def run_config(cfg: DictConfig, overrides: list[str], latent_dim: int) -> DictCo
             raise
         raise ConfigCompositionException("\n".join([str(error), *hints])) from error
     with open_dict(run_cfg):
-        for key in ("data", "trainer", "seed"):
+        for key in ("data", "trainer", "seed", "threads"):
             run_cfg[key] = cfg[key]
         run_cfg.logger = {"_target_": None}
+        run_cfg.trainer.enable_model_summary = False  # 12 runs, 12 tables of one module
         run_cfg.callbacks.image_grids.num_images = 0
         run_cfg.callbacks.latent_samples.enabled = False
     values = [o.lstrip("+") for o in overrides if "." in o.split("=", 1)[0]]
     return OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(values))
+
+
+@contextlib.contextmanager
+def console_warnings_only() -> Iterator[None]:
+    """Inside, the console shows warnings and errors only; the log file (``compare_pca.log``)
+    still gets everything. A comparison trains a dozen runs: their per-epoch lines would bury
+    the one line per job that says where the comparison stands."""
+    consoles = [
+        handler
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler, logging.FileHandler)
+    ]
+    levels = [handler.level for handler in consoles]
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels, strict=True):
+            handler.setLevel(level)
 
 
 def compare(cfg: DictConfig, out_dir: Path) -> list:
@@ -82,16 +107,30 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
         reconstructions["pca", k] = pca.reconstruct(shown, k)
         log.info("pca k=%d: test squared error %.4f", k, float(error))
 
-    for method, overrides in cfg.methods.items():
-        for k in latent_dims:
-            run_dir = out_dir / "runs" / f"{method}_k{k}"
-            run_cfg = run_config(cfg, list(overrides), k)
-            log.info("training %s with latent size %d -> %s", method, k, run_dir)
+    jobs = [
+        (method, overrides, k) for method, overrides in cfg.methods.items() for k in latent_dims
+    ]
+    for number, (method, overrides, k) in enumerate(jobs, 1):
+        run_dir = out_dir / "runs" / f"{method}_k{k}"
+        run_cfg = run_config(cfg, list(overrides), k)
+        place = f"job {number} of {len(jobs)}"
+        log.info("%s: training %s with latent size %d -> %s", place, method, k, run_dir)
+        start = time.perf_counter()
+        with console_warnings_only():
             metrics = train(run_cfg, run_dir)
-            results.append(Result(method, k, metrics["test/recon_mse"]))
-            model, _ = load_run(run_dir)
-            with torch.no_grad():
-                reconstructions[method, k] = model.reconstruct(shown)
+        log.info(
+            "%s: %s k=%d: test squared error %.4f (%d epochs, %.0f s)",
+            place,
+            method,
+            k,
+            metrics["test/recon_mse"],
+            metrics["epochs"],
+            time.perf_counter() - start,
+        )
+        results.append(Result(method, k, metrics["test/recon_mse"]))
+        model, _ = load_run(run_dir)
+        with torch.no_grad():
+            reconstructions[method, k] = model.reconstruct(shown)
 
     write_csv(results, out_dir / "comparison.csv")
     table = markdown_table(results)

@@ -118,6 +118,7 @@ UNNAMED_OVERRIDES = (
     "callbacks",
     "trainer.enable_",
     "optimized_metric",
+    "threads",
 )
 
 #: Longest run name, in characters (file systems allow 255 per folder name).
@@ -382,12 +383,21 @@ def owns_run_dir(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
 
 def check_early(cfg: DictConfig) -> None:
     """Raises one of :data:`CONFIG_ERRORS` for a config that cannot train: a required value
-    (``???``) not given, an interpolation that does not resolve, a value our checks refuse."""
-    from vae_experiments.config_checks import check_config, choose_likelihood
+    (``???``) not given, an interpolation that does not resolve, a value our checks or a
+    constructor refuse; the cheap checks first, so that their mistakes need no torch."""
+    from vae_experiments.config_checks import (
+        check_by_building,
+        check_config,
+        check_values,
+        choose_likelihood,
+    )
 
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_values(cfg)  # imports nothing: a mistake here fails before torch is imported
     choose_likelihood(cfg)  # model/likelihood=auto: the one the data call for
-    check_config(cfg, lightning=False)  # seconds sooner: Lightning is not imported yet
+    # Seconds sooner than training: Lightning is not imported yet.
+    check_config(cfg, lightning=False)
+    check_by_building(cfg)
 
 
 def _resume_value(argv: Sequence[str]) -> str | None:

@@ -126,10 +126,11 @@ def sample_latents(
             samples = model.sample(n, generator=generator)
         else:
             samples = model.decode(densities[density].sample(n, generator=generator))
-    per_row = math.ceil(math.sqrt(n))
+    rows = list(samples.split(math.ceil(math.sqrt(n))))
+    labels = [f"{density} samples"] + [""] * (len(rows) - 1)  # what the grid is, once
     paths = {
         "samples": save_grid(
-            image_grid(list(samples.split(per_row))), out_dir / f"samples_{density}.png"
+            image_grid(rows, row_labels=labels), out_dir / f"samples_{density}.png"
         )
     }
     dims = None if traversal_dims is None else list(range(min(traversal_dims, model.latent_dim)))

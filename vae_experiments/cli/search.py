@@ -65,12 +65,15 @@ from omegaconf import DictConfig, OmegaConf
 from vae_experiments.cli import run_dirs
 from vae_experiments.runs import layout, lock
 from vae_experiments.runs.files import read_metrics, read_status
-from vae_experiments.runs.layout import SEARCH_FILE
+from vae_experiments.runs.layout import SEARCH_FILE, metric_direction
 from vae_experiments.targets import ConfigError
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = ("minimize", "maximize")
+#: ``hydra.sweeper.direction``: ``auto`` follows the metric (maximise ``val/elbo``, minimise
+#: ``val/loss``: :func:`~vae_experiments.runs.layout.metric_direction`).
+AUTO = "auto"
+DIRECTIONS = (AUTO, "minimize", "maximize")
 SAMPLERS = ("tpe", "random")
 #: The command-line argument that makes a sweep a search (configs/hydra/sweeper/optuna.yaml).
 SEARCH_ARGUMENT = "hydra/sweeper=optuna"
@@ -132,6 +135,71 @@ def _check_interval(key: str, typed: str, value: IntervalSweep) -> None:
         raise ConfigError(
             key, typed, f"a log scale needs a low end above 0 (it has {low:g}); {fix}"
         )
+
+
+#: Searched keys that change what ``loss`` measures, not only how good a model is: beta weights
+#: the KL term in it, and with k > 1 it is minus the k-sample bound, which grows with k.
+LOSS_CHANGING_KEYS = ("model.beta", "model.k")
+
+
+def objective(metric: str | None, direction: str, searched: Sequence[str]) -> tuple[str, list[str]]:
+    """The direction in which a search optimises ``metric`` (``optimized_metric``), and
+    warnings about choosing trials by it.
+
+    Args:
+        metric: ``optimized_metric``; None for train.yaml's default, ``val/loss``.
+        direction: ``hydra.sweeper.direction``: ``auto`` (the metric's own), or ``minimize`` /
+            ``maximize``.
+        searched: the searched keys (``model.beta``).
+
+    Returns:
+        (``minimize`` or ``maximize``, the warnings to log).
+
+    Raises:
+        ConfigError: for a direction against the metric's (``minimize`` of ``val/elbo``).
+    """
+    metric = metric or "val/loss"
+    term = metric.rpartition("/")[2]
+    own = metric_direction(metric)
+    warnings = []
+    if direction == AUTO:
+        direction = own or "minimize"
+        if own is None:
+            warnings.append(
+                f"which way optimized_metric={metric} is better is not known here: the search "
+                "minimises it; set hydra.sweeper.direction=maximize if higher is better"
+            )
+    elif own is not None and direction != own:
+        better = "higher" if own == "maximize" else "lower"
+        raise ConfigError(
+            "hydra.sweeper.direction",
+            direction,
+            f"{metric} is better {better}: use {own}, or leave hydra.sweeper.direction out "
+            "(auto follows the metric)",
+        )
+    if metric.startswith("test/"):
+        warnings.append(
+            f"optimized_metric={metric} chooses trials on the test split: the best trial's "
+            f"{metric} is then tuned to the test images and overstates how the model does on "
+            f"new ones. Search on a validation metric (optimized_metric=val/{term}) and report "
+            f"the chosen run's {metric}"
+        )
+    changing = [key for key in searched if key in LOSS_CHANGING_KEYS]
+    if term == "loss" and changing:
+        warnings.append(
+            f"optimized_metric={metric} changes with the searched {' and '.join(changing)} "
+            "itself (model.beta weights the KL term in the loss; with model.k > 1 it is minus "
+            "the k-sample bound), so the search favours the values that make the number small, "
+            "not the best model. Search on val/elbo (maximised), the same ELBO whatever their "
+            "values"
+        )
+    return direction, warnings
+
+
+def searched_keys(arguments: Sequence[str]) -> list[str]:
+    """The keys that the command line searches (``model.beta=interval(0.5,8)``), in order."""
+    overrides = OverridesParser.create().parse_overrides(list(arguments))
+    return [o.get_key_element() for o in overrides if o.is_sweep_override()]
 
 
 def distribution(override: Override) -> Any:
@@ -251,7 +319,8 @@ class OptunaSearch:
     ``error:`` line rather than Hydra's report of a constructor that failed.
 
     Args:
-        direction: ``minimize`` or ``maximize`` the task's return value (``optimized_metric``).
+        direction: ``minimize`` or ``maximize`` the task's return value (``optimized_metric``);
+            ``auto``: the metric's own direction (:func:`objective`).
         n_trials: trials in all, counting those a stored study already ran (interrupted ones
             do not count: they run again).
         n_jobs: trials launched at once (through ``hydra/launcher``).
@@ -263,7 +332,7 @@ class OptunaSearch:
 
     def __init__(
         self,
-        direction: str = "minimize",
+        direction: str = AUTO,
         n_trials: int = 20,
         n_jobs: int = 1,
         storage: str | None = None,
@@ -287,7 +356,7 @@ class OptunaSearch:
     def _check_settings(self) -> None:
         if self.direction not in DIRECTIONS:
             raise ConfigError(
-                "hydra.sweeper.direction", self.direction, "must be minimize or maximize"
+                "hydra.sweeper.direction", self.direction, "must be auto, minimize or maximize"
             )
         if self.sampler not in SAMPLERS:
             raise ConfigError("hydra.sweeper.sampler", self.sampler, f"must be one of {SAMPLERS}")
@@ -401,6 +470,10 @@ class OptunaSearch:
                 "interval(a,b), choice(a,b,...) or range(a,b,step), e.g. "
                 "'model.beta=interval(0.5,8)'"
             )
+        metric = self.config.get("optimized_metric")
+        self.direction, warnings = objective(metric, self.direction, searched_keys(arguments))
+        for warning in warnings:
+            log.warning(warning)
         sweep = self.config.hydra.sweep
         if not OmegaConf.is_interpolation(sweep, "dir"):  # given: checked before the storage
             self._check_sweep_dir(Path(str(sweep.dir)))  # is opened (it may make a database)

@@ -201,6 +201,24 @@ def record_interruption(run_dir: Path, stop: RunInterrupted) -> None:
     log.warning("%s. %s with: %s", stop, then, command)
 
 
+def parallel_jobs() -> int:
+    """Jobs that this sweep's launcher runs at once on this machine, sharing its CPUs:
+    ``hydra/launcher=joblib``'s ``n_jobs`` (-1: one per CPU, as joblib counts); 1 for a single
+    run, the default launcher (one job after another), and cluster launchers (each job gets its
+    own CPUs, which its affinity shows)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return 1
+    launcher = hydra_cfg.get("launcher") or {}
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    n_jobs = launcher.get("n_jobs", -1)
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return 1
+    cpus = os.cpu_count() or 1
+    return max(1, n_jobs if n_jobs > 0 else cpus + 1 + n_jobs)  # joblib: -1 all, -2 all but one
+
+
 @suggest_keys_on_failure(CONFIG_DIR, "train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @run_dirs.owns_run_dir
@@ -242,7 +260,7 @@ def _main(cfg: DictConfig) -> float | None:
         write_status(run_dir, RUNNING, pid=os.getpid(), **details)
     try:
         with ddp_sweep_job(cfg.trainer):
-            metrics = train(cfg, run_dir, ckpt_path=ckpt_path)
+            metrics = train(cfg, run_dir, ckpt_path=ckpt_path, parallel_jobs=parallel_jobs())
     except RunInterrupted as stop:
         if record:
             record_interruption(run_dir, stop)

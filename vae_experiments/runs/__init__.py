@@ -1,8 +1,14 @@
 """The run directory, and nothing else owns it: its layout (file names, status words, which
 checkpoint), reading and writing its files, loading a run back, and the records that sweep
-reports read. Plain torch and OmegaConf: importing it imports neither Lightning nor Hydra."""
+reports read. Plain torch and OmegaConf: importing it imports neither Lightning nor Hydra, and
+torch only when a name that needs it is first used (:data:`_NEEDS_TORCH`), so that a command's
+start-up (``--help``, a config mistake) stays fast."""
 
-from vae_experiments.data import iterate_split, load_split
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from vae_experiments.runs.files import (
     DiskFullError,
     after_earlier_event_files,
@@ -43,7 +49,6 @@ from vae_experiments.runs.layout import (
     run_dir_of,
     tensorboard_dir,
 )
-from vae_experiments.runs.load import build_model, load_data, load_run
 from vae_experiments.runs.lock import RunLock, RunLocked
 from vae_experiments.runs.records import RunRecord, collect_runs, read_run
 
@@ -95,3 +100,18 @@ __all__ = [
     "write_json_atomic",
     "write_status",
 ]
+
+#: Names that import torch (and the data sources) when first used: name -> its module.
+_NEEDS_TORCH = {
+    "iterate_split": "vae_experiments.data",
+    "load_split": "vae_experiments.data",
+    "build_model": "vae_experiments.runs.load",
+    "load_data": "vae_experiments.runs.load",
+    "load_run": "vae_experiments.runs.load",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NEEDS_TORCH:
+        return getattr(importlib.import_module(_NEEDS_TORCH[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

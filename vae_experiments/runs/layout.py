@@ -49,6 +49,21 @@ EVENT_FILE_GLOB = "events.out.tfevents.*"
 #: Where runs made before the events moved into the run directory itself kept them.
 OLD_TENSORBOARD_DIR = "tensorboard"
 
+#: Terms of ``metrics.json`` (after their ``val/`` or ``test/``) that are better higher, and those
+#: better lower: what a search maximises or minimises (:func:`metric_direction`).
+HIGHER_IS_BETTER = ("elbo", "iwae_bound", "log_px", "active_units")
+LOWER_IS_BETTER = ("loss", "recon", "kl", "recon_mse", "bpd", "posterior_gap", "bound_gap")
+
+
+def metric_direction(metric: str) -> str | None:
+    """``maximize`` for a metric that is better higher (``val/elbo``), ``minimize`` for one that
+    is better lower (``val/loss``), None for a name not listed above."""
+    term = metric.rpartition("/")[2]
+    if term in HIGHER_IS_BETTER:
+        return "maximize"
+    return "minimize" if term in LOWER_IS_BETTER else None
+
+
 #: Checkpoint names in ``checkpoints/``: ``best`` (lowest validation loss) and ``last``.
 BEST, LAST = "best", "last"
 CHECKPOINT_CHOICES = (BEST, LAST)

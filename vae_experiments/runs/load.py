@@ -77,7 +77,9 @@ def load_run(
         map_location: device to load the weights to.
 
     Returns:
-        The model in eval mode and the run's config (``config.yaml``).
+        The model in eval mode, its parameters frozen (``requires_grad=False``: what it returns,
+        ``loss`` terms included, are plain tensors, as in a notebook one wants them;
+        ``model.requires_grad_(True)`` to train it on), and the run's config (``config.yaml``).
 
     Raises:
         FileNotFoundError: ``run`` is no run directory or has no such checkpoint.
@@ -90,7 +92,9 @@ def load_run(
     model = build_model(cfg)
     state = read_checkpoint(ckpt_path, map_location)
     model.load_state_dict(model_state(state))
-    return model.to(map_location).eval(), cfg
+    # Frozen: torch warns when a tensor that requires grad is turned into a number (float(),
+    # .item()), and refuses .numpy() of it; a loaded run is for looking at.
+    return model.to(map_location).eval().requires_grad_(False), cfg
 
 
 def load_data(cfg: DictConfig, **overrides: Any) -> ImageData:

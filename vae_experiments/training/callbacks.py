@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 
 class ImageGrids(pl.Callback):
     """After every validation epoch (global rank 0 only): originals over reconstructions, and for
-    models with a prior, samples. Logged to TensorBoard and saved as PNG in ``output_dir``.
+    models with a prior, samples, each row labelled with what it is (``input``,
+    ``reconstruction``, ``prior sample``). Logged to TensorBoard and saved as PNG in
+    ``output_dir``.
 
     The same validation images and the same latent draws are used every epoch, so the grids show
     how the model changes.
@@ -45,11 +48,18 @@ class ImageGrids(pl.Callback):
             return
         model = pl_module.model
         with torch.no_grad():
-            grids = {"reconstructions": image_grid([self._images, model.reconstruct(self._images)])}
+            recon = model.reconstruct(self._images)
+            grids = {
+                "reconstructions": image_grid(
+                    [self._images, recon], row_labels=["input", "reconstruction"]
+                )
+            }
             if model.has_prior:
                 generator = torch.Generator(device=self._images.device).manual_seed(0)
                 samples = model.sample(self._images.shape[0] * 2, generator=generator)
-                grids["samples"] = image_grid(list(samples.chunk(2)))
+                grids["samples"] = image_grid(
+                    list(samples.chunk(2)), row_labels=["prior sample", "prior sample"]
+                )
         for name, grid in grids.items():
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
@@ -195,6 +205,15 @@ class RunCheckpoint(ModelCheckpoint):
         # look-ups, every step.
         if self._saves_within_epochs:
             super().on_train_batch_end(trainer, pl_module, *args)
+
+
+def shows_progress_bars() -> bool:
+    """Whether a progress bar can be seen where this process writes: a terminal, or a Jupyter
+    notebook. In a log file or a pipe (a cluster job, a sweep's worker, ``> train.log``) every
+    refresh of a bar stays as text, hundreds of lines per run; the per-epoch lines
+    (:class:`EpochLog`) say the same there."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -13,12 +12,16 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import (
+    build_lr_scheduler,
     check_config,
+    check_optimizer,
     choose_likelihood,
     cpu_processes,
     trains_until_stopped,
 )
 from vae_experiments.cpu_memory import reuse_freed_cpu_memory
+from vae_experiments.cpu_threads import AUTO as AUTO_THREADS
+from vae_experiments.cpu_threads import use_threads
 from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.runs import (
     BEST,
@@ -32,7 +35,7 @@ from vae_experiments.runs import (
     save_config,
     write_json_atomic,
 )
-from vae_experiments.targets import instantiate, to_container
+from vae_experiments.targets import instantiate
 from vae_experiments.training.callbacks import (
     EpochLog,
     EpochTimer,
@@ -40,12 +43,13 @@ from vae_experiments.training.callbacks import (
     LastValidation,
     RunCheckpoint,
     StepProgressBar,
+    shows_progress_bars,
 )
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
-from vae_experiments.training.module import LitModel, OptimizerFactory
+from vae_experiments.training.module import LitModel
 from vae_experiments.training.step_groups import steps_per_group, ungrouped_because
 from vae_experiments.training.trackers import build_loggers, report_run
 
@@ -53,26 +57,6 @@ log = logging.getLogger(__name__)
 
 #: Prefix of metrics.json keys that describe the run before it was resumed.
 STALE_PREFIX = "stale/"
-
-
-def build_lr_scheduler(cfg: DictConfig | None) -> dict[str, Any] | None:
-    """The ``scheduler=`` group as Lightning's lr-scheduler dict, its ``scheduler`` a partial
-    taking the optimizer; None for ``scheduler=none``."""
-    if not cfg or cfg.get("scheduler") is None:
-        return None
-    config = dict(to_container(cfg))
-    config["scheduler"] = instantiate(cfg.scheduler, key="scheduler.scheduler")
-    return config
-
-
-def check_optimizer(
-    model: torch.nn.Module, optimizer: OptimizerFactory, lr_scheduler: dict[str, Any] | None
-) -> None:
-    """Builds the optimizer (and scheduler) once on the model's parameters and drops them, so
-    that a value torch refuses (``optimizer.lr=-1``) fails before any data is read."""
-    trial = optimizer(model.parameters())
-    if lr_scheduler is not None:
-        lr_scheduler["scheduler"](trial)
 
 
 def stale_analysis_metrics(run_dir: Path, metrics: dict[str, float]) -> dict[str, float]:
@@ -102,7 +86,10 @@ def stale_analysis_metrics(run_dir: Path, metrics: dict[str, float]) -> dict[str
 
 @quiet_lightning_noise()  # Lightning's warnings that say nothing to our users, during the run only
 def train(
-    cfg: DictConfig, run_dir: str | Path, ckpt_path: str | Path | None = None
+    cfg: DictConfig,
+    run_dir: str | Path,
+    ckpt_path: str | Path | None = None,
+    parallel_jobs: int = 1,
 ) -> dict[str, float]:
     """Trains ``cfg.model`` on ``cfg.data``, tests the chosen checkpoint, writes ``metrics.json``.
 
@@ -111,6 +98,8 @@ def train(
         run_dir: the run's own directory; checkpoints, logs, images and metrics go there.
         ckpt_path: a checkpoint to continue training from (model, optimizer, scheduler, loop
             position within the epoch and random number generators).
+        parallel_jobs: jobs that a launcher runs at once on this machine, sharing its CPUs
+            (``threads=auto`` gives each its share).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -136,6 +125,8 @@ def train(
             "a checkpoint and stops; resume= continues it)"
         )
     reuse_freed_cpu_memory()  # large CPU batches (full-batch L-BFGS) at half the cost
+    # DDP on the CPU (gloo) starts `processes` of this run, each taking its share too.
+    use_threads(cfg.get("threads", AUTO_THREADS), parallel_jobs * (processes or 1))
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
@@ -213,10 +204,12 @@ def train(
                 latent_cfg.num_samples, latent_cfg.components, run_dir / "images", seed=cfg.seed
             )
         )
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
-    loggers = build_loggers(cfg, run_dir)
     trainer_options = {}
+    if cfg.trainer.get("enable_progress_bar", True) and shows_progress_bars():
+        callbacks.append(StepProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
+    else:
+        trainer_options["enable_progress_bar"] = False
+    loggers = build_loggers(cfg, run_dir)
     if cfg.trainer.get("benchmark", "unset") is None:
         trainer_options["benchmark"] = not cfg.trainer.get("deterministic", False)
     trainer: pl.Trainer = instantiate(
