@@ -269,6 +269,14 @@ def test_the_inception_fid_says_what_is_missing(tmp_path, monkeypatch):
         ValueError, match=f"no such file; put torch-fidelity's {INCEPTION_WEIGHTS_NAME}"
     ):
         check_inception(tmp_path / "missing.pth")
+    # torch-fidelity unpickles the file fully: only plain tensors get that far.
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"conv.weight": torch.zeros(1), "extra": {"a": 1}}, pickled)
+    with pytest.raises(ValueError, match="no plain state dict of tensors"):
+        check_inception(pickled)
+    plain = tmp_path / INCEPTION_WEIGHTS_NAME
+    torch.save({"conv.weight": torch.zeros(1)}, plain)
+    assert check_inception(plain) == plain
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ Plain PyTorch::
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -162,7 +163,8 @@ def sample_quality(real: Tensor, fake: Tensor, k: int = 3) -> dict[str, float]:
 
 def check_inception(weights: str | Path) -> Path:
     """Checks what the Inception FID needs, before any long work: torch-fidelity importable and
-    the weights file present (never downloaded).
+    the weights file present (never downloaded), a state dict of tensors that loads with
+    ``weights_only=True``.
 
     Raises:
         ValueError: naming what to install or where to put the file.
@@ -179,6 +181,23 @@ def check_inception(weights: str | Path) -> Path:
             f"{INCEPTION_WEIGHTS_NAME} (the Inception-v3 weights FID papers use, from "
             "torch-fidelity's GitHub releases) there. Nothing is downloaded"
         )
+    # torch-fidelity unpickles the file with weights_only=False: let it see only a file that
+    # loads as plain tensors with weights_only=True, so no code in it can run.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ValueError("it holds more than a dict of tensors")
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"quality.inception_weights={weights} holds Python objects besides tensors, which "
+            f"are not loaded; use torch-fidelity's {INCEPTION_WEIGHTS_NAME}"
+        ) from None
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"quality.inception_weights={weights} is no plain state dict of tensors that loads "
+            f"with weights_only=True ({reason}); use torch-fidelity's {INCEPTION_WEIGHTS_NAME}"
+        ) from None
     return path
 
 
