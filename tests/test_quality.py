@@ -354,3 +354,35 @@ def test_evaluate_refuses_a_corrupt_classifier_file_by_name(trained_runs, tmp_pa
     assert "Traceback" not in done.stderr
     assert list((run / "analysis").glob("*")) == []  # no call folder left behind
     assert (run / "metrics.json").read_bytes() == metrics_before
+
+
+def on_unlabelled_data(run):
+    """The run's config pointed at synthetic images of the same shape: all labels 0."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.data.source = {
+        "_target_": "vae_experiments.data.Synthetic",
+        "image_shape": [1, 8, 8],
+        "num_train": 100,
+        "num_val": 20,
+        "num_test": 40,
+    }
+    OmegaConf.save(cfg, run / "config.yaml")
+    return run
+
+
+def test_unlabelled_data_has_no_sample_quality(trained_runs, tmp_path, caplog):
+    from vae_experiments.cli.evaluate import UsageError, evaluate
+
+    vae = on_unlabelled_data(shutil.copytree(trained_runs("vae"), tmp_path / "vae"))
+    with caplog.at_level("WARNING"):
+        record = evaluate(compose_evaluate([f"run={vae}", "k=2", "device=cpu"]))
+    assert "no sample quality: the training split has a single label (0)" in caplog.text
+    assert record["sample_quality"] is None  # the likelihood as before
+    assert "test/log_px" in read_metrics(vae) and "test/fd_classifier" not in read_metrics(vae)
+
+    ae = on_unlabelled_data(shutil.copytree(trained_runs("ae"), tmp_path / "ae"))
+    with pytest.raises(UsageError, match="no sample quality of Autoencoder: .*single label"):
+        evaluate(compose_evaluate([f"run={ae}", "device=cpu"]))
+    assert not (ae / "analysis").exists()  # refused before its folder was claimed

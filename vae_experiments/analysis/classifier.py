@@ -59,6 +59,10 @@ class CorruptClassifierError(ValueError):
     """A cached classifier file that does not load; the message names it and the fix."""
 
 
+class UnlabelledDataError(ValueError):
+    """Training images that all have one label: nothing to train a classifier on."""
+
+
 class FeatureClassifier(nn.Module):
     """Two conv blocks (a 3x3 conv, ReLU and a 2x2 max-pool each), a 4x4 adaptive average pool and
     a fully connected layer of ``features`` units: the features; a linear layer to the classes.
@@ -145,12 +149,12 @@ def _check_data(images: Tensor, labels: Tensor, what: str) -> None:
 
 
 def num_classes_of(labels: Tensor) -> int:
-    """Classes of the labels 0 .. max; raises ``ValueError`` when there is only one (unlabelled
-    data: synthetic images, a folder without subfolders)."""
+    """Classes of the labels 0 .. max; raises :class:`UnlabelledDataError` when there is only
+    one (unlabelled data: synthetic images, CelebA, a folder without subfolders)."""
     if labels.numel() == 0 or int(labels.min()) < 0:
         raise ValueError("labels must be integers >= 0")
     if len(torch.unique(labels)) < 2:
-        raise ValueError(
+        raise UnlabelledDataError(
             f"the training split has a single label ({int(labels[0])}): a classifier needs "
             "labelled data (digits, MNIST, Fashion-MNIST, an image folder with class subfolders)"
         )
@@ -249,7 +253,7 @@ def load_or_train_classifier(
 
     Raises:
         CorruptClassifierError: the cache file exists but does not load (names it).
-        ValueError: the training split has a single label.
+        UnlabelledDataError: the training split has a single label.
     """
     _check_data(train_images, train_labels, "training")
     _check_data(test_images, test_labels, "test")

@@ -222,11 +222,15 @@ def dataset_classifier(quality_data: Any, device: str) -> Any:
         device: where it trains and runs.
 
     Raises:
-        UsageError: unlabelled data, or a cached file that does not load (named).
+        UsageError: a cached file that does not load (named).
+        UnlabelledDataError: the data has a single label.
     """
     import torch
 
-    from vae_experiments.analysis.classifier import load_or_train_classifier
+    from vae_experiments.analysis.classifier import (
+        UnlabelledDataError,
+        load_or_train_classifier,
+    )
     from vae_experiments.data.batches import TensorImages
     from vae_experiments.data.cache import cache_dir_of
     from vae_experiments.runs import load_split
@@ -244,8 +248,10 @@ def dataset_classifier(quality_data: Any, device: str) -> Any:
     cache = cache_dir_of(quality_data.source)
     try:
         classifier = load_or_train_classifier(train_x, train_y, test_x, test_y, cache, name, device)
-    except ValueError as exc:  # unlabelled data, or a corrupt cache file
-        raise UsageError(f"{exc}; quality.samples=0 evaluates without sample quality") from None
+    except UnlabelledDataError:
+        raise
+    except ValueError as exc:  # a corrupt cache file
+        raise UsageError(str(exc)) from None
     log.info(
         "%s classifier: test accuracy %.4f (%s)",
         name,
@@ -381,6 +387,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    from vae_experiments.analysis.classifier import UnlabelledDataError
     from vae_experiments.analysis.likelihood import check_vae, evaluate_vae
     from vae_experiments.runs import (
         CHECKPOINT_CHOICES,
@@ -435,9 +442,6 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         is_vae = False  # no likelihood: the quality of its samples alone
     if quality is not None:
         sampler_of(model, quality["density"], hasattr(model, "encode"))
-    if out_dir is None:
-        out_dir = analysis_dir(cfg.run, "evaluate", cfg.checkpoint, cfg.split, f"k{k}")
-    out_dir = Path(out_dir)
     datamodule = load_data(run_cfg)
     batch_size = int(cfg.eval.batch_size or datamodule.batch_size)
     num_images = len(datamodule.splits[cfg.split])
@@ -455,7 +459,17 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
                 f"the {cfg.split} split has {n} images: precision and recall with quality.k="
                 f"{quality['k']} need at least {quality['k'] + 1}"
             )
-        classifier = dataset_classifier(quality_data, device)
+        try:
+            classifier = dataset_classifier(quality_data, device)
+        except UnlabelledDataError as exc:
+            if not is_vae:
+                raise UsageError(f"no sample quality of {type(model).__name__}: {exc}") from None
+            # What worked before sample quality existed still does: the likelihood alone.
+            log.warning("no sample quality: %s; quality.samples=0 skips this warning", exc)
+            quality = None
+    if out_dir is None:  # claimed once every check has passed
+        out_dir = analysis_dir(cfg.run, "evaluate", cfg.checkpoint, cfg.split, f"k{k}")
+    out_dir = Path(out_dir)
 
     results: dict[str, Any] = {}
     seconds = 0.0
