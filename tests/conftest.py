@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,23 @@ def compose_config(overrides: list[str] = ()) -> DictConfig:
         cfg = compose(config_name="train", overrides=list(overrides))
     choose_likelihood(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """One cache folder for the session ($VAE_CACHE_DIR, subprocesses included): tests never
+    write into the user's ~/.cache, and the digits classifier of the sample-quality numbers is
+    trained once per session."""
+    import os
+
+    folder = tmp_path_factory.mktemp("cache")
+    before = os.environ.get("VAE_CACHE_DIR")
+    os.environ["VAE_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("VAE_CACHE_DIR", None)
+    else:
+        os.environ["VAE_CACHE_DIR"] = before
 
 
 @pytest.fixture

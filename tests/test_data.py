@@ -736,15 +736,23 @@ def test_decoded_image_cache_defaults_to_the_user_cache_folder(monkeypatch, tmp_
     monkeypatch.delenv("VAE_CACHE_DIR", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert (
-        targets.instantiate(cfg.data).source.cache_dir == tmp_path / "home/.cache/vae-experiments"
-    )
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert targets.instantiate(cfg.data).source.cache_dir == tmp_path / "xdg/vae-experiments"
-    monkeypatch.setenv("VAE_CACHE_DIR", str(tmp_path / "mine"))
-    assert targets.instantiate(cfg.data).source.cache_dir == tmp_path / "mine"
+    # default_cache_dir(), for sources without a cache_dir (the sample-quality classifier of
+    # digits), follows the same rule as the YAML's default.
+    from vae_experiments.data.cache import cache_dir_of, default_cache_dir
+
+    for env, expected in [
+        ({}, "home/.cache/vae-experiments"),
+        ({"XDG_CACHE_HOME": "xdg"}, "xdg/vae-experiments"),
+        ({"VAE_CACHE_DIR": "mine"}, "mine"),
+    ]:
+        for key, value in env.items():
+            monkeypatch.setenv(key, str(tmp_path / value))
+        source = targets.instantiate(cfg.data).source
+        assert source.cache_dir == tmp_path / expected == default_cache_dir()
+        assert cache_dir_of(source) == source.cache_dir
     cfg.data.source.cache_dir = str(tmp_path / "given")
     assert targets.instantiate(cfg.data).source.cache_dir == tmp_path / "given"
+    assert cache_dir_of(targets.instantiate(cfg.data).source) == tmp_path / "given"
 
 
 def test_synthetic_images_are_smooth_seeded_and_shaped():

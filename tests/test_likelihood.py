@@ -348,6 +348,9 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "log p(x), IWAE k=50" in done.stdout
     assert "posterior gap" in done.stdout and "log p(x) - L_j, j samples" in done.stdout
+    # And the quality of its samples (tests/test_quality.py), against the 359 test digits.
+    assert "Sample quality: 359 samples (prior) against 359 test images" in done.stdout
+    assert "a digits classifier (test accuracy 0.9" in done.stdout
     # A second evaluation (what main() runs, in process), with settings that name the same
     # folder: every file of the first stays as it was, and metrics.json holds the latest.
     from hydra import compose, initialize_config_dir
@@ -358,6 +361,7 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     first, metrics_first = snapshot(run / "analysis"), read_metrics(run)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         overrides = [f"run={run}", "k=50", "seed=1", "device=cpu", "max_images=100"]
+        overrides.append("quality.samples=0")  # the likelihood alone
         cfg = compose("evaluate", overrides=overrides)
     second = evaluate(cfg)  # the first 100 images
     after = snapshot(run / "analysis")
@@ -376,10 +380,15 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     added = {
         *("test/log_px", "test/log_px_k", "test/log_px_images", "test/bpd", "test/active_units"),
         *("test/posterior_gap", "test/bound_gap"),
+        *("test/fd_classifier", "test/sample_precision", "test/sample_recall"),
+        "test/quality_samples",
     }
     assert set(metrics) == set(metrics_before) | added
     assert metrics["test/log_px_k"] == 50
     assert metrics["test/log_px"] < 0 and metrics["test/bpd"] > 0
+    assert metrics["test/fd_classifier"] > 0 and metrics["test/quality_samples"] == 359
+    assert 0 <= metrics["test/sample_precision"] <= 1 and 0 <= metrics["test/sample_recall"] <= 1
+    assert read_metrics(run)["test/fd_classifier"] == metrics["test/fd_classifier"]  # kept
     out = outputs_of(done)  # this call's own folder, named after what made it
     assert out == run / "analysis" / "evaluate-best-test-k50"
     record = json.loads((out / "evaluate_test.json").read_text())

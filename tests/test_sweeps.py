@@ -504,3 +504,49 @@ def test_a_grids_values_label_their_ticks(sweep):
     (axes,) = plot_summary(summary_table(collect_runs(sweep)), metric="test/loss").axes
     assert [t.get_text() for t in axes.get_xticklabels()] == ["2", "4", "10", "32"]
     assert {line.get_linestyle() for line in axes.get_lines()} == {"-"}
+
+
+def quality_metrics(fd: float, precision: float, recall: float) -> dict:
+    return {
+        "test/fd_classifier": fd,
+        "test/sample_precision": precision,
+        "test/sample_recall": recall,
+        "test/quality_samples": 359,
+    }
+
+
+def test_generation_table_compares_models_across_directories(tmp_path, capsys):
+    make_run(
+        tmp_path / "a" / "vae", ["model=vae"], vae_metrics(20.0, **quality_metrics(50, 0.6, 0.5))
+    )
+    ae = {
+        "test/loss": 1.5,
+        "test/recon": 1.5,
+        "test/recon_mse": 1.5,
+        **quality_metrics(20, 0.9, 0.8),
+    }
+    make_run(tmp_path / "b" / "ae", ["model=ae"], ae)
+    make_run(tmp_path / "b" / "ae_2", ["model=ae"], {"test/loss": 2.0, "test/recon": 2.0})
+    report = tmp_path / "report"
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--generation", "--no-plot"]
+    assert main([*argv, "--out", str(report)]) == 0
+    out = capsys.readouterr().out
+    header = (
+        "| run | model | test/fd_classifier | test/sample_precision | test/sample_recall | "
+        "test/quality_samples | test/elbo | test/recon | test/recon_mse |"
+    )
+    assert header in out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")][2:]
+    assert rows == ["| b/ae", "| a/vae", "| b/ae_2"]  # best distance first; not measured: last
+    assert "sorted by test/fd_classifier, ascending" in (report / "summary.md").read_text()
+
+    with pytest.raises(SystemExit) as exit_info:  # several directories: where does it go?
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "name the folder for the summary with --out DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # nothing measured yet
+        main([str(tmp_path / "b" / "ae_2"), "--generation"])
+    assert exit_info.value.code == 2
+    assert "no run has test/fd_classifier: measure each run's samples first with" in (
+        capsys.readouterr().err
+    )

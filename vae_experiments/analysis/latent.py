@@ -305,6 +305,31 @@ def fit_density(kind: str, codes: Tensor, components: int = 10, seed: int = 0) -
     raise ValueError(f"unknown density {kind!r}; choose one of: {', '.join(DENSITIES)}")
 
 
+class DecodedDensity:
+    """A generator made of a model's decoder and a density over its codes: how an autoencoder
+    (which has no prior) samples. A :class:`~vae_experiments.analysis.quality.Sampler`.
+
+    Args:
+        model: any :class:`LatentModel`; decoded in eval mode (its mode is restored after).
+        density: a fitted :class:`LatentDensity` over the model's codes (:func:`fit_density`).
+    """
+
+    def __init__(self, model: LatentModel, density: LatentDensity):
+        self.model = model
+        self.density = density
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Decodes n draws of the density: images (n, C, H, W) on the model's device."""
+        z = self.density.sample(n, generator=generator).to(self.model.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model.decode(z.to(next(self.model.parameters()).dtype))
+        finally:
+            self.model.train(was_training)
+
+
 def heldout_log_likelihood(density: LatentDensity, codes: Tensor) -> float:
     """Mean log-density of codes (N, D) not used for fitting, in nats per code."""
     _check_codes(codes, 1, "heldout_log_likelihood")

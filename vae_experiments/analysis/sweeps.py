@@ -48,6 +48,7 @@ __all__ = [
     "SummaryTable",
     "collect_runs",
     "find_run_dirs",
+    "generation_metrics",
     "parse_override",
     "parse_value",
     "plot_search",
@@ -326,6 +327,37 @@ def run_unit(record: RunRecord, metric: str) -> str:
     """The unit ``metric`` is in for ``record``'s run (:func:`~vae_experiments.units.metric_unit`
     of its likelihood); ``""`` for a metric with one meaning in every run."""
     return metric_unit(metric, likelihood_unit(record.setting(LIKELIHOOD_KEY)))
+
+
+#: The columns of a comparison of generators (``summarize.py --generation``), in this order:
+#: the sample quality that ``scripts/evaluate.py`` writes, then the likelihood or reconstruction
+#: terms of whichever runs have them (an AE has no ELBO; every model has a ``recon``).
+GENERATION_METRICS = (
+    "test/fd_classifier",
+    "test/sample_precision",
+    "test/sample_recall",
+    "test/fid_inception",
+    "test/quality_samples",
+    "test/log_px",
+    "test/elbo",
+    "test/recon",
+    "test/recon_mse",
+)
+
+
+def generation_metrics(records: Sequence[RunRecord]) -> list[str]:
+    """The :data:`GENERATION_METRICS` that some run has, in that order.
+
+    Raises:
+        ValueError: no run has ``test/fd_classifier`` (none was evaluated), saying what to run.
+    """
+    available = {key for record in records for key in record.metrics}
+    if GENERATION_METRICS[0] not in available:
+        raise ValueError(
+            f"no run has {GENERATION_METRICS[0]}: measure each run's samples first with "
+            "python scripts/evaluate.py run=<run dir>"
+        )
+    return [key for key in GENERATION_METRICS if key in available]
 
 
 # --------------------------------------------------------------------------------------------

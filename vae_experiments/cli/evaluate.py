@@ -1,4 +1,5 @@
-"""``python scripts/evaluate.py run=<run dir or .ckpt>``: likelihood evaluation of a trained VAE.
+"""``python scripts/evaluate.py run=<run dir or .ckpt>``: likelihood evaluation of a trained VAE,
+and the quality of any model's samples.
 
 Computes the IWAE estimate of log p(x) with ``k`` samples, the ELBO from the same samples, the
 posterior gap log p(x) - ELBO, the bounds L_j for smaller j, KL, the reconstruction term, bits
@@ -9,7 +10,13 @@ merges ``{split}/log_px``, ``{split}/log_px_k``, ``{split}/log_px_images``,
 ``{split}/posterior_gap``, ``{split}/bound_gap``, ``{split}/bpd`` (a likelihood only) and
 ``{split}/active_units`` into the run's ``metrics.json`` and TensorBoard (the run's summary: the
 latest evaluation of a split wins there; in TensorBoard ``{split}/log_px`` carries the
-likelihood's unit, ``test/log_px [discretized_logistic]``, as training's terms do), and writes the whole evaluation, with the checkpoint
+likelihood's unit, ``test/log_px [discretized_logistic]``, as training's terms do). For every model
+that samples (a VAE from its prior, an autoencoder through a density fitted to its codes, as
+``scripts/sample.py`` fits it), it also measures ``quality.samples`` samples against as many of
+the split's images in the features of a classifier of the dataset
+(:mod:`vae_experiments.analysis.quality`): ``{split}/fd_classifier``, ``{split}/sample_precision``,
+``{split}/sample_recall`` and ``{split}/quality_samples`` (and ``{split}/fid_inception`` with
+``quality.inception_weights``). It writes the whole evaluation, with the checkpoint
 and ``k`` that made it, into a new folder for this call,
 ``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``, ... when that name is
 taken: an earlier evaluation's files are never replaced)::
@@ -54,6 +61,17 @@ METRIC_KEYS = (
     "bpd",
     "active_units",
 )
+#: metrics.json / TensorBoard keys of the sample quality, after the split name, and the key of
+#: :func:`~vae_experiments.analysis.quality.measure_samples`'s result each holds.
+QUALITY_KEYS = {
+    "fd_classifier": "fd_classifier",
+    "sample_precision": "precision",
+    "sample_recall": "recall",
+    "quality_samples": "num_samples",
+    "fid_inception": "fid_inception",
+}
+#: What quality.density may be: the model's own prior, or a density fitted to its codes.
+QUALITY_DENSITIES = ("auto", "prior", "gmm", "diag_gaussian")
 #: Defaults of eval.max_batch_elems (see configs/evaluate.yaml): small chunks stay in a CPU's
 #: cache; a GPU wants large calls.
 CPU_MAX_BATCH_ELEMS = 2**22
@@ -131,6 +149,231 @@ def format_table(
     return f"{table}\n  {flag}log p(x) is {results['log_px_note']}"
 
 
+def quality_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``quality:`` settings checked, or None when ``quality.samples=0`` turns it off.
+
+    Raises:
+        UsageError: a bad value, naming its key and what it may be.
+    """
+    quality = cfg.get("quality")
+    if quality is None:
+        return None
+    samples = quality.get("samples")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise UsageError(
+            f"quality.samples must be an integer >= 0 (0: no sample quality), got "
+            f"quality.samples={samples}"
+        )
+    if samples == 0:
+        return None
+    if quality.density not in QUALITY_DENSITIES:
+        raise UsageError(
+            f"quality.density must be one of {', '.join(QUALITY_DENSITIES)}, got "
+            f"quality.density={quality.density}"
+        )
+    for key in ("components", "k", "batch_size"):
+        value = quality.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"quality.{key} must be an integer >= 1, got quality.{key}={value}")
+    weights = quality.get("inception_weights")
+    if weights is not None:
+        from vae_experiments.analysis.quality import check_inception
+
+        try:
+            check_inception(weights)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return {
+        "samples": samples,
+        "density": str(quality.density),
+        "components": int(quality.components),
+        "k": int(quality.k),
+        "batch_size": int(quality.batch_size),
+        "inception_weights": None if weights is None else str(weights),
+    }
+
+
+def sampler_of(model: Any, density: str, has_codes: bool) -> str:
+    """What a model's samples come from under ``quality.density``: ``prior`` (its own
+    ``sample``) or the density to fit to its codes.
+
+    Raises:
+        UsageError: ``prior`` for a model without one, or a density for a model without codes.
+    """
+    has_prior = bool(getattr(model, "has_prior", False))
+    if density == "auto":
+        return "prior" if has_prior else "gmm"
+    if density == "prior" and not has_prior:
+        raise UsageError(
+            f"quality.density=prior: {type(model).__name__} has no prior to sample from; use "
+            "quality.density=gmm or diag_gaussian (a density fitted to its codes) or auto"
+        )
+    if density != "prior" and not has_codes:
+        raise UsageError(
+            f"quality.density={density}: {type(model).__name__} has no code vector to fit a "
+            "density to; use quality.density=prior (or auto)"
+        )
+    return density
+
+
+def dataset_classifier(quality_data: Any, device: str) -> Any:
+    """The dataset's classifier (:func:`~vae_experiments.analysis.classifier.
+    load_or_train_classifier`: trained and cached on first use), before any long work.
+
+    Args:
+        quality_data: the run's data source without binarisation (set up).
+        device: where it trains and runs.
+
+    Raises:
+        UsageError: a cached file that does not load (named).
+        UnlabelledDataError: the data has a single label.
+    """
+    import torch
+
+    from vae_experiments.analysis.classifier import (
+        UnlabelledDataError,
+        load_or_train_classifier,
+    )
+    from vae_experiments.data.batches import TensorImages
+    from vae_experiments.data.cache import cache_dir_of
+    from vae_experiments.runs import load_split
+
+    def uint8_split(name: str):
+        dataset = quality_data.splits[name]
+        if isinstance(dataset, TensorImages):
+            return dataset.images, dataset.labels
+        x, y = load_split(quality_data, name)
+        return x.mul(255).round_().to(torch.uint8), y
+
+    train_x, train_y = uint8_split("train")
+    test_x, test_y = uint8_split("test")
+    name = type(quality_data.source).__name__.lower()
+    cache = cache_dir_of(quality_data.source)
+    try:
+        classifier = load_or_train_classifier(train_x, train_y, test_x, test_y, cache, name, device)
+    except UnlabelledDataError:
+        raise
+    except ValueError as exc:  # a corrupt cache file
+        raise UsageError(str(exc)) from None
+    log.info(
+        "%s classifier: test accuracy %.4f (%s)",
+        name,
+        classifier.test_accuracy,
+        "trained now" if classifier.trained else "cached",
+    )
+    return classifier
+
+
+def measure_run_samples(
+    model: Any,
+    datamodule: Any,
+    quality_data: Any,
+    classifier: Any,
+    settings: dict[str, Any],
+    split: str,
+    seed: int,
+    device: str,
+) -> dict[str, Any]:
+    """The sample quality of a loaded run (see :func:`vae_experiments.analysis.quality.
+    measure_samples`).
+
+    Args:
+        model: the run's model.
+        datamodule: the run's data, as the model was trained on it (codes are fitted to it).
+        quality_data: the same source without binarisation: the held-out images the samples
+            are compared with (and the training images of the reference row).
+        classifier: from :func:`dataset_classifier`.
+        settings: from :func:`quality_settings`.
+        split: the held-out split.
+        seed: seeds the density's EM and the samples.
+        device: where everything runs.
+
+    Returns:
+        The measurements, plus ``sampler``, ``density`` and ``classifier`` (its file, test
+        accuracy, whether this call trained it).
+    """
+    import torch
+
+    from vae_experiments.analysis.latent import DecodedDensity, encode_split, fit_density
+    from vae_experiments.analysis.quality import measure_samples
+    from vae_experiments.runs import iterate_split, load_split
+
+    n = min(settings["samples"], len(quality_data.splits[split]))
+    kind = sampler_of(model, settings["density"], hasattr(model, "encode"))
+    name = classifier.info["dataset"]
+    if kind == "prior":
+        sampler = model
+    else:
+        codes = encode_split(
+            model, iterate_split(datamodule, "train", settings["batch_size"], device)
+        )
+        sampler = DecodedDensity(model, fit_density(kind, codes, settings["components"], seed))
+    real, _ = load_split(quality_data, split, device=device, limit=n)
+    reference, _ = load_split(quality_data, "train", device=device, limit=n)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    result = measure_samples(
+        sampler,
+        classifier.model,
+        real,
+        n,
+        settings["k"],
+        settings["batch_size"],
+        generator,
+        reference=reference,
+        inception_weights=settings["inception_weights"],
+    )
+    density = (
+        "prior"
+        if kind == "prior"
+        else f"{kind}" + (f" ({settings['components']} components)" if kind == "gmm" else "")
+    )
+    return {
+        **result,
+        "sampler": kind,
+        "density": density,
+        "k": settings["k"],
+        "classifier": {
+            "path": str(classifier.path),
+            "dataset": name,
+            "test_accuracy": classifier.test_accuracy,
+            "trained_now": classifier.trained,
+            "features": int(classifier.model.feature_layer[0].out_features),
+        },
+    }
+
+
+def format_quality_table(quality: dict[str, Any], split: str) -> str:
+    """The sample quality as a small text table, with what a perfect generator scores."""
+    classifier = quality["classifier"]
+    k = quality["k"]
+    rows = [
+        ("Fréchet distance", f"{quality['fd_classifier']:.4f}", "in the classifier's features"),
+        (f"precision, k={k}", f"{quality['precision']:.4f}", "samples that look like data"),
+        (f"recall, k={k}", f"{quality['recall']:.4f}", f"{split} images the samples cover"),
+    ]
+    if quality.get("fid_inception") is not None:
+        rows.append(("FID (Inception-v3)", f"{quality['fid_inception']:.3f}", "as papers report"))
+    if quality.get("reference_fd_classifier") is not None:
+        rows.append(
+            (
+                "training images instead",
+                f"{quality['reference_fd_classifier']:.4f}",
+                f"precision {quality['reference_precision']:.4f}, recall "
+                f"{quality['reference_recall']:.4f}: a perfect generator, at this count",
+            )
+        )
+    width = max(len(name) for name, _, _ in rows)
+    table = "\n".join(
+        f"  {name:<{width}}  {value:>10}  {note}".rstrip() for name, value, note in rows
+    )
+    return (
+        f"Sample quality: {quality['num_samples']} samples ({quality['density']}) against "
+        f"{quality['num_real']} {split} images, in the {classifier['features']} features of a "
+        f"{classifier['dataset']} classifier (test accuracy {classifier['test_accuracy']:.4f}; "
+        f"{classifier['path']}); not the Inception FID of papers:\n{table}"
+    )
+
+
 def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Runs the evaluation of ``cfg`` (``configs/evaluate.yaml``) and writes its outputs.
 
@@ -147,6 +390,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    from vae_experiments.analysis.classifier import UnlabelledDataError
     from vae_experiments.analysis.likelihood import check_vae, evaluate_vae
     from vae_experiments.runs import (
         CHECKPOINT_CHOICES,
@@ -189,50 +433,92 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
             f"got max_images={max_images}"
         )
 
+    quality = quality_settings(cfg)
+
     ckpt_path = find_checkpoint(cfg.run, cfg.checkpoint)
     model, run_cfg = load_run(ckpt_path, map_location=device)
     try:
         check_vae(model)
+        is_vae = True
     except ValueError as exc:
-        raise UsageError(f"{exc} (run={cfg.run})") from exc
-    if out_dir is None:
-        out_dir = analysis_dir(cfg.run, "evaluate", cfg.checkpoint, cfg.split, f"k{k}")
-    out_dir = Path(out_dir)
+        if quality is None:
+            raise UsageError(
+                f"{exc} (run={cfg.run}); quality.samples=0 leaves nothing to evaluate"
+            ) from exc
+        is_vae = False  # no likelihood: the quality of its samples alone
+    if quality is not None:
+        sampler_of(model, quality["density"], hasattr(model, "encode"))
     datamodule = load_data(run_cfg)
     batch_size = int(cfg.eval.batch_size or datamodule.batch_size)
     num_images = len(datamodule.splits[cfg.split])
     if max_images is not None:
         num_images = min(num_images, max_images)
-    log.info(
-        "evaluating %s (%s) on the %s split: %d images, k=%d, device %s",
-        run_dir,
-        ckpt_path.name,
-        cfg.split,
-        num_images,
-        k,
-        device,
-    )
+    if quality is not None:
+        # The classifier and the images compared with are the source's own, not binarised; a
+        # corrupt cache or unlabelled data fails here, before the likelihood's long work.
+        quality_data = (
+            datamodule if datamodule.binarize == "none" else load_data(run_cfg, binarize="none")
+        )
+        n = min(quality["samples"], len(quality_data.splits[cfg.split]))
+        if n < quality["k"] + 1:
+            raise UsageError(
+                f"the {cfg.split} split has {n} images: precision and recall with quality.k="
+                f"{quality['k']} need at least {quality['k'] + 1}"
+            )
+        try:
+            classifier = dataset_classifier(quality_data, device)
+        except UnlabelledDataError as exc:
+            if not is_vae:
+                raise UsageError(f"no sample quality of {type(model).__name__}: {exc}") from None
+            # What worked before sample quality existed still does: the likelihood alone.
+            log.warning("no sample quality: %s; quality.samples=0 skips this warning", exc)
+            quality = None
+    if out_dir is None:  # claimed once every check has passed
+        out_dir = analysis_dir(cfg.run, "evaluate", cfg.checkpoint, cfg.split, f"k{k}")
+    out_dir = Path(out_dir)
 
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    start = time.perf_counter()
-    with tqdm(total=num_images, unit="img", desc=f"IWAE k={k}", dynamic_ncols=True) as bar:
+    results: dict[str, Any] = {}
+    seconds = 0.0
+    if is_vae:
+        log.info(
+            "evaluating %s (%s) on the %s split: %d images, k=%d, device %s",
+            run_dir,
+            ckpt_path.name,
+            cfg.split,
+            num_images,
+            k,
+            device,
+        )
+        generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        start = time.perf_counter()
+        with tqdm(total=num_images, unit="img", desc=f"IWAE k={k}", dynamic_ncols=True) as bar:
 
-        def batches():
-            left = num_images  # the split's first num_images images, in order
-            for x, _ in iterate_split(datamodule, cfg.split, batch_size, device):
-                if left <= 0:
-                    break
-                x = x[:left]
-                left -= len(x)
-                yield x
-                bar.update(len(x))  # after the batch was evaluated
+            def batches():
+                left = num_images  # the split's first num_images images, in order
+                for x, _ in iterate_split(datamodule, cfg.split, batch_size, device):
+                    if left <= 0:
+                        break
+                    x = x[:left]
+                    left -= len(x)
+                    yield x
+                    bar.update(len(x))  # after the batch was evaluated
 
-        results = evaluate_vae(model, batches(), k, max_batch_elems, generator)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    results["latent_dims"] = list(model.latent_dims)
-    results["log_px_images"] = results["num_images"]
+            results = evaluate_vae(model, batches(), k, max_batch_elems, generator)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        results["latent_dims"] = list(model.latent_dims)
+        results["log_px_images"] = results["num_images"]
+    else:
+        log.info("%s is no VAE: no likelihood to evaluate, only its samples", type(model).__name__)
+
+    sample_quality = None
+    if quality is not None:
+        start = time.perf_counter()
+        sample_quality = measure_run_samples(
+            model, datamodule, quality_data, classifier, quality, cfg.split, int(cfg.seed), device
+        )
+        sample_quality["seconds"] = round(time.perf_counter() - start, 3)
 
     record = {
         "run": str(run_dir.resolve()),
@@ -244,11 +530,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         "max_batch_elems": max_batch_elems,
         "batch_size": batch_size,
         "seconds": round(seconds, 3),
-        "images_per_second": round(num_images / seconds, 3),
+        "images_per_second": round(num_images / seconds, 3) if is_vae else None,
         "metrics": results,
         "likelihood": type(model.likelihood).__name__,
+        "sample_quality": sample_quality,
     }
-    if results["log_px_is"] != "likelihood":
+    if is_vae and results["log_px_is"] != "likelihood":
         log.warning("log p(x) of %s is %s", run_dir, results["log_px_note"])
     # Before metrics.json: the run's summary never holds a value that no record explains.
     record_path = out_dir / f"evaluate_{cfg.split}.json"
@@ -256,9 +543,19 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
 
     metrics_path = run_dir / METRICS_FILE
     metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
-    new = {f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS if results[key] is not None}
-    # No bits/dim where log p(x) is no likelihood of the data, nor an earlier call's beside it.
-    dropped = {f"{cfg.split}/{key}" for key in METRIC_KEYS if results[key] is None}
+    new, dropped = {}, set()
+    if is_vae:
+        new = {
+            f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS if results[key] is not None
+        }
+        # No bits/dim where log p(x) is no likelihood of the data, nor an earlier call's beside it.
+        dropped = {f"{cfg.split}/{key}" for key in METRIC_KEYS if results[key] is None}
+    if sample_quality is not None:
+        for key, source in QUALITY_KEYS.items():
+            if sample_quality[source] is not None:
+                new[f"{cfg.split}/{key}"] = sample_quality[source]
+            else:  # no Inception FID this time: an earlier call's is not this evaluation's
+                dropped.add(f"{cfg.split}/{key}")
     kept = {key: value for key, value in metrics.items() if key not in dropped}
     write_json_atomic(metrics_path, {**kept, **new})
     step = int(metrics.get("steps", 0))  # where training's test/* points are
@@ -271,11 +568,17 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
             if not math.isnan(value):
                 writer.add_scalar(unit_tag(tag, unit), value, global_step=step)
 
-    print(
-        f"\n{run_dir} ({ckpt_path.name}), {cfg.split} split: {num_images} images, "
-        f"{seconds:.1f} s ({num_images / seconds:.1f} images/s)\n"
-        + format_table(results, metrics, cfg.split, int(getattr(model, "k", 1)))
-    )
+    if is_vae:
+        print(
+            f"\n{run_dir} ({ckpt_path.name}), {cfg.split} split: {num_images} images, "
+            f"{seconds:.1f} s ({num_images / seconds:.1f} images/s)\n"
+            + format_table(results, metrics, cfg.split, int(getattr(model, "k", 1)))
+        )
+    if sample_quality is not None:
+        print(
+            f"\n{run_dir} ({ckpt_path.name}), {sample_quality['seconds']:.1f} s\n"
+            + format_quality_table(sample_quality, cfg.split)
+        )
     log.info("added %s to %s", ", ".join(new), metrics_path)
     log.info("wrote %s and TensorBoard scalars to %s", record_path, events_dir)
     print(f"this call's outputs are in {out_dir}")
@@ -292,8 +595,6 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg, out_dir)
     except BaseException as exc:
         discard_unused(out_dir, "evaluate")  # stopped before writing: leave no folder behind
-        if isinstance(exc, UsageError):
-            raise SystemExit(f"error: {exc}") from None
-        if isinstance(exc, BAD_INPUT_ERRORS):
+        if isinstance(exc, UsageError | BAD_INPUT_ERRORS):
             config_error_exit(str(exc))
         raise

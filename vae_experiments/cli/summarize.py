@@ -1,8 +1,11 @@
-"""``python scripts/summarize.py <sweep dir>``: one table of a sweep's runs, and a plot.
+"""``python scripts/summarize.py <sweep dir> [<dir> ...]``: one table of a sweep's runs, and a plot.
 
 Reads every run under the directory (a Hydra multirun ``multirun/<date>/<time>``, a day of runs
-``outputs/<date>``, or nested sweeps), writes ``summary.md``, ``summary.csv`` and
-``summary_<metric>.png`` there (or into ``--out``), and prints the table.
+``outputs/<date>``, or nested sweeps; several directories or run directories: all of their runs,
+named relative to the folder they share), writes ``summary.md``, ``summary.csv`` and
+``summary_<metric>.png`` there (or into ``--out``; needed with several directories), and prints
+the table. ``--generation`` compares generators: the sample quality ``scripts/evaluate.py``
+measured beside each run's likelihood or reconstruction terms, best Fréchet distance first.
 
 Exit status: 0 when written (runs that failed or have not finished are listed, with a warning),
 1 when the directory holds no run or no run has finished, 2 for a bad argument.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,12 +23,14 @@ from pathlib import Path
 from vae_experiments.analysis.sweeps import (
     collect_runs,
     default_x,
+    find_run_dirs,
     format_value,
+    generation_metrics,
     plot_search,
     summary_table,
     write_summary,
 )
-from vae_experiments.runs.records import read_search
+from vae_experiments.runs.records import read_run, read_search
 
 log = logging.getLogger("summarize")
 
@@ -36,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         "directory into summary.md, summary.csv and a plot of a metric against a swept value.",
     )
     parser.add_argument(
-        "sweep_dir",
+        "sweep_dirs",
         type=Path,
+        nargs="+",
+        metavar="sweep_dir",
         help="a multirun directory (multirun/<date>/<time>), or any "
-        "directory with run directories below it",
+        "directory with run directories below it; several: one table of all their runs",
     )
     parser.add_argument(
         "--sort",
@@ -72,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to write the files (default: the sweep directory)",
     )
+    parser.add_argument(
+        "--generation",
+        action="store_true",
+        help="compare generators: the columns test/fd_classifier, test/sample_precision, "
+        "test/sample_recall (scripts/evaluate.py) and the ELBO or reconstruction terms (unless "
+        "--metrics is given), with the model; sorted by test/fd_classifier unless --sort is given",
+    )
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     return parser
 
@@ -101,9 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     metrics = [m for item in args.metrics or [] for m in item.split(",") if m] or None
 
-    if not args.sweep_dir.is_dir():
-        parser.error(f"{args.sweep_dir} is not a directory")
-    records = collect_runs(args.sweep_dir)
+    for folder in args.sweep_dirs:
+        if not folder.is_dir():
+            parser.error(f"{folder} is not a directory")
+    if len(args.sweep_dirs) > 1 and args.out is None:
+        parser.error("several directories: name the folder for the summary with --out DIR")
+    args.sweep_dir = args.sweep_dirs[0]
+    if len(args.sweep_dirs) == 1:
+        records = collect_runs(args.sweep_dir)
+    else:  # named relative to the folder they share, each run once
+        args.sweep_dir = Path(os.path.commonpath([d.resolve() for d in args.sweep_dirs]))
+        runs = {p: None for d in args.sweep_dirs for p in find_run_dirs(d.resolve())}
+        records = [read_run(path, args.sweep_dir) for path in runs]
     if not records:
         log.error(
             "no runs under %s: a run directory holds .hydra/config.yaml; pass the directory "
@@ -112,12 +136,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
 
-    search = read_search(args.sweep_dir)  # hydra/sweeper=optuna: rank by what it optimized
-    if args.sort is None:
+    search = read_search(args.sweep_dir) if len(args.sweep_dirs) == 1 else None
+    keys = [args.x] if args.x is not None else []
+    if args.generation:
+        try:
+            columns = generation_metrics(records)
+        except ValueError as err:
+            parser.error(str(err))
+        metrics = metrics or columns
+        if "model" not in keys:
+            keys.append("model")  # a column where the runs' models differ
+        if args.sort is None:
+            args.sort = columns[0]
+    if args.sort is None:  # hydra/sweeper=optuna: rank by what it optimized
         args.sort = search["optimized_metric"] if search else "test/loss"
         args.descending = args.descending or bool(search and search["direction"] == "maximize")
     try:
-        keys = [args.x] if args.x is not None else []
         table = summary_table(records, args.sort, args.descending, metrics, keys)
     except ValueError as err:
         parser.error(str(err))

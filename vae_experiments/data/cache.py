@@ -9,6 +9,10 @@ last, so it marks a complete build: a cache counts only when its JSON exists and
 matches the files now. A build writes into a temporary file in the same folder, syncs it to
 disk and renames it into place, so an interrupted build never leaves a cache that looks valid.
 One process builds a cache at a time (a lock file beside it); the others wait and then use it.
+
+Where caches live: a file source's ``cache_dir``, else :func:`default_cache_dir`; other caches
+of a dataset (the sample-quality classifier of :mod:`vae_experiments.analysis.classifier`) go
+in the same folder, :func:`cache_dir_of`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,26 @@ CACHE_VERSION = 2
 _COPY_CHUNK = 4096
 # What _decode_into found about an image, besides decoding it.
 _CORRUPT, _SMALL, _UNDERSIZED = "corrupt", "small", "undersized"
+
+
+def default_cache_dir() -> Path:
+    """``$VAE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/vae-experiments``, else
+    ``~/.cache/vae-experiments`` (``~`` expanded).
+
+    The same rule as the ``cache_dir`` default of ``configs/data/celeba.yaml`` and
+    ``image_folder.yaml`` (spelled there with ``oc.env``; a test keeps the two in step).
+    """
+    if os.environ.get("VAE_CACHE_DIR"):
+        return Path(os.environ["VAE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "vae-experiments"
+
+
+def cache_dir_of(source: object) -> Path:
+    """The folder of a data source's caches: its ``cache_dir`` (file sources) or else
+    :func:`default_cache_dir` (sources with nothing to decode: digits, MNIST, synthetic)."""
+    folder = getattr(source, "cache_dir", None)
+    return Path(folder).expanduser() if folder is not None else default_cache_dir()
 
 
 class UnwritableCacheError(DataError, PermissionError):
