@@ -298,3 +298,24 @@ def test_sample_checks_its_settings_before_it_reads_the_run(settings, expected, 
         sample_latents(vae_run, **{"device": "cpu", **settings})
     assert str(refusal.value).startswith(expected)
     assert files_under(vae_run) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Keys of the old flat configs (every spelling: tests/test_did_you_mean.py)
+
+
+def test_an_old_data_key_added_as_hydra_advises_is_one_line_and_the_fix_trains(tmp_path):
+    """Hydra answers ``data.image_size=8`` with "use +data.image_size=8": that gets what the
+    key became, not "did you mean data.batch_size", and the command it names trains."""
+    small = ["data=synthetic", "data.source.num_train=64", "data.source.num_val=16"]
+    command = [*small, "data.source.num_test=16", *QUICK, "hydra.run.dir=runs/small"]
+    result = run("train.py", [*command, "+data.image_size=8"], tmp_path)
+    assert refused(result) == (
+        "error: data.image_size is no longer a config key: data=synthetic makes images of the "
+        "shape data.source.image_shape=[channels,height,width]; data.source.image_size is a key "
+        "of data=celeba or data=image_folder"
+    )
+    assert list(tmp_path.iterdir()) == []
+    result = run("train.py", [*command, "data.source.image_shape=[1,8,8]"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "runs" / "small" / "metrics.json").is_file()

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from vae_experiments import targets
 from vae_experiments.configs import CONFIG_DIR
+from vae_experiments.configs.old_keys import old_key_message
 from vae_experiments.data.images import pixel_kind
 from vae_experiments.models.likelihoods import BINARY
 from vae_experiments.runs.layout import CHECKPOINT_CHOICES
@@ -389,7 +390,19 @@ def build_problems(cfg: DictConfig, lightning: bool = True) -> list[ConfigError]
     if lightning:
         for key, node in logger_nodes(cfg).items():
             found.extend(targets.problems(node, key, LOGGER_ARGUMENTS))
-    return found
+    return [_as_old_key(problem, cfg) for problem in found]
+
+
+def _as_old_key(problem: ConfigError, cfg: DictConfig) -> ConfigError:
+    """``problem`` about a key of the old flat configs (``+data.image_size=64``, which Hydra's
+    own message advises for ``data.image_size=64``) said as what replaced the key, else as
+    it is."""
+    value = OmegaConf.select(cfg, problem.key, default=None) if problem.key else None
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value)
+    typed = targets.format_value(value).replace(", ", ",")  # [8,16], as a command line has it
+    message = problem.key and old_key_message(problem.key, typed, cfg)
+    return ConfigError(allowed=message) if message else problem
 
 
 def check_config(cfg: DictConfig, lightning: bool = True) -> None:
