@@ -16,6 +16,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT, sweep_job
 from vae_experiments.cli.multirun_ddp import check_children_can_start, job_command
+from vae_experiments.runs import EVENT_FILE_GLOB, tensorboard_dir
 
 QUICK = [
     "trainer=cpu",
@@ -58,11 +59,11 @@ def test_train_py_writes_a_complete_run_directory(tmp_path):
     assert {p.name for p in run_dir.iterdir()} >= {
         ".hydra",
         "checkpoints",
-        "tensorboard",
         "images",
         "metrics.json",
         "train.log",
     }
+    assert list(run_dir.glob(EVENT_FILE_GLOB))  # TensorBoard's, in the run directory itself
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert config["model"]["_target_"] == "vae_experiments.models.VAE"
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4
@@ -202,12 +203,12 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     # One set of outputs: rank 0 wrote everything; no per-rank directories or configs.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: all from one process.
-    writers = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").glob("events.*")}
+    writers = {p.name.split(".")[-2] for p in tensorboard_dir(run_dir).glob(EVENT_FILE_GLOB)}
     assert len(writers) == 1
     # Active units over both processes' validation images, once per epoch (no hang, no error).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(tensorboard_dir(run_dir)))
     events.Reload()
     assert len(events.Scalars("val/active_units")) == 2
     assert "trainer/epoch" in events.Tags()["scalars"] and "epoch" not in events.Tags()["scalars"]

@@ -47,13 +47,13 @@ def finished_jobs(sweep_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow  # about 25 s; the default suite checks the launchers' settings (sbatch script)
-def test_submitit_local_runs_a_tiny_sweep(tmp_path):
+def test_submitit_local_runs_a_tiny_sweep_saying_as_each_job_ends(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    run(
+    result = run(
         [
             *TRAIN,
             "-m",
-            "hydra/launcher=submitit_local",
+            "hydra/launcher=submitit",
             "model.latent_dim=2,4",
             *QUICK,
             "logger=none",
@@ -62,6 +62,9 @@ def test_submitit_local_runs_a_tiny_sweep(tmp_path):
         cwd=tmp_path,
     )
     assert finished_jobs(sweep_dir) == ["0", "1"]
+    output = result.stdout + result.stderr
+    said = re.findall(r"job [12] of 2 finished after \d+ s: #(\d) (\S+)", output)
+    assert sorted(said) == [("0", "model.latent_dim=2"), ("1", "model.latent_dim=4")]
     for job, latent_dim in (("0", 2), ("1", 4)):
         hydra_cfg = yaml.safe_load(
             (sweep_job(sweep_dir, job) / ".hydra" / "hydra.yaml").read_text()

@@ -4,10 +4,15 @@ tests/test_models.py.)"""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from tests.conftest import DATA_CONFIGS, MODEL_CONFIGS, compose_config
+from tests.conftest import DATA_CONFIGS, MODEL_CONFIGS, REPO_ROOT, compose_config
 from vae_experiments import targets
 from vae_experiments.config_checks import (
     ConfigError,
@@ -34,6 +39,7 @@ from vae_experiments.targets import ConfigError as ModelConfigError
         ),
         (["test_ckpt=first"], "test_ckpt=first is invalid: must be one of best, last"),
         (["seed=-1"], "seed=-1 is invalid: must be an integer >= 0"),
+        (["threads=0"], "threads=0 is invalid: must be auto (the cores this process may use)"),
     ],
 )
 def test_each_rule_names_the_key_the_value_and_what_is_allowed(overrides, message):
@@ -171,3 +177,66 @@ def test_ddp_on_cpu_counts_its_processes():
     )
     assert cpu_processes(compose_config(["trainer=ddp"])) is None  # devices=auto: one on a CPU
     assert cpu_processes(compose_config(["trainer=cpu"])) is None
+
+
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """The modules that ``python -X importtime`` says were imported."""
+    return set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", importtime_stderr, re.M))
+
+
+def train_py_with_importtime(args: list[str], cwd) -> tuple[subprocess.CompletedProcess, set]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO_ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    modules = imported_modules(result.stderr)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    result.stderr = "\n".join(lines)
+    return result, modules
+
+
+def test_a_mistake_among_the_simple_values_fails_before_torch_is_imported(tmp_path):
+    run_dir = tmp_path / "run"
+    result, modules = train_py_with_importtime(["threads=0", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: threads=0 is invalid: must be auto")
+    assert "omegaconf" in modules  # what importtime printed was read
+    assert not {"torch", "pytorch_lightning", "sklearn"} & modules
+    assert "Seed set" not in result.stdout + result.stderr
+    assert not run_dir.exists() or list(run_dir.iterdir()) == []
+
+
+def test_a_value_a_constructor_refuses_fails_before_lightning_and_seeding(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["model.latent_dim=0", f"hydra.run.dir={run_dir}"]
+    result, modules = train_py_with_importtime(args, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: model.latent_dim=0 is invalid: must be an integer >= 1"
+    assert "torch" in modules  # the model's constructor checks it, on the meta device
+    assert not {"pytorch_lightning", "lightning_fabric", "sklearn"} & modules
+    assert "Seed set" not in result.stdout + result.stderr
+    assert not run_dir.exists() or list(run_dir.iterdir()) == []
+
+
+def test_help_lists_the_groups_to_choose_from_each_option_documented(tmp_path):
+    result, modules = train_py_with_importtime(["--help"], tmp_path)
+    assert result.returncode == 0
+    assert not {"torch", "pytorch_lightning"} & modules
+    listing = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    groups = dict(line.split(": ", 1) for line in listing.splitlines() if ": " in line)
+    assert {"model", "model/network", "data", "experiment"} <= set(groups)
+    assert not [group for group in groups if group.startswith("_")]  # no internal group
+    readme = (REPO_ROOT / "README.md").read_text()
+    undocumented = [
+        f"{group}={option}"
+        for group, options in groups.items()
+        for option in options.split(", ")
+        if f"`{option}`" not in readme
+    ]
+    assert undocumented == []

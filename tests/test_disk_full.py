@@ -1,22 +1,26 @@
-"""A disk that fills mid-run: one line naming the file and the free space, the old file intact.
+"""A disk that fills mid-run, or before it (the run's lock): one line naming the file and the
+free space, the old file intact, nothing half-written left.
 
 The full disk is simulated in process: ``os.fsync`` or the file's ``write`` raises the OSError
-the OS raises (ENOSPC, or EDQUOT for a full quota)."""
+the OS raises (ENOSPC, or EDQUOT for a full quota); for ``train.py`` as typed, by a wrapper
+script that does the same before running it."""
 
 from __future__ import annotations
 
 import errno
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, MLP_64
+from tests.conftest import FAST, MLP_64, REPO_ROOT
+from tests.test_cli import run_cli
 from vae_experiments.cli import train as train_cli
 from vae_experiments.pictures import save_grid
-from vae_experiments.runs import DiskFullError, read_status, save_config, write_status
+from vae_experiments.runs import DiskFullError, lock, read_status, save_config, write_status
 from vae_experiments.training.checkpoint_io import save_atomic
 
 DISK_FULL = {
@@ -130,3 +134,102 @@ def test_train_py_on_a_full_disk_prints_one_line_and_records_it(tmp_path, monkey
     assert "Traceback" not in capsys.readouterr().err
     status = read_status(run_dir)
     assert status["status"] == "failed" and status["error"].startswith("DiskFullError: no space")
+
+
+# --- the run's lock ---------------------------------------------------------------------------
+
+# Runs a command (train.py ARGS...) on a disk that is full when the run's lock is written: the
+# temporary lock file takes half its text, then the write fails as the OS fails it.
+FULL_WHEN_LOCKING = """
+import errno, pathlib, runpy, sys
+
+real_write_text = pathlib.Path.write_text
+
+
+def write_text(self, data, *args, **kwargs):
+    if self.name.startswith(".lock.json.") and self.name.endswith(".tmp"):
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write_text(self, data, *args, **kwargs)
+
+
+pathlib.Path.write_text = write_text
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def lock_write_fills_the_disk(monkeypatch) -> None:
+    """The temporary lock file, then the lock file itself (filesystems without hard links),
+    fail to be written as on a full disk."""
+    real_write_text = Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_a_lock_that_does_not_fit_leaves_no_file_and_no_directory(tmp_path, monkeypatch):
+    run_dir = tmp_path / "runs" / "x"
+    lock_write_fills_the_disk(monkeypatch)
+    with pytest.raises(DiskFullError) as info:
+        lock.acquire(run_dir)
+    assert_one_line_naming(info.value, run_dir / "lock.json")
+    assert info.value.__suppress_context__
+    assert list(tmp_path.iterdir()) == []  # no .lock.json.<pid>.<hex>.tmp, no runs/x
+
+
+class FullFile:
+    """An open file that takes a few bytes, then fails as on a full disk."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def __enter__(self) -> FullFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
+
+    def write(self, data: str) -> int:
+        self.file.write(data[:10])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_lock_that_does_not_fit_without_hard_links_leaves_no_partial_lock(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # the user's: it stays
+
+    def no_hard_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "link", no_hard_links)
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
+    with pytest.raises(DiskFullError) as info:
+        lock.acquire(run_dir)
+    assert_one_line_naming(info.value, run_dir / "lock.json")
+    assert list(tmp_path.iterdir()) == [run_dir] and list(run_dir.iterdir()) == []
+
+
+def test_train_py_on_a_disk_full_when_locking_prints_the_one_line(tmp_path):
+    # As typed: `python train.py trainer=cpu`, its run directory outputs/<date>/<time>-... (the
+    # lock is taken as that is chosen, before Hydra writes there).
+    wrapper = tmp_path / "full_when_locking.py"
+    wrapper.write_text(FULL_WHEN_LOCKING)
+    result = run_cli(
+        [sys.executable, str(wrapper), str(REPO_ROOT / "train.py"), "trainer=cpu"],
+        cwd=tmp_path,
+        expect_success=False,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]  # as for a full disk later in a run
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.stderr.rstrip().endswith(line)
+    assert line.startswith("error: no space left on device writing outputs/")
+    assert line.split(" writing ")[1].split(":")[0].endswith("/lock.json")
+    assert "Free some space, or write to another disk" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [wrapper.name]  # no outputs/, no .tmp

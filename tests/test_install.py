@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -51,11 +53,37 @@ def test_loading_a_run_imports_neither_lightning_nor_hydra(trained_runs, tmp_pat
 
 
 def _has_modern_setuptools() -> bool:
+    """Whether the running environment's setuptools builds our pyproject.toml (PEP 639)."""
     try:
         import setuptools
     except ImportError:
         return False
     return int(setuptools.__version__.split(".")[0]) >= 77
+
+
+def _make_venv_seeing_this_environment(venv: Path, cwd: Path) -> Path:
+    """A fresh venv at ``venv`` whose interpreter sees the running environment's packages (torch,
+    Lightning, Hydra: no download) after its own; returns its ``python``.
+
+    ``venv --system-site-packages`` is not enough: run from inside a virtualenv it gives the *base*
+    interpreter's site-packages (an old setuptools, no torch), not the virtualenv's. So the new
+    venv gets no system packages and a ``.pth`` file naming this environment's site-packages
+    folders: plain path entries, so their own ``.pth`` files (an editable install's finder of
+    /work's clone) are not run, and the venv's copy of vae-experiments is the one imported.
+    """
+    # --without-pip: the venv would get its own (older) pip and setuptools, which would shadow
+    # the ones of this environment that know our pyproject.toml.
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=cwd)
+    python = venv / "bin" / "python"
+    venv_site = _run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=cwd
+    ).stdout.strip()
+    ours = [sysconfig.get_paths()[name] for name in ("purelib", "platlib")]
+    ours += [path for path in site.getsitepackages() if path not in ours]
+    (Path(venv_site) / "_outer_environment.pth").write_text(
+        "".join(f"{path}\n" for path in dict.fromkeys(ours) if Path(path).is_dir())
+    )
+    return python
 
 
 def test_a_plain_pip_install_trains_from_another_directory(tmp_path):
@@ -75,22 +103,15 @@ def test_a_plain_pip_install_trains_from_another_directory(tmp_path):
     venv = tmp_path / "venv"
     # The venv sees this environment's torch, Lightning and Hydra (no download), but gets its
     # own copy of vae-experiments, built as a wheel.
-    # --without-pip: the venv would get its own (older) pip and setuptools, which would shadow
-    # the ones of this environment that know our pyproject.toml.
-    venv_command = [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip"]
-    _run([*venv_command, str(venv)], cwd=tmp_path)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
+    python = _make_venv_seeing_this_environment(venv, tmp_path)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--no-deps"]
     if _has_modern_setuptools():
         pip.append("--no-build-isolation")
     _run([*pip, str(source)], cwd=tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = _run(
-        [
-            str(venv / "bin" / "python"),
-            "-c",
-            "import vae_experiments; print(vae_experiments.__file__)",
-        ],
+        [str(python), "-c", "import vae_experiments; print(vae_experiments.__file__)"],
         cwd=elsewhere,
     ).stdout.strip()
     assert Path(where).is_relative_to(venv), where

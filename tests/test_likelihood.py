@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,14 @@ from vae_experiments.analysis.likelihood import (
     iwae_log_likelihood,
 )
 from vae_experiments.models import VAE, Autoencoder, Gaussian, Linear, SquaredError
-from vae_experiments.runs import load_data, load_split
+from vae_experiments.runs import (
+    EVENT_FILE_GLOB,
+    after_earlier_event_files,
+    load_data,
+    load_split,
+    tensorboard_dir,
+)
+from vae_experiments.units import unit_tag
 
 IMAGE_SHAPE = (1, 2, 3)
 SIGMA = 0.5
@@ -389,13 +397,29 @@ def test_evaluate_command_end_to_end(trained_runs, tmp_path):
     assert f"run={run}" in (out / "evaluate.yaml").read_text()  # what made it
     assert list(cwd.iterdir()) == []  # no outputs/ (or anything else) where it was run
 
-    events = EventAccumulator(str(run / "tensorboard"))
+    events = EventAccumulator(str(tensorboard_dir(run)))  # the run directory itself
     events.Reload()
-    assert added <= set(events.Tags()["scalars"])
-    # The latest evaluation, as in metrics.json.
-    assert events.Scalars("test/log_px")[-1].value == pytest.approx(
-        read_metrics(run)["test/log_px"]
-    )
+    assert {unit_tag(tag, "discretized_logistic") for tag in added} <= set(events.Tags()["scalars"])
+    # Both evaluations' points are at the step training ended; the latest, by their own step and
+    # wall time, is metrics.json's; and it is the one read last, as TensorBoard keeps it.
+    points = events.Scalars("test/log_px [discretized_logistic]")
+    latest = max(points, key=lambda point: (point.step, point.wall_time))
+    assert [point.step for point in points] == [metrics_before["steps"]] * 2
+    assert latest.value == pytest.approx(read_metrics(run)["test/log_px"])
+    assert points[-1] == latest
+
+
+def test_a_new_event_file_sorts_after_one_made_in_the_same_second(tmp_path):
+    """TensorBoard reads event files in name order (second, host, process id) and keeps the
+    point read last at a step: an evaluation's file must sort after an earlier one's."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    earlier = tmp_path / f"events.out.tfevents.{int(time.time())}.zzz-host.99999.0"
+    earlier.write_bytes(b"")
+    after_earlier_event_files(tmp_path)
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalar("test/log_px", 1.0, 40)
+    assert sorted(tmp_path.glob(EVENT_FILE_GLOB))[0] == earlier
 
 
 @pytest.mark.slow  # a subprocess for one message

@@ -29,7 +29,7 @@ from vae_experiments.models.likelihoods import DiscretizedLogistic, Laplace
 from vae_experiments.pictures import PADDING, image_grid
 from vae_experiments.runs import load_run
 from vae_experiments.targets import ConfigError, instantiate
-from vae_experiments.training.module import LitModel
+from vae_experiments.training.module import CollapseWatch, LitModel
 
 IMAGE_SHAPE = (1, 8, 8)
 LEVELS = torch.arange(256, dtype=torch.float64) / 255  # every value of an 8-bit pixel
@@ -245,7 +245,8 @@ def test_active_units_from_batches_and_processes_equal_the_whole_split():
 
 
 def fit_vae(tmp_path, model: VAE, epochs: int = 1) -> pl.Trainer:
-    """One or more short epochs on the digits, with validation, as train() would log them."""
+    """One or more short epochs (3 steps each) on the digits, with validation, as train() would
+    log them."""
     pl.seed_everything(0)
     data = instantiate(compose_config(FAST).data)
     trainer = pl.Trainer(
@@ -273,22 +274,56 @@ def test_val_active_units_are_logged(tmp_path, caplog):
     assert "posterior collapse" not in caplog.text
 
 
-def test_a_collapsed_posterior_is_warned_about_once(tmp_path, caplog):
+def collapsed_vae() -> VAE:
+    """A VAE whose encoder's means ignore the image: its last layer's mean rows zeroed and
+    frozen, so that no unit is ever active."""
     model = vae(DiscretizedLogistic(0.1, True)).train()
-    # An encoder whose means ignore the image: its last layer's mean rows zeroed and frozen.
     last = model.encoder.net[-1]
     with torch.no_grad():
         last.weight[:3].zero_()
         last.bias[:3].zero_()
     last.weight.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:3]), grad[3:]]))
     last.bias.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:3]), grad[3:]]))
+    return model
+
+
+def collapse_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
+
+
+def test_collapse_is_warned_about_when_it_persists_and_its_end_is_said():
+    # The README's vae_digits run: no active unit in its first validations, then 12 of 16.
+    watch = CollapseWatch(patience=3)
+    assert [watch.update(n, epoch) for epoch, n in enumerate([0, 0, 5, 12])] == [None] * 4
+    assert not watch.at_end()
+    # Three validations in a row: warned at the third, once; units opening up again are said.
+    watch = CollapseWatch(patience=3)
+    events = [watch.update(n, epoch) for epoch, n in enumerate([0, 0, 0, 0, 4, 0])]
+    assert events == [None, None, "collapsed", None, "recovered", None]
+    assert watch.since == 5 and watch.streak == 1
+    assert watch.at_end() and not watch.at_end()  # a run that ends collapsed: once
+    # Not during a KL warm-up: its low KL weight is when units open up.
+    watch = CollapseWatch(patience=3)
+    assert [watch.update(0, epoch, warmup_over=False) for epoch in range(4)] == [None] * 4
+    assert watch.update(0, 4, warmup_over=True) == "collapsed"
+    assert watch.since == 0 and not watch.at_end()
+
+
+def test_a_collapsed_posterior_is_warned_about_once_when_it_persists(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vae_experiments.training.module"):
-        trainer = fit_vae(tmp_path, model, epochs=2)
+        trainer = fit_vae(tmp_path, collapsed_vae(), epochs=4)
     assert float(trainer.callback_metrics["val/active_units"]) == 0
-    warnings = [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
-    assert len(warnings) == 1  # when it fell to zero, not every epoch
-    assert "val/active_units=0 of 3 in epoch 0" in warnings[0]
+    warnings = collapse_warnings(caplog)
+    assert len(warnings) == 1  # at the third validation in a row, not at the first, not again
+    assert "val/active_units=0 of 3 in the 3 validations since epoch 0 (step 9)" in warnings[0]
     assert "model.kl_warmup_steps=30" in warnings[0] and "model.beta (now 1)" in warnings[0]
+
+
+def test_a_short_run_that_ends_collapsed_says_so_at_its_end(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="vae_experiments.training.module"):
+        fit_vae(tmp_path, collapsed_vae(), epochs=2)
+    (warning,) = collapse_warnings(caplog)
+    assert "val/active_units=0 of 3 in the 2 validations since epoch 0 (step 6)" in warning
 
 
 # --- traversal labels --------------------------------------------------------------------------
@@ -315,3 +350,32 @@ def test_traversal_rows_are_labelled_with_their_dimension_and_range():
         assert band.any()
     with pytest.raises(ValueError, match="1 row labels for 2 rows"):
         image_grid(list(images.split(5)), row_labels=labels[:1])
+
+
+def dark_rows(picture: torch.Tensor, margin: int, rows: int, image_side: int = 48) -> list[bool]:
+    """For each row of a labelled grid (3, H, W), whether its left margin holds text."""
+    dark = picture[:, :, :margin].min(0).values < 0.5  # (H, margin)
+    height = image_side + PADDING
+    return [bool(dark[PADDING + r * height : (r + 1) * height].any()) for r in range(rows)]
+
+
+def test_row_labels_are_legible_and_training_grids_say_what_each_row_is(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from vae_experiments.pictures import label_font
+    from vae_experiments.training.callbacks import ImageGrids
+
+    # Pillow's default 10 px font drew a space 1-2 px wide: "z3: -1.6 to0.74".
+    assert label_font(48 + PADDING).getlength(" ") >= 3
+    grids = ImageGrids(4, tmp_path)
+    grids._images = torch.rand(4, 1, 8, 8, generator=seeded())
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, loggers=[], global_step=0)
+    grids.on_validation_epoch_end(trainer, SimpleNamespace(model=vae(Bernoulli())))
+    plain_width = image_grid([grids._images, grids._images]).shape[2]
+    for name in ("reconstructions", "samples"):  # input over reconstruction; prior samples
+        picture = pil_to_tensor(Image.open(tmp_path / f"{name}.png").convert("RGB")).float() / 255
+        margin = picture.shape[2] - plain_width
+        assert margin > 20 and dark_rows(picture, margin, rows=2) == [True, True], name

@@ -141,8 +141,6 @@ def test_compare_pca_command_writes_its_report(tmp_path):
             "latent_dims=[2,3]",
             "trainer=cpu",
             "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
             "data.batch_size=64",
             "methods.ae_conv=['model=ae','model/network=conv','model.network.channels=[4,8]']",
             f"hydra.run.dir={out}",
@@ -177,6 +175,17 @@ def test_compare_pca_command_writes_its_report(tmp_path):
         assert (out / picture).read_bytes().startswith(b"\x89PNG")
     assert list((out / "tensorboard").glob("events.*"))
     assert not (tmp_path / "outputs").exists()
+    # A line per job with its place in the whole; the runs' own lines go to the log file only,
+    # and no progress bar is drawn into a pipe.
+    shown = (result.stdout + result.stderr).splitlines()
+    for number, (method, k) in enumerate(
+        [(m, k) for m in ["linear_ae", "ae_mlp", "ae_conv"] for k in [2, 3]], 1
+    ):
+        assert any(f"job {number} of 6: training {method} with latent size {k}" in s for s in shown)
+        assert any(f"job {number} of 6: {method} k={k}: test squared error" in s for s in shown)
+    assert len(shown) < 40, "\n".join(shown)
+    assert not [line for line in shown if "epoch 1/1" in line or "it/s" in line]
+    assert "epoch 1/1 (step" in (out / "compare_pca.log").read_text()
 
 
 def test_compare_pca_never_writes_into_an_earlier_comparison(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ MARKER = re.compile(r"<!--\s*(not run by the tests|slow in the tests)\s*:?\s*(.*
 EXCERPT_HEADER = re.compile(r"#\s*(\S+\.(?:py|yaml))\s*$")
 BLOCK_TIMEOUT_S = 1800
 # Top-level paths of the checkout that are not copied: outputs of earlier runs, data, git.
-NOT_COPIED_AT_TOP = {".git", "runs", "outputs", "multirun", "data", "lightning_logs"}
+NOT_COPIED_AT_TOP = {".git", ".venv", "runs", "outputs", "multirun", "data", "lightning_logs"}
 NOT_COPIED = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
 
 
@@ -147,6 +147,24 @@ def test_the_worked_example_is_trained_by_a_block_that_runs():
     assert all(b.marker is None for b in commands), "the worked example runs in the default suite"
 
 
+def test_the_load_a_run_snippet_prints_nothing_but_its_numbers(tmp_path, trained_runs):
+    (block,) = [b for b in BLOCKS if 'load_run("runs/vae")' in b.code and b.runs]
+    script = tmp_path / "snippet.py"
+    script.write_text(block.code.replace('"runs/vae"', repr(str(trained_runs("vae")))))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-W", "default", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no UserWarning about tensors that require grad, nor any other
+    assert result.stdout.startswith("{'loss': ")
+
+
 def _copy_repository(target: Path) -> Path:
     def ignore(folder: str, names: list[str]) -> set[str]:
         at_top = Path(folder).resolve() == REPO_ROOT.resolve()
@@ -156,6 +174,8 @@ def _copy_repository(target: Path) -> Path:
             if name in NOT_COPIED
             or name.endswith(".egg-info")
             or (at_top and name in NOT_COPIED_AT_TOP)
+            # a virtual environment under any name (README's is .venv): gigabytes, not ours
+            or (Path(folder) / name / "pyvenv.cfg").is_file()
         }
 
     shutil.copytree(REPO_ROOT, target, ignore=ignore)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +18,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, REPO_ROOT, compose_config, train_run
+from tests.conftest import (
+    DATA_CONFIGS,
+    FAST,
+    MLP_64,
+    MODEL_CONFIGS,
+    REPO_ROOT,
+    compose_config,
+    train_run,
+)
+from tests.fake_data import write_image_folder
 from tests.test_cli import run_cli
 from vae_experiments import read_metrics
 from vae_experiments.cli.run_dirs import claim_fresh_dir, register_resolvers, resumed_config
@@ -168,6 +178,18 @@ def test_a_signal_during_the_test_keeps_last_ckpt_and_resume_runs_the_test(
     train(compose_config([*FAST, *RESUMABLE]), run_dir, ckpt_path=run_dir / "checkpoints/last.ckpt")
     assert checkpoint(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH  # nothing trained again
     assert_same_training(straight_run, run_dir)
+    # metrics.json as an uninterrupted run's: the same keys (val/* from the checkpoint, as this
+    # session validated nothing), the same values but timings, and the first session's timings.
+    metrics, straight = read_metrics(run_dir), read_metrics(straight_run)
+    timings = {"train_seconds", "seconds_per_epoch"}
+    assert metrics.keys() == straight.keys() and any(k.startswith("val/") for k in metrics)
+    assert {k: v for k, v in metrics.items() if k not in timings} == {
+        k: v for k, v in straight.items() if k not in timings
+    }
+    timer = checkpoint(run_dir)["callbacks"]["EpochTimer"]
+    assert len(timer["epoch_seconds"]) == 2  # last.ckpt holds its own epoch's time too
+    assert metrics["seconds_per_epoch"] == round(timer["epoch_seconds"][1], 4) > 0
+    assert metrics["train_seconds"] >= round(timer["train_seconds"], 3) > 0
 
 
 def test_sampler_resumes_inside_an_epoch():
@@ -380,24 +402,35 @@ def test_resume_by_the_runs_own_command_applies_changed_values_and_refuses_the_r
 def test_resumed_config_applies_typed_values_from_the_command_line():
     saved = compose_config(["model=ae", "model.network.channels=[8]"])
     composed = compose_config(["trainer.max_epochs=7", "model.network.channels=[16,8]"])
+    trained = Path("run/checkpoints/last.ckpt")
     config, changed = resumed_config(
-        saved, composed, ["resume=x", "trainer.max_epochs=7", "model.network.channels=[16,8]"]
+        saved, composed, ["resume=x", "trainer.max_epochs=7"], checkpoint=trained
     )
+    assert config.trainer.max_epochs == 7 and config.model._target_ == saved.model._target_
+    assert changed == ["trainer.max_epochs=7"]
+    # Before its first checkpoint a run has trained nothing: any value may change.
+    overrides = ["resume=x", "trainer.max_epochs=7", "model.network.channels=[16,8]"]
+    config, changed = resumed_config(saved, composed, overrides, checkpoint=None)
     assert config.trainer.max_epochs == 7 and list(config.model.network.channels) == [16, 8]
-    assert config.model._target_ == saved.model._target_  # still the autoencoder
     assert changed == ["trainer.max_epochs=7", "model.network.channels=[16,8]"]
     with pytest.raises(ValueError, match="model/network=mlp: a resumed run keeps"):
-        resumed_config(saved, composed, ["model/network=mlp"])
+        resumed_config(saved, composed, ["model/network=mlp"], checkpoint=None)
     # The run's own choices, re-typed from its command line, are accepted.
     choices = {"model": "ae", "model/network": "conv", "data": "digits"}
     config, changed = resumed_config(
-        saved, composed, ["model=ae", "model/network=conv", "trainer.max_epochs=7"], choices
+        saved,
+        composed,
+        ["model=ae", "model/network=conv", "trainer.max_epochs=7"],
+        choices,
+        checkpoint=trained,
     )
     assert changed == ["trainer.max_epochs=7"]
     with pytest.raises(ValueError, match="model=vae: this run was trained with model=ae"):
-        resumed_config(saved, composed, ["model=vae"], choices)
+        resumed_config(saved, composed, ["model=vae"], choices, checkpoint=trained)
     with pytest.raises(ValueError, match="data=mnist: a resumed run keeps"):
-        resumed_config(saved, composed, ["data=mnist"])
+        resumed_config(saved, composed, ["data=mnist"], checkpoint=trained)
+    with pytest.raises(ValueError, match="experiment=burda_vae_1layer: a resumed run keeps"):
+        resumed_config(saved, composed, ["experiment=burda_vae_1layer"], checkpoint=trained)
 
 
 @pytest.mark.parametrize(
@@ -483,6 +516,10 @@ def test_last_ckpt_is_rewritten_every_epoch_even_when_best_is_not(tmp_path):
     assert checkpoint(run_dir, "best")["global_step"] == STEPS_PER_EPOCH
     assert checkpoint(run_dir, "last")["global_step"] == 3 * STEPS_PER_EPOCH
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    # metrics.json's times are the whole training's, not those of the best checkpoint tested.
+    timer = checkpoint(run_dir, "last")["callbacks"]["EpochTimer"]
+    assert len(timer["epoch_seconds"]) == 3
+    assert read_metrics(run_dir)["train_seconds"] >= round(timer["train_seconds"], 3)
 
 
 def test_a_sweep_directory_that_holds_runs_is_refused(tmp_path):
@@ -525,3 +562,191 @@ def test_resume_refuses_max_epochs_below_the_checkpoints_epoch(tmp_path):
         _refuse_max_epochs_below(tmp_path, cfg, 18)
     _refuse_max_epochs_below(tmp_path, cfg, 4)  # the run ends at once, as Lightning does
     _refuse_max_epochs_below(tmp_path, compose_config(["trainer.max_epochs=-1"]), 18)
+
+
+# ------------------------------------------------ what a resume may change, and ckpt_path= models
+
+#: The data settings a resume may change: how the data are loaded, not which.
+DATA_LOADING = {
+    "data.num_workers",
+    "data.on_device",
+    "data.source.cache",
+    "data.source.cache_dir",
+    "data.source.download",
+}
+#: train.yaml's own keys (outside the config groups), each decided: may a resume change it?
+TOP_LEVEL: dict[str, bool | None] = {
+    "seed": False,  # the run's randomness, data.seed's too
+    "optimized_metric": True,
+    "test_ckpt": True,
+    "resume": None,  # which run and checkpoint: resumed_config passes them by
+    "ckpt_path": None,
+    "compile": True,
+    "channels_last": True,
+    "steps_per_group": True,
+    "float32_matmul_precision": True,
+    "callbacks.checkpoint.monitor": False,  # what best.ckpt is chosen on
+    "callbacks.checkpoint.mode": False,
+    "callbacks.image_grids.num_images": True,
+    "callbacks.latent_samples.enabled": True,
+    "callbacks.latent_samples.num_samples": True,
+    "callbacks.latent_samples.components": True,
+    "callbacks.progress_bar.refresh_rate": True,
+}
+
+
+def files(run_dir: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+
+def leaf_keys(node, prefix: str) -> list[str]:
+    """Every dotted key below ``node`` that holds a value (lists count as values)."""
+    if not isinstance(node, dict):
+        return [prefix]
+    return [key for name, value in node.items() for key in leaf_keys(value, f"{prefix}.{name}")]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[f"model={m}"] for m in MODEL_CONFIGS]
+    + [[f"data={d}"] for d in DATA_CONFIGS]
+    + [["model/network=mlp", "optimizer=lbfgs", "scheduler=cosine", "logger=many"]],
+    ids=lambda overrides: "-".join(overrides),
+)
+def test_a_resume_changes_how_long_and_how_a_run_trains_never_what_or_on_what_data(overrides):
+    """Every key of every shipped config is decided: model.* and data.* (but how the data are
+    loaded) stay as trained; trainer.*, optimizer.*, scheduler.*, logger.* may change, but the
+    classes built and the validation batches best.ckpt is chosen on; train.yaml's own keys as
+    TOP_LEVEL says (a new key there fails here until it is decided)."""
+    from vae_experiments.cli.run_dirs import resume_may_change
+
+    cfg = OmegaConf.to_container(compose_config(overrides), resolve=False)
+    for group, node in cfg.items():
+        for key in leaf_keys(node, group):
+            if group == "model":
+                assert not resume_may_change(key), key
+            elif group == "data":
+                assert resume_may_change(key) == (key in DATA_LOADING), key
+            elif group in ("trainer", "optimizer", "scheduler", "logger"):
+                keeps = key.endswith(("._target_", "._partial_"))
+                assert resume_may_change(key) != keeps, key
+            elif TOP_LEVEL[key] is not None:
+                assert resume_may_change(key) == TOP_LEVEL[key], key
+    for kept in ("trainer.limit_val_batches", "trainer.overfit_batches", "data.batch_size"):
+        assert not resume_may_change(kept)
+    assert resume_may_change("trainer.limit_train_batches")
+    assert resume_may_change("data.source.cache_dir") and not resume_may_change("data.source")
+
+
+def test_a_resume_that_changes_the_objective_is_refused_with_a_command_for_a_new_run(tmp_path):
+    """resume=RUN model.beta=4 would train on with beta 4 and pick best.ckpt across two
+    objectives: one error line naming the key, the run's value and the new one, exit 2, the
+    run untouched; the command it gives starts a new run from the checkpoint, and composes the
+    run's own model (the checkpoint's weights fit it)."""
+    from vae_experiments.runs.load import check_checkpoint_model
+
+    run_dir = tmp_path / "run"
+    started = [*FAST, "trainer.max_epochs=1", "+trainer.limit_train_batches=3", *RESUMABLE]
+    run_cli([sys.executable, TRAIN_PY, *started, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    before = files(run_dir)
+
+    refused = run_cli(
+        [sys.executable, TRAIN_PY, f"resume={run_dir}", "model.beta=4", "trainer.max_epochs=2"],
+        cwd=tmp_path,
+        expect_success=False,
+    )
+    assert refused.returncode == 2
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith("error: model.beta=4 (this run was trained with model.beta=1.0): ")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert line.endswith(f" model.beta=4 trainer.max_epochs=2 ckpt_path={last}")
+    assert files(run_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    command = shlex.split(line.partition("instead: ")[2])
+    assert command[:2] == ["python", "train.py"] and "trainer.max_epochs=1" not in command
+    new_run = compose_config([o for o in command[2:] if not o.startswith("ckpt_path=")])
+    assert new_run.model.beta == 4 and new_run.trainer.max_epochs == 2
+    check_checkpoint_model(last, new_run)  # the run's own model: its weights load
+
+
+@pytest.mark.slow  # trains twice through train.py
+def test_a_resume_onto_another_dataset_is_refused_unless_the_run_has_no_checkpoint(tmp_path):
+    """resume=RUN data.source.path=<another folder> would train one run on two datasets: refused
+    like any data change. A run that ended before its first checkpoint trained nothing, and is
+    resumed with a corrected path."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_image_folder(first, n=24)
+    write_image_folder(second, n=24, seed=1)
+    run_dir = tmp_path / "run"
+    folder = [
+        "data=image_folder",
+        "data.source.image_size=8",
+        "data.source.channels=1",
+        f"data.source.cache_dir={tmp_path / 'cache'}",
+        "data.num_workers=0",
+        "data.batch_size=8",
+    ]
+    started = [*FAST, "trainer.max_epochs=1", "logger=none", *MLP_64, *folder]
+    run_cli(
+        [
+            sys.executable,
+            TRAIN_PY,
+            *started,
+            f"data.source.path={first}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    before = files(run_dir)
+    resume = [sys.executable, TRAIN_PY, f"resume={run_dir}", f"data.source.path={second}"]
+    refused = run_cli([*resume, "trainer.max_epochs=2"], cwd=tmp_path, expect_success=False)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(
+        f"error: data.source.path={second} (this run was trained with data.source.path={first})"
+    )
+    assert files(run_dir) == before
+
+    # As a run that failed before its first checkpoint: nothing trained, the path corrected.
+    for path in (run_dir / "checkpoints").iterdir():
+        path.unlink()
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "status.json").write_text('{"status": "failed"}')
+    resumed = run_cli(resume, cwd=tmp_path)
+    assert "has no checkpoint yet: training it again from the start" in resumed.stdout
+    assert OmegaConf.load(run_dir / "config.yaml").data.source.path == str(second)
+    assert read_metrics(run_dir)["epochs"] == 1
+
+
+def test_ckpt_path_of_another_model_is_refused_naming_the_difference(tmp_path):
+    """An AE's checkpoint into a VAE run: one line naming model class and latent size, exit 2,
+    no run folder; a checkpoint file on its own: a few differing weights with their shapes."""
+    from vae_experiments.runs.load import CheckpointModelError, check_checkpoint_model
+
+    ae = train_run(tmp_path / "ae", ["model=ae", *MLP_64, "trainer.max_epochs=1", "logger=none"])
+    last = ae / "checkpoints" / "last.ckpt"
+    refused = run_cli(
+        [sys.executable, TRAIN_PY, *FAST, *MLP_64, "model=vae", "model.latent_dim=8"]
+        + [f"ckpt_path={last}"],
+        cwd=tmp_path,
+        expect_success=False,
+    )
+    assert refused.returncode == 2
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"error: ckpt_path={last} holds another model than this run's: ")
+    assert "model class: VAE here, Autoencoder in the checkpoint" in line
+    assert "latent size: 8 here, 4 in the checkpoint" in line
+    assert "leave ckpt_path out" in line and "state_dict" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ae"]  # no run folder left
+
+    alone = tmp_path / "alone.ckpt"
+    alone.write_bytes(last.read_bytes())
+    cfg = compose_config([*FAST, "model=ae", "model/network=mlp", "model.network.hidden_dims=[32]"])
+    with pytest.raises(CheckpointModelError) as error:
+        check_checkpoint_model(alone, cfg)
+    message = str(error.value)
+    assert message.startswith(f"ckpt_path={alone} holds the weights of another model")
+    assert "shape: decoder.net.0.weight [32, 4] here, [64, 4] in the checkpoint" in message
+    assert len(message) < 400 and "more)" in message
+    check_checkpoint_model(alone, compose_config([*FAST, "model=ae", *MLP_64]))  # its own model

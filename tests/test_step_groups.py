@@ -19,6 +19,7 @@ from tests.conftest import FAST, compose_config, train_run
 from vae_experiments.data import BatchGroup, ShuffledBatchSampler, TensorImages
 from vae_experiments.data.batches import group_sizes
 from vae_experiments.models.vae import VAE
+from vae_experiments.runs import tensorboard_dir
 from vae_experiments.training import train
 from vae_experiments.training.interrupt import RunInterrupted
 from vae_experiments.training.step_groups import (
@@ -171,9 +172,10 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
 
 
 def train_loss_steps(run_dir: Path) -> list[int]:
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(tensorboard_dir(run_dir)))
     events.Reload()
-    return [event.step for event in events.Scalars("train/loss")]
+    (tag,) = [tag for tag in events.Tags()["scalars"] if tag.startswith("train/loss [")]
+    return [event.step for event in events.Scalars(tag)]  # in the unit of the run's likelihood
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +294,11 @@ def test_an_epoch_stopped_in_groups_ends_in_groups_or_is_refused_by_name(tmp_pat
     last = run_dir / "checkpoints" / "last.ckpt"
     # A run that cannot take groups (here: gradient accumulation) says so before training.
     refused = compose_config([*cfg, "+trainer.accumulate_grad_batches=2"])
-    with pytest.raises(ValueError, match=r"inside epoch 0 \(after 6 batches\).* groups of 20 .*"
-                       r"accumulate_grad_batches=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"inside epoch 0 \(after 6 batches\).* groups of 20 .*"
+        r"accumulate_grad_batches=2",
+    ):
         train(refused, tmp_path / "other", ckpt_path=last)
     # steps_per_group=1 takes effect after the interrupted epoch: it ends in its groups.
     train(compose_config([*cfg, "steps_per_group=1"]), run_dir, ckpt_path=last)

@@ -19,6 +19,7 @@ from vae_experiments.analysis.sweeps import (
     format_value,
     parse_override,
     plot_filename,
+    plot_search,
     plot_summary,
     summary_table,
     write_summary,
@@ -287,21 +288,52 @@ def test_plot_one_line_per_other_swept_value(sweep):
         plot_summary(table, x="seed")
 
 
-def test_a_loss_in_nats_and_one_in_squared_error_get_an_axis_each(tmp_path):
+def ae_and_vae_runs(root: Path) -> Path:
+    """An AE's loss (squared error) and a VAE's (nats) at latent sizes 2 and 8; the AE's are
+    the smaller numbers, and recon_mse ranks the latent sizes 8 first."""
     likelihoods = {"ae": "SquaredError", "vae": "DiscretizedLogistic"}
     for model, dims in (("ae", (2, 8)), ("vae", (2, 8))):
         for dim in dims:
             make_run(
-                tmp_path / f"{model}{dim}",
+                root / f"{model}{dim}",
                 [f"model={model}", f"model.latent_dim={dim}"],
-                metrics={"test/loss": dim * (100.0 if model == "vae" else 1.0), "test/kl": 1.0},
-                config={"model": {"likelihood": {"_target_": f"m.{likelihoods[model]}"}}},
+                metrics={
+                    "test/loss": dim * (100.0 if model == "vae" else 1.0),
+                    "test/kl": 1.0,
+                    "test/recon_mse": 1.0 / dim + (0.01 if model == "vae" else 0.0),
+                },
+                config={
+                    "model": {"likelihood": {"_target_": f"m.likelihoods.{likelihoods[model]}"}}
+                },
             )
-    table = summary_table(collect_runs(tmp_path))
-    assert table.metrics == ["test/loss"] and table.fixed["test/kl"] == 1.0
+    return root
+
+
+def test_a_loss_in_nats_and_one_in_squared_error_are_sorted_apart(tmp_path):
+    table = summary_table(collect_runs(ae_and_vae_runs(tmp_path)))  # test/loss, the default
+    assert [r.name for r in table.records] == ["vae2", "vae8", "ae2", "ae8"]
+    assert table.columns[:2] == ["run", "unit"]
+    rows = table.rows()
+    assert [row["unit"] for row in rows] == ["discretized_logistic"] * 2 + ["squared_error"] * 2
+    heading = table.to_markdown().splitlines()[2]
+    assert heading.startswith(
+        "4 runs (sorted by test/loss, ascending, within each unit (discretized_logistic, "
+        "squared_error): one likelihood's do not rank against another's; --sort test/recon_mse "
+        "ranks every run)"
+    )
+    assert next(csv.reader(io.StringIO(table.to_csv())))[:2] == ["run", "unit"]
+    # A metric in one unit in every run ranks them all.
+    shared = summary_table(collect_runs(tmp_path), sort_by="test/recon_mse")
+    assert [r.name for r in shared.records] == ["ae8", "vae8", "ae2", "vae2"]
+    assert not shared.units and "unit" not in shared.columns
+
+
+def test_a_loss_in_nats_and_one_in_squared_error_get_an_axis_each(tmp_path):
+    table = summary_table(collect_runs(ae_and_vae_runs(tmp_path)))
+    assert table.metrics[0] == "test/loss" and table.fixed["test/kl"] == 1.0
     figure = plot_summary(table, metric="test/loss")
     labels = sorted(axes.get_ylabel() for axes in figure.axes)
-    assert labels == ["test/loss [DiscretizedLogistic (vae)]", "test/loss [SquaredError (ae)]"]
+    assert labels == ["test/loss [discretized_logistic (vae)]", "test/loss [squared_error (ae)]"]
     for axes in figure.axes:
         assert len(axes.get_lines()) == 1  # one model per axis
     (kl_axes,) = plot_summary(table, metric="test/kl").axes  # nats for both: one axis
@@ -444,3 +476,31 @@ def test_posterior_gap_against_a_config_key_that_presets_set(tmp_path, capsys):
     assert "plot: test/posterior_gap against model.k" in capsys.readouterr().out
     assert (out / "summary_test_posterior_gap.png").read_bytes()[:8] == PNG_MAGIC
     assert "| burda_iwae_k50 | 50 | burda_iwae_k50 |" in (out / "summary.md").read_text()
+
+
+def test_a_random_searchs_draws_are_points_with_ticks_that_do_not_run_together(tmp_path):
+    # model.beta and optimizer.lr as a search draws them: each trial its own pair.
+    draws = [(3.677, 0.00196), (3.782, 0.00608), (4.616, 0.00269), (5.021, 0.00123)]
+    draws += [(6.438, 0.00114), (7.727, 0.000585)]
+    for job, (beta, lr) in enumerate(draws):
+        overrides = [f"model.beta={beta}", f"optimizer.lr={lr}"]
+        make_run(tmp_path / str(job), overrides, metrics={"test/elbo": -beta})
+    table = summary_table(collect_runs(tmp_path), sort_by="test/elbo", descending=True)
+    for connect in (True, False):  # joined by no line, whether or not summarize knows a search
+        (axes,) = plot_summary(table, x="model.beta", connect=connect).axes
+        (points,) = axes.get_lines()
+        assert points.get_linestyle() == "None" and len(points.get_xdata()) == 6
+        ticks = [t.get_text() for t in axes.get_xticklabels()]
+        assert "3.677" not in ticks and "3.782" not in ticks  # evenly spaced, not one per draw
+
+    figure = plot_search(table, "test/elbo", ["model.beta", "optimizer.lr"], ["optimizer.lr"])
+    lr_axes = figure.axes[1]
+    assert lr_axes.get_xscale() == "log"
+    assert [t.get_text() for t in lr_axes.get_xticklabels()] == ["0.001", "0.002", "0.005"]
+    assert {t.get_text() for t in lr_axes.get_xticklabels(minor=True)} <= {""}
+
+
+def test_a_grids_values_label_their_ticks(sweep):
+    (axes,) = plot_summary(summary_table(collect_runs(sweep)), metric="test/loss").axes
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["2", "4", "10", "32"]
+    assert {line.get_linestyle() for line in axes.get_lines()} == {"-"}

@@ -14,6 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import FAST, MLP_64, MODEL_CONFIGS, compose_config, train_run
 from vae_experiments import load_run, read_metrics
 from vae_experiments.models.base import squared_error
+from vae_experiments.runs import EVENT_FILE_GLOB, tensorboard_dir
+from vae_experiments.units import unit_tag
 
 SMALL = ["model.network.channels=[8,16]"]  # the conv network of the deep models, small
 
@@ -109,16 +111,18 @@ def test_same_seed_same_run_and_other_seed_other_run(tmp_path):
 
 def test_tensorboard_gets_scalars_image_grids_and_hparams(tmp_path):
     _, run_dir = run(tmp_path, ["model=vae", *SMALL])
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    assert tensorboard_dir(run_dir) == run_dir  # TensorBoard names the run after its folder
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     events.Reload()
     tags = events.Tags()
     for stage in ["train", "val", "test"]:
         for term in ["loss", "recon", "recon_mse", "kl", "elbo"]:
-            assert f"{stage}/{term}" in tags["scalars"], f"{stage}/{term}"
+            tag = unit_tag(f"{stage}/{term}", "discretized_logistic")  # the digits' default
+            assert tag in tags["scalars"], tag
     assert {"images/reconstructions", "images/samples"} <= set(tags["images"])
     # Two validation epochs, two grids each (the sanity check is not logged).
     assert len(events.Images("images/samples")) == 2
-    hparams_files = list((run_dir / "tensorboard").glob("events.*"))
+    hparams_files = list(run_dir.glob(EVENT_FILE_GLOB))
     assert any(b"_hparams_/session_start_info" in f.read_bytes() for f in hparams_files)
     assert any(b"model.latent_dim" in f.read_bytes() for f in hparams_files)
 
@@ -130,7 +134,7 @@ def test_other_loggers_and_a_scheduler(tmp_path):
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 2
     _, run_dir = run(tmp_path, ["model=linear_ae", "logger=none"], "none")
     assert (run_dir / "metrics.json").is_file()
-    assert not (run_dir / "tensorboard").exists()
+    assert not list(run_dir.rglob(EVENT_FILE_GLOB))
 
 
 def test_load_run_accepts_a_checkpoint_path_and_last(tmp_path):
@@ -304,3 +308,25 @@ def test_run_checkpoint_skips_the_step_hook_unless_it_saves_within_epochs(tmp_pa
         "step=3.ckpt",
     ]
     assert (tmp_path / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("warmup", [2000, 20])
+def test_a_kl_warmup_longer_than_the_run_is_warned_about_at_its_start(tmp_path, caplog, warmup):
+    import logging
+
+    overrides = ["model=vae", *MLP_64, "trainer.max_epochs=1", f"model.kl_warmup_steps={warmup}"]
+    overrides += ["logger=none", "callbacks.image_grids.num_images=0"]
+    with caplog.at_level(logging.WARNING, logger="vae_experiments.training.module"):
+        metrics, _ = run(tmp_path, overrides)
+    steps = metrics["steps"]  # 1,294 training digits in batches of 32 (FAST): 41 steps
+    warnings = [r.getMessage() for r in caplog.records if "kl_warmup_steps" in r.getMessage()]
+    if warmup < steps:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    assert warning.startswith(
+        f"model.kl_warmup_steps=2000 is longer than the whole run, {steps} steps "
+        f"(trainer.max_epochs=1 x {steps} steps per epoch): the KL weight rises only to "
+        f"{steps / 2000:.2g} of model.beta=1 by the last step"
+    )
+    assert f"Lower model.kl_warmup_steps (e.g. {steps // 10}" in warning

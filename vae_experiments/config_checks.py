@@ -27,8 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from vae_experiments import targets
 from vae_experiments.configs import CONFIG_DIR
 from vae_experiments.configs.old_keys import old_key_message
-from vae_experiments.data.images import pixel_kind
-from vae_experiments.models.likelihoods import BINARY
+from vae_experiments.cpu_threads import AUTO as AUTO_THREADS
 from vae_experiments.runs.layout import CHECKPOINT_CHOICES
 from vae_experiments.targets import ConfigError, raise_all
 
@@ -94,6 +93,12 @@ def _max_epochs(value: Any) -> str | None:
     return "must be an integer >= 0, or -1 (no limit)"
 
 
+def _threads(value: Any) -> str | None:
+    if value == AUTO_THREADS or (_is_int(value) and value >= 1):
+        return None
+    return f"must be {AUTO_THREADS} (the cores this process may use) or an integer >= 1"
+
+
 def _metric_key(value: Any) -> str | None:
     if isinstance(value, str) and value.startswith(("val/", "test/")):
         return None
@@ -106,6 +111,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "optimized_metric": _metric_key,
     "test_ckpt": _one_of(CHECKPOINT_CHOICES),
     "steps_per_group": _int_at_least(1),
+    "threads": _threads,
     "trainer.max_epochs": _max_epochs,
     # A negative clip value would flip the gradients' sign (torch clips by max_norm / norm).
     "trainer.gradient_clip_val": _optional(_number(0), off="no clipping"),
@@ -405,6 +411,62 @@ def _as_old_key(problem: ConfigError, cfg: DictConfig) -> ConfigError:
     return ConfigError(allowed=message) if message else problem
 
 
+def check_values(cfg: DictConfig) -> None:
+    """Raises :class:`ConfigError` naming every value of :data:`RULES` that is invalid, and a
+    tracker whose package is missing or whose store cannot be written: the checks that import
+    nothing (no torch), so that a command line's mistake among them fails in a fraction of a
+    second."""
+    raise_all([*config_problems(cfg), *tracker_problems(cfg), *tracker_store_problems(cfg)])
+
+
+def build_lr_scheduler(cfg: DictConfig | None) -> dict[str, Any] | None:
+    """The ``scheduler=`` group as Lightning's lr-scheduler dict, its ``scheduler`` a partial
+    taking the optimizer; None for ``scheduler=none``."""
+    if not cfg or cfg.get("scheduler") is None:
+        return None
+    config = dict(targets.to_container(cfg))
+    config["scheduler"] = targets.instantiate(cfg.scheduler, key="scheduler.scheduler")
+    return config
+
+
+def check_optimizer(
+    model: Any, optimizer: Callable[..., Any], lr_scheduler: dict[str, Any] | None
+) -> None:
+    """Builds the optimizer (and scheduler) once on the model's parameters and drops them, so
+    that a value torch refuses (``optimizer.lr=-1``) fails before any data is read."""
+    trial = optimizer(model.parameters())
+    if lr_scheduler is not None:
+        lr_scheduler["scheduler"](trial)
+
+
+def check_by_building(cfg: DictConfig) -> None:
+    """Builds what training builds before it reads any data (the data object, the model, the
+    optimizer and its schedule) once, and drops it, so that a value a constructor refuses
+    (``model.latent_dim=0``, ``data.batch_size=0``, ``optimizer.lr=-1``) fails before Lightning
+    is imported. The model is built on torch's meta device: its constructors check their values,
+    but no weights are allocated or initialised, so this costs milliseconds whatever its size.
+
+    Raises:
+        ConfigError: what a constructor refused, naming the key.
+    """
+    import torch
+
+    from vae_experiments.runs.load import build_model
+
+    try:
+        data = targets.instantiate(cfg.data, key="data")
+        model_cfg = OmegaConf.create({"model": targets.to_container(cfg.model)})
+        model_cfg.model.image_shape = [int(size) for size in data.image_shape]
+        with torch.device("meta"):
+            model = build_model(model_cfg)
+        optimizer = targets.instantiate(cfg.optimizer, key="optimizer")
+        check_optimizer(model, optimizer, build_lr_scheduler(cfg.get("scheduler")))
+    except ConfigError:
+        raise
+    except Exception as error:  # e.g. what the meta device cannot do: training builds for real
+        log.debug("the config's parts were not built on the meta device: %s", error)
+
+
 def check_config(cfg: DictConfig, lightning: bool = True) -> None:
     """Raises :class:`ConfigError` naming every invalid value of a composed ``train.yaml``:
     the rules above, and every node that training builds checked against its target.
@@ -441,6 +503,9 @@ def choose_likelihood(cfg: DictConfig) -> str | None:
     node = cfg.model.get("likelihood")
     if not isinstance(node, DictConfig) or node.get("_target_") != AUTO_LIKELIHOOD:
         return None
+    from vae_experiments.data.images import pixel_kind  # torch: only for model/likelihood=auto
+    from vae_experiments.models.likelihoods import BINARY
+
     kind = pixel_kind(cfg.data.get("binarize", "none"))
     key = "binary" if kind == BINARY else "eight_bit"
     name = node.get(key)

@@ -24,8 +24,9 @@ def image_grid(
     """Stacks equal-length image batches (B, C, H, W) as rows of one grid (3, H', W').
 
     Small images (digits are 8x8) are enlarged with nearest-neighbour scaling so that each is at
-    least ``min_side`` pixels high and the grid is readable. ``row_labels`` (one per row) are
-    written in black in a white margin on the left.
+    least ``min_side`` pixels high and the grid is readable. ``row_labels`` (one per row, ``""``
+    for none) are written in black in a white margin on the left: what each row is
+    (``input``, ``reconstruction``, ``sample``), or a traversal's dimension and range.
     """
     images = torch.cat(rows).detach().float().clamp(0, 1).cpu()
     scale = max(1, -(-min_side // images.shape[-2]))
@@ -39,11 +40,26 @@ def image_grid(
     return _label_rows(grid, row_labels, row_height=images.shape[-2] + PADDING)
 
 
+#: Height of row labels in pixels, at most (smaller for rows lower than 3.5 times it).
+LABEL_SIZE = 14
+
+
+def label_font(row_height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own font (no font file needed) at a size that suits rows of ``row_height``
+    pixels: at its default 10 px, spaces shrink to a pixel ("to0.74")."""
+    size = max(10, min(LABEL_SIZE, row_height * 2 // 7))
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1, with FreeType
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
 def _label_rows(grid: torch.Tensor, labels: Sequence[str], row_height: int) -> torch.Tensor:
-    """``grid`` (3, H, W) with a white left margin holding one label per row of images."""
-    font = ImageFont.load_default()
-    boxes = [font.getbbox(label) for label in labels]  # (left, top, right, bottom) each
-    margin = 2 * PADDING + math.ceil(max(box[2] for box in boxes))
+    """``grid`` (3, H, W) with a white left margin holding one label per row of images (an
+    empty label leaves its row's margin blank)."""
+    font = label_font(row_height)
+    boxes = [font.getbbox(label) if label else (0, 0, 0, 0) for label in labels]
+    margin = 3 * PADDING + math.ceil(max(box[2] for box in boxes))
     canvas = torch.ones(3, grid.shape[1], grid.shape[2] + margin)
     canvas[:, :, margin:] = grid
     picture = to_pil_image(canvas)

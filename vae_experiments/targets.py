@@ -27,12 +27,12 @@ import inspect
 import math
 import os
 import pathlib
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 #: ``_target_`` prefixes that may be built from a config. Each must name classes only (checked
@@ -170,6 +170,13 @@ def resolve_target(path: str, key: str = "") -> type:
 _NUMBER_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
+def _is_tensor_type(hint: Any) -> bool:
+    """Whether ``hint`` is ``torch.Tensor``. A hint can only be one once its class's module
+    imported torch, so torch is not imported here: checking a config needs no torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and hint is torch.Tensor
+
+
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if hint in _NUMBER_WORDS:
@@ -178,7 +185,7 @@ def _describe(hint: Any) -> str:
         return "null"
     if origin in (typing.Union, types.UnionType):
         # A config value is never a tensor: ``lr: float | Tensor`` is described as a number.
-        args = [arg for arg in typing.get_args(hint) if arg is not torch.Tensor]
+        args = [arg for arg in typing.get_args(hint) if not _is_tensor_type(arg)]
         return " or ".join(_describe(arg) for arg in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(format_value(a) for a in typing.get_args(hint))
@@ -229,7 +236,7 @@ def _matches(value: Any, hint: Any) -> bool | None:
         if any(answer is False for answer in answers):
             return False
         return True if all(answer is True for answer in answers) else None
-    if hint is torch.Tensor:
+    if _is_tensor_type(hint):
         return False  # a config value is never a tensor: ``lr: float | Tensor`` wants a number
     if isinstance(hint, type):
         if isinstance(value, hint):

@@ -26,7 +26,7 @@ from typing import Any
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure, SubFigure
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from vae_experiments.runs.records import (
     DELETED,
@@ -38,6 +38,7 @@ from vae_experiments.runs.records import (
     parse_value,
     read_run,
 )
+from vae_experiments.units import LIKELIHOOD_KEY, likelihood_unit, metric_unit
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ __all__ = [
     "plot_search",
     "plot_summary",
     "read_run",
-    "unit_groups",
+    "run_unit",
     "summary_table",
+    "unit_groups",
     "write_summary",
 ]
 
@@ -103,6 +105,9 @@ class SummaryTable:
         sort_by, descending: how the finished runs were ordered.
         settings: run name -> key -> the run's value of every overridden key (read from the
             run's config where it did not override it; ``None`` when it has none).
+        units: run name -> the unit ``sort_by`` is in for that run, when the finished runs
+            have it in more than one (an AE's squared error, a VAE's nats): they are sorted
+            within each unit, and the table has a ``unit`` column; else empty.
     """
 
     records: list[RunRecord]
@@ -112,6 +117,7 @@ class SummaryTable:
     sort_by: str | None
     descending: bool
     settings: dict[str, dict[str, Any]] = field(repr=False, default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[RunRecord]:
@@ -119,15 +125,22 @@ class SummaryTable:
 
     @property
     def columns(self) -> list[str]:
-        """``run``, the swept keys, the metrics, then ``status`` when some run has no results."""
+        """``run``, ``unit`` when the runs are sorted within units, the swept keys, the metrics,
+        then ``status`` when some run has no results."""
         extra = ["status"] if self.failures else []
-        return ["run", *self.swept, *self.metrics, *extra]
+        return ["run", *self._unit_column, *self.swept, *self.metrics, *extra]
+
+    @property
+    def _unit_column(self) -> list[str]:
+        return ["unit"] if self.units else []
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per run, column -> raw value (``None`` where missing)."""
         rows = []
         for record in self.records:
             row = {"run": record.name}
+            if self.units:
+                row["unit"] = self.units.get(record.name)
             row.update({key: self.settings[record.name].get(key) for key in self.swept})
             row.update({key: record.metrics.get(key) for key in self.metrics})
             row["status"] = record.status
@@ -140,7 +153,15 @@ class SummaryTable:
         if self.fixed:
             fixed = ", ".join(f"{k}={format_value(v)}" for k, v in self.fixed.items())
             lines += [f"fixed: {fixed}", ""]
-        order = f" (sorted by {self.sort_by}, {'descending' if self.descending else 'ascending'})"
+        order = f" (sorted by {self.sort_by}, {'descending' if self.descending else 'ascending'}"
+        if self.units:
+            # An AE's squared error and a VAE's nats side by side: say why they are not ranked.
+            units = ", ".join(sorted(set(self.units.values())))
+            order += f", within each unit ({units}): one likelihood's do not rank against another's"
+            shared = f"{self.sort_by.rpartition('/')[0]}/recon_mse"
+            if any(shared in r.metrics for r in self.records):
+                order += f"; --sort {shared} ranks every run"
+        order += ")"
         lines += [f"{len(self.records)} runs{order if self.sort_by else ''}", ""]
         columns = self.columns
         lines.append("| " + " | ".join(_md_cell(c) for c in columns) + " |")
@@ -160,7 +181,7 @@ class SummaryTable:
     def to_csv(self) -> str:
         """The same rows as CSV, full precision, empty cells where missing, plus ``status`` and
         ``error`` columns."""
-        columns = ["run", *self.swept, *self.metrics, "status", "error"]
+        columns = ["run", *self._unit_column, *self.swept, *self.metrics, "status", "error"]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
@@ -204,7 +225,9 @@ def summary_table(
         records: from :func:`collect_runs`.
         sort_by: the metric to order finished runs by (``None``: by swept values). Ties, and runs
             lacking the metric, follow in order of their swept values (numbers numerically), then
-            of their names. Runs without results come last.
+            of their names. Runs without results come last. A metric in the unit of the run's
+            likelihood (:mod:`vae_experiments.units`) orders the runs within each unit, the
+            units in name order, when the runs have more than one.
         descending: largest first (for metrics where higher is better, e.g. ``test/elbo``).
         metrics: metric columns; names or shell patterns (``test/*``). Default: every metric of
             any run that differs between the finished runs (one value everywhere goes to
@@ -277,7 +300,15 @@ def summary_table(
             return (1, 0.0)
         return (0, -value if descending else value)
 
-    finished = sorted((r for r in records if r.ok), key=lambda r: (metric_key(r), settings_key(r)))
+    finished_runs = [r for r in records if r.ok]
+    units = {r.name: run_unit(r, sort_by) for r in finished_runs} if sort_by else {}
+    if len(set(units.values())) < 2:
+        units = {}  # one unit: rank them all
+
+    def order(record: RunRecord) -> tuple:
+        return (units.get(record.name, ""), metric_key(record), settings_key(record))
+
+    finished = sorted(finished_runs, key=order)
     failed = sorted((r for r in records if not r.ok), key=settings_key)
     return SummaryTable(
         records=finished + failed,
@@ -287,7 +318,14 @@ def summary_table(
         sort_by=sort_by,
         descending=descending,
         settings=settings,
+        units=units,
     )
+
+
+def run_unit(record: RunRecord, metric: str) -> str:
+    """The unit ``metric`` is in for ``record``'s run (:func:`~vae_experiments.units.metric_unit`
+    of its likelihood); ``""`` for a metric with one meaning in every run."""
+    return metric_unit(metric, likelihood_unit(record.setting(LIKELIHOOD_KEY)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,28 +347,72 @@ def plot_filename(metric: str) -> str:
     return "summary_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", metric).strip("_") or "metric") + ".png"
 
 
-#: Terms whose unit is the likelihood's (nats of one likelihood, squared error of another):
-#: runs with different likelihoods get an axis each.
-LIKELIHOOD_TERMS = ("loss", "recon", "elbo", "log_px")
-#: The config key that names a run's likelihood.
-LIKELIHOOD_KEY = "model.likelihood._target_"
-
-
 def unit_groups(table: SummaryTable, metric: str) -> dict[str, list[RunRecord]]:
-    """The table's runs split by what ``metric`` measures: by likelihood (``SquaredError``,
-    ``DiscretizedLogistic``) for a term in :data:`LIKELIHOOD_TERMS`, else one group (``""``)."""
-    if metric.rpartition("/")[2] not in LIKELIHOOD_TERMS:
-        return {"": list(table.records)}
+    """The table's runs split by the unit ``metric`` is in (:func:`run_unit`: by likelihood,
+    ``squared_error``, ``discretized_logistic``, for a term in the likelihood's unit; else one
+    group, ``""``)."""
     groups: dict[str, list[RunRecord]] = {}
     for record in table.records:
-        likelihood = record.setting(LIKELIHOOD_KEY)
-        groups.setdefault(str(likelihood).rpartition(".")[2] if likelihood else "", []).append(
-            record
-        )
+        groups.setdefault(run_unit(record, metric), []).append(record)
     return groups
 
 
-def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None = None) -> Figure:
+#: Most x ticks an axis gets at the runs' own values; more, or values whose labels would run
+#: into each other (:func:`_room_for_labels`), get matplotlib's evenly spaced ticks.
+MAX_VALUE_TICKS = 12
+#: Width of a plot's axis, in inches, and of a tick label's character at matplotlib's default
+#: 10-point font (with a gap between labels): what :func:`_room_for_labels` compares.
+AXIS_INCHES, CHAR_INCHES, LABEL_GAP_INCHES = 5.5, 0.09, 0.15
+
+
+def _tick_label(value: float) -> str:
+    """A tick's number, short: ``0.001``, ``3.782``, ``1e-05``."""
+    return f"{value:.4g}"
+
+
+def _room_for_labels(positions: Sequence[float], log: bool) -> bool:
+    """Whether labels at ``positions`` (sorted) fit side by side on an axis of
+    :data:`AXIS_INCHES` (in log space on a log axis): a random search's 3.677 and 3.782 do not."""
+    if len(positions) > MAX_VALUE_TICKS:
+        return False
+    if len(positions) < 2:
+        return True
+    points = [math.log10(p) for p in positions] if log else list(positions)
+    span = points[-1] - points[0]
+    for (a, b), (label_a, label_b) in zip(
+        zip(points, points[1:], strict=False),
+        zip(positions, positions[1:], strict=False),
+        strict=True,
+    ):
+        width = CHAR_INCHES * (len(_tick_label(label_a)) + len(_tick_label(label_b))) / 2
+        if (b - a) / span * AXIS_INCHES < width + LABEL_GAP_INCHES:
+            return False
+    return True
+
+
+def log_ticks(axis: Any, low: float, high: float, most: int = 6) -> None:
+    """Ticks of a log axis over [low, high] at 1, 2 and 5 times powers of ten (fewer where
+    they would crowd: at most ``most``), labelled as plain numbers; the minor ticks unlabelled.
+    matplotlib's own labels the minor ticks of a range under a decade, one over another
+    ("2x10^-3 3x10^-3 4x10^-3")."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    for subs in ((1, 2, 5), (1, 3), (1,)):
+        ticks = [m * 10.0**e for e in range(first, last + 1) for m in subs]
+        ticks = [t for t in ticks if low * 0.999 <= t <= high * 1.001]
+        if len(ticks) <= most:
+            break
+    if len(ticks) > most:  # many decades: every n-th power of ten
+        ticks = ticks[:: math.ceil(len(ticks) / most)]
+    if len(ticks) < 2:  # a narrow range: its ends
+        ticks = [low, high]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: _tick_label(value)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def plot_summary(
+    table: SummaryTable, metric: str | None = None, x: str | None = None, connect: bool = True
+) -> Figure:
     """A metric against a swept value, one line per combination of the other swept values; one
     axis per unit the metric has in these runs (:func:`unit_groups`: a loss in nats and a loss
     in squared error are not drawn on one axis).
@@ -344,14 +426,19 @@ def plot_summary(table: SummaryTable, metric: str | None = None, x: str | None =
         if any(r.ok and is_number(r.metrics.get(metric)) for r in records)
     }
     if len(groups) <= 1:
-        return plot_one_unit(table, metric, x)
+        return plot_one_unit(table, metric, x, connect=connect)
     figure = Figure(figsize=(7.0 * len(groups), 4.8), layout="constrained")
     for panel, (unit, records) in zip(
         figure.subfigures(1, len(groups)), groups.items(), strict=True
     ):
         models = sorted({format_value(r.setting("model")) for r in records})
         plot_one_unit(
-            replace(table, records=records), metric, x, panel, f"{unit} ({', '.join(models)})"
+            replace(table, records=records),
+            metric,
+            x,
+            panel,
+            f"{unit} ({', '.join(models)})",
+            connect=connect,
         )
     return figure
 
@@ -362,8 +449,13 @@ def plot_one_unit(
     x: str | None = None,
     figure: Figure | SubFigure | None = None,
     unit: str = "",
+    connect: bool = True,
 ) -> Figure | SubFigure:
     """A metric against a swept value, one line per combination of the other swept values.
+
+    Runs are joined by a line only where they form a curve: runs that differ in ``x`` alone.
+    The trials of a search (``connect=False``), and runs whose other swept values each go with
+    one value of ``x`` and are numbers (a random search's draws), are points.
 
     Args:
         table: from :func:`summary_table`.
@@ -374,6 +466,7 @@ def plot_one_unit(
 
         figure: where to draw (a panel of a larger figure); default: a new figure.
         unit: what the metric measures in these runs, shown beside its name.
+        connect: whether runs may be joined by lines (False for a search's trials).
 
     Raises:
         ValueError: the metric is in no finished run, or ``x`` is not a swept key.
@@ -395,7 +488,13 @@ def plot_one_unit(
 
     # A key whose values pair one-to-one with x's (experiment=burda_iwae_k50 beside model.k=50)
     # would give each point a line of its own.
-    others = [k for k in table.swept if k != x and not _one_to_one(table, runs, k, x)]
+    paired = [k for k in table.swept if k != x and _one_to_one(table, runs, k, x)]
+    others = [k for k in table.swept if k != x and k not in paired]
+    # A preset named beside its model.k is the same value twice; a number drawn with each x
+    # (beta and lr of a random search) makes the points no curve.
+    curve = connect and not any(
+        all(is_number(table.settings[r.name][k]) for r in runs) for k in paired
+    )
     groups: dict[tuple, list[RunRecord]] = {}
     for record in runs:
         label = tuple(table.settings[record.name][k] for k in others)
@@ -430,20 +529,25 @@ def plot_one_unit(
             marker="o",
             markersize=6,
             linewidth=1.8,
+            linestyle="-" if curve else "none",
             color=color,
             label=", ".join(label) if others else None,
         )
 
     values = sorted(set(position.values()))
     # Geometric sweeps (lr 1e-4..1e-2, IWAE k 1, 5, 50) read on a log axis; 2..16 stays linear.
-    if numeric and values[0] > 0 and values[-1] / values[0] >= 20:
+    log_axis = numeric and values[0] > 0 and values[-1] / values[0] >= 20
+    if log_axis:
         ax.set_xscale("log")
-    if len(values) <= 12:
-        labels = {p: k for k, p in position.items()}
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticks(values, [labels[v] for v in values])
     if not numeric:
+        labels = {p: k for k, p in position.items()}
+        ax.set_xticks(values, [labels[v] for v in values])
         ax.set_xlim(values[0] - 0.5, values[-1] + 0.5)
+    elif _room_for_labels(values, log_axis):  # a grid's own values, labelled as typed
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(values, [_tick_label(v) for v in values])
+    elif log_axis:
+        log_ticks(ax.xaxis, values[0], values[-1])
 
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel)
@@ -536,6 +640,7 @@ def plot_search(
             xs = [float(v) for v in values]
             if min(xs) > 0 and (key in log_keys or max(xs) / min(xs) >= 100):
                 ax.set_xscale("log")
+                log_ticks(ax.xaxis, min(xs), max(xs), most=4)
         else:
             distinct = sorted({format_value(v) for v in values})
             xs = [float(distinct.index(format_value(v))) for v in values]
@@ -560,10 +665,12 @@ def write_summary(
     metric: str | None = None,
     x: str | None = None,
     plot: bool = True,
+    connect: bool = True,
 ) -> list[Path]:
     """Writes ``summary.md``, ``summary.csv`` and ``summary_<metric>.png`` into ``out_dir``.
 
-    The plot is skipped (with a warning) when no finished run has the metric.
+    The plot is skipped (with a warning) when no finished run has the metric; ``connect``: as
+    :func:`plot_one_unit` (False for a search's trials).
 
     Returns:
         The paths written.
@@ -578,7 +685,7 @@ def write_summary(
         metric = metric or table.sort_by or (table.metrics[0] if table.metrics else None)
         if metric is not None and any(r.ok and metric in r.metrics for r in table.records):
             path = out_dir / plot_filename(metric)
-            plot_summary(table, metric, x).savefig(path, dpi=120)
+            plot_summary(table, metric, x, connect=connect).savefig(path, dpi=120)
             written.append(path)
         else:
             log.warning("no finished run has the metric %r: no plot written", metric)

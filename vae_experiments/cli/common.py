@@ -34,7 +34,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.cli.run_dirs import UNSAFE_NAME_CHARS as _UNSAFE
 from vae_experiments.cli.run_dirs import claim_fresh_dir_and_parents, config_error_exit
+from vae_experiments.data.errors import DataError
 from vae_experiments.runs import ANALYSIS_DIR, atomic_write, run_dir_of
+from vae_experiments.runs.load import UnreadableCheckpointError
+
+#: Errors in what an analysis command reads rather than in its command line: a checkpoint that
+#: was not loaded (cut short, or not ours), data that cannot be read. Each is one ``error:``
+#: line (exit status 2, as a config mistake of train.py) and leaves no folder of the call.
+BAD_INPUT_ERRORS = (UnreadableCheckpointError, DataError)
 
 # Folders claimed by analysis_dir in this process -> the parents that claiming them created
 # (``analysis/`` on a run's first analysis): discard_unused removes those too.

@@ -12,8 +12,11 @@ what the call wrote there).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -53,9 +56,10 @@ def run_config(cfg: DictConfig, overrides: list[str], latent_dim: int) -> DictCo
         reason = "; ".join(hints) or str(error).strip().splitlines()[0]
         raise ConfigError(allowed=f"[{','.join(method_overrides)}]: {reason}") from None
     with open_dict(run_cfg):
-        for key in ("data", "trainer", "seed"):
+        for key in ("data", "trainer", "seed", "threads"):
             run_cfg[key] = cfg[key]
         run_cfg.logger = {"_target_": None}
+        run_cfg.trainer.enable_model_summary = False  # 12 runs, 12 tables of one module
         run_cfg.callbacks.image_grids.num_images = 0
         run_cfg.callbacks.latent_samples.enabled = False
     values = [o.lstrip("+") for o in overrides if "." in o.split("=", 1)[0]]
@@ -69,12 +73,9 @@ def _is_size(value: object) -> bool:
 def check_comparison(cfg: DictConfig) -> None:
     """Raises ConfigError for a comparison that cannot run, before anything is fitted or
     trained: ``latent_dims``, ``num_images``, and each method's training config, composed as
-    :func:`run_config` composes it, checked as ``train.py`` checks its own
-    (:func:`~vae_experiments.cli.run_dirs.check_early`), and its data and models built as
-    training builds them before reading any data."""
-    from vae_experiments.runs.load import build_model
-    from vae_experiments.targets import instantiate
-
+    :func:`run_config` composes it and checked as ``train.py`` checks its own
+    (:func:`~vae_experiments.cli.run_dirs.check_early`: its data, model and optimizer built
+    once, reading no data)."""
     latent_dims = cfg.get("latent_dims")
     if not (
         isinstance(latent_dims, ListConfig) and latent_dims and all(map(_is_size, latent_dims))
@@ -97,18 +98,31 @@ def check_comparison(cfg: DictConfig) -> None:
                 "must be a list of train.py overrides, e.g. [model=ae,model/network=mlp]",
             )
         try:
-            run_cfg = run_config(cfg, list(overrides), int(latent_dims[0]))
-            run_dirs.check_early(run_cfg)
-            # Built as training builds them first (no data is read): their own checks.
-            data = instantiate(run_cfg.data, key="data")
-            with open_dict(run_cfg):
-                run_cfg.model.image_shape = [int(size) for size in data.image_shape]
-            for k in latent_dims:
-                run_cfg.model.latent_dim = int(k)
-                build_model(run_cfg)
+            run_dirs.check_early(run_config(cfg, list(overrides), int(latent_dims[0])))
         except run_dirs.CONFIG_ERRORS as error:
             message = run_dirs.config_error_message(error)[0]
             raise ConfigError(allowed=f"methods.{method}: {message}") from None
+
+
+@contextlib.contextmanager
+def console_warnings_only() -> Iterator[None]:
+    """Inside, the console shows warnings and errors only; the log file (``compare_pca.log``)
+    still gets everything. A comparison trains a dozen runs: their per-epoch lines would bury
+    the one line per job that says where the comparison stands."""
+    consoles = [
+        handler
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler, logging.FileHandler)
+    ]
+    levels = [handler.level for handler in consoles]
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels, strict=True):
+            handler.setLevel(level)
 
 
 def compare(cfg: DictConfig, out_dir: Path) -> list:
@@ -152,16 +166,30 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
         reconstructions["pca", k] = pca.reconstruct(shown, k)
         log.info("pca k=%d: test squared error %.4f", k, float(error))
 
-    for method, overrides in cfg.methods.items():
-        for k in latent_dims:
-            run_dir = out_dir / RUNS_DIR / f"{method}_k{k}"
-            run_cfg = run_config(cfg, list(overrides), k)
-            log.info("training %s with latent size %d -> %s", method, k, run_dir)
+    jobs = [
+        (method, overrides, k) for method, overrides in cfg.methods.items() for k in latent_dims
+    ]
+    for number, (method, overrides, k) in enumerate(jobs, 1):
+        run_dir = out_dir / RUNS_DIR / f"{method}_k{k}"
+        run_cfg = run_config(cfg, list(overrides), k)
+        place = f"job {number} of {len(jobs)}"
+        log.info("%s: training %s with latent size %d -> %s", place, method, k, run_dir)
+        start = time.perf_counter()
+        with console_warnings_only():
             metrics = train(run_cfg, run_dir)
-            results.append(Result(method, k, metrics["test/recon_mse"]))
-            model, _ = load_run(run_dir)
-            with torch.no_grad():
-                reconstructions[method, k] = model.reconstruct(shown)
+        log.info(
+            "%s: %s k=%d: test squared error %.4f (%d epochs, %.0f s)",
+            place,
+            method,
+            k,
+            metrics["test/recon_mse"],
+            metrics["epochs"],
+            time.perf_counter() - start,
+        )
+        results.append(Result(method, k, metrics["test/recon_mse"]))
+        model, _ = load_run(run_dir)
+        with torch.no_grad():
+            reconstructions[method, k] = model.reconstruct(shown)
 
     write_csv(results, out_dir / "comparison.csv")
     table = markdown_table(results)

@@ -8,7 +8,8 @@ likelihood of them (Bernoulli on grey pixels), with bits per dimension only for 
 merges ``{split}/log_px``, ``{split}/log_px_k``, ``{split}/log_px_images``,
 ``{split}/posterior_gap``, ``{split}/bound_gap``, ``{split}/bpd`` (a likelihood only) and
 ``{split}/active_units`` into the run's ``metrics.json`` and TensorBoard (the run's summary: the
-latest evaluation of a split wins there), and writes the whole evaluation, with the checkpoint
+latest evaluation of a split wins there; in TensorBoard ``{split}/log_px`` carries the
+likelihood's unit, ``test/log_px [discretized_logistic]``, as training's terms do), and writes the whole evaluation, with the checkpoint
 and ``k`` that made it, into a new folder for this call,
 ``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``, ... when that name is
 taken: an earlier evaluation's files are never replaced)::
@@ -28,9 +29,10 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.cli.common import (
+    BAD_INPUT_ERRORS,
     UsageError,
     analysis_dir,
     discard_unused,
@@ -147,13 +149,16 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     from vae_experiments.runs import (
         CHECKPOINT_CHOICES,
         METRICS_FILE,
+        after_earlier_event_files,
         find_checkpoint,
         iterate_split,
         load_data,
         load_run,
         read_metrics,
+        tensorboard_dir,
         write_json_atomic,
     )
+    from vae_experiments.units import LIKELIHOOD_KEY, likelihood_unit, unit_tag
 
     # Every setting is checked before the checkpoint is read, and the run before anything is
     # written: a mistake leaves nothing behind (main() removes the call's empty folder).
@@ -248,11 +253,15 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     dropped = {f"{cfg.split}/{key}" for key in METRIC_KEYS if results[key] is None}
     kept = {key: value for key, value in metrics.items() if key not in dropped}
     write_json_atomic(metrics_path, {**kept, **new})
-    step = int(metrics.get("steps", 0))
-    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
+    step = int(metrics.get("steps", 0))  # where training's test/* points are
+    events_dir = tensorboard_dir(run_dir)
+    unit = likelihood_unit(OmegaConf.select(run_cfg, LIKELIHOOD_KEY))
+    # At the step of an earlier evaluation's points: TensorBoard keeps the file read last.
+    after_earlier_event_files(events_dir)
+    with SummaryWriter(log_dir=str(events_dir)) as writer:
         for tag, value in new.items():
             if not math.isnan(value):
-                writer.add_scalar(tag, value, global_step=step)
+                writer.add_scalar(unit_tag(tag, unit), value, global_step=step)
 
     print(
         f"\n{run_dir} ({ckpt_path.name}), {cfg.split} split: {num_images} images, "
@@ -260,7 +269,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         + format_table(results, metrics, cfg.split, int(getattr(model, "k", 1)))
     )
     log.info("added %s to %s", ", ".join(new), metrics_path)
-    log.info("wrote %s and TensorBoard scalars to %s", record_path, run_dir / "tensorboard")
+    log.info("wrote %s and TensorBoard scalars to %s", record_path, events_dir)
     print(f"this call's outputs are in {out_dir}")
     return record
 
@@ -275,6 +284,6 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg, out_dir)
     except BaseException as exc:
         discard_unused(out_dir, "evaluate")  # stopped before writing: leave no folder behind
-        if isinstance(exc, UsageError):
+        if isinstance(exc, (UsageError, *BAD_INPUT_ERRORS)):
             config_error_exit(str(exc))
         raise

@@ -31,24 +31,27 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import GrammarParseError, InterpolationResolutionError, MissingMandatoryValue
 
 from vae_experiments.cli import hydra_compat
+from vae_experiments.data.errors import DataError
 from vae_experiments.runs import (
+    DiskFullError,
     holds_a_run,
     is_first_process,
     lock,
     read_group_choices,
     run_dir_of,
 )
-from vae_experiments.runs.layout import LOCK_FILE, SWEEP_CONFIG_FILE
-from vae_experiments.targets import ConfigError
+from vae_experiments.runs.layout import LOCK_FILE, SEARCH_FILE, SWEEP_CONFIG_FILE
+from vae_experiments.targets import ConfigError, format_value
 
 T = TypeVar("T")
 
@@ -57,16 +60,51 @@ T = TypeVar("T")
 CONFIG_ERROR_STATUS = 2
 
 #: Errors that are config mistakes: a value our checks refuse, a required value not given
-#: (``???``), an interpolation that does not resolve.
+#: (``???``), an interpolation that does not resolve; and bad input data (a folder without
+#: images, a corrupt file: :class:`~vae_experiments.data.errors.DataError`), found while the
+#: data is prepared, before training starts.
 CONFIG_ERRORS = (
     ConfigError,
+    DataError,
     MissingMandatoryValue,
     InterpolationResolutionError,
     GrammarParseError,
 )
 
 #: Config groups of train.yaml: a resumed run keeps its choices.
-CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer")
+CONFIG_GROUPS = ("model", "data", "trainer", "logger", "scheduler", "optimizer", "experiment")
+
+#: What a resume may change, each key with everything below it: how long and how the run trains,
+#: how it is logged and shown, and how its data are loaded. Everything else is what the run
+#: optimises (``model.*``, ``seed``, ``callbacks.checkpoint.*``: which checkpoint is best) or on
+#: what data (``data.*`` but the loading settings below: source, path, split, binarisation, batch
+#: size), and stays as the run was trained: two objectives or two datasets in one run would pick
+#: best.ckpt across them and report test metrics of weights never trained on what they measure.
+#: A run with no checkpoint yet has trained nothing, and any value may change
+#: (:func:`resumed_config`). README.md, "Stopping and resuming", lists the same.
+RESUME_MAY_CHANGE = (
+    "trainer",  # max_epochs, max_steps, limit_train_batches, gradient clipping, devices, precision
+    "optimizer",  # lr, weight_decay, ...: training/optimizer_settings.py applies them
+    "scheduler",
+    "logger",
+    "callbacks.image_grids",
+    "callbacks.latent_samples",
+    "callbacks.progress_bar",
+    "data.num_workers",
+    "data.on_device",
+    "data.source.cache",
+    "data.source.cache_dir",
+    "data.source.download",
+    "optimized_metric",
+    "test_ckpt",
+    "compile",
+    "channels_last",
+    "steps_per_group",
+    "float32_matmul_precision",
+)
+#: Keys below :data:`RESUME_MAY_CHANGE` that stay as trained all the same: what class is built
+#: (the checkpoint holds that class's state), and which validation batches best.ckpt is chosen on.
+RESUME_KEEPS = ("_target_", "_partial_", "trainer.limit_val_batches", "trainer.overfit_batches")
 
 #: Characters kept in a folder name made from settings; others become ``_`` (no ``/``).
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
@@ -80,6 +118,7 @@ UNNAMED_OVERRIDES = (
     "callbacks",
     "trainer.enable_",
     "optimized_metric",
+    "threads",
 )
 
 #: Longest run name, in characters (file systems allow 255 per folder name).
@@ -123,9 +162,11 @@ def run_dir(resume: str | None, pattern: str) -> str:
 
 
 def _lock_or_exit(directory: str | Path, created: Sequence[Path] = ()) -> lock.RunLock:
+    """The run directory's lock, or an exit with one ``error:`` line: another run holds it, or
+    the disk is full (the full-disk line of ``runs/files.py``, as for any file of a run)."""
     try:
         return lock.acquire(directory, created)
-    except lock.RunLocked as error:
+    except (lock.RunLocked, DiskFullError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
@@ -145,7 +186,7 @@ def config_error_message(error: BaseException) -> tuple[str, str | None]:
             f"{key} is required and has no value (??? in the config)",
             f"give it on the command line: {key}=<value>",
         )
-    if not isinstance(error, ConfigError):
+    if not isinstance(error, ConfigError | DataError):
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         key = getattr(error, "full_key", None)
         return (f"{key}: {first_line}" if key else first_line), None
@@ -213,6 +254,10 @@ def refuse_existing_run_dir(argv: Sequence[str], resumable: bool = True) -> None
     with them). A new or empty directory is fine. ``resumable``: whether the message offers
     ``resume=`` (train.py; not compare_pca.py).
 
+    The sweep directory of a search (it holds ``search.yaml``) is left to a search, which
+    continues its study there (``cli/search.py`` checks that it is the same study); any other
+    command is refused there.
+
     Not checked when resuming, in the extra processes of a distributed run (they join the
     first one's directory) and in a SLURM job that was requeued (it continues its own run).
     """
@@ -225,6 +270,17 @@ def refuse_existing_run_dir(argv: Sequence[str], resumable: bool = True) -> None
         return
     arg, directory = given
     multirun = arg.startswith("hydra.sweep.dir=")
+    if multirun and (directory / SEARCH_FILE).is_file():
+        from vae_experiments.cli.search import is_search_command
+
+        if is_search_command(argv):
+            return  # a search continues in its own directory: the search checks it is its own
+        raise SystemExit(
+            f"error: {arg} names the directory of a search ({directory / SEARCH_FILE} is "
+            "there); nothing is overwritten. Continue the search with its own command "
+            "(hydra/sweeper=optuna and its hydra.sweeper.storage), choose another directory "
+            "or delete it first"
+        )
     entries = [entry for entry in directory.iterdir() if entry.name != LOCK_FILE]
     taken = (
         [d for d in entries if d.is_dir() and holds_a_run(d)]
@@ -277,14 +333,25 @@ def lock_command_line_dir(argv: Sequence[str]) -> None:
         _lock_or_exit(given[1])
 
 
+def discard_command_line_dir(argv: Sequence[str]) -> None:
+    """For a command that stopped on a config mistake before it ran anything: removes the
+    directory that ``hydra.run.dir=`` (``hydra.sweep.dir=`` with ``-m``) on the command line
+    names if this command created it, or else what it wrote there
+    (:meth:`~vae_experiments.runs.lock.RunLock.discard`), and releases its lock."""
+    given = _command_line_dir(argv)
+    if given is not None and is_first_process():
+        _lock_or_exit(given[1]).discard()
+
+
 def owns_run_dir(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
     """Decorator of a training task function (below ``@hydra.main``): the run directory is this
     command's for the task's life, and a config mistake leaves nothing behind.
 
     The first process takes the run directory's lock (the lock that choosing the directory took
     already, or, in a sweep's job, a new one) and releases it when the task ends. The config is
-    checked before the task's heavy imports. A config mistake (:data:`CONFIG_ERRORS`) found
-    before any checkpoint was written ends a single run with :func:`config_error_exit`, after
+    checked before the task's heavy imports. A config mistake or bad input data
+    (:data:`CONFIG_ERRORS`) found before any checkpoint was written ends a single run with
+    :func:`config_error_exit`, after
     :meth:`~vae_experiments.runs.lock.RunLock.discard` removed what the command wrote; in a
     sweep, the job fails as any failed job does (recorded in its status.json) and the others run.
     """
@@ -317,12 +384,21 @@ def owns_run_dir(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
 
 def check_early(cfg: DictConfig) -> None:
     """Raises one of :data:`CONFIG_ERRORS` for a config that cannot train: a required value
-    (``???``) not given, an interpolation that does not resolve, a value our checks refuse."""
-    from vae_experiments.config_checks import check_config, choose_likelihood
+    (``???``) not given, an interpolation that does not resolve, a value our checks or a
+    constructor refuse; the cheap checks first, so that their mistakes need no torch."""
+    from vae_experiments.config_checks import (
+        check_by_building,
+        check_config,
+        check_values,
+        choose_likelihood,
+    )
 
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_values(cfg)  # imports nothing: a mistake here fails before torch is imported
     choose_likelihood(cfg)  # model/likelihood=auto: the one the data call for
-    check_config(cfg, lightning=False)  # seconds sooner: Lightning is not imported yet
+    # Seconds sooner than training: Lightning is not imported yet.
+    check_config(cfg, lightning=False)
+    check_by_building(cfg)
 
 
 def _resume_value(argv: Sequence[str]) -> str | None:
@@ -361,16 +437,56 @@ def with_saved_choices(argv: Sequence[str], config_dir: str | Path) -> list[str]
     return [*prepended, *argv]
 
 
+def _key_under(key: str, prefixes: Sequence[str]) -> bool:
+    """Whether dotted ``key`` is one of ``prefixes`` or below one (``trainer.max_epochs`` is
+    below ``trainer``; ``data.source.cache_dir`` is not below ``data.source.cache``)."""
+    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
+
+
+def resume_may_change(key: str) -> bool:
+    """Whether a resume may change the value of dotted ``key`` (:data:`RESUME_MAY_CHANGE`)."""
+    if key.rpartition(".")[2] in RESUME_KEEPS or _key_under(key, RESUME_KEEPS):
+        return False
+    return _key_under(key, RESUME_MAY_CHANGE)
+
+
+def _override_key(line: str) -> str:
+    """``model.beta`` of ``model.beta=4``, ``+model.beta=4`` or ``~model.beta``."""
+    return line.lstrip("+~").partition("=")[0]
+
+
+def new_run_command(
+    started_with: Sequence[str], overrides: Sequence[str], checkpoint: str | Path
+) -> str:
+    """``python train.py <the run's overrides> <these> ckpt_path=<checkpoint>``: a new run from
+    a run's checkpoint, with the run's settings and ``overrides`` in place of its own values,
+    ready to paste (quoted where a shell needs it)."""
+
+    def a_setting(line: str) -> bool:  # not which run, nor where it goes
+        key = _override_key(line)
+        return key not in ("resume", "ckpt_path") and not key.startswith("hydra.")
+
+    given = [line for line in overrides if a_setting(line)]
+    keys = {_override_key(line) for line in given}
+    kept = [line for line in started_with if a_setting(line) and _override_key(line) not in keys]
+    return shlex.join(["python", "train.py", *kept, *given, f"ckpt_path={checkpoint}"])
+
+
 def resumed_config(
     saved: DictConfig,
     composed: DictConfig,
     overrides: Sequence[str],
     saved_choices: dict[str, str] | None = None,
+    *,
+    checkpoint: str | Path | None,
+    started_with: Sequence[str] = (),
 ) -> tuple[DictConfig, list[str]]:
-    """The saved config of a run with this command line's ``key=value`` overrides applied.
+    """The saved config of a run with this command line's ``key=value`` overrides applied: the
+    one rule of what a resume may change.
 
     ``composed`` is the config Hydra built from the command line (defaults plus overrides), so
-    each override's value is already parsed and typed there.
+    each override's value is already parsed and typed there. Values that equal the run's own
+    (its command line again, as a cluster script re-submits it) change nothing.
 
     Args:
         saved: the run's config.
@@ -379,17 +495,25 @@ def resumed_config(
         saved_choices: the run's config-group choices (:func:`read_group_choices`); a group
             override equal to the run's choice (``model=vae`` re-typed from the run's own
             command) is accepted.
+        checkpoint: the checkpoint the run continues from; None for a run that has none yet
+            (it failed or was stopped before its first): it trains again from the start, so any
+            value may change (a corrected ``data.source.path``).
+        started_with: the overrides the run was started with (``.hydra/overrides.yaml``), for
+            the command that starts a new run from the checkpoint instead.
 
     Returns:
         The config, and the overrides that changed a value.
 
     Raises:
         ValueError: for an override that picks another config group than the run's
-            (``model=ae``), or deletes a key.
+            (``model=ae``), deletes a key, or changes a value that :func:`resume_may_change`
+            keeps (``model.beta=4``, ``data.source.path=...``) in a run with a checkpoint; the
+            message names each, the run's value, and the command that starts a new run from
+            the checkpoint with it.
     """
     config = saved.copy()
     saved_choices = saved_choices or {}
-    changed = []
+    changed, refused = [], []
     for override in hydra_compat.parse_overrides(overrides):
         key = override.key_or_group
         if key in ("resume", "ckpt_path") or key.startswith("hydra."):
@@ -410,8 +534,38 @@ def resumed_config(
                 "last.ckpt>"
             )
         value: Any = OmegaConf.select(composed, key)
-        if OmegaConf.select(config, key) != value:
-            with open_dict(config):
-                OmegaConf.update(config, key, value, force_add=True)
-            changed.append(override.input_line)
+        missing = object()
+        before = OmegaConf.select(config, key, default=missing)
+        if before == value:
+            continue
+        if checkpoint is not None and not resume_may_change(key):
+            run_value = f"{key}={_shown(before)}" if before is not missing else f"no {key}"
+            refused.append(f"{override.input_line} (this run was trained with {run_value})")
+            continue
+        with open_dict(config):
+            OmegaConf.update(config, key, value, force_add=True)
+        changed.append(override.input_line)
+    if refused:
+        given = [
+            line
+            for line in overrides
+            if not (
+                _override_key(line) in saved_choices
+                and saved_choices[_override_key(line)] == line.partition("=")[2]
+            )
+        ]
+        raise ValueError(
+            f"{', '.join(refused)}: a resume continues what the run optimises, on its data, and "
+            "changes only how long and how it trains (trainer.*, optimizer.*, scheduler.*, "
+            "logger.*, data loading: README.md, Stopping and resuming); nothing was changed. "
+            "Start a new run from its weights with this instead: "
+            f"{new_run_command(started_with, given, checkpoint)}"
+        )
     return config, changed
+
+
+def _shown(value: Any) -> str:
+    """A config value as the command line types it (``1.0``, ``[512, 256]``, ``null``)."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    return format_value(value)

@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vae_experiments.cli.common import (
+    BAD_INPUT_ERRORS,
     UsageError,
     analysis_dir,
     discard_unused,
@@ -148,10 +149,11 @@ def sample_latents(
             samples = model.sample(n, generator=generator)
         else:
             samples = model.decode(densities[density].sample(n, generator=generator))
-    per_row = math.ceil(math.sqrt(n))
+    rows = list(samples.split(math.ceil(math.sqrt(n))))
+    labels = [f"{density} samples"] + [""] * (len(rows) - 1)  # what the grid is, once
     paths = {
         "samples": save_grid(
-            image_grid(list(samples.split(per_row))), out_dir / f"samples_{density}.png"
+            image_grid(rows, row_labels=labels), out_dir / f"samples_{density}.png"
         )
     }
     dims = None if traversal_dims is None else list(range(min(traversal_dims, model.latent_dim)))
@@ -223,6 +225,6 @@ def main(cfg: DictConfig) -> None:
         )
     except BaseException as exc:
         discard_unused(out_dir, "sample")  # stopped before writing: leave no folder behind
-        if isinstance(exc, UsageError):
+        if isinstance(exc, (UsageError, *BAD_INPUT_ERRORS)):
             config_error_exit(str(exc))
         raise

@@ -136,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out_dir = args.out or args.sweep_dir
     try:
-        written = write_summary(table, out_dir, metric, args.x, plot=not args.no_plot)
+        # A search's trials are points, never a curve.
+        plot = not args.no_plot
+        written = write_summary(table, out_dir, metric, args.x, plot, connect=search is None)
     except OSError as err:
         log.error("cannot write into %s (%s); choose another folder with --out DIR", out_dir, err)
         return 1

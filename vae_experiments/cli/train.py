@@ -38,6 +38,7 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
         FINISHED,
         load_config,
         newest_checkpoint,
+        read_command_overrides,
         read_group_choices,
         read_metrics,
         read_status,
@@ -63,9 +64,17 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
             "hydra.run.dir out (or give that directory)",
         )
     saved = load_config(run_dir)
+    resume = Path(str(cfg.resume)).expanduser()
+    checkpoint = resume if resume.suffix == ".ckpt" else newest_checkpoint(run_dir)
     try:
+        # What may change (how long and how it trains, not what or on what data): one rule.
         resumed, changed = run_dirs.resumed_config(
-            saved, cfg, HydraConfig.get().overrides.task, read_group_choices(run_dir)
+            saved,
+            cfg,
+            HydraConfig.get().overrides.task,
+            read_group_choices(run_dir),
+            checkpoint=checkpoint,
+            started_with=read_command_overrides(run_dir),
         )
     except ValueError as error:
         raise ConfigError(allowed=str(error)) from None
@@ -73,8 +82,6 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
     status = read_status(run_dir) or {}
     if status.get("status") == FINISHED:
         _refuse_if_nothing_to_train(run_dir, resumed, read_metrics(run_dir))
-    resume = Path(str(cfg.resume)).expanduser()
-    checkpoint = resume if resume.suffix == ".ckpt" else newest_checkpoint(run_dir)
     if checkpoint is None:
         log.warning("%s has no checkpoint yet: training it again from the start", run_dir)
     else:
@@ -85,10 +92,49 @@ def _resume(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None]:
         _refuse_max_epochs_below(run_dir, resumed, epoch)
         log.info("resuming %s from %s", run_dir, checkpoint)
     if changed:
-        # train() writes the changed config.yaml once everything is built (the earlier one is
-        # kept beside it), so a value that a constructor refuses changes nothing either.
+        # train() writes the changed config.yaml once everything is built and the data read
+        # (the earlier one is kept beside it), so a value that a constructor refuses, or bad
+        # data, changes nothing either.
         log.info("changed on resume: %s", " ".join(changed))
     return resumed, checkpoint
+
+
+def _check_start_checkpoint(cfg: DictConfig, path: Path) -> None:
+    """Raises ConfigError, before anything of the new run is built or written, for a
+    ``ckpt_path=`` that is no file, cannot be read, or holds another model than ``cfg``'s (its
+    model class, network, latent size or image shape differ: its weights would not load)."""
+    from vae_experiments.config_checks import choose_likelihood
+    from vae_experiments.runs import read_command_overrides, run_dir_of
+    from vae_experiments.runs.load import (
+        CheckpointModelError,
+        UnreadableCheckpointError,
+        check_checkpoint,
+        check_checkpoint_model,
+    )
+    from vae_experiments.targets import ConfigError
+
+    if not path.is_file():
+        raise ConfigError("ckpt_path", str(path), "no such checkpoint file")
+    try:
+        check_checkpoint(path, key="ckpt_path")
+        choose_likelihood(cfg)  # the model as train() builds it (model/likelihood=auto)
+        check_checkpoint_model(path, cfg, key="ckpt_path")
+    except UnreadableCheckpointError as error:
+        raise ConfigError(allowed=str(error)) from None
+    except CheckpointModelError as error:
+        try:
+            started_with = read_command_overrides(run_dir_of(path))
+        except FileNotFoundError:  # a checkpoint file on its own
+            started_with = []
+        if started_with:
+            its_run = run_dirs.new_run_command(started_with, [], path)
+            fix = f"give its run's model and data settings, as in: {its_run} (with your changes)"
+        else:
+            fix = "give the model settings it was trained with"
+        raise ConfigError(
+            allowed=f"{error}; nothing was started. To train on from it, {fix}; to train this "
+            "model, leave ckpt_path out"
+        ) from None
 
 
 def _refuse_if_nothing_to_train(run_dir: Path, cfg: DictConfig, metrics: dict) -> None:
@@ -146,8 +192,31 @@ def record_interruption(run_dir: Path, stop: RunInterrupted) -> None:
         resume_from=str(checkpoint) if checkpoint else None,
         resume_command=command,
     )
+    from vae_experiments.cli.search import is_search_job
+
+    if is_search_job():  # the search records the trial and says how to continue the search
+        log.warning("%s", stop)
+        return
     then = "Run the test again" if stop.phase == "testing" else "Continue it"
     log.warning("%s. %s with: %s", stop, then, command)
+
+
+def parallel_jobs() -> int:
+    """Jobs that this sweep's launcher runs at once on this machine, sharing its CPUs:
+    ``hydra/launcher=joblib``'s ``n_jobs`` (-1: one per CPU, as joblib counts); 1 for a single
+    run, the default launcher (one job after another), and cluster launchers (each job gets its
+    own CPUs, which its affinity shows)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return 1
+    launcher = hydra_cfg.get("launcher") or {}
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    n_jobs = launcher.get("n_jobs", -1)
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return 1
+    cpus = os.cpu_count() or 1
+    return max(1, n_jobs if n_jobs > 0 else cpus + 1 + n_jobs)  # joblib: -1 all, -2 all but one
 
 
 @suggest_keys_on_failure(CONFIG_DIR, "train")
@@ -184,16 +253,14 @@ def _main(cfg: DictConfig) -> float | None:
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume"):
         cfg, ckpt_path = _resume(cfg, run_dir)
-    elif ckpt_path and not Path(ckpt_path).expanduser().is_file():
-        from vae_experiments.targets import ConfigError
-
-        raise ConfigError("ckpt_path", ckpt_path, "no such checkpoint file")
+    elif ckpt_path:
+        _check_start_checkpoint(cfg, Path(ckpt_path).expanduser())
     if record:
         details = {"resumed_from": str(ckpt_path)} if ckpt_path else {}
         write_status(run_dir, RUNNING, pid=os.getpid(), **details)
     try:
         with ddp_sweep_job(cfg.trainer):
-            metrics = train(cfg, run_dir, ckpt_path=ckpt_path)
+            metrics = train(cfg, run_dir, ckpt_path=ckpt_path, parallel_jobs=parallel_jobs())
     except RunInterrupted as stop:
         if record:
             record_interruption(run_dir, stop)

@@ -16,6 +16,7 @@ from vae_experiments.data.batches import (
 )
 from vae_experiments.data.celeba import CelebA
 from vae_experiments.data.digits import Digits
+from vae_experiments.data.errors import DataError, DataNotFoundError
 from vae_experiments.data.file_source import FileSource
 from vae_experiments.data.files import ImageFiles
 from vae_experiments.data.idx import MNIST, FashionMNIST, IdxImages, read_idx
@@ -27,6 +28,8 @@ from vae_experiments.data.synthetic import Synthetic
 __all__ = [
     "MNIST",
     "CelebA",
+    "DataError",
+    "DataNotFoundError",
     "Digits",
     "FashionMNIST",
     "FileSource",

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vae_experiments.data.errors import DataError
 from vae_experiments.data.files import CorruptImageError, ImageFiles
 from vae_experiments.data.parallel import map_chunks
 
@@ -42,6 +43,10 @@ CACHE_VERSION = 2
 _COPY_CHUNK = 4096
 # What _decode_into found about an image, besides decoding it.
 _CORRUPT, _SMALL, _UNDERSIZED = "corrupt", "small", "undersized"
+
+
+class UnwritableCacheError(DataError, PermissionError):
+    """The folder of the decoded caches cannot be written; the message says what to set."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,8 @@ def ensure_cache(
     Raises:
         CorruptImageError: A file cannot be decoded and ``skip_corrupt`` is false; nothing is
             left behind.
-        PermissionError: ``npy``'s folder cannot be written (the message says what to set).
+        UnwritableCacheError: ``npy``'s folder cannot be written (the message says what to
+            set; a PermissionError).
     """
     fingerprint = source_fingerprint(files.paths)
     cached = load_cache(npy, fingerprint, len(files))
@@ -300,7 +306,7 @@ def _make_folder(folder: Path) -> None:
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"{folder} is not writable")
     except OSError as exc:
-        raise PermissionError(
+        raise UnwritableCacheError(
             f"cannot write the decoded-image cache in {folder} ({exc}). Set "
             "data.source.cache_dir to a writable folder, or data.source.cache=false to decode "
             "the files every epoch instead."

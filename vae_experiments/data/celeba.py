@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from vae_experiments.data.checks import as_path, at_least
+from vae_experiments.data.errors import DataError, DataNotFoundError
 from vae_experiments.data.file_source import FileSource, report_skipped
 from vae_experiments.data.files import CenterCropResize, ImageFiles
 from vae_experiments.targets import ConfigError
@@ -30,6 +31,9 @@ def read_partition(path: Path) -> list[tuple[str, int]]:
 
     Returns:
         (file name, partition) pairs in file order; partition 0=train, 1=val, 2=test.
+
+    Raises:
+        DataError: A line is not ``<image> <0|1|2>``, or the file lists no image.
     """
     entries = []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -37,10 +41,16 @@ def read_partition(path: Path) -> list[tuple[str, int]]:
         if not fields or (line_number == 1 and fields == ["image_id", "partition"]):
             continue
         if len(fields) != 2 or fields[1] not in {"0", "1", "2"}:
-            raise ValueError(f"{path}:{line_number}: expected '<image> <0|1|2>', got {line!r}")
+            raise DataError(
+                f"{path}:{line_number}: expected '<image> <0|1|2>', got {line!r}: this is not "
+                f"CelebA's partition list. Replace it with list_eval_partition.txt. {HOW_TO_GET}"
+            )
         entries.append((fields[0], int(fields[1])))
     if not entries:
-        raise ValueError(f"{path} lists no images")
+        raise DataError(
+            f"{path} lists no images: it is empty or cut short. Replace it with "
+            f"list_eval_partition.txt. {HOW_TO_GET}"
+        )
     return entries
 
 
@@ -95,23 +105,51 @@ class CelebA(FileSource):
         """Return (image folder, partition file).
 
         Raises:
-            FileNotFoundError: Naming every path looked at and how to get CelebA.
+            DataNotFoundError: Saying which of the two was found (and where), which is missing,
+                where it was looked for, and how to get CelebA.
         """
-        looked_at = []
-        for root in dict.fromkeys([self.data_dir / "celeba", self.data_dir]):
-            partitions = [root / name for name in PARTITION_FILES]
+        roots = list(dict.fromkeys([self.data_dir / "celeba", self.data_dir]))
+        partitions, image_dirs = {}, {}
+        for root in roots:
+            partition = next((root / n for n in PARTITION_FILES if (root / n).is_file()), None)
             # Kaggle's zip nests the folder in a folder of the same name.
-            image_dirs = [root / "img_align_celeba" / "img_align_celeba", root / "img_align_celeba"]
-            looked_at += partitions + image_dirs
-            partition = next((p for p in partitions if p.is_file()), None)
-            image_dir = next((d for d in image_dirs if d.is_dir()), None)
+            nested = [root / "img_align_celeba" / "img_align_celeba", root / "img_align_celeba"]
+            image_dir = next((d for d in nested if d.is_dir()), None)
             if partition is not None and image_dir is not None:
                 return image_dir, partition
-        listing = "\n".join(f"  - {p}" for p in looked_at)
-        raise FileNotFoundError(
-            f"CelebA not found under data.source.data_dir={self.data_dir}: need an "
-            "img_align_celeba/ folder and a list_eval_partition file side by side. Looked "
-            f"at:\n{listing}\n{HOW_TO_GET}"
+            if partition is not None:
+                partitions[root] = partition
+            if image_dir is not None:
+                image_dirs[root] = image_dir
+        where = " or ".join(str(root) for root in roots)
+        list_names = " or ".join(PARTITION_FILES)
+        if partitions and image_dirs:
+            (partition, *_), (image_dir, *_) = partitions.values(), image_dirs.values()
+            problem = (
+                f"found its partition list {partition} and its image folder {image_dir}, but "
+                "not side by side; move them into one folder"
+            )
+        elif partitions:
+            root, partition = next(iter(partitions.items()))
+            problem = (
+                f"found its partition list {partition}, but its image folder is missing: no "
+                f"{root / 'img_align_celeba'}/ (nor img_align_celeba/img_align_celeba/ from "
+                f"Kaggle's zip); extract img_align_celeba.zip into {root}"
+            )
+        elif image_dirs:
+            root, image_dir = next(iter(image_dirs.items()))
+            problem = (
+                f"found its image folder {image_dir}, but its partition list is missing: no "
+                f"{list_names} in {root}; put list_eval_partition.txt (from the Eval folder "
+                "of the CelebA site) there"
+            )
+        else:
+            problem = (
+                f"neither its image folder (img_align_celeba/) nor its partition list "
+                f"({list_names}) is in {where}"
+            )
+        raise DataNotFoundError(
+            f"CelebA not found under data.source.data_dir={self.data_dir}: {problem}. {HOW_TO_GET}"
         )
 
     def list_files(self, split_seed: int) -> dict[str, ImageFiles]:
@@ -120,13 +158,13 @@ class CelebA(FileSource):
         # One directory listing instead of 200k stat calls.
         present = set(os.listdir(image_dir))
         if not any(name.lower().endswith(".jpg") for name in present):
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"the CelebA image folder {image_dir} holds no .jpg files, but {partition_file} "
                 f"lists {len(entries)}. Extract img_align_celeba.zip there. {HOW_TO_GET}"
             )
         missing = [name for name, _ in entries if name not in present]
         if missing and not self.skip_corrupt:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"{len(missing)} of the {len(entries)} images listed in {partition_file} are "
                 f"missing, the first is {image_dir / missing[0]}. Re-extract img_align_celeba, "
                 f"or set data.source.skip_corrupt=true to train without them. {HOW_TO_GET}"

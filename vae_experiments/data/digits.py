@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
 from vae_experiments.data.checks import split_size
@@ -14,6 +13,8 @@ from vae_experiments.data.splits import carve
 
 def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
     """Return all digits as uint8 images (1797, 1, 8, 8) and int64 labels (1797,)."""
+    from sklearn.datasets import load_digits  # a second to import: only when the data is read
+
     digits = load_digits()
     # Pixel values are counts 0..16; rescale to the 0..255 range every source shares.
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)

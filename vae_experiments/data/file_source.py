@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from vae_experiments.data.batches import TensorImages
 from vae_experiments.data.cache import DecodedImages, cache_file, ensure_cache
 from vae_experiments.data.checks import as_path, at_least
+from vae_experiments.data.errors import DataError
 from vae_experiments.data.files import CorruptImageError, ImageFiles, find_damage
 from vae_experiments.data.parallel import map_chunks
 from vae_experiments.data.source import ImageSource
@@ -27,13 +28,13 @@ def report_skipped(skipped: Sequence[Path], total: int) -> None:
     """Log how many unreadable files were left out, and the first few of them.
 
     Raises:
-        ValueError: Every one of the ``total`` files was left out (nothing to train on), naming
+        DataError: Every one of the ``total`` files was left out (nothing to train on), naming
             their folder, the first few files, why the first is unreadable and what to check.
     """
     if not skipped:
         return
     if len(skipped) >= total:
-        raise ValueError(_none_readable(skipped))
+        raise DataError(_none_readable(skipped))
     shown = ", ".join(str(p) for p in skipped[:_NAMES_SHOWN])
     more = f" and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
     log.warning(
@@ -143,7 +144,7 @@ class FileSource(ImageSource):
             split_seed: Seed of the val/test carving, where the source carves them.
 
         Raises:
-            FileNotFoundError: The data is missing; names where it looked and how to get it.
+            DataNotFoundError: The data is missing; names where it looked and how to get it.
         """
         raise NotImplementedError
 

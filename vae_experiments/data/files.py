@@ -13,6 +13,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vae_experiments.data.errors import DataError
+
 _MODES = {1: "L", 3: "RGB"}
 # PIL modes of 16-bit (and wider) grayscale; "I" is how older Pillows open a 16-bit PNG.
 _WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -21,7 +23,7 @@ _JPEG_END = b"\xff\xd9"  # EOI marker: a JPEG cut short lacks it
 _TAIL_BYTES = 1024
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(DataError):
     """An image file that PIL cannot read; the message starts with the file's path."""
 
     def __init__(self, path: Path, reason: str, hint: str = "") -> None:

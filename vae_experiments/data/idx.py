@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from vae_experiments.data.batches import TensorImages
 from vae_experiments.data.checks import as_path, split_size
+from vae_experiments.data.errors import DataError, DataNotFoundError
 from vae_experiments.data.source import ImageSource
 from vae_experiments.data.splits import carve
 
@@ -52,7 +53,7 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is not IDX (bad magic number), holds another data type than
+        DataError: The file is not IDX (bad magic number), holds another data type than
             uint8, or its size does not match its header (truncated, or a corrupt gzip stream);
             the message names the file and what is wrong.
     """
@@ -63,31 +64,31 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
         with gzip.open(path, "rb") if is_gzip else path.open("rb") as f:
             data = f.read()
     except (EOFError, OSError, zlib.error) as exc:
-        raise ValueError(
+        raise DataError(
             f"{path}: cannot read IDX file, its gzip stream is truncated or corrupt ({exc}). "
             f"{NOT_SKIPPABLE}"
         ) from exc
     if len(data) < 4:
-        raise ValueError(
+        raise DataError(
             f"{path}: bad IDX magic number: the file holds only {len(data)} bytes. {NOT_SKIPPABLE}"
         )
     magic = int.from_bytes(data[:4], "big")
     type_code, ndim = data[2], data[3]
     if data[:2] != b"\x00\x00" or ndim == 0:
-        raise ValueError(
+        raise DataError(
             f"{path}: bad IDX magic number 0x{magic:08x} (starts {data[:16]!r}); expected "
             "0x00000803 (uint8 images) or 0x00000801 (uint8 labels). Is this really an IDX "
             f"file, not e.g. an HTML page saved by a failed download? {NOT_SKIPPABLE}"
         )
     if type_code != _UINT8:
         type_name = _TYPE_NAMES.get(type_code, "an unknown type")
-        raise ValueError(
+        raise DataError(
             f"{path}: bad IDX magic number 0x{magic:08x}: data type code 0x{type_code:02x} "
             f"({type_name}), but images and labels must be 0x08 (uint8). {NOT_SKIPPABLE}"
         )
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(
+        raise DataError(
             f"{path}: IDX header is truncated: {len(data)} bytes, the {ndim} dimensions need "
             f"{header}. {NOT_SKIPPABLE}"
         )
@@ -95,7 +96,7 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
     expected, found = math.prod(shape), len(data) - header
     if found != expected:
         problem = "truncated" if found < expected else f"{found - expected} bytes too long"
-        raise ValueError(
+        raise DataError(
             f"{path}: IDX file is {problem}: its header says shape {shape} ({expected} bytes "
             f"of data) but it holds {found} bytes. {NOT_SKIPPABLE}"
         )
@@ -167,7 +168,7 @@ class IdxImages(ImageSource):
         """Download with torchvision if allowed and the files are missing.
 
         Raises:
-            FileNotFoundError: The download failed (offline, say): why, and the ways to get the
+            DataNotFoundError: The download failed (offline, say): why, and the ways to get the
                 files without one (see :meth:`not_found`).
         """
         if not self.download or self.find_files() is not None:
@@ -196,13 +197,13 @@ class IdxImages(ImageSource):
             f"the folders searched{self.hint}."
         )
 
-    def not_found(self, what_happened: str) -> FileNotFoundError:
+    def not_found(self, what_happened: str) -> DataNotFoundError:
         """The error for files that are not on disk: ``what_happened``, the folders searched and
-        how to get the files (:meth:`how_to_get`), offline ways included."""
-        looked_in = "\n".join(f"  - {d}" for d in self.search_dirs())
+        how to get the files (:meth:`how_to_get`), offline ways included; one line."""
+        looked_in = ", ".join(str(d) for d in self.search_dirs())
         names = ", ".join(IDX_FILES.values())
-        return FileNotFoundError(
-            f"{what_happened}. Looked for {names} (each plain or .gz) in:\n{looked_in}\n"
+        return DataNotFoundError(
+            f"{what_happened}. Looked for {names} (each plain or .gz) in {looked_in}. "
             f"{self.how_to_get()}"
         )
 
@@ -220,17 +221,24 @@ class IdxImages(ImageSource):
     def _read_pair(self, images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
         try:
             images, labels = read_idx(images_path), read_idx(labels_path)
-        except ValueError as exc:
+        except DataError as exc:
             # Delete first: a download skips files that exist, broken or not.
-            raise ValueError(f"{exc} Delete it and get it again. {self.how_to_get()}") from exc
+            raise DataError(f"{exc} Delete it and get it again. {self.how_to_get()}") from exc
         if images.ndim != 3 or images.shape[1:] != self.image_shape[1:]:
-            raise ValueError(
-                f"{images_path}: expected images of shape (N, 28, 28), got {tuple(images.shape)}"
+            raise DataError(
+                f"{images_path}: expected images of shape (N, 28, 28), got "
+                f"{tuple(images.shape)}: this is not a {self.name} images file. Replace it with "
+                f"the one from {self.name}. {self.how_to_get()}"
             )
         if labels.shape != (images.shape[0],):
-            raise ValueError(
-                f"{labels_path}: expected {images.shape[0]} labels to match {images_path}, "
-                f"got shape {tuple(labels.shape)}"
+            found = (
+                f"{labels.shape[0]} labels" if labels.ndim == 1 else f"shape {tuple(labels.shape)}"
+            )
+            raise DataError(
+                f"{labels_path}: expected {images.shape[0]} labels, one per image of "
+                f"{images_path}, got {found}: the two files are not a pair (one of them is from "
+                "another download or another split). Replace both with the four files of one "
+                f"download of {self.name}. {self.how_to_get()}"
             )
         return images.unsqueeze(1), labels.long()  # (N, 1, 28, 28), (N,)
 

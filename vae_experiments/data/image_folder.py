@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from vae_experiments.data.checks import as_path, at_least, one_of, split_size
+from vae_experiments.data.errors import DataNotFoundError
 from vae_experiments.data.file_source import FileSource
 from vae_experiments.data.files import ImageFiles, ResizeCenterCrop
 from vae_experiments.data.splits import carve_splits
@@ -94,13 +95,13 @@ class ImageFolder(FileSource):
     def list_files(self, split_seed: int) -> dict[str, ImageFiles]:
         if not self.path.is_dir():
             what = "does not exist" if not self.path.exists() else "is a file"
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"data.source.path={self.path} is not a folder (it {what}); set "
                 "data.source.path to the folder holding your images"
             )
         paths, labels, self.class_names = collect_images(self.path)
         if not paths:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"no images found under data.source.path={self.path} (looked recursively for "
                 f"{', '.join(IMAGE_EXTENSIONS)} in any case, skipping hidden files); put images "
                 "there or point data.source.path at the folder that holds them"

@@ -137,8 +137,8 @@ class ImageData:
             return
         given = ", ".join(f"data.source.{key}={size}" for key, size in counts.items())
         keys = " or ".join(f"data.source.{key}" for key in counts)
-        raise ValueError(
-            f"{given} leaves {num_train} training images, fewer than one batch "
+        raise ConfigError(
+            allowed=f"{given} leaves {num_train} training images, fewer than one batch "
             f"(data.batch_size={self.batch_size}); lower {keys} (a float is a fraction of the "
             "images) or data.batch_size"
         )

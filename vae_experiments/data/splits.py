@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vae_experiments.data.batches import TensorImages
+from vae_experiments.targets import ConfigError
 
 
 def resolve_split_size(size: int | float, available: int) -> int:
@@ -44,8 +45,8 @@ def carve_splits(
         remaining = num_items - start
         count = resolve_split_size(size, remaining)
         if count >= remaining:
-            raise ValueError(
-                f"data.source.{name}_size={size} takes {count} of the {remaining} remaining "
+            raise ConfigError(
+                allowed=f"data.source.{name}_size={size} takes {count} of the {remaining} remaining "
                 f"images and leaves none for training; lower data.source.{name}_size"
             )
         # Sorted so each split keeps the source order (stable, readable evaluation batches).

@@ -1,12 +1,20 @@
 """The run directory, and nothing else owns it: its layout (file names, status words, which
 checkpoint), reading and writing its files, loading a run back, and the records that sweep
-reports read. Plain torch and OmegaConf: importing it imports neither Lightning nor Hydra."""
+reports read. Plain torch and OmegaConf: importing it imports neither Lightning nor Hydra, and
+torch only when a name that needs it is first used (:data:`_NEEDS_TORCH`), so that a command's
+start-up (``--help``, a config mistake) stays fast."""
 
-from vae_experiments.data import iterate_split, load_split
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from vae_experiments.runs.files import (
     DiskFullError,
+    after_earlier_event_files,
     atomic_write,
     load_config,
+    read_command_overrides,
     read_group_choices,
     read_metrics,
     read_status,
@@ -21,6 +29,7 @@ from vae_experiments.runs.layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DIED,
+    EVENT_FILE_GLOB,
     FAILED,
     FINISHED,
     IMAGES_DIR,
@@ -38,12 +47,13 @@ from vae_experiments.runs.layout import (
     is_run_dir,
     newest_checkpoint,
     run_dir_of,
+    tensorboard_dir,
 )
-from vae_experiments.runs.load import build_model, load_data, load_run
 from vae_experiments.runs.lock import RunLock, RunLocked
 from vae_experiments.runs.records import RunRecord, collect_runs, read_run
 
 __all__ = [
+    "read_command_overrides",
     "read_group_choices",
     "ANALYSIS_DIR",
     "BEST",
@@ -52,6 +62,7 @@ __all__ = [
     "CONFIG_FILE",
     "DIED",
     "DiskFullError",
+    "EVENT_FILE_GLOB",
     "FAILED",
     "FINISHED",
     "IMAGES_DIR",
@@ -65,6 +76,7 @@ __all__ = [
     "RunLock",
     "RunLocked",
     "RunRecord",
+    "after_earlier_event_files",
     "atomic_write",
     "build_model",
     "checkpoint_path",
@@ -84,6 +96,22 @@ __all__ = [
     "read_status",
     "run_dir_of",
     "save_config",
+    "tensorboard_dir",
     "write_json_atomic",
     "write_status",
 ]
+
+#: Names that import torch (and the data sources) when first used: name -> its module.
+_NEEDS_TORCH = {
+    "iterate_split": "vae_experiments.data",
+    "load_split": "vae_experiments.data",
+    "build_model": "vae_experiments.runs.load",
+    "load_data": "vae_experiments.runs.load",
+    "load_run": "vae_experiments.runs.load",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NEEDS_TORCH:
+        return getattr(importlib.import_module(_NEEDS_TORCH[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -22,8 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.runs.layout import (
     CONFIG_FILE,
+    EVENT_FILE_GLOB,
     HYDRA_CHOICES_FILE,
     HYDRA_CONFIG_FILE,
+    HYDRA_OVERRIDES_FILE,
     METRICS_FILE,
     STATUS_FILE,
 )
@@ -139,6 +142,26 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         f.write("\n")
 
 
+def after_earlier_event_files(directory: str | Path) -> None:
+    """Waits, a second at most, until the clock is past the second in which the newest event
+    file in ``directory`` was made, so that the next one sorts after every earlier one.
+
+    TensorBoard reads a run's event files in the order of their names
+    (``events.out.tfevents.<second>.<host>.<pid>.<n>``) and of two points at one step keeps the
+    one read last. Two writers within one second sort by host and process id: the later one
+    (an evaluation written at the step training ended, after another) could lose. Concurrent
+    writers are not ordered by this.
+    """
+    seconds = []
+    for path in Path(directory).glob(EVENT_FILE_GLOB):
+        field = path.name.split(".")[3]
+        if field.isdigit():
+            seconds.append(int(field))
+    wait = max(seconds, default=0) + 1 - time.time()
+    if 0 < wait <= 2:  # more: the other file's clock is ahead of ours, waiting would not help
+        time.sleep(wait)
+
+
 def write_status(run_dir: str | Path, status: str, **details: Any) -> None:
     """Records how the run stands in ``status.json`` (atomically), with a UTC timestamp.
 
@@ -232,3 +255,18 @@ def read_group_choices(run_dir: str | Path) -> dict[str, str]:
         for group, choice in choices.items()
         if not str(group).startswith("hydra/") and choice is not None
     }
+
+
+def read_command_overrides(run_dir: str | Path) -> list[str]:
+    """The overrides a run was started with, as typed (``["model=vae", "model.beta=4"]``), from
+    Hydra's ``.hydra/overrides.yaml``; empty when Hydra wrote no such file (a run trained with
+    ``train()`` in Python) or it cannot be read. A resume keeps the first command's file.
+
+    Read as plain YAML (``yaml.safe_load``), as :func:`read_group_choices`.
+    """
+    path = Path(run_dir) / HYDRA_OVERRIDES_FILE
+    try:
+        items = yaml.safe_load(path.read_text())
+    except Exception:  # missing, half-written or not Hydra's: no command line known
+        return []
+    return [str(item) for item in items] if isinstance(items, list) else []

@@ -13,7 +13,10 @@ A run directory (``outputs/<date>/<time>/`` or ``multirun/<date>/<time>/<job>/``
     lock.json                 while a command writes the run: its pid, host, start and command
                               (runs/lock.py); left behind only by a killed process
     train.log                 the log of every command that wrote the run (Hydra's job log)
-    tensorboard/, csv/        the logger's files
+    events.out.tfevents.*     TensorBoard's event files, in the run directory itself so that
+                              TensorBoard names the run after it (``tensorboard/`` in runs
+                              made before: they keep it, :func:`tensorboard_dir`)
+    csv/, wandb/              the other loggers' files
     images/                   reconstruction and sample grids as PNG
     analysis/<call>/          a folder per call of an analysis command (evaluate, sample), named
                               after what made it (``evaluate-best-test-k5000``); never reused
@@ -41,6 +44,25 @@ SWEEP_CONFIG_FILE = "multirun.yaml"
 SEARCH_FILE = "search.yaml"  # a search's trials and best one, in its sweep dir (cli/search.py)
 IMAGES_DIR = "images"
 ANALYSIS_DIR = "analysis"
+#: TensorBoard's event files (``events.out.tfevents.<second>.<host>.<pid>.<n>``).
+EVENT_FILE_GLOB = "events.out.tfevents.*"
+#: Where runs made before the events moved into the run directory itself kept them.
+OLD_TENSORBOARD_DIR = "tensorboard"
+
+#: Terms of ``metrics.json`` (after their ``val/`` or ``test/``) that are better higher, and those
+#: better lower: what a search maximises or minimises (:func:`metric_direction`).
+HIGHER_IS_BETTER = ("elbo", "iwae_bound", "log_px", "active_units")
+LOWER_IS_BETTER = ("loss", "recon", "kl", "recon_mse", "bpd", "posterior_gap", "bound_gap")
+
+
+def metric_direction(metric: str) -> str | None:
+    """``maximize`` for a metric that is better higher (``val/elbo``), ``minimize`` for one that
+    is better lower (``val/loss``), None for a name not listed above."""
+    term = metric.rpartition("/")[2]
+    if term in HIGHER_IS_BETTER:
+        return "maximize"
+    return "minimize" if term in LOWER_IS_BETTER else None
+
 
 #: Checkpoint names in ``checkpoints/``: ``best`` (lowest validation loss) and ``last``.
 BEST, LAST = "best", "last"
@@ -64,6 +86,15 @@ def checkpoint_path(run_dir: str | Path, which: str) -> Path:
     if which not in CHECKPOINT_CHOICES:
         raise ValueError(f"checkpoint must be best or last, got checkpoint={which}")
     return Path(run_dir) / CHECKPOINT_DIR / f"{which}.ckpt"
+
+
+def tensorboard_dir(run_dir: str | Path) -> Path:
+    """The folder of the run's TensorBoard event files: the run directory itself, whose path
+    TensorBoard shows as the run's name; ``<run_dir>/tensorboard`` for a run that already has
+    its events there (made before), so that a resumed or evaluated old run stays one run."""
+    run_dir = Path(run_dir)
+    old = run_dir / OLD_TENSORBOARD_DIR
+    return old if any(old.glob(EVENT_FILE_GLOB)) else run_dir
 
 
 def is_run_dir(path: str | Path) -> bool:

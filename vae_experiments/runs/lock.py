@@ -134,6 +134,14 @@ def _parse(text: str, path: Path) -> LockHolder:
         ) from None
 
 
+def process_alive(pid: int, host: str) -> bool | None:
+    """Whether process ``pid`` of ``host`` still runs; None for another host, where this cannot
+    be told from here."""
+    if host != socket.gethostname():
+        return None
+    return _pid_alive(pid)
+
+
 def writer_alive(run_dir: str | Path) -> bool | None:
     """Whether a live process holds ``run_dir``'s lock: True; False when there is no lock or its
     pid is dead on this host (a killed run); None when it was taken on another host (or cannot
@@ -144,9 +152,7 @@ def writer_alive(run_dir: str | Path) -> bool | None:
         return None
     if holder is None:
         return False
-    if holder.host != socket.gethostname():
-        return None
-    return _pid_alive(holder.pid)
+    return process_alive(holder.pid, holder.host)
 
 
 def missing_dirs(path: str | Path) -> list[Path]:
@@ -294,6 +300,9 @@ def acquire(run_dir: str | Path, created: Sequence[Path] = ()) -> RunLock:
     Raises:
         RunLocked: a live process on this host holds it, or a process on another host does
             (which cannot be checked from here), or the lock file is no lock.
+        DiskFullError: the lock cannot be written, its filesystem (or quota) is full: one line
+            naming the file and the free space (:mod:`vae_experiments.runs.files`). Nothing is
+            left behind: no temporary file, and none of the directories created for the run.
     """
     run_dir = Path(run_dir)
     held = _HELD.get(run_dir.resolve())
@@ -303,6 +312,20 @@ def acquire(run_dir: str | Path, created: Sequence[Path] = ()) -> RunLock:
     snapshot = _Snapshot.of(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir, LockHolder.this_process(), created, snapshot)
+    try:
+        return _take(lock)
+    except OSError:  # not written (a full disk): the directories made for the run go (if empty)
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _take(lock: RunLock) -> RunLock:
+    """Writes ``lock``'s file, taking over a stale one; see :func:`acquire`."""
+    run_dir = lock.run_dir
     for _ in range(10):
         if _create(lock.path, lock._text):
             _register_release_at_exit()
@@ -345,22 +368,41 @@ def _refuse_unless_stale(run_dir: Path, holder: LockHolder) -> None:
 
 
 def _create(path: Path, text: str) -> bool:
-    """Creates ``path`` holding ``text`` if it does not exist, atomically; False if it exists."""
+    """Creates ``path`` holding ``text`` if it does not exist, atomically; False if it exists.
+
+    Raises:
+        DiskFullError: the filesystem or quota is full; neither the temporary file nor a
+            partial ``path`` is left.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
     try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # a filesystem without hard links
+        tmp.write_text(text)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links (a full one fails below as well)
+            pass
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a partial lock would read as no lock at all
+            raise
         return True
+    except OSError as error:
+        # Imported here: files.py imports OmegaConf, which the lock does not need.
+        from vae_experiments.runs.files import disk_full_error
+
+        full = disk_full_error(path, error)
+        if full is not None and full is not error:
+            raise full from None  # the one line says it all
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

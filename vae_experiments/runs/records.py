@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vae_experiments.runs.files import read_group_choices
+from vae_experiments.runs.files import read_command_overrides, read_group_choices
 from vae_experiments.runs.layout import (
     CONFIG_FILE,
     DIED,
@@ -169,16 +169,12 @@ def find_run_dirs(root: str | Path) -> list[Path]:
 def read_overrides(run_dir: Path) -> dict[str, Any]:
     """``.hydra/overrides.yaml`` in order, key -> parsed value (:func:`parse_override`); empty
     when Hydra wrote none."""
-    path = run_dir / HYDRA_OVERRIDES_FILE
-    if not path.is_file():
-        return {}
-    items = yaml.safe_load(path.read_text()) or []
     overrides = {}
-    for item in items:
+    for item in read_command_overrides(run_dir):
         try:
-            key, value = parse_override(str(item))
+            key, value = parse_override(item)
         except ValueError as err:
-            log.warning("%s: %s", path, err)
+            log.warning("%s: %s", run_dir / HYDRA_OVERRIDES_FILE, err)
             continue
         overrides[key] = value
     return overrides

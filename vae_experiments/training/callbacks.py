@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 
 class ImageGrids(pl.Callback):
     """After every validation epoch (global rank 0 only): originals over reconstructions, and for
-    models with a prior, samples. Logged to TensorBoard and saved as PNG in ``output_dir``.
+    models with a prior, samples, each row labelled with what it is (``input``,
+    ``reconstruction``, ``prior sample``). Logged to TensorBoard and saved as PNG in
+    ``output_dir``.
 
     The same validation images and the same latent draws are used every epoch, so the grids show
     how the model changes.
@@ -45,11 +48,18 @@ class ImageGrids(pl.Callback):
             return
         model = pl_module.model
         with torch.no_grad():
-            grids = {"reconstructions": image_grid([self._images, model.reconstruct(self._images)])}
+            recon = model.reconstruct(self._images)
+            grids = {
+                "reconstructions": image_grid(
+                    [self._images, recon], row_labels=["input", "reconstruction"]
+                )
+            }
             if model.has_prior:
                 generator = torch.Generator(device=self._images.device).manual_seed(0)
                 samples = model.sample(self._images.shape[0] * 2, generator=generator)
-                grids["samples"] = image_grid(list(samples.chunk(2)))
+                grids["samples"] = image_grid(
+                    list(samples.chunk(2)), row_labels=["prior sample", "prior sample"]
+                )
         for name, grid in grids.items():
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
@@ -59,11 +69,15 @@ class ImageGrids(pl.Callback):
 
 
 class EpochTimer(pl.Callback):
-    """Wall time of every training epoch, from its start to the next epoch's start (or the end
-    of training): its validation pass, image grids and checkpoint writing are included; and the
+    """Wall time of every training epoch, from the end of the one before (from its own start for
+    a session's first epoch) to its own end, validation pass and image grids included; and the
     run's training time in all, over every resume (both are kept in checkpoints).
 
-    An epoch cut by an interruption is not counted as an epoch (its time is in the total).
+    An epoch ends here before its checkpoints are written (Lightning runs checkpoint callbacks
+    last), so the checkpoint of an epoch holds that epoch's time too: a run stopped in its final
+    test and continued reports the times its training took. An epoch's checkpoint writing is
+    counted in the next epoch. An epoch cut by an interruption is not counted as an epoch, nor
+    is the rest of one that a resumed run finishes (their time is in the total).
     """
 
     def __init__(self) -> None:
@@ -73,20 +87,20 @@ class EpochTimer(pl.Callback):
         self._seconds_before: float = 0.0  # training time of the sessions before this one
         self._fit_start: float | None = None
 
-    def _close_epoch(self) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is None:  # a session's first epoch
+            self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         now = time.perf_counter()
         if self._start is not None:
             self.epoch_seconds.append(now - self._start)
         self._start = now
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start = time.perf_counter()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_epoch()
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_epoch()
         self._start = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -112,6 +126,28 @@ class EpochTimer(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.epoch_seconds = [float(t) for t in state_dict.get("epoch_seconds", [])]
+
+
+class LastValidation(pl.Callback):
+    """The ``val/*`` terms of the last validation pass (not the sanity check), as floats, kept
+    in checkpoints: what ``metrics.json`` reports as the run's validation scores, also when a
+    resumed run validates nothing (it was stopped in its final test). One host sync per pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self.metrics = {key: float(v) for key, v in metrics.items() if key.startswith("val/")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics": dict(self.metrics)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.metrics = {str(k): float(v) for k, v in state_dict.get("metrics", {}).items()}
 
 
 class EpochLog(pl.Callback):
@@ -169,6 +205,15 @@ class RunCheckpoint(ModelCheckpoint):
         # look-ups, every step.
         if self._saves_within_epochs:
             super().on_train_batch_end(trainer, pl_module, *args)
+
+
+def shows_progress_bars() -> bool:
+    """Whether a progress bar can be seen where this process writes: a terminal, or a Jupyter
+    notebook. In a log file or a pipe (a cluster job, a sweep's worker, ``> train.log``) every
+    refresh of a bar stays as text, hundreds of lines per run; the per-epoch lines
+    (:class:`EpochLog`) say the same there."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
 
 
 class StepProgressBar(TQDMProgressBar):

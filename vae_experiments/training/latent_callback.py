@@ -92,7 +92,8 @@ class LatentSamples(pl.Callback):
                 generator = torch.Generator().manual_seed(self.seed)
                 with torch.no_grad():
                     images = model.decode(density.sample(self.num_samples, generator=generator))
-                grid = image_grid(list(images.split(per_row)))
+                rows = list(images.split(per_row))
+                grid = image_grid(rows, row_labels=[f"{kind} samples"] + [""] * (len(rows) - 1))
                 for logger in tensorboards:
                     logger.experiment.add_image(f"images/samples_{kind}", grid, trainer.global_step)
                 if self.output_dir is not None:

@@ -24,6 +24,9 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 #: Checkpoint entry with the optimizer and scheduler settings the run's config gave.
 SETTINGS_KEY = "configured_settings"
 NEVER = torch.iinfo(torch.int64).max  # the "first non-finite step" of a term that never was
+#: Validations in a row with no active latent unit (after any KL warm-up) before the log says
+#: "posterior collapse": a VAE often starts with none and opens units within a few epochs.
+COLLAPSE_PATIENCE = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +54,46 @@ class NonFiniteTerms:
         for name, value in self.values.items():
             by_value.setdefault(str(value), []).append(f"{prefix}{name}")
         return ", ".join(f"{_and(names)} became {value}" for value, names in by_value.items())
+
+
+class CollapseWatch:
+    """When the log says "posterior collapse", from the count of active latent units after each
+    validation: when no unit has been active for ``patience`` validations in a row and any KL
+    warm-up is over (a VAE often starts with none and opens units within a few epochs), or at
+    the end of a run that ends with none, once per collapse; and, after such a warning, when
+    units are active again.
+
+    Args:
+        patience: validations in a row with no active unit before the warning.
+    """
+
+    def __init__(self, patience: int = COLLAPSE_PATIENCE) -> None:
+        self.patience = patience
+        self.streak = 0  # validations in a row with no active unit
+        self.since = 0  # the epoch of the first of them
+        self.reported = False  # whether the log said "posterior collapse" for this streak
+
+    def update(self, active: int, epoch: int, warmup_over: bool = True) -> str | None:
+        """Takes a validation's count; returns ``"collapsed"`` when the log should warn,
+        ``"recovered"`` when it should say that units opened up after a warning, else None."""
+        if active > 0:
+            recovered, self.streak, self.reported = self.reported, 0, False
+            return "recovered" if recovered else None
+        if self.streak == 0:
+            self.since = epoch
+        self.streak += 1
+        if self.streak >= self.patience and warmup_over and not self.reported:
+            self.reported = True
+            return "collapsed"
+        return None
+
+    def at_end(self) -> bool:
+        """Whether the end of training should warn: the run ends with no active unit and the
+        log has not said so yet."""
+        if self.streak and not self.reported:
+            self.reported = True
+            return True
+        return False
 
 
 def _and(words: Sequence[str]) -> str:
@@ -232,7 +275,7 @@ class LitModel(pl.LightningModule):
         # Models with a prior: active units of the posterior means over each validation epoch.
         counts_units = getattr(model, "has_prior", False) and hasattr(model, "posterior_means")
         self._active_units = ActiveUnits(model.latent_dims) if counts_units else None
-        self._last_active_units: int | None = None  # the previous validation epoch's count
+        self._collapse = CollapseWatch()
         # No save_hyperparameters: the run's config.yaml holds everything, image shape included,
         # and load_run rebuilds the model from it.
 
@@ -444,6 +487,7 @@ class LitModel(pl.LightningModule):
         self._settings_at_checkpoint = checkpoint.get(SETTINGS_KEY)
 
     def on_train_start(self) -> None:
+        self._warn_if_warmup_outlasts_run()
         # After Lightning restored the optimizer and scheduler: what the config changed since
         # the checkpoint (resume=DIR optimizer.lr=...) takes effect now.
         before, self._settings_at_checkpoint = self._settings_at_checkpoint, None
@@ -520,10 +564,60 @@ class LitModel(pl.LightningModule):
         self._log_means("val", sync=True)
         self._log_active_units()
 
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per training epoch (Lightning counts groups of steps as batches)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "counts_steps_itself", False):
+            return int(datamodule.train_batches_per_epoch)
+        batches = self.trainer.num_training_batches
+        return int(batches) if math.isfinite(batches) else 0
+
+    def _total_steps(self) -> tuple[int, str] | None:
+        """The optimizer steps the whole run will take, and how they come about
+        (``trainer.max_epochs=30 x 20 steps per epoch``); None when training runs until it is
+        stopped."""
+        trainer = self.trainer
+        per_epoch = self._steps_per_epoch()
+        by_epochs = None
+        if trainer.max_epochs not in (None, -1) and per_epoch:
+            by_epochs = trainer.max_epochs * per_epoch
+        if trainer.max_steps not in (None, -1) and (
+            by_epochs is None or trainer.max_steps < by_epochs
+        ):
+            return trainer.max_steps, f"trainer.max_steps={trainer.max_steps}"
+        if by_epochs is None:
+            return None
+        return by_epochs, f"trainer.max_epochs={trainer.max_epochs} x {per_epoch} steps per epoch"
+
+    def _warn_if_warmup_outlasts_run(self) -> None:
+        """Warns when the KL warm-up (``model.kl_warmup_steps``) is longer than the whole run:
+        the KL weight never reaches ``model.beta``, so the model is never trained on the
+        objective that ``elbo`` reports."""
+        warmup = getattr(self.model, "kl_warmup_steps", 0) or 0
+        total = self._total_steps() if warmup else None
+        if total is None or warmup <= total[0] or not self.trainer.is_global_zero:
+            return
+        steps, how = total
+        beta = getattr(self.model, "beta", 1.0)
+        log.warning(
+            "model.kl_warmup_steps=%d is longer than the whole run, %d steps (%s): the KL weight "
+            "rises only to %.2g of model.beta=%g by the last step, so the run never trains on "
+            "the objective that elbo reports. Lower model.kl_warmup_steps (e.g. %d: a tenth "
+            "of the run) or raise trainer.max_epochs",
+            warmup,
+            steps,
+            how,
+            steps / warmup,
+            beta,
+            max(1, steps // 10),
+        )
+
     def _log_active_units(self) -> None:
         """Logs ``val/active_units`` (Burda et al.'s count over the whole validation split, all
-        processes) and warns when it falls to zero: posterior collapse. One collective and one
-        host sync per validation epoch."""
+        processes), warns about posterior collapse when no unit has been active for
+        :data:`COLLAPSE_PATIENCE` validations in a row after the KL warm-up (or at the end of
+        training), and says when units open up again after that warning. One collective and
+        one host sync per validation epoch."""
         units = self._active_units
         if units is None:
             return
@@ -536,31 +630,49 @@ class LitModel(pl.LightningModule):
         self.log("val/active_units", float(active), on_epoch=True, sync_dist=True)
         if self.trainer.sanity_checking:
             return
-        previous, self._last_active_units = self._last_active_units, active
-        if active == 0 and previous != 0 and self.trainer.is_global_zero:
+        warmup = getattr(self.model, "kl_warmup_steps", 0) or 0
+        event = self._collapse.update(active, self.current_epoch, self.global_step >= warmup)
+        if not self.trainer.is_global_zero:
+            return
+        if event == "collapsed":
+            log.warning(self._collapse_message())
+        elif event == "recovered":
+            log.info(
+                "posterior collapse over: val/active_units=%d of %d in epoch %d (step %d)",
+                active,
+                sum(self.model.latent_dims),
+                self.current_epoch,
+                self.global_step,
+            )
+
+    def on_train_end(self) -> None:
+        # A run that ends with no active unit says so, however few validations it had.
+        ended_collapsed = self._active_units is not None and self._collapse.at_end()
+        if ended_collapsed and self.trainer.is_global_zero:
             log.warning(self._collapse_message())
 
     def _collapse_message(self) -> str:
-        """Says that no latent unit is active, what that means, and what to try."""
+        """Says that no latent unit has been active for the last validations, what that means,
+        and what to try."""
         model = self.model
         total = sum(model.latent_dims)
         tries = []
         warmup = getattr(model, "kl_warmup_steps", None)
         if warmup is not None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            per_epoch = self.trainer.num_training_batches
-            if getattr(datamodule, "counts_steps_itself", False):
-                per_epoch = datamodule.train_batches_per_epoch
-            steps = 10 * max(1, int(per_epoch))
+            steps = 10 * max(1, self._steps_per_epoch())
             now = f"now {warmup}" if warmup else "now off"
             tries.append(f"a KL warm-up (model.kl_warmup_steps={steps}: 10 epochs; {now})")
         beta = getattr(model, "beta", None)
         if beta is not None:
             tries.append(f"a lower model.beta (now {beta:g})")
         tries.append("a smaller decoder, or more epochs (units can open up later)")
+        count, since = self._collapse.streak, self._collapse.since
+        when = (
+            f"in epoch {since}" if count == 1 else f"in the {count} validations since epoch {since}"
+        )
         return (
-            f"posterior collapse: val/active_units=0 of {total} in epoch {self.current_epoch} "
-            f"(step {self.global_step}): no latent unit's posterior mean varies across the "
+            f"posterior collapse: val/active_units=0 of {total} {when} (step "
+            f"{self.global_step}): no latent unit's posterior mean varies across the "
             f"validation images (variance > {ACTIVE_UNIT_THRESHOLD:g}), so the decoder ignores z "
             f"and samples all look alike. To try: {_and(tries)}."
         )

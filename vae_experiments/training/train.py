@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -13,12 +12,16 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import (
+    build_lr_scheduler,
     check_config,
+    check_optimizer,
     choose_likelihood,
     cpu_processes,
     trains_until_stopped,
 )
 from vae_experiments.cpu_memory import reuse_freed_cpu_memory
+from vae_experiments.cpu_threads import AUTO as AUTO_THREADS
+from vae_experiments.cpu_threads import use_threads
 from vae_experiments.data.datamodule import ImageDataModule
 from vae_experiments.runs import (
     BEST,
@@ -32,19 +35,21 @@ from vae_experiments.runs import (
     save_config,
     write_json_atomic,
 )
-from vae_experiments.targets import instantiate, to_container
+from vae_experiments.targets import instantiate
 from vae_experiments.training.callbacks import (
     EpochLog,
     EpochTimer,
     ImageGrids,
+    LastValidation,
     RunCheckpoint,
     StepProgressBar,
+    shows_progress_bars,
 )
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
-from vae_experiments.training.module import LitModel, OptimizerFactory
+from vae_experiments.training.module import LitModel
 from vae_experiments.training.step_groups import steps_per_group, ungrouped_because
 from vae_experiments.training.trackers import build_loggers, report_run
 
@@ -52,26 +57,6 @@ log = logging.getLogger(__name__)
 
 #: Prefix of metrics.json keys that describe the run before it was resumed.
 STALE_PREFIX = "stale/"
-
-
-def build_lr_scheduler(cfg: DictConfig | None) -> dict[str, Any] | None:
-    """The ``scheduler=`` group as Lightning's lr-scheduler dict, its ``scheduler`` a partial
-    taking the optimizer; None for ``scheduler=none``."""
-    if not cfg or cfg.get("scheduler") is None:
-        return None
-    config = dict(to_container(cfg))
-    config["scheduler"] = instantiate(cfg.scheduler, key="scheduler.scheduler")
-    return config
-
-
-def check_optimizer(
-    model: torch.nn.Module, optimizer: OptimizerFactory, lr_scheduler: dict[str, Any] | None
-) -> None:
-    """Builds the optimizer (and scheduler) once on the model's parameters and drops them, so
-    that a value torch refuses (``optimizer.lr=-1``) fails before any data is read."""
-    trial = optimizer(model.parameters())
-    if lr_scheduler is not None:
-        lr_scheduler["scheduler"](trial)
 
 
 def stale_analysis_metrics(run_dir: Path, metrics: dict[str, float]) -> dict[str, float]:
@@ -101,7 +86,10 @@ def stale_analysis_metrics(run_dir: Path, metrics: dict[str, float]) -> dict[str
 
 @quiet_lightning_noise()  # Lightning's warnings that say nothing to our users, during the run only
 def train(
-    cfg: DictConfig, run_dir: str | Path, ckpt_path: str | Path | None = None
+    cfg: DictConfig,
+    run_dir: str | Path,
+    ckpt_path: str | Path | None = None,
+    parallel_jobs: int = 1,
 ) -> dict[str, float]:
     """Trains ``cfg.model`` on ``cfg.data``, tests the chosen checkpoint, writes ``metrics.json``.
 
@@ -110,6 +98,8 @@ def train(
         run_dir: the run's own directory; checkpoints, logs, images and metrics go there.
         ckpt_path: a checkpoint to continue training from (model, optimizer, scheduler, loop
             position within the epoch and random number generators).
+        parallel_jobs: jobs that a launcher runs at once on this machine, sharing its CPUs
+            (``threads=auto`` gives each its share).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -135,6 +125,8 @@ def train(
             "a checkpoint and stops; resume= continues it)"
         )
     reuse_freed_cpu_memory()  # large CPU batches (full-batch L-BFGS) at half the cost
+    # DDP on the CPU (gloo) starts `processes` of this run, each taking its share too.
+    use_threads(cfg.get("threads", AUTO_THREADS), parallel_jobs * (processes or 1))
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
@@ -149,8 +141,6 @@ def train(
     optimizer = instantiate(cfg.optimizer, key="optimizer")
     lr_scheduler = build_lr_scheduler(cfg.get("scheduler"))
     check_optimizer(model, optimizer, lr_scheduler)
-    if is_first_process():
-        save_config(run_dir, cfg)  # what load_run and resume= rebuild the run from
     module = LitModel(
         model,
         optimizer,
@@ -169,6 +159,10 @@ def train(
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         datamodule.prepare_data()
     datamodule.setup("fit")
+    if is_first_process():
+        # What load_run and resume= rebuild the run from; written once the data was read, so
+        # that bad data (a DataError) changes nothing of a resumed run.
+        save_config(run_dir, cfg)
 
     callbacks_cfg = cfg.callbacks
     # best.ckpt and last.ckpt are replaced in place (atomically), never versioned as
@@ -192,9 +186,11 @@ def train(
         enable_version_counter=False,
     )
     timer = EpochTimer()
+    validation = LastValidation()
     interruption = Interruption(checkpoint_path(run_dir, LAST))
     callbacks: list[pl.Callback] = [
         timer,
+        validation,
         EpochLog(),
         interruption,
         best,
@@ -208,10 +204,12 @@ def train(
                 latent_cfg.num_samples, latent_cfg.components, run_dir / "images", seed=cfg.seed
             )
         )
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
-    loggers = build_loggers(cfg, run_dir)
     trainer_options = {}
+    if cfg.trainer.get("enable_progress_bar", True) and shows_progress_bars():
+        callbacks.append(StepProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
+    else:
+        trainer_options["enable_progress_bar"] = False
+    loggers = build_loggers(cfg, run_dir)
     if cfg.trainer.get("benchmark", "unset") is None:
         trainer_options["benchmark"] = not cfg.trainer.get("deterministic", False)
     trainer: pl.Trainer = instantiate(
@@ -246,7 +244,18 @@ def train(
                 signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
             ) from None
 
-        validated = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # The last validation epoch's terms (what a search with optimized_metric=val/loss
+        # compares) and the training's extent and times, over all sessions of a resumed run:
+        # taken before the test, which restores the callbacks' state from the checkpoint it
+        # tests. A session that only ran the test has them from its checkpoint.
+        training = {
+            **validation.metrics,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "train_seconds": round(timer.train_seconds, 3),
+            "seconds_per_epoch": round(timer.seconds_per_epoch or 0.0, 4),
+            "world_size": trainer.world_size,
+        }
         test_ckpt = best.best_model_path if cfg.test_ckpt == BEST else ""
         test_ckpt = test_ckpt or last.best_model_path or None
         try:
@@ -264,15 +273,7 @@ def train(
                 phase="testing",
             ) from None
     metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}
-    # The last validation epoch's terms: what a search (optimized_metric=val/loss) compares.
-    metrics.update({key: float(value) for key, value in validated.items()})
-    metrics.update(
-        epochs=trainer.current_epoch,
-        steps=trainer.global_step,
-        train_seconds=round(timer.train_seconds, 3),  # over all sessions of a resumed run
-        seconds_per_epoch=round(timer.seconds_per_epoch or 0.0, 4),
-        world_size=trainer.world_size,
-    )
+    metrics.update(training)
     metrics.update(stale_analysis_metrics(run_dir, metrics))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / METRICS_FILE, metrics)
