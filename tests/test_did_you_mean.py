@@ -169,6 +169,105 @@ def test_a_key_of_the_old_flat_model_configs_gets_the_override_that_replaced_it(
     assert err.rstrip().splitlines()[-1] == hint
 
 
+# Every key of the old flat data configs: (data=, the old override) -> what the default digits
+# say, and the data option that has it with the override that replaced it there.
+OLD_DATA_KEYS = [
+    (
+        "data.path=/pics",
+        "it is data.source.path with data=image_folder; data=digits has no such setting",
+        "image_folder",
+    ),
+    (
+        "data.data_dir=/datasets",
+        "it is data.source.data_dir with data=celeba, data=fashion_mnist or data=mnist; "
+        "data=digits has no such setting",
+        "mnist",
+    ),
+    (
+        "data.image_size=32",
+        "it is data.source.image_size with data=celeba or data=image_folder, "
+        "data.source.image_shape with data=synthetic; data=digits has no such setting (the "
+        "image size comes from its files)",
+        "celeba",
+    ),
+    (
+        "data.channels=1",
+        "it is data.source.channels with data=image_folder, data.source.image_shape with "
+        "data=synthetic; data=digits has no such setting (the channels come from its files)",
+        "image_folder",
+    ),
+    (
+        "data.cache_dir=/cache",
+        "it is data.source.cache_dir with data=celeba or data=image_folder; data=digits has "
+        "no such setting",
+        "celeba",
+    ),
+    (
+        "data.cache=false",
+        "it is data.source.cache with data=celeba or data=image_folder; data=digits has no "
+        "such setting",
+        "image_folder",
+    ),
+    (
+        "data.skip_corrupt=true",
+        "it is data.source.skip_corrupt with data=celeba or data=image_folder; data=digits has "
+        "no such setting",
+        "image_folder",
+    ),
+    ("data.val_size=0.2", "use `data.source.val_size=0.2`", "fashion_mnist"),
+    (
+        "data.download=true",
+        "it is data.source.download with data=fashion_mnist or data=mnist; data=digits has no "
+        "such setting",
+        "fashion_mnist",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "on_digits", "data"), OLD_DATA_KEYS)
+def test_a_key_of_the_old_flat_data_configs_says_what_it_became(override, on_digits, data):
+    from hydra import compose, initialize_config_dir
+
+    key, _, value = override.partition("=")
+    for choice, expected in (("digits", on_digits), (data, f"use `data.source.{key[5:]}={value}`")):
+        messages = unknown_key_messages(str(CONFIG_DIR), "train", [f"data={choice}", override])
+        assert messages == [f"{key} is no longer a config key: {expected}"]
+    # What the message says to type composes, and sets the source's key.
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={data}", f"data.source.{key[5:]}={value}"])
+    assert str(cfg.data.source[key[5:]]).lower() == value.lower()
+
+
+def test_generated_data_names_its_image_shape_for_an_old_image_size():
+    messages = unknown_key_messages(str(CONFIG_DIR), "train", ["data=synthetic", "data.channels=3"])
+    assert messages == [
+        "data.channels is no longer a config key: data=synthetic makes images of the shape "
+        "data.source.image_shape=[channels,height,width]; data.source.channels is a key of "
+        "data=image_folder"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+data.image_size=32", "data.image_size is no longer a config key: it is data.source"),
+        ("+data.val_size=0.2", "data.val_size is no longer a config key: use `data.source.val_"),
+        ("+model.arch=mlp", "model.arch is no longer a config key: use `model/network=mlp`"),
+        ("+model.hidden_dims=[8,16]", "model.hidden_dims is no longer a config key: use `model/"),
+    ],
+)
+def test_an_old_key_added_with_a_plus_says_what_it_became(make_config, override, expected):
+    """Hydra's own message advises ``+data.image_size=32``: the key is then checked against
+    the data's parameters, and gets the same answer instead of `did you mean data.batch_size`."""
+    from vae_experiments.config_checks import check_config
+    from vae_experiments.targets import ConfigError
+
+    with pytest.raises(ConfigError) as refusal:
+        check_config(make_config([override]), lightning=False)
+    assert str(refusal.value).startswith(expected)
+    assert "batch_size" not in str(refusal.value)
+
+
 def test_a_part_set_like_a_value_gets_its_config_group():
     messages = unknown_key_messages(
         str(CONFIG_DIR), "train", ["model=vae", "model.likelihood=gaussian", "model.network=mlp"]

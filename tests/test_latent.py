@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from functools import partial
@@ -453,9 +454,11 @@ def test_each_analysis_call_claims_a_folder_of_its_own(tmp_path):
     assert not discard_unused(first, "sample") and Path(first).is_dir()
 
 
-def test_sample_command_rejects_bad_runs_and_densities(trained_runs, tmp_path):
-    with pytest.raises(SystemExit, match="error: .* is not a run directory"):
+def test_sample_command_rejects_bad_runs_and_densities(trained_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
         analysis_dir(tmp_path / "typo", "sample")
+    assert refused.value.code == 2
+    assert re.match(r"error: .* is not a run directory", capsys.readouterr().err)
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         run_dir_of(tmp_path / "typo")
     assert not (tmp_path / "typo").exists()

@@ -192,8 +192,9 @@ def test_compare_pca_never_writes_into_an_earlier_comparison(tmp_path, monkeypat
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from vae_experiments.cli import compare_pca  # registers ${fresh_dir:...}
+    from vae_experiments.cli import compare_pca  # registers ${run_dir:...}
     from vae_experiments.configs import CONFIG_DIR
+    from vae_experiments.runs.lock import release_all
 
     # The default directory: a new one per call, also for two calls in the same second.
     monkeypatch.chdir(tmp_path)
@@ -213,5 +214,6 @@ def test_compare_pca_never_writes_into_an_earlier_comparison(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="already holds a run .* or delete it first") as refused:
         compare_pca.main()
     assert "resume=" not in str(refused.value)
+    release_all()  # the lock the command took, which its exit releases
     assert (earlier / ".hydra" / "config.yaml").read_text() == "seed: 0\n"
     assert sorted(p.name for p in earlier.iterdir()) == [".hydra", "comparison.csv"]

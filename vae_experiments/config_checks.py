@@ -15,14 +15,18 @@ import importlib.util
 import logging
 import netrc
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from vae_experiments import targets
 from vae_experiments.configs import CONFIG_DIR
+from vae_experiments.configs.old_keys import old_key_message
 from vae_experiments.cpu_threads import AUTO as AUTO_THREADS
 from vae_experiments.runs.layout import CHECKPOINT_CHOICES
 from vae_experiments.targets import ConfigError, raise_all
@@ -264,6 +268,120 @@ def tracker_problems(cfg: DictConfig) -> list[ConfigError]:
     return found
 
 
+#: MLflow tracking URIs without a scheme that name a server, not a folder.
+MLFLOW_SERVER_NAMES = ("databricks", "databricks-uc", "uc")
+
+#: What to give instead of an MLflow store that cannot be written.
+MLFLOW_STORE_FIX = (
+    "give one you can write, e.g. {key}=sqlite:///outputs/mlflow.db (a path from the working "
+    "directory; sqlite://// starts an absolute one), or a server: {key}=http://host:5000"
+)
+
+
+def mlflow_store(uri: str | None) -> tuple[Path, bool] | None:
+    """Where an MLflow tracking URI keeps its runs on this machine: ``(path, is_file)``.
+
+    ``sqlite:///outputs/mlflow.db`` is a database file, taken from the working directory
+    (``sqlite:////abs/mlflow.db``: an absolute path); a plain path or a ``file://`` URI is the
+    folder of MLflow's file store. None for a server (``http(s)://``, ``databricks``,
+    ``postgresql://``, ...) or an in-memory database: MLflow reaches those itself.
+    """
+    if not uri:
+        return None
+    if uri.startswith("sqlite:"):
+        database = uri.removeprefix("sqlite:").removeprefix("//").split("?")[0]
+        database = database.removeprefix("/")  # sqlite:///a.db -> a.db, sqlite:////a -> /a
+        if database in ("", ":memory:"):
+            return None
+        return Path(database).expanduser().absolute(), True
+    if uri in MLFLOW_SERVER_NAMES:
+        return None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            return None
+        return Path(url2pathname(parsed.path)).absolute(), False
+    if len(parsed.scheme) > 1:  # one letter: a Windows drive
+        return None
+    return Path(uri).expanduser().absolute(), False
+
+
+def unwritable_reason(path: Path, is_file: bool) -> str | None:
+    """Why ``path`` (a file, or a folder where not ``is_file``) cannot be created or written
+    here, or None where it can: a file is opened for writing (and left as it was), and a file
+    is created in its folder (or the nearest existing folder above) and removed again.
+
+    Tried rather than read from the permission bits, which say nothing of a read-only file
+    system or of root, nor of folders such as ``/proc``.
+    """
+    folder = path.parent if is_file else path
+    try:
+        if path.exists():
+            if path.is_dir() == is_file:
+                kind = "a folder" if is_file else "a file"
+                return f"{path} is {kind}, not {'a file' if is_file else 'a folder'}"
+            if is_file:
+                with path.open("r+b"):
+                    pass
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+    except OSError as error:
+        return f"{error.filename or path} cannot be written ({error.strerror or error})"
+    try:  # SQLite writes its journal beside the database: the folder must take new files
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"no file can be created in {folder} ({error.strerror or error})"
+    return None
+
+
+def tracker_store_problems(cfg: DictConfig) -> list[ConfigError]:
+    """An MLflow store on this machine that cannot be written (a read-only folder, a path
+    through a file): MLflow would retry for minutes and fail with a traceback that names
+    neither the key nor the path. A server's URI is left to MLflow; nothing is imported."""
+    found = []
+    for key, node in logger_nodes(cfg).items():
+        if not str(node["_target_"]).endswith("MLFlowLogger"):
+            continue
+        uri = node.get("tracking_uri")
+        store = mlflow_store(str(uri) if uri else None)
+        if store is not None:
+            path, is_file = store
+            reason = unwritable_reason(path, is_file)
+            if reason is not None:
+                what = "database" if is_file else "store folder"
+                source = (
+                    " (it comes from $MLFLOW_TRACKING_URI)"
+                    if os.environ.get("MLFLOW_TRACKING_URI") == uri
+                    else ""
+                )
+                found.append(
+                    ConfigError(
+                        f"{key}.tracking_uri",
+                        uri,
+                        f"MLflow's {what} {path} cannot be written here: {reason}{source}; "
+                        + MLFLOW_STORE_FIX.format(key=f"{key}.tracking_uri"),
+                    )
+                )
+        location = node.get("artifact_location")
+        if location and ("://" not in str(location) or str(location).startswith("file:")):
+            folder = mlflow_store(str(location))
+            reason = None if folder is None else unwritable_reason(folder[0], False)
+            if folder is not None and reason is not None:
+                found.append(
+                    ConfigError(
+                        f"{key}.artifact_location",
+                        location,
+                        f"the folder for MLflow's artifacts {folder[0]} cannot be written here: "
+                        f"{reason}; give one you can write, e.g. {key}.artifact_location="
+                        "outputs/mlartifacts (a path from the working directory)",
+                    )
+                )
+    return found
+
+
 def build_problems(cfg: DictConfig, lightning: bool = True) -> list[ConfigError]:
     """What building ``cfg``'s nodes would refuse (a foreign target, an unknown key, a wrong
     type), found without building anything; ``lightning=False`` leaves out the nodes of
@@ -278,14 +396,27 @@ def build_problems(cfg: DictConfig, lightning: bool = True) -> list[ConfigError]
     if lightning:
         for key, node in logger_nodes(cfg).items():
             found.extend(targets.problems(node, key, LOGGER_ARGUMENTS))
-    return found
+    return [_as_old_key(problem, cfg) for problem in found]
+
+
+def _as_old_key(problem: ConfigError, cfg: DictConfig) -> ConfigError:
+    """``problem`` about a key of the old flat configs (``+data.image_size=64``, which Hydra's
+    own message advises for ``data.image_size=64``) said as what replaced the key, else as
+    it is."""
+    value = OmegaConf.select(cfg, problem.key, default=None) if problem.key else None
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value)
+    typed = targets.format_value(value).replace(", ", ",")  # [8,16], as a command line has it
+    message = problem.key and old_key_message(problem.key, typed, cfg)
+    return ConfigError(allowed=message) if message else problem
 
 
 def check_values(cfg: DictConfig) -> None:
     """Raises :class:`ConfigError` naming every value of :data:`RULES` that is invalid, and a
-    tracker whose package is missing: the checks that import nothing (no torch), so that a
-    command line's mistake among them fails in a fraction of a second."""
-    raise_all([*config_problems(cfg), *tracker_problems(cfg)])
+    tracker whose package is missing or whose store cannot be written: the checks that import
+    nothing (no torch), so that a command line's mistake among them fails in a fraction of a
+    second."""
+    raise_all([*config_problems(cfg), *tracker_problems(cfg), *tracker_store_problems(cfg)])
 
 
 def build_lr_scheduler(cfg: DictConfig | None) -> dict[str, Any] | None:
@@ -347,6 +478,7 @@ def check_config(cfg: DictConfig, lightning: bool = True) -> None:
     problems = [
         *config_problems(cfg),
         *tracker_problems(cfg),
+        *tracker_store_problems(cfg),
         *build_problems(cfg, lightning),
         *machine_problems(cfg),
     ]

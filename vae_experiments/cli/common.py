@@ -17,11 +17,15 @@ resolver in the command's config, so that no ``outputs/`` folder appears and the
 The resolver is cached, so the folder is claimed once per call however often Hydra reads
 ``hydra.run.dir``. Call :func:`register_resolvers` at import time of the module defining the
 ``@hydra.main`` function (before Hydra composes the config).
+
+A call's mistake (a bad setting, a run that cannot be analysed) is a :class:`UsageError`,
+raised before anything is written: the command says it in one ``error:`` line with exit status
+2, and :func:`discard_unused` removes the folder Hydra made for the call (and ``analysis/``
+where the call created it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import shutil
 from pathlib import Path
@@ -29,7 +33,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.cli.run_dirs import UNSAFE_NAME_CHARS as _UNSAFE
-from vae_experiments.cli.run_dirs import claim_fresh_dir
+from vae_experiments.cli.run_dirs import claim_fresh_dir_and_parents, config_error_exit
 from vae_experiments.data.errors import DataError
 from vae_experiments.runs import ANALYSIS_DIR, atomic_write, run_dir_of
 from vae_experiments.runs.load import UnreadableCheckpointError
@@ -38,6 +42,15 @@ from vae_experiments.runs.load import UnreadableCheckpointError
 #: was not loaded (cut short, or not ours), data that cannot be read. Each is one ``error:``
 #: line (exit status 2, as a config mistake of train.py) and leaves no folder of the call.
 BAD_INPUT_ERRORS = (UnreadableCheckpointError, DataError)
+
+# Folders claimed by analysis_dir in this process -> the parents that claiming them created
+# (``analysis/`` on a run's first analysis): discard_unused removes those too.
+_CREATED_PARENTS: dict[Path, list[Path]] = {}
+
+
+class UsageError(ValueError):
+    """A bad setting of an analysis command, or a run it cannot analyse: reported as one
+    ``error:`` line, exit status 2, without a traceback."""
 
 
 def analysis_dir(
@@ -56,18 +69,21 @@ def analysis_dir(
     Returns:
         The folder, created here (atomically): if the name is taken, ``<name>_1``, ``_2``, ...
 
-    A bad ``run=`` exits with a one-line message before anything is created (OmegaConf would
-    wrap an exception into a long traceback; SystemExit passes through as it is).
+    A bad ``run=`` exits with a one-line message (exit status 2) before anything is created
+    (OmegaConf would wrap an exception into a long traceback; SystemExit passes through as it
+    is).
     """
     try:
         run_dir = run_dir_of(run)
     except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        config_error_exit(str(exc))
     parts = [command]
     if checkpoint is not None:
         parts.append(Path(str(run)).stem if str(run).endswith(".ckpt") else checkpoint)
     name = "-".join(_UNSAFE.sub("_", str(part)) for part in [*parts, *settings])
-    return claim_fresh_dir(str(run_dir / ANALYSIS_DIR / name))
+    folder, created = claim_fresh_dir_and_parents(str(run_dir / ANALYSIS_DIR / name))
+    _CREATED_PARENTS[Path(folder).absolute()] = created[:-1]
+    return folder
 
 
 def save_call(out_dir: str | Path, command: str, cfg: DictConfig, overrides: list[str]) -> Path:
@@ -86,8 +102,9 @@ def save_call(out_dir: str | Path, command: str, cfg: DictConfig, overrides: lis
 
 def discard_unused(out_dir: str | Path, command: str) -> bool:
     """Removes a call's folder that holds nothing but its log and its ``<command>.yaml`` (a call
-    that stopped at a bad setting), and the run's ``analysis/`` if that leaves it empty, so
-    that mistakes leave no folders behind.
+    that stopped at a bad setting), and the parents that claiming it created (the run's
+    ``analysis/`` on its first analysis) where they are empty, so that mistakes leave no
+    folders behind.
 
     Returns:
         Whether the folder was removed.
@@ -97,11 +114,30 @@ def discard_unused(out_dir: str | Path, command: str) -> bool:
         return False
     if {p.name for p in out_dir.iterdir()} <= {f"{command}.log", f"{command}.yaml"}:
         shutil.rmtree(out_dir)
-        if out_dir.parent.name == ANALYSIS_DIR:
-            with contextlib.suppress(OSError):  # not empty: earlier calls' folders
-                out_dir.parent.rmdir()
+        for parent in reversed(_CREATED_PARENTS.pop(out_dir.absolute(), [])):
+            try:
+                parent.rmdir()
+            except OSError:  # not empty: another call wrote there meanwhile
+                break
         return True
     return False
+
+
+def int_setting(key: str, value: object, minimum: int = 1, null: str | None = None) -> int | None:
+    """The setting ``key`` as an integer >= ``minimum``; None for null where ``null`` says what
+    null means (``the whole split``).
+
+    Raises:
+        UsageError: naming the key, the value and what is allowed.
+    """
+    if value is None and null is not None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}"
+        if null is not None:
+            allowed = f"null ({null}) or {allowed}"
+        raise UsageError(f"{key} must be {allowed}, got {key}={value}")
+    return value
 
 
 def register_resolvers() -> None:
@@ -115,7 +151,7 @@ def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is returned as given.
 
     Raises:
-        ValueError: ``device=cuda`` (or ``cuda:N``) where torch sees no GPU, with what to use.
+        UsageError: ``device=cuda`` (or ``cuda:N``) where torch sees no GPU, with what to use.
     """
     import torch
 
@@ -123,7 +159,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
+        raise UsageError(
             f"device={device}: torch sees no GPU on this machine; use device=cpu, or device=auto "
             "(a GPU where there is one)"
         )

@@ -5,9 +5,11 @@ struct"), before our code runs, and the OmegaConf that hydra-core 1.3 pins makes
 :func:`suggest_keys_on_failure` wraps a ``@hydra.main`` function: when it exits with an error, the
 command line's overrides are checked against the configs they would compose (each choice of a
 swept config group, for ``-m``), and each unknown key is printed with the closest valid one.
-Keys of the old flat model configs (``model.arch=mlp``) get the override that replaced them
-(``model/network=mlp``), and a part chosen like a value (``model.likelihood=gaussian``) gets its
-config group (``model/likelihood=gaussian``). Nothing is done when the command succeeds.
+Keys of the old flat model and data configs (``model.arch=mlp``, ``data.image_size=64``) get
+what replaced them (``model/network=mlp``, ``data.source.image_size=64``, or why the chosen data
+has no such setting: ``configs/old_keys.py``), and a part chosen like a value
+(``model.likelihood=gaussian``) gets its config group (``model/likelihood=gaussian``). Nothing
+is done when the command succeeds.
 """
 
 from __future__ import annotations
@@ -22,42 +24,12 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 
 from vae_experiments.cli import hydra_compat
+from vae_experiments.configs.old_keys import old_key_message
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Group choices of a sweep beyond this many combinations are not composed (each takes ~0.1 s).
 MAX_COMBINATIONS = 16
-
-#: Keys of the flat model configs that model parts chosen by config groups replaced: old key ->
-#: what to type now, with ``{value}`` for the value typed. A dict maps old values one by one.
-RENAMED_KEYS: dict[str, str | dict[str, str]] = {
-    "model.arch": "model/network={value}",
-    "model.hidden_dims": "model/network=mlp model.network.hidden_dims={value}",
-    "model.conv_channels": "model/network=conv model.network.channels={value}",
-    "model.recon_loss": {
-        "mse": "model/likelihood=squared_error",
-        "bce": "model/likelihood=bernoulli",
-    },
-    "model.sigma": "model/likelihood=gaussian model.likelihood.sigma={value}",
-    "model.learn_sigma": "model/likelihood=gaussian model.likelihood.learn_sigma={value}",
-    "model.min_sigma": "model/likelihood=gaussian model.likelihood.min_sigma={value}",
-    "model.noise.kind": {
-        "gaussian": "model/corruption=gaussian_noise",
-        "mask": "model/corruption=mask",
-    },
-    "model.noise.std": "model/corruption=gaussian_noise model.corruption.std={value}",
-    "model.noise.p": "model/corruption=mask model.corruption.p={value}",
-}
-
-
-def renamed_key_message(key: str, value: str) -> str | None:
-    """What replaced ``key=value`` of an old flat model config (:data:`RENAMED_KEYS`), or None."""
-    replacement = RENAMED_KEYS.get(key)
-    if isinstance(replacement, dict):
-        replacement = replacement.get(value, " or ".join(replacement.values()))
-    if replacement is None:
-        return None
-    return f"{key} is no longer a config key: use `{replacement.format(value=value)}`"
 
 
 def group_choice_message(tree: dict, key: str, value: str, options: Sequence[str]) -> str | None:
@@ -173,7 +145,7 @@ def _messages(config_dir: str, config_name: str, parsed: list) -> list[str]:
             for key, value in keys:
                 message = closest_key_message(tree, key)
                 if message is not None:
-                    message = renamed_key_message(key, value) or message
+                    message = old_key_message(key, value, tree) or message
                 elif key.replace(".", "/") in groups:
                     options = hydra_compat.group_options(key.replace(".", "/"))
                     message = group_choice_message(tree, key, value, options)

@@ -40,8 +40,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.cli.common import (
     BAD_INPUT_ERRORS,
+    UsageError,
     analysis_dir,
     discard_unused,
+    int_setting,
     register_resolvers,
     resolve_device,
     run_dir_of,
@@ -77,10 +79,6 @@ QUALITY_DENSITIES = ("auto", "prior", "gmm", "diag_gaussian")
 CPU_MAX_BATCH_ELEMS = 2**22
 GPU_MAX_BATCH_ELEMS = 2**26
 log = logging.getLogger(__name__)
-
-
-class UsageError(ValueError):
-    """A bad command line: reported as one line, without a traceback."""
 
 
 register_resolvers()
@@ -406,36 +404,30 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     )
     from vae_experiments.units import LIKELIHOOD_KEY, likelihood_unit, unit_tag
 
+    # Every setting is checked before the checkpoint is read, and the run before anything is
+    # written: a mistake leaves nothing behind (main() removes the call's empty folder).
     run_dir = run_dir_of(cfg.run)
     if cfg.split not in ("train", "val", "test"):
         raise UsageError(f"split must be train, val or test, got split={cfg.split}")
     if cfg.checkpoint not in CHECKPOINT_CHOICES:
         raise UsageError(f"checkpoint must be best or last, got checkpoint={cfg.checkpoint}")
-    k = int(cfg.k)
-    if k < 1:
-        raise UsageError(f"k (importance samples per image) must be >= 1, got k={cfg.k}")
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    max_batch_elems = cfg.eval.max_batch_elems
+    k = int_setting("k", cfg.k)  # importance samples per image
+    int_setting("seed", cfg.seed, minimum=0)
+    device = resolve_device(cfg.device)
+    max_batch_elems = int_setting(
+        "eval.max_batch_elems", cfg.eval.max_batch_elems, null="chosen for the device"
+    )
     if max_batch_elems is None:
         max_batch_elems = GPU_MAX_BATCH_ELEMS if device.startswith("cuda") else CPU_MAX_BATCH_ELEMS
-    if int(max_batch_elems) < 1:
-        raise UsageError(f"eval.max_batch_elems must be >= 1, got {cfg.eval.max_batch_elems}")
-    max_batch_elems = int(max_batch_elems)
-    max_images = cfg.get("max_images")
-    if max_images is not None and (
-        isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1
-    ):
-        raise UsageError(
-            f"max_images must be null (the whole split) or an integer >= 1, "
-            f"got max_images={max_images}"
-        )
+    int_setting("eval.batch_size", cfg.eval.batch_size, null="the run's data.batch_size")
+    max_images = int_setting("max_images", cfg.get("max_images"), null="the whole split")
 
     quality = quality_settings(cfg)
 
-    ckpt_path = find_checkpoint(cfg.run, cfg.checkpoint)
+    try:
+        ckpt_path = find_checkpoint(cfg.run, cfg.checkpoint)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
     model, run_cfg = load_run(ckpt_path, map_location=device)
     try:
         check_vae(model)
@@ -595,6 +587,6 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg, out_dir)
     except BaseException as exc:
         discard_unused(out_dir, "evaluate")  # stopped before writing: leave no folder behind
-        if isinstance(exc, UsageError | BAD_INPUT_ERRORS):
+        if isinstance(exc, (UsageError, *BAD_INPUT_ERRORS)):
             config_error_exit(str(exc))
         raise

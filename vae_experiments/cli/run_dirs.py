@@ -128,11 +128,12 @@ MAX_RUN_NAME = 120
 def claim_fresh_dir(pattern: str) -> str:
     """``pattern`` if no such path exists, else ``pattern_1``, ``pattern_2``, ...; the chosen
     directory is created here (atomically), so a concurrent run cannot choose it too."""
-    return _claim_fresh_dir(pattern)[0]
+    return claim_fresh_dir_and_parents(pattern)[0]
 
 
-def _claim_fresh_dir(pattern: str) -> tuple[str, list[Path]]:
-    """:func:`claim_fresh_dir`, and the directories it created (outermost first)."""
+def claim_fresh_dir_and_parents(pattern: str) -> tuple[str, list[Path]]:
+    """:func:`claim_fresh_dir`, and the directories it created (outermost first): what a
+    command that stops on a mistake removes again."""
     candidate, number = pattern, 0
     while True:
         created = lock.missing_dirs(candidate)
@@ -148,7 +149,7 @@ def run_dir(resume: str | None, pattern: str) -> str:
     """Resolver of ``hydra.run.dir``: the resumed run's directory, or a fresh one; locked for
     this command (in its first process) before Hydra writes there."""
     if resume is None:
-        directory, created = _claim_fresh_dir(pattern)
+        directory, created = claim_fresh_dir_and_parents(pattern)
     else:
         try:
             directory, created = str(run_dir_of(resume, key="resume")), []

@@ -27,8 +27,10 @@ from omegaconf import DictConfig
 
 from vae_experiments.cli.common import (
     BAD_INPUT_ERRORS,
+    UsageError,
     analysis_dir,
     discard_unused,
+    int_setting,
     register_resolvers,
     resolve_device,
     run_dir_of,
@@ -65,6 +67,10 @@ def sample_latents(
 
     Returns:
         What ``<out_dir>/latent_densities.json`` holds.
+
+    Raises:
+        UsageError: for a bad setting, or a density the run's model has not (``prior`` of an
+            autoencoder), before anything is written.
     """
     import torch
 
@@ -80,6 +86,7 @@ def sample_latents(
     from vae_experiments.analysis.latent_plots import latent_scatter
     from vae_experiments.pictures import image_grid, save_grid
     from vae_experiments.runs import (
+        CHECKPOINT_CHOICES,
         find_checkpoint,
         iterate_split,
         load_data,
@@ -87,16 +94,32 @@ def sample_latents(
         write_json_atomic,
     )
 
+    # Every setting is checked before the checkpoint is read, and the model before anything
+    # is written: a mistake leaves nothing behind (main() removes the call's empty folder).
     run_dir = run_dir_of(run)
-    ckpt = find_checkpoint(run, checkpoint)
+    if density not in [*DENSITIES, "prior"]:
+        raise UsageError(
+            f"density must be one of {', '.join([*DENSITIES, 'prior'])} (prior: a VAE's own), "
+            f"got density={density}"
+        )
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise UsageError(f"checkpoint must be best or last, got checkpoint={checkpoint}")
+    for key, value in (("n", n), ("components", components), ("batch_size", batch_size)):
+        int_setting(key, value)
+    int_setting("seed", seed, minimum=0)
+    int_setting("traversal_steps", traversal_steps, minimum=2)
+    int_setting("traversal_dims", traversal_dims, null="all of them")
     device = resolve_device(device)
+    try:
+        ckpt = find_checkpoint(run, checkpoint)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
     model, cfg = load_run(ckpt, map_location=device)
-    kinds = [*DENSITIES, *(["prior"] if model.has_prior else [])]
-    if density not in kinds:
-        hint = " (prior: only for models trained with one, i.e. VAEs)" if density == "prior" else ""
-        raise ValueError(f"unknown density {density!r}; choose one of: {', '.join(kinds)}{hint}")
-    if n < 1 or components < 1:
-        raise ValueError(f"n and components must be >= 1, got n={n}, components={components}")
+    if density == "prior" and not model.has_prior:
+        raise UsageError(
+            f"density=prior is only for models trained with one (VAEs); the model of run={run} "
+            f"is {type(model).__name__}: choose one of {', '.join(DENSITIES)}"
+        )
     if out_dir is None:
         out_dir = analysis_dir(run, "sample", checkpoint, density, f"c{components}")
     out_dir = Path(out_dir)
@@ -202,6 +225,6 @@ def main(cfg: DictConfig) -> None:
         )
     except BaseException as exc:
         discard_unused(out_dir, "sample")  # stopped before writing: leave no folder behind
-        if isinstance(exc, BAD_INPUT_ERRORS):
+        if isinstance(exc, (UsageError, *BAD_INPUT_ERRORS)):
             config_error_exit(str(exc))
         raise

@@ -133,7 +133,8 @@ class _ConvGeometry:
             raise ConfigError(
                 allowed=f"a conv network cannot take images of shape {self.image_shape}: its "
                 "stride-2 blocks need height and width >= 3; use model/network=mlp, or larger "
-                "images (data.image_size where the data has it)"
+                "images (data.source.image_size with data=image_folder or data=celeba, "
+                "data.source.image_shape with data=synthetic)"
             )
         self.channels = [int(c) for c in channels[: len(self.sizes) - 1]]
         last_h, last_w = self.sizes[-1]

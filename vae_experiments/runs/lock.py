@@ -243,15 +243,15 @@ class RunLock:
         """Whether a checkpoint was written (or changed) since the lock was taken."""
         return _checkpoint_files(self.run_dir) != self._snapshot.checkpoints
 
-    def discard(self) -> None:
+    def discard(self, written: Sequence[str] = EARLY_FILES) -> None:
         """Undoes what this command wrote, then releases the lock: for a command that stopped
         on a config mistake, before it trained.
 
         A run directory that this command created goes, with the parents it created (if
         empty). In one that existed, only what the command wrote before training goes
-        (``.hydra/``, ``train.log``, ``status.json`` where they were not there before); a
-        ``status.json`` that was there gets its content back and ``train.log`` its length.
-        Nothing else that was there is touched.
+        (``written``: ``.hydra/``, ``train.log``, ``status.json`` where they were not there
+        before; another command names its own log); a ``status.json`` that was there gets its
+        content back and ``train.log`` its length. Nothing else that was there is touched.
         """
         if os.getpid() != self.holder.pid:
             return
@@ -265,7 +265,7 @@ class RunLock:
                     break
             _HELD.pop(self.run_dir.resolve(), None)
             return
-        for name in EARLY_FILES:
+        for name in written:
             path = self.run_dir / name
             if name in snapshot.entries:
                 continue

@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
 from pytorch_lightning.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from vae_experiments.config_checks import AUTO_LIKELIHOOD, logger_nodes
+from vae_experiments.config_checks import AUTO_LIKELIHOOD, logger_nodes, mlflow_store
 from vae_experiments.runs import METRICS_FILE, read_group_choices, tensorboard_dir
 from vae_experiments.runs.records import read_overrides
 from vae_experiments.targets import instantiate
@@ -123,8 +123,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     :func:`~vae_experiments.runs.layout.tensorboard_dir` (its run's name is the folder's path),
     its tags in the unit of ``cfg``'s likelihood.
 
-    MLflow's store: a relative ``sqlite:///`` path is taken from the working directory (its
-    folder is created), as is a relative ``artifact_location``.
+    MLflow's store: a relative ``sqlite:///`` path is taken from the working directory
+    (:func:`~vae_experiments.config_checks.mlflow_store`), and the database's folder is created
+    (MLflow's SQLite creates no folders); a relative ``artifact_location`` is taken from the
+    working directory too.
     """
     loggers = []
     for key, node in logger_nodes(cfg).items():
@@ -132,10 +134,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         if target == "MLFlowLogger":
             node.setdefault("run_name", run_dir.name)
             uri = str(node.get("tracking_uri") or "")
-            if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-                database = Path(uri.removeprefix("sqlite:///")).resolve()
+            store = mlflow_store(uri)  # checked for writing before training (config_checks)
+            if uri.startswith("sqlite:") and store is not None:
+                database = store[0].resolve()
                 database.parent.mkdir(parents=True, exist_ok=True)
-                node["tracking_uri"] = f"sqlite:///{database}"
+                query = uri.partition("?")[1:]  # ("?", "mode=ro") or ("", "")
+                node["tracking_uri"] = f"sqlite:///{database}{''.join(query)}"
             if node.get("artifact_location") and "://" not in str(node["artifact_location"]):
                 node["artifact_location"] = Path(node["artifact_location"]).resolve().as_uri()
         elif target == "WandbLogger":
