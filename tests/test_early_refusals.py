@@ -262,7 +262,7 @@ def test_evaluate_checks_its_settings_before_it_reads_the_run(overrides, expecte
     assert files_under(vae_run) == before
 
 
-def test_evaluate_of_an_autoencoder_is_a_usage_error(trained_runs):
+def test_evaluate_of_an_autoencoder_without_sample_quality_is_a_usage_error(trained_runs):
     from hydra import compose, initialize_config_dir
 
     from vae_experiments.cli.common import UsageError
@@ -271,8 +271,9 @@ def test_evaluate_of_an_autoencoder_is_a_usage_error(trained_runs):
 
     run_dir = trained_runs("ae")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"run={run_dir}", "device=cpu"])
-    with pytest.raises(UsageError, match="log-likelihood evaluation needs a VAE"):
+        # quality.samples=0: no sample quality either (an AE's samples are measured by default)
+        cfg = compose("evaluate", overrides=[f"run={run_dir}", "device=cpu", "quality.samples=0"])
+    with pytest.raises(UsageError, match="needs a VAE.*quality.samples=0 leaves nothing"):
         evaluate(cfg)
     assert not (run_dir / "analysis").exists()
 
