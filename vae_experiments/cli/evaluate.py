@@ -7,7 +7,9 @@ the log p(x) is: a log-likelihood of the data's pixels, a log-density (Gaussian,
 likelihood of them (Bernoulli on grey pixels), with bits per dimension only for the first;
 merges ``{split}/log_px``, ``{split}/log_px_k``, ``{split}/log_px_images``,
 ``{split}/posterior_gap``, ``{split}/bound_gap``, ``{split}/bpd`` (a likelihood only) and
-``{split}/active_units`` into the run's ``metrics.json`` and TensorBoard (the run's summary: the
+``{split}/active_units`` into the run's ``metrics.json`` and TensorBoard (for a conditional
+model, a CVAE, the log-likelihood is log p(x | y) given the images' labels, merged as
+``{split}/log_px_given_y`` and ``{split}/bpd_given_y``) (the run's summary: the
 latest evaluation of a split wins there), and writes the whole evaluation, with the checkpoint
 and ``k`` that made it, into a new folder for this call,
 ``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``, ... when that name is
@@ -51,6 +53,16 @@ METRIC_KEYS = (
     "bpd",
     "active_units",
 )
+#: The metrics.json names of a conditional model's (CVAE's) numbers that differ in meaning: its
+#: log-likelihood is log p(x | y), not comparable with a VAE's log p(x).
+CONDITIONAL_KEYS = {"log_px": "log_px_given_y", "bpd": "bpd_given_y"}
+#: How the table writes the conditional model's terms: (unconditional, conditional).
+CONDITIONAL_TERMS = (
+    ("p(x|z)", "p(x|z,y)"),
+    ("q(z|x)", "q(z|x,y)"),
+    ("p(z|x)", "p(z|x,y)"),
+    ("log p(x)", "log p(x|y)"),
+)
 #: Defaults of eval.max_batch_elems (see configs/evaluate.yaml): small chunks stay in a CPU's
 #: cache; a GPU wants large calls.
 CPU_MAX_BATCH_ELEMS = 2**22
@@ -74,6 +86,19 @@ def _of_latent_dims(results: dict[str, Any]) -> str:
         f"{n} of {d}" for n, d in zip(results["active_units_per_layer"], dims, strict=True)
     )
     return f"of {sum(dims)} (per layer: {layers})"
+
+
+def metric_key(key: str, conditional: bool) -> str:
+    """The metrics.json name (after the split) of an evaluation's ``key``
+    (:data:`CONDITIONAL_KEYS` for a conditional model)."""
+    return CONDITIONAL_KEYS.get(key, key) if conditional else key
+
+
+def conditional_text(text: str) -> str:
+    """``text`` of the table with log p(x) and friends written as conditioned on y."""
+    for plain, conditioned in CONDITIONAL_TERMS:
+        text = text.replace(plain, conditioned)
+    return text
 
 
 def bits_per_dim_row(results: dict[str, Any]) -> tuple[str, str, str]:
@@ -119,13 +144,19 @@ def format_table(
         rows.append(
             (f"training's {split}/iwae_bound", f"{training[f'{split}/iwae_bound']:.3f}", note)
         )
+    footer = f"log p(x) is {results['log_px_note']}"
+    if results.get("conditional"):
+        rows = [tuple(conditional_text(part) for part in row) for row in rows]
+        footer = conditional_text(footer) + (
+            "\n  every number is conditioned on the images' labels y (a conditional model)"
+        )
     width = max(len(name) for name, _, _ in rows)
     table = "\n".join(
         f"  {name:<{width}}  {value:>10}  {note}".rstrip() for name, value, note in rows
     )
     # Loud where log p(x) is no likelihood of the data: a number in nats reads like one.
     flag = "" if results["log_px_is"] == "likelihood" else "WARNING: "
-    return f"{table}\n  {flag}log p(x) is {results['log_px_note']}"
+    return f"{table}\n  {flag}{footer}"
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -213,12 +244,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
 
         def batches():
             left = num_images  # the split's first num_images images, in order
-            for x, _ in iterate_split(datamodule, cfg.split, batch_size, device):
+            for x, y in iterate_split(datamodule, cfg.split, batch_size, device):
                 if left <= 0:
                     break
-                x = x[:left]
+                x, y = x[:left], y[:left]
                 left -= len(x)
-                yield x
+                yield x, y  # the labels: a conditional model's log p(x | y)
                 bar.update(len(x))  # after the batch was evaluated
 
         results = evaluate_vae(model, batches(), k, max_batch_elems, generator)
@@ -250,9 +281,16 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
 
     metrics_path = run_dir / METRICS_FILE
     metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
-    new = {f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS if results[key] is not None}
+    conditional = results["conditional"]
+    new = {
+        f"{cfg.split}/{metric_key(key, conditional)}": results[key]
+        for key in METRIC_KEYS
+        if results[key] is not None
+    }
     # No bits/dim where log p(x) is no likelihood of the data, nor an earlier call's beside it.
-    dropped = {f"{cfg.split}/{key}" for key in METRIC_KEYS if results[key] is None}
+    dropped = {
+        f"{cfg.split}/{metric_key(key, conditional)}" for key in METRIC_KEYS if results[key] is None
+    }
     kept = {key: value for key, value in metrics.items() if key not in dropped}
     write_json_atomic(metrics_path, {**kept, **new})
     step = int(metrics.get("steps", 0))
