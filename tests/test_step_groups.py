@@ -225,10 +225,10 @@ def stop_during_step(monkeypatch, signal_step: int) -> None:
     """SIGTERM arrives while the model computes the loss of step ``signal_step`` (0-based)."""
     original = VAE.loss
 
-    def loss(self, x, step=None):
+    def loss(self, x, y=None, step=None):
         if step == signal_step and self.training:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, x, step)
+        return original(self, x, y, step)
 
     monkeypatch.setattr(VAE, "loss", loss)
 
@@ -292,8 +292,11 @@ def test_an_epoch_stopped_in_groups_ends_in_groups_or_is_refused_by_name(tmp_pat
     last = run_dir / "checkpoints" / "last.ckpt"
     # A run that cannot take groups (here: gradient accumulation) says so before training.
     refused = compose_config([*cfg, "+trainer.accumulate_grad_batches=2"])
-    with pytest.raises(ValueError, match=r"inside epoch 0 \(after 6 batches\).* groups of 20 .*"
-                       r"accumulate_grad_batches=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"inside epoch 0 \(after 6 batches\).* groups of 20 .*"
+        r"accumulate_grad_batches=2",
+    ):
         train(refused, tmp_path / "other", ckpt_path=last)
     # steps_per_group=1 takes effect after the interrupted epoch: it ends in its groups.
     train(compose_config([*cfg, "steps_per_group=1"]), run_dir, ckpt_path=last)
