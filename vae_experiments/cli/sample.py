@@ -5,11 +5,13 @@ for a VAE its ``prior``), decodes ``n`` draws, and writes into a new folder for 
 ``<run dir>/analysis/sample-<checkpoint>-<density>-c<components>/`` (``_1``, ``_2``, ... when
 that name is taken: an earlier call's files are never replaced)::
 
-    samples_<density>.png     the decoded draws; for a conditional model (a CVAE), a row per
+    samples_<density>.png     the decoded draws; for a conditional model (a CVAE), rows per
                               class asked (``label=3``, ``label=[3,5]``, a class name, or all),
-                              labelled with its name, every class decoding the same draws
+                              labelled with its name: density=prior decodes the same draws in
+                              every class, a fitted density is fitted to each class's codes
     traversal.png             one row per latent dimension, swept from its 5% to 95% quantile,
-                              labelled on the left with the range ("z3: -1.6 to 1.7")
+                              labelled on the left with the range ("z3: -1.6 to 1.7"); for a
+                              conditional model, of the first class asked and its codes
     latent_scatter.png        test codes coloured by label (2-D codes, or their PCA projection)
     latent_densities.json     test-split log-likelihood of the codes under every density
     sample.log
@@ -120,7 +122,9 @@ def sample_latents(
     if model.needs_labels:
         class_names = datamodule.class_names or [str(c) for c in range(model.num_classes)]
         classes = chosen_classes(label, class_names)
-    train_codes = encode_split(model, iterate_split(datamodule, "train", device=device))
+    train_codes, train_labels = encode_split(
+        model, iterate_split(datamodule, "train", device=device), return_labels=True
+    )
     test_codes, test_labels = encode_split(
         model, iterate_split(datamodule, "test", device=device), return_labels=True
     )
@@ -148,29 +152,40 @@ def sample_latents(
                 samples = model.decode(densities[density].sample(n, generator=generator))
         grid = image_grid(list(samples.split(per_row)))
     else:
-        # n draws shared out among the classes, each class's in whole rows: every class
-        # decodes the same draws, so a column shows one z in every class.
+        # n draws shared out among the classes, each class's in whole rows.
         per_class = math.ceil(n / len(classes))
         per_row = min(per_row, per_class)
         per_class = math.ceil(per_class / per_row) * per_row
-        if density == "prior":
+        if density == "prior":  # the same draws in every class: a column is one z
             z = model.sample_codes(per_class, generator=generator)
+            class_images = decode_classes(model, z, classes)
         else:
-            z = densities[density].sample(per_class, generator=generator).to(model.device)
+            # A class's codes fill only part of the space (q(z | y), the codes of all classes
+            # mixed): its draws come from the density fitted to its own training codes, as a
+            # mixture of all would hand it other classes' codes.
+            class_images = []
+            for label_index in classes:
+                codes = train_codes[train_labels.to(train_codes.device) == label_index]
+                fitted_class = fit_density(density, codes, components, seed)
+                z = fitted_class.sample(per_class, generator=generator).to(model.device)
+                class_images += decode_classes(model, z, [label_index])
         rows, row_labels = [], []
-        for label_index, images in zip(classes, decode_classes(model, z, classes), strict=True):
+        for label_index, images in zip(classes, class_images, strict=True):
             rows += list(images.split(per_row))
             row_labels += [class_names[label_index]] * (per_class // per_row)
         grid = image_grid(rows, row_labels=row_labels)
     paths = {"samples": save_grid(grid, out_dir / f"samples_{density}.png")}
     dims = None if traversal_dims is None else list(range(min(traversal_dims, model.latent_dim)))
-    # A conditional model's traversal is of the first class asked.
-    traversal_class = None if classes is None else classes[0]
+    # A conditional model's traversal is of the first class asked, over its codes' range.
+    traversal_class, traversal_codes = None, train_codes
+    if classes is not None:
+        traversal_class = classes[0]
+        traversal_codes = train_codes[train_labels.to(train_codes.device) == traversal_class]
     traversal = latent_traversal(
-        model, train_codes, steps=traversal_steps, dims=dims, label=traversal_class
+        model, traversal_codes, steps=traversal_steps, dims=dims, label=traversal_class
     )
     # Each row labelled with its dimension and the range swept: "z3: -1.6 to 1.7".
-    labels = traversal_labels(train_codes, dims)
+    labels = traversal_labels(traversal_codes, dims)
     paths["traversal"] = save_grid(
         image_grid(list(traversal.split(traversal_steps)), row_labels=labels),
         out_dir / "traversal.png",
