@@ -142,6 +142,14 @@ def sample_latents(
     heldout = {k: heldout_log_likelihood(d, test_codes) for k, d in densities.items()}
     fitted = {k: heldout_log_likelihood(d, train_codes) for k, d in densities.items()}
 
+    # A conditional model's traversal is of the first class asked, over its codes' range.
+    traversal_class, traversal_codes = None, train_codes
+    if classes is not None:
+        traversal_class = classes[0]
+        traversal_codes = train_codes[train_labels.to(train_codes.device) == traversal_class]
+        if len(traversal_codes) == 0:
+            name = describe_class(traversal_class, class_names)
+            raise UsageError(f"class {name} has no training images to sweep its codes over")
     generator = torch.Generator().manual_seed(seed)
     per_row = math.ceil(math.sqrt(n))
     if classes is None:
@@ -166,7 +174,11 @@ def sample_latents(
             class_images = []
             for label_index in classes:
                 codes = train_codes[train_labels.to(train_codes.device) == label_index]
-                fitted_class = fit_density(density, codes, components, seed)
+                try:
+                    fitted_class = fit_density(density, codes, components, seed)
+                except ValueError as error:  # too few codes in the class
+                    name = describe_class(label_index, class_names)
+                    raise UsageError(f"class {name}'s training codes: {error}") from None
                 z = fitted_class.sample(per_class, generator=generator).to(model.device)
                 class_images += decode_classes(model, z, [label_index])
         rows, row_labels = [], []
@@ -176,11 +188,6 @@ def sample_latents(
         grid = image_grid(rows, row_labels=row_labels)
     paths = {"samples": save_grid(grid, out_dir / f"samples_{density}.png")}
     dims = None if traversal_dims is None else list(range(min(traversal_dims, model.latent_dim)))
-    # A conditional model's traversal is of the first class asked, over its codes' range.
-    traversal_class, traversal_codes = None, train_codes
-    if classes is not None:
-        traversal_class = classes[0]
-        traversal_codes = train_codes[train_labels.to(train_codes.device) == traversal_class]
     traversal = latent_traversal(
         model, traversal_codes, steps=traversal_steps, dims=dims, label=traversal_class
     )
