@@ -104,7 +104,7 @@ def test_closest_key_message_walks_the_path():
 @pytest.mark.parametrize(
     ("group", "options"),
     [
-        ("model", ["ae", "denoising_ae", "hvae", "iwae", "linear_ae", "vae"]),
+        ("model", ["ae", "cvae", "denoising_ae", "hvae", "iwae", "linear_ae", "vae"]),
         ("data", ["celeba", "digits", "fashion_mnist", "image_folder", "mnist"]),
         ("trainer", ["cpu", "ddp", "default", "gpu"]),
     ],

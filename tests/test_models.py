@@ -26,16 +26,21 @@ from vae_experiments.models import (
 )
 from vae_experiments.models.base import squared_error
 from vae_experiments.models.likelihoods import DiscretizedLogistic, Laplace
-from vae_experiments.targets import ConfigError, instantiate
+from vae_experiments.targets import ConfigError, instantiate, resolve_target
 
 IMAGE_SHAPE = (1, 8, 8)
+NUM_CLASSES = 3  # of the labels a model that needs them is built for here
 
 
 def build_from_config(name: str, image_shape=IMAGE_SHAPE, overrides=()):
     # A stack of latent layers has z1 of size 3 as its code.
     latent = "model.latent_dims=[3,2]" if name == "hvae" else "model.latent_dim=3"
     cfg = compose_config([f"model={name}", latent, *overrides])
-    return instantiate(small_model_config(cfg.model), key="model", image_shape=list(image_shape))
+    # What training gives from the data: the image shape, and the classes where labels are used.
+    supplied = {"image_shape": list(image_shape)}
+    if getattr(resolve_target(cfg.model._target_), "needs_labels", False):
+        supplied["num_classes"] = NUM_CLASSES
+    return instantiate(small_model_config(cfg.model), key="model", **supplied)
 
 
 def vae(network=None, likelihood=None, latent_dim=3, beta=1.0, kl_warmup_steps=0) -> VAE:
@@ -61,13 +66,17 @@ def _seed():
 @pytest.mark.parametrize("image_shape", [(1, 8, 8), (3, 28, 20)])
 def test_every_model_config_builds_and_has_the_interface(name, image_shape):
     model = build_from_config(name, image_shape)
-    x = torch.rand(4, *image_shape)
-    assert model.encode(x).shape == (4, 3)
-    assert model.decode(torch.randn(4, 3)).shape == x.shape
-    assert model.reconstruct(x).shape == x.shape
+    # Labels go to every model in one signature; those that need none ignore them.
+    x, y = torch.rand(4, *image_shape), torch.tensor([0, 1, 2, 1])
+    assert model.encode(x, y).shape == (4, 3)
+    assert model.decode(torch.randn(4, 3), y).shape == x.shape
+    assert model.reconstruct(x, y).shape == x.shape
     assert model.sample(5).shape == (5, *image_shape)
+    assert model.sample(4, y=y).shape == (4, *image_shape)
+    if not model.needs_labels:
+        assert model.encode(x).shape == (4, 3)
 
-    terms = model.loss(x, step=0)
+    terms = model.loss(x, y, step=0)
     expected = {"loss", "recon", "recon_mse"} | ({"kl", "elbo"} if model.has_prior else set())
     expected |= {"iwae_bound"} if getattr(model, "k", 1) > 1 else set()
     assert set(terms) == expected
@@ -522,17 +531,17 @@ def test_ae_samples_from_a_fitted_latent_gaussian():
 def test_a_train_step_changes_the_weights_and_an_eval_step_does_not(name):
     model = build_from_config(name)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x = torch.rand(8, *IMAGE_SHAPE)
+    x, y = torch.rand(8, *IMAGE_SHAPE), torch.arange(8) % NUM_CLASSES
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
     with torch.no_grad():
-        model.loss(x)
+        model.loss(x, y)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     model.train()
     optimizer.zero_grad()
-    model.loss(x, step=0)["loss"].backward()
+    model.loss(x, y, step=0)["loss"].backward()
     optimizer.step()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
     params = [k for k, _ in model.named_parameters()]

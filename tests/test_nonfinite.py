@@ -27,8 +27,8 @@ def break_loss_from(monkeypatch, first_step: int, term: str = "recon", training:
     in evaluation. ``recon`` is the loss, so it makes ``loss`` nan too."""
     original = Autoencoder.loss
 
-    def loss(self, x, step=None):
-        terms = original(self, x, step)
+    def loss(self, x, y=None, step=None):
+        terms = original(self, x, y, step)
         broken = (step is not None and step >= first_step) if training else not self.training
         if broken:
             terms[term] = terms[term] * math.nan
@@ -104,7 +104,7 @@ def test_a_nan_val_loss_never_replaces_the_best_checkpoint(tmp_path, monkeypatch
 
     def validation_step(self, batch, batch_idx):  # the second epoch's val/loss is nan
         if self.current_epoch == 1:
-            batch = [batch[0] * math.nan]
+            batch = [batch[0] * math.nan, batch[1]]
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(LitModel, "validation_step", validation_step)

@@ -26,7 +26,7 @@ def run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict, 
     return read_metrics(run_dir), run_dir
 
 
-VAES = ("vae", "iwae", "hvae")
+VAES = ("vae", "iwae", "hvae", "cvae")
 
 
 def expected_test_metrics(model_name: str) -> set[str]:
@@ -39,9 +39,15 @@ def expected_test_metrics(model_name: str) -> set[str]:
 
 
 def load_test_images(cfg_overrides: list[str]) -> torch.Tensor:
+    return load_test_split(cfg_overrides)[0]
+
+
+def load_test_split(cfg_overrides: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split's images (float) and labels."""
     datamodule = instantiate(compose_config([*FAST, *cfg_overrides]).data)
     datamodule.setup()
-    return datamodule.to_float(datamodule.splits["test"].images)
+    test = datamodule.splits["test"]
+    return datamodule.to_float(test.images), test.labels
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
@@ -73,12 +79,13 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
 
     # The logged test metric is what the reloaded model gives on the test split.
     model, cfg = load_run(run_dir)
-    targets = {"vae": ".VAE", "iwae": ".VAE", "hvae": ".HierarchicalVAE"}
+    targets = {"vae": ".VAE", "iwae": ".VAE", "hvae": ".HierarchicalVAE", "cvae": ".CVAE"}
     assert cfg.model._target_.endswith(targets.get(name, ".Autoencoder"))
     assert not model.training
-    x = load_test_images([] if name == "hvae" else overrides)  # the same digits; FAST composes
+    # The same digits (FAST composes) and their labels, which a CVAE reconstructs with.
+    x, y = load_test_split([] if name == "hvae" else overrides)
     with torch.no_grad():
-        recon_mse = squared_error(x, model.reconstruct(x)).mean()
+        recon_mse = squared_error(x, model.reconstruct(x, y)).mean()
     assert float(recon_mse) == pytest.approx(metrics["test/recon_mse"], rel=1e-4)
 
     if name in VAES:

@@ -1,6 +1,7 @@
 """Checks of a composed training config, before any data is read or any model is built, and
-the one choice made from the config alone before them: the likelihood the data call for
-(:func:`choose_likelihood`, for ``model/likelihood=auto``).
+the choices made from the config and the data's description before them: the likelihood the
+data call for (:func:`choose_likelihood`, for ``model/likelihood=auto``) and the number of
+classes of a model that needs labels (:func:`supply_num_classes`).
 
 Every message names the key, the bad value and what is allowed, in the form the command line
 takes, e.g. ``data.batch_size=0 is invalid: must be an integer >= 1``. A check applies only
@@ -18,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -30,6 +31,9 @@ from vae_experiments.configs.old_keys import old_key_message
 from vae_experiments.cpu_threads import AUTO as AUTO_THREADS
 from vae_experiments.runs.layout import CHECKPOINT_CHOICES
 from vae_experiments.targets import ConfigError, raise_all
+
+if TYPE_CHECKING:  # torch: imported where a check needs it
+    from vae_experiments.data.images import ImageData
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +193,7 @@ def config_problems(cfg: DictConfig) -> list[ConfigError]:
 #: The nodes that training builds, with the arguments it passes at build time (the loggers
 #: under ``logger`` are found by :func:`logger_nodes`).
 BUILT_NODES: dict[str, tuple[str, ...]] = {
-    "model": ("image_shape",),
+    "model": ("image_shape", "num_classes"),  # num_classes: models that need labels only
     "data": (),
     "optimizer": (),
     "scheduler.scheduler": (),
@@ -522,3 +526,50 @@ def choose_likelihood(cfg: DictConfig) -> str | None:
         kind,
     )
     return name
+
+
+#: Where class labels come from, for the message of a model that needs them.
+LABELLED_DATA = (
+    "data=digits, data=mnist, data=fashion_mnist, or data=image_folder with a subfolder per class"
+)
+
+
+def supply_num_classes(
+    cfg: DictConfig, data: ImageData, choices: dict[str, str] | None = None
+) -> int | None:
+    """Sets ``cfg.model.num_classes`` to the data's number of classes where the model needs
+    labels (its class's ``needs_labels``), as ``model.image_shape`` is set from the data.
+
+    Args:
+        cfg: the composed training config.
+        data: the run's data (built, not loaded: a folder source lists its folder).
+        choices: the config-group choices (``{"model": "cvae", "data": "synthetic"}``), to
+            name them in the message; None or missing ones: the targets are named.
+
+    Returns:
+        The number of classes, or None for a model that needs no labels.
+
+    Raises:
+        ConfigError: the model needs labels and the data have no classes (synthetic images,
+            CelebA, a folder without class subfolders), naming both.
+    """
+    target = cfg.model.get("_target_")
+    model_class = targets.resolve_target(target, "model")
+    if not getattr(model_class, "needs_labels", False):
+        return None
+    num_classes = data.num_classes
+    if num_classes is None:
+        choices = choices or {}
+        source = OmegaConf.select(cfg, "data.source._target_", default=None) or data.name
+        model = f"model={choices['model']}" if "model" in choices else f"model._target_={target}"
+        data_name = (
+            f"data={choices['data']}" if "data" in choices else f"data.source._target_={source}"
+        )
+        raise ConfigError(
+            allowed=f"{model} needs class labels (a {model_class.__name__}), and {data_name} has "
+            f"none ({data.name} images are unlabelled: every label is 0); train it on labelled "
+            f"data ({LABELLED_DATA}), or choose a model without labels (model=vae)"
+        )
+    with open_dict(cfg):
+        cfg.model.num_classes = num_classes
+    return num_classes

@@ -43,12 +43,14 @@ def encode_split(
     batches: Iterable[Tensor | Sequence[Tensor]],
     return_labels: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Codes of every image in ``batches``, in order: ``model.encode`` (a VAE's posterior mean).
+    """Codes of every image in ``batches``, in order: ``model.encode`` (a VAE's posterior mean;
+    a conditional model's given the images' labels).
 
     Args:
         model: any :class:`LatentModel`; evaluated in eval mode (its mode is restored after).
         batches: float image batches (B, C, H, W), or ``(images, labels)`` pairs as yielded by
-            :func:`vae_experiments.runs.iterate_split`. Moved to the model's device.
+            :func:`vae_experiments.runs.iterate_split` (which a conditional model needs). Moved
+            to the model's device.
         return_labels: also return the labels (needs ``(images, labels)`` pairs).
 
     Returns:
@@ -63,7 +65,8 @@ def encode_split(
                 images, batch_labels = batch, None
             else:
                 images, batch_labels = batch[0], batch[1] if len(batch) > 1 else None
-            codes.append(model.encode(images.to(model.device)))
+            y = None if batch_labels is None else batch_labels.to(model.device)
+            codes.append(model.encode(images.to(model.device), y))
             if return_labels:
                 if batch_labels is None:
                     raise ValueError("return_labels=True needs (images, labels) batches")
@@ -384,17 +387,40 @@ def traversal_labels(
 
 @torch.no_grad()
 def latent_traversal(
-    model: LatentModel, codes: Tensor, steps: int = 9, dims: Sequence[int] | None = None
+    model: LatentModel,
+    codes: Tensor,
+    steps: int = 9,
+    dims: Sequence[int] | None = None,
+    label: int | None = None,
 ) -> Tensor:
     """Decoded latent traversal: images (len(dims) * steps, C, H, W), ``steps`` per row.
 
     One row per latent dimension in ``dims`` (all by default): that dimension swept from the
     5% to the 95% quantile of ``codes`` (e.g. the training codes), the others at the codes' median.
+    A conditional model decodes every image as class ``label``.
     """
     z = traversal_codes(codes, steps, dims).to(model.device)
+    if label is not None:
+        return decode_classes(model, z, [label])[0]
     was_training = model.training
     model.eval()
     try:
         return model.decode(z)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def decode_classes(model: LatentModel, z: Tensor, classes: Sequence[int]) -> list[Tensor]:
+    """A conditional model's images of the same codes z (n, latent_dim) in each class: one
+    (n, C, H, W) per class of ``classes``, decoded in eval mode (its mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        images = []
+        for label in classes:
+            y = torch.full((z.shape[0],), int(label), dtype=torch.int64, device=z.device)
+            images.append(model.decode(z, y))
+        return images
     finally:
         model.train(was_training)

@@ -23,7 +23,7 @@ Plain PyTorch, so it works in a notebook::
     from vae_experiments.runs import iterate_split, load_data
 
     model, cfg = load_run("outputs/2026-11-25/14-03-12")
-    batches = (x for x, _ in iterate_split(load_data(cfg), "test"))
+    batches = iterate_split(load_data(cfg), "test")  # (images, labels): a CVAE needs the labels
     print(evaluate_vae(model, batches, k=5000, max_batch_elems=2**26))  # nats per image
 """
 
@@ -72,10 +72,11 @@ def _noise_blocks(
         yield eps.to(like.device, like.dtype)
 
 
-def decoder_row_elems(model: VAE, num_pixels: int, like: Tensor) -> int:
+def decoder_row_elems(model: VAE, num_pixels: int, like: Tensor, y: Tensor | None = None) -> int:
     """Elements per latent row of the largest tensor in a decoder call: the image size, or a
     wider layer's output (a hidden layer of 512 units on 8x8 digits, a conv decoder's first
-    block), measured with one row of ``like``'s device and dtype (model in eval mode)."""
+    block), measured with one row of ``like``'s device and dtype (model in eval mode), and the
+    label ``y`` (1,) for a conditional model."""
     sizes = [num_pixels]
 
     def record(module, inputs, output):
@@ -85,7 +86,7 @@ def decoder_row_elems(model: VAE, num_pixels: int, like: Tensor) -> int:
     leaves = [m for m in model.decoder.modules() if next(m.children(), None) is None]
     hooks = [m.register_forward_hook(record) for m in leaves]
     try:
-        model.decoder(like.new_zeros(1, model.latent_dim))
+        model.decoder(model.decoder_input(like.new_zeros(1, model.latent_dim), y))
     finally:
         for hook in hooks:
             hook.remove()
@@ -121,8 +122,10 @@ def _log_weight_stats(
     max_batch_elems: int,
     generator: torch.Generator | None,
     bound_ks: Sequence[int] = (),
+    y: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Per-image statistics of K importance samples for images x (B, C, H, W).
+    """Per-image statistics of K importance samples for images x (B, C, H, W) (with labels y
+    (B,): those of log p(x | y) for a conditional model).
 
     Returns float64 (B,) tensors ``log_px`` (the IWAE estimate), ``mean_log_w`` (mean log-weight,
     an ELBO estimate), ``mean_log_px_z`` (mean log p(x | z)) and ``kl`` (KL(q(z | x) || p(z)),
@@ -138,9 +141,10 @@ def _log_weight_stats(
         raise ValueError(f"max_batch_elems must be >= 1, got {max_batch_elems}")
     with _eval_mode(model):
         x = x.to(model.device)
+        y = None if y is None else y.to(model.device)
         batch_size = x.shape[0]
-        mu, logvar = model.posterior(x)  # (B, D) each
-        row_elems = decoder_row_elems(model, x[0].numel(), like=mu)
+        mu, logvar = model.posterior(x, y)  # (B, D) each
+        row_elems = decoder_row_elems(model, x[0].numel(), like=mu, y=None if y is None else y[:1])
 
         lse = torch.full((batch_size,), -math.inf, dtype=torch.float64, device=x.device)
         sum_log_w = torch.zeros(batch_size, dtype=torch.float64, device=x.device)
@@ -154,7 +158,10 @@ def _log_weight_stats(
                 rows = slice(i, i + images)
                 for s in range(0, block, samples):
                     log_w, log_px_z = model.log_importance_weights(  # (n, m) each
-                        x[rows], eps[rows, s : s + samples], posterior=(mu[rows], logvar[rows])
+                        x[rows],
+                        eps[rows, s : s + samples],
+                        posterior=(mu[rows], logvar[rows]),
+                        y=None if y is None else y[rows],
                     )
                     lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(log_w, 1).double())
                     sum_log_w[rows] += log_w.double().sum(1)
@@ -169,7 +176,7 @@ def _log_weight_stats(
             "mean_log_w": mean_log_w,
             "mean_log_px_z": mean_log_px_z,
             "kl": model.kl_estimate((mu, logvar), mean_log_px_z - mean_log_w).double(),
-            "means": model.posterior_means(x),
+            "means": model.posterior_means(x, y),
         }
         if bound_ks:
             stats["bounds"] = bounds_from_log_weights(all_log_w, bound_ks)
@@ -217,8 +224,10 @@ def iwae_log_likelihood(
     k: int,
     max_batch_elems: int,
     generator: torch.Generator | None = None,
+    y: Tensor | None = None,
 ) -> Tensor:
-    """The importance-weighted estimate of log p(x) with k samples from q(z | x), per image.
+    """The importance-weighted estimate of log p(x) with k samples from q(z | x), per image
+    (of log p(x | y) with samples from q(z | x, y) for a conditional model and labels y).
 
     Burda et al. 2015 (https://arxiv.org/abs/1509.00519), eq. 8:
     ``log (1/k) sum_k p(x | z_k) p(z_k) / q(z_k | x)`` with ``z_k ~ q(z | x)``, p(z) = N(0, I),
@@ -235,11 +244,12 @@ def iwae_log_likelihood(
             the image (:func:`decoder_row_elems`). Bounds memory (peak use is a few times this
             many floats); does not change the samples.
         generator: for reproducible samples; noise is drawn on its device.
+        y: the images' labels (B,), needed by a conditional model (a CVAE), ignored by others.
 
     Returns:
-        (B,) float64 estimates of log p(x) in nats per image.
+        (B,) float64 estimates of log p(x) (log p(x | y)) in nats per image.
     """
-    return _log_weight_stats(model, x, k, max_batch_elems, generator)["log_px"]
+    return _log_weight_stats(model, x, k, max_batch_elems, generator, y=y)["log_px"]
 
 
 def bits_per_dim(log_px: float, num_dims: int, bit_depth: int | None = None) -> float:
@@ -411,12 +421,14 @@ def evaluate_vae(
 ) -> dict[str, float]:
     """Likelihood evaluation of a VAE over a whole split, on the model's device.
 
-    The model is evaluated in eval mode (its mode restored afterwards).
+    The model is evaluated in eval mode (its mode restored afterwards). A model conditioned on
+    labels (``model.needs_labels``, a CVAE) is evaluated on log p(x | y): every number below is
+    conditioned on the images' labels, and ``conditional`` is True.
 
     Args:
         model: a VAE.
-        batches: image batches (B, C, H, W) in [0, 1] (``(images, labels)`` pairs also work),
-            e.g. from :func:`vae_experiments.runs.iterate_split`.
+        batches: image batches (B, C, H, W) in [0, 1], or ``(images, labels)`` pairs (which a
+            conditional model needs), e.g. from :func:`vae_experiments.runs.iterate_split`.
         k: importance samples per image.
         max_batch_elems: memory bound of :func:`iwae_log_likelihood`.
         generator: for reproducible samples.
@@ -445,7 +457,8 @@ def evaluate_vae(
         - ``active_units``: the number of latent units with Cov_x(E_q[z_u | x]) > 0.01 over the
           split (:func:`count_active_units`; NaN for a single image), all layers together;
         - ``active_units_per_layer``: the same per latent layer, image side first (a list);
-        - ``num_images``.
+        - ``num_images``;
+        - ``conditional``: whether every number is conditioned on the labels (log p(x | y)).
     """
     check_vae(model)
     with _eval_mode(model):
@@ -454,9 +467,16 @@ def evaluate_vae(
         sums = {"log_px": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
         bound_sums = dict.fromkeys(bound_ks, 0.0)
         units, num_images, num_dims, kinds = ActiveUnits(model.latent_dims), 0, None, set()
+        needs_labels = bool(getattr(model, "needs_labels", False))
         for batch in batches:
-            x = batch[0] if isinstance(batch, tuple | list) else batch
-            stats = _log_weight_stats(model, x, k, max_batch_elems, generator, bound_ks)
+            x, y = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
+            if needs_labels and y is None:
+                raise ValueError(
+                    f"{type(model).__name__} is evaluated on log p(x | y): give (images, labels) "
+                    "batches, e.g. from iterate_split"
+                )
+            y = y if needs_labels else None
+            stats = _log_weight_stats(model, x, k, max_batch_elems, generator, bound_ks, y)
             for j, bound in stats.get("bounds", {}).items():
                 bound_sums[j] += float(bound.sum())
             sums["log_px"] += float(stats["log_px"].sum())
@@ -490,4 +510,5 @@ def evaluate_vae(
         "active_units": sum(per_layer),
         "active_units_per_layer": per_layer,
         "num_images": num_images,
+        "conditional": needs_labels,
     }

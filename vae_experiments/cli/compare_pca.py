@@ -146,8 +146,8 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
     latent_dims = [int(k) for k in cfg.latent_dims]
     datamodule = load_data(cfg)
     train_x, _ = load_split(datamodule, "train")
-    test_x, _ = load_split(datamodule, "test")
-    shown = test_x[: cfg.num_images]
+    test_x, test_y = load_split(datamodule, "test")
+    shown, shown_labels = test_x[: cfg.num_images], test_y[: cfg.num_images]
 
     pca = fit_pca(train_x)
     most = pca.components.shape[0]
@@ -189,7 +189,7 @@ def compare(cfg: DictConfig, out_dir: Path) -> list:
         results.append(Result(method, k, metrics["test/recon_mse"]))
         model, _ = load_run(run_dir)
         with torch.no_grad():
-            reconstructions[method, k] = model.reconstruct(shown)
+            reconstructions[method, k] = model.reconstruct(shown, shown_labels)
 
     write_csv(results, out_dir / "comparison.csv")
     table = markdown_table(results)

@@ -10,7 +10,9 @@ merges ``{split}/log_px``, ``{split}/log_px_k``, ``{split}/log_px_images``,
 ``{split}/posterior_gap``, ``{split}/bound_gap``, ``{split}/bpd`` (a likelihood only) and
 ``{split}/active_units`` into the run's ``metrics.json`` and TensorBoard (the run's summary: the
 latest evaluation of a split wins there; in TensorBoard ``{split}/log_px`` carries the
-likelihood's unit, ``test/log_px [discretized_logistic]``, as training's terms do). For every model
+likelihood's unit, ``test/log_px [discretized_logistic]``, as training's terms do; for a
+conditional model, a CVAE, the log-likelihood is log p(x | y) given the images' labels, merged as
+``{split}/log_px_given_y`` and ``{split}/bpd_given_y``). For every model
 that samples (a VAE from its prior, an autoencoder through a density fitted to its codes, as
 ``scripts/sample.py`` fits it), it also measures ``quality.samples`` samples against as many of
 the split's images in the features of a classifier of the dataset
@@ -74,6 +76,16 @@ QUALITY_KEYS = {
 }
 #: What quality.density may be: the model's own prior, or a density fitted to its codes.
 QUALITY_DENSITIES = ("auto", "prior", "gmm", "diag_gaussian")
+#: The metrics.json names of a conditional model's (CVAE's) numbers that differ in meaning: its
+#: log-likelihood is log p(x | y), not comparable with a VAE's log p(x).
+CONDITIONAL_KEYS = {"log_px": "log_px_given_y", "bpd": "bpd_given_y"}
+#: How the table writes the conditional model's terms: (unconditional, conditional).
+CONDITIONAL_TERMS = (
+    ("p(x|z)", "p(x|z,y)"),
+    ("q(z|x)", "q(z|x,y)"),
+    ("p(z|x)", "p(z|x,y)"),
+    ("log p(x)", "log p(x|y)"),
+)
 #: Defaults of eval.max_batch_elems (see configs/evaluate.yaml): small chunks stay in a CPU's
 #: cache; a GPU wants large calls.
 CPU_MAX_BATCH_ELEMS = 2**22
@@ -93,6 +105,19 @@ def _of_latent_dims(results: dict[str, Any]) -> str:
         f"{n} of {d}" for n, d in zip(results["active_units_per_layer"], dims, strict=True)
     )
     return f"of {sum(dims)} (per layer: {layers})"
+
+
+def metric_key(key: str, conditional: bool) -> str:
+    """The metrics.json name (after the split) of an evaluation's ``key``
+    (:data:`CONDITIONAL_KEYS` for a conditional model)."""
+    return CONDITIONAL_KEYS.get(key, key) if conditional else key
+
+
+def conditional_text(text: str) -> str:
+    """``text`` of the table with log p(x) and friends written as conditioned on y."""
+    for plain, conditioned in CONDITIONAL_TERMS:
+        text = text.replace(plain, conditioned)
+    return text
 
 
 def bits_per_dim_row(results: dict[str, Any]) -> tuple[str, str, str]:
@@ -138,13 +163,19 @@ def format_table(
         rows.append(
             (f"training's {split}/iwae_bound", f"{training[f'{split}/iwae_bound']:.3f}", note)
         )
+    footer = f"log p(x) is {results['log_px_note']}"
+    if results.get("conditional"):
+        rows = [tuple(conditional_text(part) for part in row) for row in rows]
+        footer = conditional_text(footer) + (
+            "\n  every number is conditioned on the images' labels y (a conditional model)"
+        )
     width = max(len(name) for name, _, _ in rows)
     table = "\n".join(
         f"  {name:<{width}}  {value:>10}  {note}".rstrip() for name, value, note in rows
     )
     # Loud where log p(x) is no likelihood of the data: a number in nats reads like one.
     flag = "" if results["log_px_is"] == "likelihood" else "WARNING: "
-    return f"{table}\n  {flag}log p(x) is {results['log_px_note']}"
+    return f"{table}\n  {flag}{footer}"
 
 
 def quality_settings(cfg: DictConfig) -> dict[str, Any] | None:
@@ -487,12 +518,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
 
             def batches():
                 left = num_images  # the split's first num_images images, in order
-                for x, _ in iterate_split(datamodule, cfg.split, batch_size, device):
+                for x, y in iterate_split(datamodule, cfg.split, batch_size, device):
                     if left <= 0:
                         break
-                    x = x[:left]
+                    x, y = x[:left], y[:left]
                     left -= len(x)
-                    yield x
+                    yield x, y  # the labels: a conditional model's log p(x | y)
                     bar.update(len(x))  # after the batch was evaluated
 
             results = evaluate_vae(model, batches(), k, max_batch_elems, generator)
@@ -537,11 +568,18 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     metrics = read_metrics(run_dir) if metrics_path.is_file() else {}
     new, dropped = {}, set()
     if is_vae:
+        conditional = results["conditional"]
         new = {
-            f"{cfg.split}/{key}": results[key] for key in METRIC_KEYS if results[key] is not None
+            f"{cfg.split}/{metric_key(key, conditional)}": results[key]
+            for key in METRIC_KEYS
+            if results[key] is not None
         }
         # No bits/dim where log p(x) is no likelihood of the data, nor an earlier call's beside it.
-        dropped = {f"{cfg.split}/{key}" for key in METRIC_KEYS if results[key] is None}
+        dropped = {
+            f"{cfg.split}/{metric_key(key, conditional)}"
+            for key in METRIC_KEYS
+            if results[key] is None
+        }
     if sample_quality is not None:
         for key, source in QUALITY_KEYS.items():
             if sample_quality[source] is not None:

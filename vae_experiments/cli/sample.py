@@ -5,9 +5,13 @@ for a VAE its ``prior``), decodes ``n`` draws, and writes into a new folder for 
 ``<run dir>/analysis/sample-<checkpoint>-<density>-c<components>/`` (``_1``, ``_2``, ... when
 that name is taken: an earlier call's files are never replaced)::
 
-    samples_<density>.png     the decoded draws
+    samples_<density>.png     the decoded draws; for a conditional model (a CVAE), rows per
+                              class asked (``label=3``, ``label=[3,5]``, a class name, or all),
+                              labelled with its name: density=prior decodes the same draws in
+                              every class, a fitted density is fitted to each class's codes
     traversal.png             one row per latent dimension, swept from its 5% to 95% quantile,
-                              labelled on the left with the range ("z3: -1.6 to 1.7")
+                              labelled on the left with the range ("z3: -1.6 to 1.7"); for a
+                              conditional model, of the first class asked and its codes
     latent_scatter.png        test codes coloured by label (2-D codes, or their PCA projection)
     latent_densities.json     test-split log-likelihood of the codes under every density
     sample.log
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ from vae_experiments.cli.common import (
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
 from vae_experiments.cli.run_dirs import config_error_exit
 from vae_experiments.configs import CONFIG_DIR
+from vae_experiments.targets import format_value, to_container
 
 DENSITIES_FILE = "latent_densities.json"
 log = logging.getLogger(__name__)
@@ -58,12 +64,17 @@ def sample_latents(
     traversal_steps: int = 9,
     traversal_dims: int | None = 16,
     out_dir: str | Path | None = None,
+    label: int | str | Sequence[int | str] | None = None,
 ) -> dict[str, Any]:
     """Fits latent densities to a run's training codes and writes the pictures and the table.
 
     Args: as the keys of ``configs/sample.yaml``, and
         out_dir: where the files go; None claims a new folder under ``<run dir>/analysis/``
             (:func:`~vae_experiments.cli.common.analysis_dir`), as the command does.
+        label: for a conditional model, the classes to draw (indices or names; None: all).
+
+    Raises:
+        UsageError: a ``label`` the model or its data do not have.
 
     Returns:
         What ``<out_dir>/latent_densities.json`` holds.
@@ -77,6 +88,7 @@ def sample_latents(
     from vae_experiments.analysis.latent import (
         DENSITIES,
         StandardNormal,
+        decode_classes,
         encode_split,
         fit_density,
         heldout_log_likelihood,
@@ -120,12 +132,23 @@ def sample_latents(
             f"density=prior is only for models trained with one (VAEs); the model of run={run} "
             f"is {type(model).__name__}: choose one of {', '.join(DENSITIES)}"
         )
+    if label is not None and not model.needs_labels:
+        raise UsageError(
+            f"label={format_value(label)}: {type(model).__name__} is not conditioned on labels; "
+            "leave label out (label= is for conditional models, model=cvae)"
+        )
     if out_dir is None:
         out_dir = analysis_dir(run, "sample", checkpoint, density, f"c{components}")
     out_dir = Path(out_dir)
 
     datamodule = load_data(cfg, batch_size=batch_size)
-    train_codes = encode_split(model, iterate_split(datamodule, "train", device=device))
+    classes = class_names = None
+    if model.needs_labels:
+        class_names = datamodule.class_names or [str(c) for c in range(model.num_classes)]
+        classes = chosen_classes(label, class_names)
+    train_codes, train_labels = encode_split(
+        model, iterate_split(datamodule, "train", device=device), return_labels=True
+    )
     test_codes, test_labels = encode_split(
         model, iterate_split(datamodule, "test", device=device), return_labels=True
     )
@@ -143,23 +166,59 @@ def sample_latents(
     heldout = {k: heldout_log_likelihood(d, test_codes) for k, d in densities.items()}
     fitted = {k: heldout_log_likelihood(d, train_codes) for k, d in densities.items()}
 
+    # A conditional model's traversal is of the first class asked, over its codes' range.
+    traversal_class, traversal_codes = None, train_codes
+    if classes is not None:
+        traversal_class = classes[0]
+        traversal_codes = train_codes[train_labels.to(train_codes.device) == traversal_class]
+        if len(traversal_codes) == 0:
+            name = describe_class(traversal_class, class_names)
+            raise UsageError(f"class {name} has no training images to sweep its codes over")
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        if density == "prior":  # through every latent layer of a stacked model
-            samples = model.sample(n, generator=generator)
+    per_row = math.ceil(math.sqrt(n))
+    if classes is None:
+        with torch.no_grad():
+            if density == "prior":  # through every latent layer of a stacked model
+                samples = model.sample(n, generator=generator)
+            else:
+                samples = model.decode(densities[density].sample(n, generator=generator))
+        rows = list(samples.split(per_row))
+        labels = [f"{density} samples"] + [""] * (len(rows) - 1)  # what the grid is, once
+        grid = image_grid(rows, row_labels=labels)
+    else:
+        # n draws shared out among the classes, each class's in whole rows.
+        per_class = math.ceil(n / len(classes))
+        per_row = min(per_row, per_class)
+        per_class = math.ceil(per_class / per_row) * per_row
+        if density == "prior":  # the same draws in every class: a column is one z
+            z = model.sample_codes(per_class, generator=generator)
+            class_images = decode_classes(model, z, classes)
         else:
-            samples = model.decode(densities[density].sample(n, generator=generator))
-    rows = list(samples.split(math.ceil(math.sqrt(n))))
-    labels = [f"{density} samples"] + [""] * (len(rows) - 1)  # what the grid is, once
-    paths = {
-        "samples": save_grid(
-            image_grid(rows, row_labels=labels), out_dir / f"samples_{density}.png"
-        )
-    }
+            # A class's codes fill only part of the space (q(z | y), the codes of all classes
+            # mixed): its draws come from the density fitted to its own training codes, as a
+            # mixture of all would hand it other classes' codes.
+            class_images = []
+            for label_index in classes:
+                codes = train_codes[train_labels.to(train_codes.device) == label_index]
+                try:
+                    fitted_class = fit_density(density, codes, components, seed)
+                except ValueError as error:  # too few codes in the class
+                    name = describe_class(label_index, class_names)
+                    raise UsageError(f"class {name}'s training codes: {error}") from None
+                z = fitted_class.sample(per_class, generator=generator).to(model.device)
+                class_images += decode_classes(model, z, [label_index])
+        rows, row_labels = [], []
+        for label_index, images in zip(classes, class_images, strict=True):
+            rows += list(images.split(per_row))
+            row_labels += [class_names[label_index]] * (per_class // per_row)
+        grid = image_grid(rows, row_labels=row_labels)
+    paths = {"samples": save_grid(grid, out_dir / f"samples_{density}.png")}
     dims = None if traversal_dims is None else list(range(min(traversal_dims, model.latent_dim)))
-    traversal = latent_traversal(model, train_codes, steps=traversal_steps, dims=dims)
+    traversal = latent_traversal(
+        model, traversal_codes, steps=traversal_steps, dims=dims, label=traversal_class
+    )
     # Each row labelled with its dimension and the range swept: "z3: -1.6 to 1.7".
-    labels = traversal_labels(train_codes, dims)
+    labels = traversal_labels(traversal_codes, dims)
     paths["traversal"] = save_grid(
         image_grid(list(traversal.split(traversal_steps)), row_labels=labels),
         out_dir / "traversal.png",
@@ -187,6 +246,9 @@ def sample_latents(
         "train_log_lik": fitted,
         "sampled": {"density": density, "n": n, "png": str(paths["samples"])},
     }
+    if classes is not None:
+        result["sampled"]["classes"] = [class_names[c] for c in classes]
+        result["traversal_class"] = class_names[traversal_class]
     write_json_atomic(out_dir / DENSITIES_FILE, result)
 
     rows = [
@@ -198,10 +260,48 @@ def sample_latents(
         f"{model.latent_dim} dims; gmm with {components} components):\n"
         "| density | test (held out) | train (fitted) |\n| --- | --- | --- |\n" + "\n".join(rows)
     )
+    if classes is not None:
+        shown = ", ".join(describe_class(c, class_names) for c in classes)
+        print(f"classes drawn: {shown}; the traversal is of class {class_names[traversal_class]}")
     for path in [*paths.values(), out_dir / DENSITIES_FILE]:
         print(f"wrote {path}")
     print(f"this call's outputs are in {out_dir}")
     return result
+
+
+def describe_class(index: int, class_names: Sequence[str]) -> str:
+    """``7 (Sneaker)``, or ``7`` where the name is the number."""
+    name = class_names[index]
+    return str(index) if name == str(index) else f"{index} ({name})"
+
+
+def chosen_classes(
+    label: int | str | Sequence[int | str] | None, class_names: Sequence[str]
+) -> list[int]:
+    """The class indices that ``label=`` asks for: every class for None, else each item an
+    index (``3``) or a class name (``Sneaker``, as the data name it).
+
+    Raises:
+        UsageError: naming the item that is no class, and the classes there are.
+    """
+    if label is None:
+        return list(range(len(class_names)))
+    items = list(label) if isinstance(label, Sequence) and not isinstance(label, str) else [label]
+    chosen = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(class_names):
+            chosen.append(item)
+        elif isinstance(item, str) and item in class_names:
+            chosen.append(list(class_names).index(item))
+        else:
+            names = ", ".join(describe_class(i, class_names) for i in range(len(class_names)))
+            raise UsageError(
+                f"label={format_value(label)}: {format_value(item)} is not a class of the run's "
+                f"data; give a class number or name of: {names} (or leave label out: all)"
+            )
+    if not chosen:
+        raise UsageError("label=[]: give at least one class, or leave label out (all classes)")
+    return chosen
 
 
 @suggest_keys_on_failure(CONFIG_DIR, "sample")
@@ -222,6 +322,7 @@ def main(cfg: DictConfig) -> None:
             traversal_steps=cfg.traversal_steps,
             traversal_dims=cfg.traversal_dims,
             out_dir=out_dir,
+            label=to_container(cfg.get("label")),
         )
     except BaseException as exc:
         discard_unused(out_dir, "sample")  # stopped before writing: leave no folder behind

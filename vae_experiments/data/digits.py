@@ -38,6 +38,10 @@ class Digits(ImageSource):
     def image_shape(self) -> tuple[int, int, int]:
         return (1, 8, 8)
 
+    @property
+    def class_names(self) -> list[str]:
+        return [str(digit) for digit in range(10)]
+
     def carved_sizes(self) -> dict[str, int | float]:
         return {"test_size": self.test_size, "val_size": self.val_size}
 

@@ -136,6 +136,8 @@ class IdxImages(ImageSource):
     fallback_dirs: ClassVar[tuple[Path, ...]] = ()
     #: Extra advice appended to the "files not found" error.
     hint: ClassVar[str] = ""
+    #: What the labels 0..9 of the label files stand for.
+    classes: ClassVar[tuple[str, ...]] = tuple(str(digit) for digit in range(10))
 
     def __init__(
         self, data_dir: str | os.PathLike[str], val_size: int | float, download: bool
@@ -147,6 +149,10 @@ class IdxImages(ImageSource):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (1, 28, 28)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
 
     def carved_sizes(self) -> dict[str, int | float]:
         return {"val_size": self.val_size}
@@ -253,6 +259,18 @@ class FashionMNIST(IdxImages):
     """Zalando's Fashion-MNIST (https://arxiv.org/abs/1708.07747). See :class:`IdxImages`."""
 
     name = "FashionMNIST"
+    classes = (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    )
     fallback_dirs = (Path("/usr/share/datasets/fashion-mnist"),)
     hint = (
         "; on Debian/Ubuntu `apt-get install dataset-fashion-mnist` then "

@@ -79,7 +79,7 @@ class ImageFolder(FileSource):
         self.channels = one_of("channels", channels, (1, 3))
         self.val_size = split_size("val_size", val_size)
         self.test_size = split_size("test_size", test_size)
-        self.class_names: list[str] = []
+        self._found: tuple[list[Path], list[int], list[str]] | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -92,23 +92,36 @@ class ImageFolder(FileSource):
         mode = "rgb" if self.channels == 3 else "gray"
         return f"folder-{self.path.resolve().name}-{split}-{mode}-{self.image_size}px"
 
-    def list_files(self, split_seed: int) -> dict[str, ImageFiles]:
+    @property
+    def class_names(self) -> list[str] | None:
+        """The top-level subfolders holding images, sorted; None when there are none (every
+        label is 0). Lists the folder (once)."""
+        return self._images()[2] or None
+
+    def _images(self) -> tuple[list[Path], list[int], list[str]]:
+        """:func:`collect_images` of the folder, listed once."""
+        if self._found is not None:
+            return self._found
         if not self.path.is_dir():
             what = "does not exist" if not self.path.exists() else "is a file"
             raise DataNotFoundError(
                 f"data.source.path={self.path} is not a folder (it {what}); set "
                 "data.source.path to the folder holding your images"
             )
-        paths, labels, self.class_names = collect_images(self.path)
-        if not paths:
+        found = collect_images(self.path)
+        if not found[0]:
             raise DataNotFoundError(
                 f"no images found under data.source.path={self.path} (looked recursively for "
                 f"{', '.join(IMAGE_EXTENSIONS)} in any case, skipping hidden files); put images "
                 "there or point data.source.path at the folder that holds them"
             )
-        log.info(
-            "found %d images in %d classes under %s", len(paths), len(self.class_names), self.path
-        )
+        paths, _, class_names = found
+        log.info("found %d images in %d classes under %s", len(paths), len(class_names), self.path)
+        self._found = found
+        return found
+
+    def list_files(self, split_seed: int) -> dict[str, ImageFiles]:
+        paths, labels, _ = self._images()
         label_tensor = torch.tensor(labels, dtype=torch.int64)
         indices = carve_splits(
             len(paths), {"test": self.test_size, "val": self.val_size}, split_seed

@@ -78,6 +78,18 @@ class ImageData:
         return self.source.image_shape
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The classes the labels index, or None for data without classes (see
+        :attr:`ImageSource.class_names <vae_experiments.data.source.ImageSource.class_names>`)."""
+        return self.source.class_names
+
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes the labels index; None for data without classes."""
+        names = self.class_names
+        return None if names is None else len(names)
+
+    @property
     def pixel_kind(self) -> str:
         """``"binary"`` or ``"8-bit"``: see :func:`pixel_kind`."""
         return pixel_kind(self.binarize)
@@ -111,6 +123,7 @@ class ImageData:
                     f"image_shape is {self.image_shape}"
                 )
         self._check_training_batch(len(splits["train"]))
+        self._check_labels(splits)
         if self.binarize != "none":
             splits = self._binarize_splits(splits)
         self.splits = splits
@@ -142,6 +155,23 @@ class ImageData:
             f"(data.batch_size={self.batch_size}); lower {keys} (a float is a fraction of the "
             "images) or data.batch_size"
         )
+
+    def _check_labels(self, splits: dict[str, Dataset]) -> None:
+        """Refuse labels outside the source's classes (a conditional model indexes its
+        class vectors with them, unchecked on the hot path)."""
+        count = self.num_classes
+        if count is None:
+            return
+        for name, dataset in splits.items():
+            labels = getattr(dataset, "labels", None)
+            if labels is None or len(labels) == 0:
+                continue
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= count:
+                raise ValueError(
+                    f"{self.name}'s {name} labels run from {low} to {high}, but it has {count} "
+                    f"classes (labels 0 to {count - 1}): are the label files those of the images?"
+                )
 
     def _binarize_splits(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:
         generator = torch.Generator().manual_seed(self.split_seed)

@@ -10,15 +10,23 @@ class ImageSource:
 
     A source knows the shape of its images from its arguments alone, so a model can be built
     before any data is read, and loads its "train", "val" and "test" splits as uint8 images
-    (N, C, H, W) with int64 labels (N,): :class:`~vae_experiments.data.batches.TensorImages` in
-    memory, or :class:`~vae_experiments.data.files.ImageFiles` decoded per batch. Batching,
-    binarisation and devices are :class:`~vae_experiments.data.images.ImageData`'s business.
+    (N, C, H, W) with int64 labels (N,) (indices into :attr:`class_names`; all 0 for a source
+    without classes): :class:`~vae_experiments.data.batches.TensorImages` in memory, or
+    :class:`~vae_experiments.data.files.ImageFiles` decoded per batch. Batching, binarisation
+    and devices are :class:`~vae_experiments.data.images.ImageData`'s business.
     """
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image, known without touching the disk."""
         raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The names of the classes the labels index (label ``i`` is ``class_names[i]``), or
+        None when the source has no class labels (its labels are all 0). Known before the
+        images are read; a folder source lists its folder."""
+        return None
 
     def carved_sizes(self) -> dict[str, int | float]:
         """Sizes of the splits carved out of the training images, by constructor argument

@@ -6,6 +6,7 @@ from vae_experiments.models import networks
 from vae_experiments.models.autoencoder import Autoencoder
 from vae_experiments.models.base import LatentModel
 from vae_experiments.models.corruption import GaussianNoise, Masking
+from vae_experiments.models.cvae import CVAE
 from vae_experiments.models.likelihoods import Bernoulli, Gaussian, Likelihood, SquaredError
 from vae_experiments.models.networks import (
     MLP,
@@ -20,6 +21,7 @@ from vae_experiments.models.networks import (
 from vae_experiments.models.vae import VAE, HierarchicalVAE, gaussian_kl, iwae_bound
 
 __all__ = [
+    "CVAE",
     "MLP",
     "VAE",
     "Autoencoder",

@@ -44,15 +44,18 @@ class Autoencoder(LatentModel):
         self.register_buffer("latent_loc", torch.zeros(latent_dim))
         self.register_buffer("latent_scale", torch.ones(latent_dim))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes (B, latent_dim) of images x (B, C, H, W); the labels y are not used."""
         return self.encoder(x)
 
-    def loss(self, x: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, step: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x (B, C, H, W), each summed over pixels and averaged over B.
 
         Returns ``loss`` (= ``recon``), ``recon`` (minus the likelihood's log-probability: the
         squared error for ``SquaredError``) and ``recon_mse`` (squared error in data space).
-        ``step`` is unused; it keeps the signature common to all models.
+        The labels ``y`` and ``step`` are unused; they keep the signature common to all models.
         """
         inputs = self.corruption(x) if self.training and self.corruption is not None else x
         output = self.decoder(self.encoder(inputs))
@@ -67,7 +70,10 @@ class Autoencoder(LatentModel):
         self.latent_scale.copy_(codes.std(0))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decodes n codes drawn from the stored diagonal Gaussian (see ``fit_latent_gaussian``)."""
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decodes n codes drawn from the stored diagonal Gaussian (see ``fit_latent_gaussian``);
+        ``y`` is not used."""
         eps = torch.randn(n, self.latent_dim, device=self.latent_loc.device, generator=generator)
         return self.decode(self.latent_loc + self.latent_scale * eps)

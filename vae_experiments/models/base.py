@@ -21,8 +21,11 @@ def squared_error(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor
 class LatentModel(nn.Module):
     """Base of all models: ``encode`` to a code, ``decode`` to an image, ``loss`` to named terms.
 
-    Subclasses implement ``encode(x) -> (B, latent_dim)``, ``loss(x, step) -> dict`` and
-    ``sample(n) -> (n, C, H, W)``.
+    Subclasses implement ``encode(x, y) -> (B, latent_dim)``, ``loss(x, y, step) -> dict`` and
+    ``sample(n, generator, y) -> (n, C, H, W)``. Every model takes the images' labels ``y``
+    (B,) beside the images, in one signature; a model that does not need them ignores them
+    (``y=None`` is fine), and one that does sets :attr:`needs_labels` and conditions its
+    encoder and decoder through :meth:`encoder_input` and :meth:`decoder_input`.
 
     Args:
         image_shape: (C, H, W) of the data; the trainer passes the data module's.
@@ -36,6 +39,9 @@ class LatentModel(nn.Module):
     #: Whether ``sample`` draws from a prior the model was trained with (VAE) rather than from a
     #: density fitted after training (AE).
     has_prior: bool = False
+    #: Whether the model needs the class labels of its images (``y``), and so the number of
+    #: classes (``num_classes``, from the data, given at build time as ``image_shape`` is).
+    needs_labels: bool = False
 
     def __init__(
         self,
@@ -62,22 +68,36 @@ class LatentModel(nn.Module):
         self.latent_dim = latent_dim
         self.encoder = encoder
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, x: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, step: int | None = None
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent codes (B, latent_dim) -> reconstructed images (B, C, H, W) in data space."""
-        return self.likelihood.mean(self.decoder(z))
+    def encoder_input(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """What the encoder takes for images x (B, C, H, W) with labels y (B,): the images
+        themselves; a conditional model adds its condition."""
+        return x
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction ``decode(encode(x))`` of images (B, C, H, W)."""
-        return self.decode(self.encode(x))
+    def decoder_input(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """What the decoder takes for latents z (B, latent_dim) with labels y (B,): z itself;
+        a conditional model appends its condition."""
+        return z
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent codes (B, latent_dim) (and labels (B,)) -> images (B, C, H, W) in data space."""
+        return self.likelihood.mean(self.decoder(self.decoder_input(z, y)))
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic reconstruction ``decode(encode(x, y), y)`` of images (B, C, H, W)."""
+        return self.decode(self.encode(x, y), y)
 
     @property
     def device(self) -> torch.device:

@@ -216,12 +216,45 @@ class Network:
         """A decoder from latents (B, latent_dim) to outputs (B, C, H, W)."""
         raise NotImplementedError
 
+    # A conditional model (CVAE) feeds its encoder the image and a condition vector (a one-hot
+    # label); how they go in together is the body's business. Its decoder takes the condition
+    # appended to the latent, which every body's first (linear) layer takes as it is.
+
+    def condition_shape(self, image_shape: Sequence[int], features: int) -> ImageShape:
+        """The input shape of an encoder that takes images of ``image_shape`` with ``features``
+        condition values each: here (C + features, H, W), the values as constant channels,
+        which a body that takes images (a conv net) takes as it is."""
+        c, h, w = _check_image_shape(image_shape)
+        return (c + features, h, w)
+
+    def add_condition(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Images x (B, C, H, W) and condition values (B, F) as one input of
+        :meth:`condition_shape`: the values broadcast to channels, (B, C + F, H, W)."""
+        b, _, h, w = x.shape
+        channels = condition.to(x.dtype)[:, :, None, None].expand(b, -1, h, w)
+        return torch.cat([x, channels], dim=1)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
 
 
-class Linear(Network):
+class _FlatInput(Network):
+    """A body whose encoder flattens its input first: condition values are appended to the
+    flat pixels (F more input features, not F more channels of H x W copies each)."""
+
+    def condition_shape(self, image_shape: Sequence[int], features: int) -> ImageShape:
+        """A one-row "image" of the C * H * W pixels and the ``features`` values:
+        (1, 1, C * H * W + features)."""
+        return (1, 1, math.prod(_check_image_shape(image_shape)) + features)
+
+    def add_condition(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) and (B, F) -> (B, 1, 1, C * H * W + F)."""
+        flat = torch.cat([x.flatten(1), condition.to(x.dtype)], dim=1)
+        return flat[:, None, None, :]
+
+
+class Linear(_FlatInput):
     """One affine map each way (no hidden layer): the linear autoencoder's body.
 
     Args:
@@ -254,7 +287,7 @@ class Linear(Network):
             layers[0].weight.mul_(self.init_scale)
 
 
-class MLP(Network):
+class MLP(_FlatInput):
     """Fully connected layers with a nonlinearity between them.
 
     Args:

@@ -113,14 +113,17 @@ class VAE(LatentModel):
         """Standard normal draws per sample: the sizes of all latent layers together."""
         return sum(self.latent_dims)
 
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance for images x (B, C, H, W): two (B, latent_dim)."""
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+    def posterior(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance for images x (B, C, H, W) (with labels y (B,) where
+        the model is conditional): two (B, latent_dim)."""
+        mu, logvar = self.encoder(self.encoder_input(x, y)).chunk(2, dim=1)
         return mu, logvar
 
-    def posterior_means(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def posterior_means(self, x: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:
         """E_q[z | x] of each latent layer, (B, D_l) each, for counting active units."""
-        return [self.posterior(x)[0]]
+        return [self.posterior(x, y)[0]]
 
     @staticmethod
     def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -147,13 +150,16 @@ class VAE(LatentModel):
         x: torch.Tensor,
         noise: torch.Tensor,
         posterior: tuple[torch.Tensor, torch.Tensor],
+        y: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`log_importance_weights` and the decoder output (B * K, C, H, W)."""
         mu, logvar = posterior
         n, k = noise.shape[:2]  # images, samples per image
         eps, upper = noise[..., : self.latent_dim], noise[..., self.latent_dim :]
         z = self.reparameterise(mu[:, None], logvar[:, None], eps)  # (B, K, D)
-        output = self.decoder(z.reshape(n * k, -1))  # (B * K, C, H, W)
+        # Each image's label for each of its K samples: (B * K,), as z is reshaped.
+        labels = None if y is None else y.repeat_interleave(k, dim=0)
+        output = self.decoder(self.decoder_input(z.reshape(n * k, -1), labels))  # (B * K, C, H, W)
         targets = x[:, None].expand(n, k, *x.shape[1:]).reshape(n * k, *x.shape[1:])
         log_px_z = self.likelihood.log_prob(targets, output).view(n, k)
         log_qz = _standard_normal_log_prob(eps) - 0.5 * logvar.sum(1, keepdim=True)  # (B, K)
@@ -164,6 +170,7 @@ class VAE(LatentModel):
         x: torch.Tensor,
         noise: torch.Tensor,
         posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+        y: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log importance weights of K posterior samples per image, for the IWAE bound in
         training and the IWAE estimate of log p(x) in evaluation (Burda et al. 2015,
@@ -179,15 +186,18 @@ class VAE(LatentModel):
             x: images (B, C, H, W).
             noise: standard normal draws (B, K, noise_dim) (``noise_dim`` = latent_dim for one
                 latent layer, the sum of the layers' sizes for a stack, lowest layer first).
-            posterior: ``posterior(x)`` if already computed, (mu, logvar), each (B, latent_dim):
-                saves the encoder pass when the samples of a batch come in chunks.
+            posterior: ``posterior(x, y)`` if already computed, (mu, logvar), each
+                (B, latent_dim): saves the encoder pass when the samples of a batch come in
+                chunks.
+            y: the images' labels (B,), for a conditional model (its weights are those of
+                log p(x | y)); ignored by others.
 
         Returns:
             ``(log_w, log_px_z)``: the log-weights and their log p(x | z) term, (B, K) each, in
             the model's dtype. :func:`iwae_bound` of ``log_w`` is the IWAE estimate of log p(x).
         """
-        posterior = self.posterior(x) if posterior is None else posterior
-        log_w, log_px_z, _ = self._log_weights(x, noise, posterior)
+        posterior = self.posterior(x, y) if posterior is None else posterior
+        log_w, log_px_z, _ = self._log_weights(x, noise, posterior, y)
         return log_w, log_px_z
 
     def kl_estimate(
@@ -197,9 +207,9 @@ class VAE(LatentModel):
         ``sampled`` (B,) (the mean of log q - log p over the samples) is not needed."""
         return gaussian_kl(*posterior)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The posterior mean, the VAE's deterministic code."""
-        return self.posterior(x)[0]
+        return self.posterior(x, y)[0]
 
     def kl_weight(self, step: int | None) -> float:
         """The KL weight at optimiser step ``step``; ``None`` (evaluation) gives beta."""
@@ -207,8 +217,11 @@ class VAE(LatentModel):
             return self.beta
         return self.beta * min(1.0, (step + 1) / self.kl_warmup_steps)
 
-    def loss(self, x: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms for a batch x (B, C, H, W); per image, averaged over the batch.
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, step: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for a batch x (B, C, H, W) with labels y (B,) (used by a conditional
+        model, where every term is conditioned on them); per image, averaged over the batch.
 
         With k samples z_k ~ q(z | x) per image: ``recon`` is the mean over them of
         -log p(x | z_k), summed over pixels; ``kl`` is KL(q(z | x) || p(z)) (:meth:`kl_estimate`);
@@ -219,11 +232,11 @@ class VAE(LatentModel):
         pass), from the posterior mean in evaluation, so that it is deterministic and comparable
         with the other models.
         """
-        mu, logvar = self.posterior(x)  # (B, D) each
+        mu, logvar = self.posterior(x, y)  # (B, D) each
         n = x.shape[0]
         # For k = 1 and one layer, the same draws as randn_like(mu): the VAE as it always was.
         noise = torch.randn(n, self.k, self.noise_dim, device=mu.device, dtype=mu.dtype)
-        log_w, log_px_z, output = self._log_weights(x, noise, (mu, logvar))  # (B, K) each
+        log_w, log_px_z, output = self._log_weights(x, noise, (mu, logvar), y)  # (B, K) each
         recon = -log_px_z.mean(1)  # (B,)
         kl = self.kl_estimate((mu, logvar), (log_px_z - log_w).mean(1))  # (B,)
         terms = {}
@@ -238,7 +251,7 @@ class VAE(LatentModel):
                 first = output.view(n, self.k, *output.shape[1:])[:, 0]  # (B, C, H, W)
                 reconstruction = self.likelihood.mean(first)
             else:
-                reconstruction = self.decode(mu)
+                reconstruction = self.decode(mu, y)
             recon_mse = squared_error(x, reconstruction).mean()
         return {
             **terms,
@@ -254,9 +267,12 @@ class VAE(LatentModel):
         return _randn(n, self.latent_dim, generator=generator, device=self.device)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decodes n draws from the prior: images (n, C, H, W) (the likelihood's mean)."""
-        return self.decode(self.sample_codes(n, generator))
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decodes n draws from the prior: images (n, C, H, W) (the likelihood's mean). The
+        labels ``y`` (n,) are those of the images drawn, for a conditional model."""
+        return self.decode(self.sample_codes(n, generator), y)
 
 
 class HierarchicalVAE(VAE):
@@ -348,10 +364,10 @@ class HierarchicalVAE(VAE):
             z = z_up
         return total + _standard_normal_log_prob(z)
 
-    def posterior_means(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def posterior_means(self, x: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Each layer's posterior mean given the mean of the layer below (z1's is exact; the
         upper ones are the means along the path of means): (B, D_l) each."""
-        means = [self.posterior(x)[0]]
+        means = [self.posterior(x, y)[0]]
         for layer in range(len(self.latent_dims) - 1):
             means.append(self._up(layer, means[-1])[0])
         return means

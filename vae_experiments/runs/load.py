@@ -13,7 +13,7 @@ works in a notebook::
     model, cfg = load_run("outputs/2026-11-25/14-03-12")
     data = load_data(cfg)
     for x, labels in iterate_split(data, "test"):
-        print(model.loss(x)["loss"])
+        print(model.loss(x, labels)["loss"])  # labels: used by a model that needs them (CVAE)
 """
 
 from __future__ import annotations

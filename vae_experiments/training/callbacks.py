@@ -7,6 +7,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +28,57 @@ class ImageGrids(pl.Callback):
     ``reconstruction``, ``prior sample``). Logged to TensorBoard and saved as PNG in
     ``output_dir``.
 
+    A model conditioned on class labels reconstructs with the images' labels and draws one row
+    of samples per class, labelled with its name; every row decodes the same latent draws, so
+    a column shows one z across the classes.
+
     The same validation images and the same latent draws are used every epoch, so the grids show
     how the model changes.
+
+    Args:
+        num_images: images per row (0: no grids).
+        output_dir: where the PNG files go (None: TensorBoard only).
+        class_names: the data's classes (the labels index them), for the rows of a conditional
+            model's samples; None: the rows are labelled with the class numbers.
     """
 
-    def __init__(self, num_images: int, output_dir: str | Path | None):
+    def __init__(
+        self,
+        num_images: int,
+        output_dir: str | Path | None,
+        class_names: Sequence[str] | None = None,
+    ):
         super().__init__()
         self.num_images = num_images
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.class_names = list(class_names) if class_names is not None else None
         self._images: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ):
         if batch_idx == 0 and self._images is None and self.num_images > 0:
             self._images = batch[0][: self.num_images].detach().clone()
+            self._labels = batch[1][: self.num_images].detach().clone()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self._images is None:
             return
         model = pl_module.model
+        images, labels = self._images, self._labels
         with torch.no_grad():
-            recon = model.reconstruct(self._images)
+            recon = model.reconstruct(images, labels)
             grids = {
                 "reconstructions": image_grid(
-                    [self._images, recon], row_labels=["input", "reconstruction"]
+                    [images, recon], row_labels=["input", "reconstruction"]
                 )
             }
-            if model.has_prior:
-                generator = torch.Generator(device=self._images.device).manual_seed(0)
-                samples = model.sample(self._images.shape[0] * 2, generator=generator)
+            if model.has_prior and model.needs_labels:
+                grids["samples"] = self._class_rows(model, images.shape[0], images.device)
+            elif model.has_prior:
+                generator = torch.Generator(device=images.device).manual_seed(0)
+                samples = model.sample(images.shape[0] * 2, generator=generator)
                 grids["samples"] = image_grid(
                     list(samples.chunk(2)), row_labels=["prior sample", "prior sample"]
                 )
@@ -66,6 +88,20 @@ class ImageGrids(pl.Callback):
                     logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
             if self.output_dir is not None:
                 save_grid(grid, self.output_dir / f"{name}.png")
+
+    def _class_rows(
+        self, model: torch.nn.Module, per_row: int, device: torch.device
+    ) -> torch.Tensor:
+        """A grid of ``per_row`` samples of each class, a row per class, labelled."""
+        classes = range(model.num_classes)
+        rows = []
+        for label in classes:
+            # Seeded alike for every row: the same z in each column, only the class changes.
+            generator = torch.Generator(device=device).manual_seed(0)
+            y = torch.full((per_row,), label, dtype=torch.int64, device=device)
+            rows.append(model.sample(per_row, generator=generator, y=y))
+        names = self.class_names or [str(label) for label in classes]
+        return image_grid(rows, row_labels=[names[label] for label in classes])
 
 
 class EpochTimer(pl.Callback):

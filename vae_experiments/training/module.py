@@ -218,7 +218,8 @@ class TermMeans:
 class LitModel(pl.LightningModule):
     """Wraps a :class:`LatentModel` for CPU, GPU and multi-GPU/multi-node training.
 
-    Every term of ``model.loss`` is logged as ``{stage}/{name}`` (``train/loss``, ``val/elbo``, ...):
+    Each batch is (images, labels); both go to ``model.loss(x, y=labels, step=...)`` (a model
+    that needs no labels ignores them). Every term of ``model.loss`` is logged as ``{stage}/{name}`` (``train/loss``, ``val/elbo``, ...):
     training terms every ``trainer.log_every_n_steps`` steps as the mean over those steps (and
     at each epoch's end over the steps since, so that every epoch has a point),
     validation and test terms once per epoch as the mean over all images of all processes.
@@ -287,16 +288,17 @@ class LitModel(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
-    def _step(self, x: torch.Tensor, stage: str) -> torch.Tensor:
-        """The batch's loss (a scalar), its terms added to ``stage``'s means."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        """The loss (a scalar) of images x (B, C, H, W) with labels y (B,), its terms added to
+        ``stage``'s means."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         step = self.global_step if stage == "train" else None
-        terms = self.model.loss(x, step=step)
+        terms = self.model.loss(x, y=y, step=step)
         self._means[stage].add(terms, x.shape[0], step=step)
         if stage == "val" and self._active_units is not None:
             # One more encoder pass, in validation only; sums stay on the device.
-            self._active_units.add(self.model.posterior_means(x))
+            self._active_units.add(self.model.posterior_means(x, y))
         return terms["loss"]
 
     def _logs_this_step(self) -> bool:
@@ -357,20 +359,21 @@ class LitModel(pl.LightningModule):
         log.warning(message)
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """The loss of ``batch[0]``: images (B, C, H, W), or a :class:`BatchGroup` of S batches
-        from :class:`~vae_experiments.data.ImageDataModule`, one optimizer step each: this
-        method takes the first steps itself (:meth:`_own_steps`) and returns the last trained
-        batch's loss for Lightning's automatic optimization to step on."""
-        images = batch[0]
+        """The loss of ``batch``: images (B, C, H, W) and labels (B,), or a
+        :class:`BatchGroup` of S batches and their labels (S, B) from
+        :class:`~vae_experiments.data.ImageDataModule`, one optimizer step each: this method
+        takes the first steps itself (:meth:`_own_steps`) and returns the last trained batch's
+        loss for Lightning's automatic optimization to step on."""
+        images, labels = batch[0], batch[1]
         first_step = self.global_step
         if isinstance(images, BatchGroup):
-            images = self._own_steps(images, batch_idx)
+            images, labels = self._own_steps(images, labels, batch_idx)
             # A logging step anywhere in the group: the point is written at the group's end.
             interval = self.trainer.log_every_n_steps
             logs = (self.global_step + 1) // interval > first_step // interval
         else:
             logs = self._logs_this_step()
-        loss = self._step(images, "train")
+        loss = self._step(images, labels, "train")
         # Where the host reads the metrics anyway, and before the epoch's checkpoint.
         if logs or batch_idx + 1 == self.trainer.num_training_batches:
             self._raise_if_nonfinite()
@@ -378,9 +381,12 @@ class LitModel(pl.LightningModule):
             self._log_train_point()
         return loss
 
-    def _own_steps(self, group: BatchGroup, batch_idx: int) -> torch.Tensor:
-        """Takes an optimizer step on each batch of ``group`` (S batches) but the last one to
-        train, and returns that batch (B, C, H, W) for Lightning's step.
+    def _own_steps(
+        self, group: BatchGroup, labels: torch.Tensor, batch_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes an optimizer step on each batch of ``group`` (S batches, with ``labels``
+        (S, B)) but the last one to train, and returns that batch (B, C, H, W) and its labels
+        (B,) for Lightning's step.
 
         A group stops early at ``trainer.max_steps``, and when a signal asked training to stop
         (SIGTERM, Ctrl-C: the checkpoint is written after the next step, one later than without
@@ -393,14 +399,14 @@ class LitModel(pl.LightningModule):
             own = max(0, min(own, trainer.max_steps - self.global_step - 1))
         may_stop = batch_idx + 1 < trainer.num_training_batches
         for index in range(own):
-            self._own_step(group[index])
+            self._own_step(group[index], labels[index])
             if may_stop and trainer.received_sigterm:
                 own = index + 1
                 break
         untrained = len(group) - 1 - own
         if untrained:
             trainer.datamodule.untrained(untrained)
-        return group[own]
+        return group[own], labels[own]
 
     def _log_train_point(self) -> None:
         """Writes the means of the train terms since the last point to every logger, filed
@@ -431,8 +437,8 @@ class LitModel(pl.LightningModule):
             for logger in self.trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
-    def _own_step(self, x: torch.Tensor) -> None:
-        """One optimizer step on the batch ``x`` (B, C, H, W), in the order Lightning's automatic
+    def _own_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on the batch ``x`` (B, C, H, W) with labels ``y``, in the order Lightning's automatic
         optimization takes it (loss, zero_grad, backward, clipping, step), so the weights come
         out bit for bit the same, but without Lightning's per-step hooks, closure and wrappers:
         their fixed cost is what groups of batches save. The conditions under which batches
@@ -442,7 +448,7 @@ class LitModel(pl.LightningModule):
         closure)."""
         trainer = self.trainer
         optimizer = trainer.optimizers[0]
-        loss = self._step(x, "train")
+        loss = self._step(x, y, "train")
         optimizer.zero_grad()
         if torch.is_autocast_enabled(x.device.type):
             # Lightning runs backward outside its autocast context (bf16-mixed): so do we.
@@ -458,10 +464,10 @@ class LitModel(pl.LightningModule):
         lightning_compat.count_optimizer_step(trainer)
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch[0], "val")
+        return self._step(batch[0], batch[1], "val")
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch[0], "test")
+        return self._step(batch[0], batch[1], "test")
 
     def on_train_epoch_start(self) -> None:
         self._means["train"].reset()

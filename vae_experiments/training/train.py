@@ -17,6 +17,7 @@ from vae_experiments.config_checks import (
     check_optimizer,
     choose_likelihood,
     cpu_processes,
+    supply_num_classes,
     trains_until_stopped,
 )
 from vae_experiments.cpu_memory import reuse_freed_cpu_memory
@@ -31,6 +32,7 @@ from vae_experiments.runs import (
     build_model,
     checkpoint_path,
     is_first_process,
+    read_group_choices,
     read_metrics,
     save_config,
     write_json_atomic,
@@ -137,6 +139,8 @@ def train(
     image_shape = [int(size) for size in data.image_shape]
     with open_dict(cfg):
         cfg.model.image_shape = image_shape
+    # A model that needs labels gets the data's number of classes, or the error naming both.
+    supply_num_classes(cfg, data, read_group_choices(run_dir))
     model = build_model(cfg)
     optimizer = instantiate(cfg.optimizer, key="optimizer")
     lr_scheduler = build_lr_scheduler(cfg.get("scheduler"))
@@ -195,7 +199,7 @@ def train(
         interruption,
         best,
         last,
-        ImageGrids(callbacks_cfg.image_grids.num_images, run_dir / "images"),
+        ImageGrids(callbacks_cfg.image_grids.num_images, run_dir / "images", data.class_names),
     ]
     latent_cfg = callbacks_cfg.get("latent_samples")
     if latent_cfg is not None and latent_cfg.enabled and not model.has_prior:
