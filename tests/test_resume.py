@@ -585,6 +585,7 @@ TOP_LEVEL: dict[str, bool | None] = {
     "channels_last": True,
     "steps_per_group": True,
     "float32_matmul_precision": True,
+    "threads": True,  # how many cores compute it, not what is computed
     "callbacks.checkpoint.monitor": False,  # what best.ckpt is chosen on
     "callbacks.checkpoint.mode": False,
     "callbacks.image_grids.num_images": True,

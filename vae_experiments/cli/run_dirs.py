@@ -101,6 +101,7 @@ RESUME_MAY_CHANGE = (
     "channels_last",
     "steps_per_group",
     "float32_matmul_precision",
+    "threads",
 )
 #: Keys below :data:`RESUME_MAY_CHANGE` that stay as trained all the same: what class is built
 #: (the checkpoint holds that class's state), and which validation batches best.ckpt is chosen on.
