@@ -6,11 +6,11 @@ The Lightning side, :class:`~vae_experiments.data.datamodule.ImageDataModule`, i
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # No torch: the command line's config checks name DataError among the mistakes they report.
 from vae_experiments.data.errors import DataError, DataNotFoundError
+from vae_experiments.lazy_names import lazy_getattr
 
 if TYPE_CHECKING:
     from vae_experiments.data.batches import (
@@ -54,11 +54,7 @@ _NEEDS_TORCH = {
     "Synthetic": "vae_experiments.data.synthetic",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _NEEDS_TORCH:
-        return getattr(importlib.import_module(_NEEDS_TORCH[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _NEEDS_TORCH)
 
 
 __all__ = [

@@ -6,9 +6,7 @@ start-up (``--help``, a config mistake) stays fast."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from vae_experiments.lazy_names import lazy_getattr
 from vae_experiments.runs.files import (
     DiskFullError,
     after_earlier_event_files,
@@ -110,8 +108,4 @@ _NEEDS_TORCH = {
     "load_run": "vae_experiments.runs.load",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _NEEDS_TORCH:
-        return getattr(importlib.import_module(_NEEDS_TORCH[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _NEEDS_TORCH)
