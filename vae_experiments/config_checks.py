@@ -443,15 +443,20 @@ def check_optimizer(
         lr_scheduler["scheduler"](trial)
 
 
-def check_by_building(cfg: DictConfig) -> None:
+def check_by_building(cfg: DictConfig, choices: dict[str, str] | None = None) -> None:
     """Builds what training builds before it reads any data (the data object, the model, the
     optimizer and its schedule) once, and drops it, so that a value a constructor refuses
     (``model.latent_dim=0``, ``data.batch_size=0``, ``optimizer.lr=-1``) fails before Lightning
     is imported. The model is built on torch's meta device: its constructors check their values,
     but no weights are allocated or initialised, so this costs milliseconds whatever its size.
 
+    Args:
+        cfg: the composed training config.
+        choices: its config-group choices, to name them in a message (:func:`supply_num_classes`).
+
     Raises:
-        ConfigError: what a constructor refused, naming the key.
+        ConfigError: what a constructor refused, naming the key; a model that needs labels on
+            data without classes.
     """
     import torch
 
@@ -461,6 +466,7 @@ def check_by_building(cfg: DictConfig) -> None:
         data = targets.instantiate(cfg.data, key="data")
         model_cfg = OmegaConf.create({"model": targets.to_container(cfg.model)})
         model_cfg.model.image_shape = [int(size) for size in data.image_shape]
+        supply_num_classes(model_cfg, data, choices)  # as training does, from the data
         with torch.device("meta"):
             model = build_model(model_cfg)
         optimizer = targets.instantiate(cfg.optimizer, key="optimizer")

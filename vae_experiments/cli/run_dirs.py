@@ -399,7 +399,16 @@ def check_early(cfg: DictConfig) -> None:
     choose_likelihood(cfg)  # model/likelihood=auto: the one the data call for
     # Seconds sooner than training: Lightning is not imported yet.
     check_config(cfg, lightning=False)
-    check_by_building(cfg)
+    check_by_building(cfg, _group_choices())
+
+
+def _group_choices() -> dict[str, str] | None:
+    """This Hydra job's config-group choices (``{"model": "cvae", ...}``), or None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return {str(k): str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
 
 
 def _resume_value(argv: Sequence[str]) -> str | None:
