@@ -242,9 +242,7 @@ def _log_scalars(run_dir: Path, values: dict[str, float], step: int) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="fit_prior")
 def main(cfg: DictConfig) -> None:
     """``python scripts/fit_prior.py run=<VQ-VAE run dir> [prior=own] [epochs=...] ...``."""
-    out_dir = (
-        HydraConfig.get().runtime.output_dir
-    )  # this call's own folder (configs/fit_prior.yaml)
+    out_dir = HydraConfig.get().runtime.output_dir  # this call's own folder (fit_prior.yaml)
     save_call(out_dir, "fit_prior", cfg, list(HydraConfig.get().overrides.task))
     try:
         fit_prior(
