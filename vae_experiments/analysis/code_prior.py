@@ -158,10 +158,11 @@ def prior_metrics(fitted: Sequence[FittedPrior]) -> dict[str, float]:
 
 @torch.no_grad()
 def sample_grid(
-    model: LatentModel, prior: CodePrior, n: int, seed: int = 0
+    model: LatentModel, prior: CodePrior, n: int, seed: int = 0, label: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decodes ``n`` code grids drawn from ``prior`` (seeded): the images (n, C, H, W) and their
-    picture, rows of ``ceil(sqrt(n))`` (:func:`~vae_experiments.pictures.image_grid`)."""
+    picture, rows of ``ceil(sqrt(n))`` (:func:`~vae_experiments.pictures.image_grid`), ``label``
+    on the left of the first row (as the other sample grids: ``pixelcnn samples``)."""
     was_training = model.training
     model.eval()
     try:
@@ -170,5 +171,6 @@ def sample_grid(
         images = model.decode(codes)
     finally:
         model.train(was_training)
-    per_row = math.ceil(math.sqrt(n))
-    return images, image_grid(list(images.split(per_row)))
+    rows = list(images.split(math.ceil(math.sqrt(n))))
+    labels = [label] + [""] * (len(rows) - 1) if label else None
+    return images, image_grid(rows, row_labels=labels)

@@ -181,7 +181,7 @@ def fit_prior(
         )
         pictures = {}
         for each in fitted:
-            _, grid = sample_grid(model, each.prior, n, seed)
+            _, grid = sample_grid(model, each.prior, n, seed, f"{each.name} samples")
             pictures[each.name] = str(save_grid(grid, out_dir / f"samples_{each.name}.png"))
         new = prior_metrics(fitted)
         metrics_path = run_dir / METRICS_FILE
@@ -230,10 +230,15 @@ def fit_prior(
 
 
 def _log_scalars(run_dir: Path, values: dict[str, float], step: int) -> None:
-    """Adds ``values`` to the run's TensorBoard scalars at ``step``, as evaluate.py does."""
+    """Adds ``values`` (bits per code: in no likelihood's unit) to the run's TensorBoard scalars
+    at ``step``, where training's test points are, as evaluate.py does."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
+    from vae_experiments.runs import after_earlier_event_files, tensorboard_dir
+
+    events_dir = tensorboard_dir(run_dir)
+    after_earlier_event_files(events_dir)  # a later point at the same step wins
+    with SummaryWriter(log_dir=str(events_dir)) as writer:
         for tag, value in values.items():
             writer.add_scalar(tag, value, global_step=step)
 

@@ -375,7 +375,7 @@ def sample_code_grids(
         priors["prior"] = model.code_prior
     bits = {name: bits_per_code(prior, codes["test"]) for name, prior in priors.items()}
     drawn = priors[density] if density == BASELINE else model.code_prior
-    _, grid = sample_grid(model, drawn, n, seed)
+    _, grid = sample_grid(model, drawn, n, seed, f"{density} samples")
     png = save_grid(grid, out_dir / f"samples_{density}.png")
     h, w = model.grid_shape
     result = {

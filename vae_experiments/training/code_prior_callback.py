@@ -95,7 +95,9 @@ class CodePriorSamples(pl.Callback):
             )
             tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
             for each in fitted if self.num_samples else []:
-                _, grid = sample_grid(model, each.prior, self.num_samples, self.seed)
+                _, grid = sample_grid(
+                    model, each.prior, self.num_samples, self.seed, f"{each.name} samples"
+                )
                 for logger in tensorboards:
                     logger.experiment.add_image(
                         f"images/samples_{each.name}", grid, trainer.global_step
