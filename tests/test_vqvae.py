@@ -450,3 +450,31 @@ def test_resume_trains_on_and_fits_a_new_prior_keeping_the_earlier(vq_run, tmp_p
     assert read_prior_record(run_dir)["fitted_to"]["global_step"] == step
     model, _ = load_run(run_dir)
     assert model.code_prior is not None
+
+
+def test_evaluate_measures_a_vqvaes_samples_and_its_priors_bits(vq_run, tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from vae_experiments.cli.evaluate import UsageError, evaluate
+
+    def settings(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("evaluate", overrides=[f"run={run}", "device=cpu", *overrides])
+
+    run = shutil.copytree(vq_run, tmp_path / "run")
+    trained = read_metrics(run)["test/prior_bits_per_code"]
+    record = evaluate(settings("quality.samples=100"))
+    out = capsys.readouterr().out
+    assert "Sample quality: 100 samples (prior) against 100 test images" in out
+    assert "prior over codes (GatedPixelCNN, prior.pt)" in out
+    metrics = read_metrics(run)
+    # The same prior on the same test codes as at the end of training.
+    assert metrics["test/prior_bits_per_code"] == pytest.approx(trained, rel=1e-6)
+    assert record["prior_bits_per_code"] == metrics["test/prior_bits_per_code"]
+    assert metrics["test/fd_classifier"] == record["sample_quality"]["fd_classifier"] > 0
+
+    with pytest.raises(UsageError, match="codes are grids of codebook indices"):
+        evaluate(settings("quality.density=gmm"))
+    (run / "prior.pt").unlink()
+    with pytest.raises(UsageError, match=r"no prior over the codes .* scripts/fit_prior\.py"):
+        evaluate(settings())

@@ -94,6 +94,19 @@ def code_usage(codes: torch.Tensor, num_codes: int) -> dict[str, float]:
     return {"codes_in_use": int((counts > 0).sum()), "perplexity": float(entropy.exp())}
 
 
+def split_bits_per_code(
+    model: LatentModel,
+    data: ImageData,
+    split: str,
+    limit: int | None = None,
+    batch_size: int | None = None,
+) -> float:
+    """Bits per code of the model's attached prior (``model.code_prior``) on the code grids of
+    a split's images (its first ``limit``; None: all)."""
+    codes = encode_split(model, iterate_split(data, split, batch_size, model.device))
+    return bits_per_code(model.code_prior, codes[:limit])
+
+
 @dataclass
 class FittedPrior:
     """A prior fitted to training codes, with how well it predicts each split's codes."""
