@@ -240,7 +240,8 @@ def sampler_of(model: Any, density: str, has_codes: bool) -> str:
         if model.code_prior is None:
             raise UsageError(
                 f"{type(model).__name__} has no prior over the codes of this checkpoint to "
-                "sample from (a warning above says why): fit one with python "
+                "sample from (the run has no prior.pt, or one fitted to another checkpoint): "
+                "fit one with python "
                 "scripts/fit_prior.py run=<run dir>, or leave sample quality out with "
                 "quality.samples=0"
             )

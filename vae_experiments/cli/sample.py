@@ -362,8 +362,9 @@ def sample_code_grids(
         )
     if density == "prior" and model.code_prior is None:
         raise UsageError(
-            f"{run_dir} has no prior over the codes of {ckpt.name} to sample from (the log above "
-            f"says why): fit one with {fit_prior_command(run_dir, ckpt)}, or sample the code "
+            f"{run_dir} has no prior over the codes of {ckpt.name} to sample from (no prior.pt, "
+            f"or one fitted to another checkpoint): fit one with "
+            f"{fit_prior_command(run_dir, ckpt)}, or sample the code "
             f"frequencies with density={BASELINE}"
         )
     if out_dir is None:
