@@ -46,8 +46,8 @@ def check_discrete(model: LatentModel, what: str) -> None:
     (the command or function) needs."""
     if not getattr(model, "discrete_codes", False):
         raise ValueError(
-            f"{what} fits a prior over a VQ-VAE's code grids (model=vqvae), and this run is a "
-            f"{type(model).__name__}; sample an autoencoder's or a VAE's codes with "
+            f"{what} fits a prior over a VQ-VAE's code grids (model=vqvae), and this run's "
+            f"model is {type(model).__name__}; sample an autoencoder's or a VAE's codes with "
             "scripts/sample.py"
         )
 
