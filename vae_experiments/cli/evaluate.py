@@ -637,9 +637,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     if prior_bits is not None:
         h, w = model.grid_shape
         print(
-            f"\nprior over codes ({type(model.code_prior).__name__}, prior.pt): {prior_bits:.4f} bits per "
-            f"code on the {cfg.split} split's {h}x{w} code grids ({math.log2(model.num_codes):.2f} "
-            "for a uniform guess over the codebook)"
+            f"\nprior over codes ({type(model.code_prior).__name__}, prior.pt): "
+            f"{prior_bits:.4f} bits per code on the {cfg.split} split's {h}x{w} code grids "
+            f"({math.log2(model.num_codes):.2f} for a uniform guess over the codebook)"
         )
     log.info("added %s to %s", ", ".join(new), metrics_path)
     log.info("wrote %s and TensorBoard scalars to %s", record_path, events_dir)
