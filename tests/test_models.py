@@ -68,17 +68,25 @@ def test_every_model_config_builds_and_has_the_interface(name, image_shape):
     model = build_from_config(name, image_shape)
     # Labels go to every model in one signature; those that need none ignore them.
     x, y = torch.rand(4, *image_shape), torch.tensor([0, 1, 2, 1])
-    assert model.encode(x, y).shape == (4, 3)
-    assert model.decode(torch.randn(4, 3), y).shape == x.shape
+    codes = model.encode(x, y)
+    if model.discrete_codes:  # a VQ-VAE: grids of codebook indices, sampled through a prior
+        assert codes.shape == (4, *model.grid_shape) and codes.dtype == torch.int64
+        model.set_code_prior(model.prior_recipe.build(model.grid_shape, model.num_codes))
+    else:
+        assert codes.shape == (4, 3)
+        assert model.decode(torch.randn(4, 3), y).shape == x.shape
+    assert model.decode(codes, y).shape == x.shape
     assert model.reconstruct(x, y).shape == x.shape
     assert model.sample(5).shape == (5, *image_shape)
     assert model.sample(4, y=y).shape == (4, *image_shape)
     if not model.needs_labels:
-        assert model.encode(x).shape == (4, 3)
+        assert model.encode(x).shape == codes.shape
 
     terms = model.loss(x, y, step=0)
     expected = {"loss", "recon", "recon_mse"} | ({"kl", "elbo"} if model.has_prior else set())
     expected |= {"iwae_bound"} if getattr(model, "k", 1) > 1 else set()
+    if model.discrete_codes:
+        expected |= {"codebook", "commitment", "perplexity", "codes_in_use"}
     assert set(terms) == expected
     for value in terms.values():
         assert value.shape == () and torch.isfinite(value)

@@ -27,10 +27,20 @@ def run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict, 
 
 
 VAES = ("vae", "iwae", "hvae", "cvae")
+#: The VQ-VAE's terms beside the reconstruction's.
+VQ_TERMS = {f"test/{term}" for term in ("codebook", "commitment", "perplexity", "codes_in_use")}
+#: The bits per code of its prior and of the code frequencies, fitted at the end of training.
+VQ_PRIOR = {
+    f"{split}/{kind}_bits_per_code"
+    for split in ("val", "test")
+    for kind in ("prior", "frequencies")
+}
 
 
 def expected_test_metrics(model_name: str) -> set[str]:
     base = {"test/loss", "test/recon", "test/recon_mse"}
+    if model_name == "vqvae":
+        return base | VQ_TERMS
     if model_name not in VAES:
         return base
     return (
@@ -55,10 +65,15 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
     overrides = [f"model={name}", *([] if name in ("linear_ae", "hvae") else SMALL)]
     if name == "hvae":  # MLP bodies; sized by latent_dims (FAST's latent_dim is left out)
         overrides += ["model.network.hidden_dims=[32]", "model.latent_dims=[4,2]"]
+    if name == "vqvae":  # a small prior, fitted for one epoch
+        overrides += ["model.prior.channels=8", "model.prior.layers=2", "model.prior.epochs=1"]
     metrics, run_dir = run(tmp_path, overrides)
 
     expected = expected_test_metrics(name)
     validated = {key.replace("test/", "val/") for key in expected}  # the last validation epoch
+    prior = VQ_PRIOR if name == "vqvae" else set()
+    validated |= {key for key in prior if key.startswith("val/")}
+    expected |= {key for key in prior if key.startswith("test/")}
     assert {key for key in metrics if key.startswith("val/")} - {"val/active_units"} == validated
     assert {key for key in metrics if not key.startswith("val/")} == expected | {
         "epochs",
@@ -79,7 +94,13 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
 
     # The logged test metric is what the reloaded model gives on the test split.
     model, cfg = load_run(run_dir)
-    targets = {"vae": ".VAE", "iwae": ".VAE", "hvae": ".HierarchicalVAE", "cvae": ".CVAE"}
+    targets = {
+        "vae": ".VAE",
+        "iwae": ".VAE",
+        "hvae": ".HierarchicalVAE",
+        "cvae": ".CVAE",
+        "vqvae": ".VQVAE",
+    }
     assert cfg.model._target_.endswith(targets.get(name, ".Autoencoder"))
     assert not model.training
     # The same digits (FAST composes) and their labels, which a CVAE reconstructs with.

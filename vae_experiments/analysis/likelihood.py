@@ -49,6 +49,12 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 
 def check_vae(model: LatentModel) -> None:
     """Raises ``ValueError`` unless ``model`` has a prior and a posterior (a VAE)."""
+    if getattr(model, "discrete_codes", False):
+        raise ValueError(
+            f"log-likelihood evaluation needs a VAE (a posterior q(z | x) to importance-sample), "
+            f"got {type(model).__name__}: its prior over codes is measured in bits per code "
+            "(test/prior_bits_per_code in metrics.json), by training and by scripts/fit_prior.py"
+        )
     if not (getattr(model, "has_prior", False) and hasattr(model, "log_importance_weights")):
         raise ValueError(
             f"log-likelihood evaluation needs a VAE (a model with model.has_prior and a "

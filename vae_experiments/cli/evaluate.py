@@ -230,6 +230,22 @@ def sampler_of(model: Any, density: str, has_codes: bool) -> str:
         UsageError: ``prior`` for a model without one, or a density for a model without codes.
     """
     has_prior = bool(getattr(model, "has_prior", False))
+    if getattr(model, "discrete_codes", False):  # a VQ-VAE: its prior over code grids
+        if density not in ("auto", "prior"):
+            raise UsageError(
+                f"quality.density={density}: {type(model).__name__}'s codes are grids of "
+                "codebook indices, no vector to fit a density to; it samples from its prior over "
+                "code grids: quality.density=prior (or auto)"
+            )
+        if model.code_prior is None:
+            raise UsageError(
+                f"{type(model).__name__} has no prior over the codes of this checkpoint to "
+                "sample from (the run has no prior.pt, or one fitted to another checkpoint): "
+                "fit one with python "
+                "scripts/fit_prior.py run=<run dir>, or leave sample quality out with "
+                "quality.samples=0"
+            )
+        return "prior"
     if density == "auto":
         return "prior" if has_prior else "gmm"
     if density == "prior" and not has_prior:
@@ -542,6 +558,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
             model, datamodule, quality_data, classifier, quality, cfg.split, int(cfg.seed), device
         )
         sample_quality["seconds"] = round(time.perf_counter() - start, 3)
+    prior_bits = None
+    if getattr(model, "discrete_codes", False) and model.code_prior is not None:
+        from vae_experiments.analysis.code_prior import split_bits_per_code
+
+        # A VQ-VAE's likelihood of codes: its prior's, on this split's codes.
+        prior_bits = split_bits_per_code(model, datamodule, cfg.split, num_images, batch_size)
 
     record = {
         "run": str(run_dir.resolve()),
@@ -557,6 +579,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         "metrics": results,
         "likelihood": type(model.likelihood).__name__,
         "sample_quality": sample_quality,
+        "prior_bits_per_code": prior_bits,
     }
     if is_vae and results["log_px_is"] != "likelihood":
         log.warning("log p(x) of %s is %s", run_dir, results["log_px_note"])
@@ -586,6 +609,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
                 new[f"{cfg.split}/{key}"] = sample_quality[source]
             else:  # no Inception FID this time: an earlier call's is not this evaluation's
                 dropped.add(f"{cfg.split}/{key}")
+    if prior_bits is not None:
+        new[f"{cfg.split}/prior_bits_per_code"] = prior_bits
     kept = {key: value for key, value in metrics.items() if key not in dropped}
     write_json_atomic(metrics_path, {**kept, **new})
     step = int(metrics.get("steps", 0))  # where training's test/* points are
@@ -608,6 +633,13 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         print(
             f"\n{run_dir} ({ckpt_path.name}), {sample_quality['seconds']:.1f} s\n"
             + format_quality_table(sample_quality, cfg.split)
+        )
+    if prior_bits is not None:
+        h, w = model.grid_shape
+        print(
+            f"\nprior over codes ({type(model.code_prior).__name__}, prior.pt): "
+            f"{prior_bits:.4f} bits per code on the {cfg.split} split's {h}x{w} code grids "
+            f"({math.log2(model.num_codes):.2f} for a uniform guess over the codebook)"
         )
     log.info("added %s to %s", ", ".join(new), metrics_path)
     log.info("wrote %s and TensorBoard scalars to %s", record_path, events_dir)

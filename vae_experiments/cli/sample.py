@@ -16,6 +16,11 @@ that name is taken: an earlier call's files are never replaced)::
     latent_densities.json     test-split log-likelihood of the codes under every density
     sample.log
     sample.yaml               the call's command line and config
+
+A VQ-VAE's codes are grids of codebook indices: ``density=prior`` draws them from the run's
+fitted prior (``prior.pt``, ``scripts/fit_prior.py``), ``density=frequencies`` from each position's
+code frequencies, fitted now; the call writes ``samples_<density>.png`` and ``code_priors.json``
+(the test codes' bits per code under each).
 """
 
 from __future__ import annotations
@@ -109,10 +114,11 @@ def sample_latents(
     # Every setting is checked before the checkpoint is read, and the model before anything
     # is written: a mistake leaves nothing behind (main() removes the call's empty folder).
     run_dir = run_dir_of(run)
-    if density not in [*DENSITIES, "prior"]:
+    if density not in [*DENSITIES, *CODE_DENSITIES]:
         raise UsageError(
-            f"density must be one of {', '.join([*DENSITIES, 'prior'])} (prior: a VAE's own), "
-            f"got density={density}"
+            f"density must be one of {', '.join([*DENSITIES, *CODE_DENSITIES])} (prior: a VAE's "
+            f"own, or a VQ-VAE's fitted prior; {CODE_DENSITIES[1]}: a VQ-VAE's), got "
+            f"density={density}"
         )
     if checkpoint not in CHECKPOINT_CHOICES:
         raise UsageError(f"checkpoint must be best or last, got checkpoint={checkpoint}")
@@ -127,15 +133,24 @@ def sample_latents(
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
     model, cfg = load_run(ckpt, map_location=device)
-    if density == "prior" and not model.has_prior:
-        raise UsageError(
-            f"density=prior is only for models trained with one (VAEs); the model of run={run} "
-            f"is {type(model).__name__}: choose one of {', '.join(DENSITIES)}"
-        )
     if label is not None and not model.needs_labels:
         raise UsageError(
             f"label={format_value(label)}: {type(model).__name__} is not conditioned on labels; "
             "leave label out (label= is for conditional models, model=cvae)"
+        )
+    if model.discrete_codes:  # a VQ-VAE: priors over code grids, not densities over vectors
+        return sample_code_grids(
+            model, cfg, run, ckpt, density, components, n, checkpoint, seed, batch_size, out_dir
+        )
+    if density not in [*DENSITIES, "prior"]:
+        raise UsageError(
+            f"density={density} is for a VQ-VAE's code grids; the model of run={run} is "
+            f"{type(model).__name__}: choose one of {', '.join([*DENSITIES, 'prior'])}"
+        )
+    if density == "prior" and not model.has_prior:
+        raise UsageError(
+            f"density=prior is only for models trained with one (VAEs); the model of run={run} "
+            f"is {type(model).__name__}: choose one of {', '.join(DENSITIES)}"
         )
     if out_dir is None:
         out_dir = analysis_dir(run, "sample", checkpoint, density, f"c{components}")
@@ -302,6 +317,90 @@ def chosen_classes(
     if not chosen:
         raise UsageError("label=[]: give at least one class, or leave label out (all classes)")
     return chosen
+
+
+#: What ``density=`` draws a VQ-VAE's code grids from: the run's fitted prior (prior.pt) or the
+#: per-position code frequencies, fitted to the training codes by this call.
+CODE_DENSITIES = ("prior", "frequencies")
+CODE_PRIORS_FILE = "code_priors.json"
+
+
+def sample_code_grids(
+    model: Any,
+    cfg: DictConfig,
+    run: str | Path,
+    ckpt: Path,
+    density: str,
+    components: int,
+    n: int,
+    checkpoint: str,
+    seed: int,
+    batch_size: int,
+    out_dir: str | Path | None,
+) -> dict[str, Any]:
+    """:func:`sample_latents` for a VQ-VAE: decodes ``n`` code grids drawn from ``density``
+    (:data:`CODE_DENSITIES`), writes ``samples_<density>.png`` and ``code_priors.json`` (the test
+    codes' bits per code under the run's prior and the frequencies, the training codes' use)."""
+    from vae_experiments.analysis.code_prior import (
+        BASELINE,
+        code_usage,
+        encode_splits,
+        sample_grid,
+        shipped_recipe,
+    )
+    from vae_experiments.models.code_priors import bits_per_code
+    from vae_experiments.pictures import save_grid
+    from vae_experiments.runs import load_data, write_json_atomic
+    from vae_experiments.runs.priors import fit_prior_command
+
+    run_dir = run_dir_of(run)
+    if density not in CODE_DENSITIES:
+        raise UsageError(
+            f"density={density}: a VQ-VAE's codes are grids of codebook indices; choose one of "
+            f"{', '.join(CODE_DENSITIES)} (prior: the run's fitted prior over code grids, "
+            f"prior.pt; {BASELINE}: each position's code frequencies, fitted now)"
+        )
+    if density == "prior" and model.code_prior is None:
+        raise UsageError(
+            f"{run_dir} has no prior over the codes of {ckpt.name} to sample from (no prior.pt, "
+            f"or one fitted to another checkpoint): fit one with "
+            f"{fit_prior_command(run_dir, ckpt)}, or sample the code "
+            f"frequencies with density={BASELINE}"
+        )
+    if out_dir is None:
+        out_dir = analysis_dir(run, "sample", checkpoint, density, f"c{components}")
+    out_dir = Path(out_dir)
+    codes = encode_splits(model, load_data(cfg, batch_size=batch_size), ("train", "test"))
+    priors = {BASELINE: shipped_recipe(BASELINE).fit(codes["train"], model.num_codes)}
+    if model.code_prior is not None:
+        priors["prior"] = model.code_prior
+    bits = {name: bits_per_code(prior, codes["test"]) for name, prior in priors.items()}
+    drawn = priors[density] if density == BASELINE else model.code_prior
+    _, grid = sample_grid(model, drawn, n, seed, f"{density} samples")
+    png = save_grid(grid, out_dir / f"samples_{density}.png")
+    h, w = model.grid_shape
+    result = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt),
+        "model": type(model).__name__,
+        "grid_shape": [h, w],
+        "num_codes": model.num_codes,
+        "train_codes": code_usage(codes["train"], model.num_codes),
+        "units": "bits per code of the test codes: -log2 p(code grid) / (h * w)",
+        "test_bits_per_code": bits,
+        "seed": seed,
+        "sampled": {"density": density, "n": n, "png": str(png)},
+    }
+    write_json_atomic(out_dir / CODE_PRIORS_FILE, result)
+    rows = [f"| {name} | {value:.4f} |" for name, value in sorted(bits.items(), key=lambda x: x[1])]
+    print(
+        f"Test codes of {type(model).__name__} ({h}x{w} grids of {model.num_codes} codes), bits "
+        "per code:\n| density | test |\n| --- | --- |\n" + "\n".join(rows)
+    )
+    for path in (png, out_dir / CODE_PRIORS_FILE):
+        print(f"wrote {path}")
+    print(f"this call's outputs are in {out_dir}")
+    return result
 
 
 @suggest_keys_on_failure(CONFIG_DIR, "sample")

@@ -1,6 +1,7 @@
 """Models: plain ``nn.Module``s with ``encode``, ``decode``, ``reconstruct``, ``sample`` and
-``loss``, composed from a network body, a likelihood and (autoencoders) a corruption. The configs
-in ``configs/model/`` name these classes with nested ``_target_``s."""
+``loss``, composed from a network body, a likelihood, (autoencoders) a corruption and (VQ-VAE) a
+prior over code grids. The configs in ``configs/model/`` name these classes with nested
+``_target_``s."""
 
 from vae_experiments.models import networks
 from vae_experiments.models.autoencoder import Autoencoder
@@ -19,11 +20,13 @@ from vae_experiments.models.networks import (
     Network,
 )
 from vae_experiments.models.vae import VAE, HierarchicalVAE, gaussian_kl, iwae_bound
+from vae_experiments.models.vqvae import VQVAE
 
 __all__ = [
     "CVAE",
     "MLP",
     "VAE",
+    "VQVAE",
     "Autoencoder",
     "Bernoulli",
     "Conv",

@@ -42,6 +42,10 @@ class LatentModel(nn.Module):
     #: Whether the model needs the class labels of its images (``y``), and so the number of
     #: classes (``num_classes``, from the data, given at build time as ``image_shape`` is).
     needs_labels: bool = False
+    #: Whether codes are grids of indices into a codebook (VQ-VAE: ``encode`` gives (B, h, w)
+    #: integers) rather than vectors, sampled through a prior over code grids fitted after
+    #: training (:mod:`vae_experiments.models.code_priors`) rather than a density over vectors.
+    discrete_codes: bool = False
 
     def __init__(
         self,

@@ -86,18 +86,22 @@ class MLPDecoder(nn.Module):
         return self.net(z).view(-1, *self.image_shape)  # (B, C*H*W) -> (B, C, H, W)
 
 
-def conv_feature_sizes(height: int, width: int, max_blocks: int) -> list[tuple[int, int]]:
+def conv_feature_sizes(
+    height: int, width: int, max_blocks: int, min_size: int = 2
+) -> list[tuple[int, int]]:
     """Spatial sizes after each stride-2 block, starting with the input size.
 
     A 3x3, stride-2, padding-1 convolution maps a side n to ceil(n / 2). Blocks are added while
-    both sides stay >= 2 after halving and fewer than ``max_blocks`` are used, so 8x8 gets 2
-    blocks (8 -> 4 -> 2), 28x28 gets 4 (28 -> 14 -> 7 -> 4 -> 2) and 64x64 gets 5 (-> 2x2).
+    both sides stay >= ``min_size`` after halving and fewer than ``max_blocks`` are used, so with
+    the default 2, 8x8 gets 2 blocks (8 -> 4 -> 2), 28x28 gets 4 (28 -> 14 -> 7 -> 4 -> 2) and
+    64x64 gets 5 (-> 2x2); a VQ-VAE's code grid keeps sides >= 4 (8x8 -> 4x4, 28x28 -> 7x7 with
+    two blocks).
     """
     sizes = [(height, width)]
     while len(sizes) - 1 < max_blocks:
         h, w = sizes[-1]
         h2, w2 = (h + 1) // 2, (w + 1) // 2
-        if h2 < 2 or w2 < 2:
+        if h2 < min_size or w2 < min_size:
             break
         sizes.append((h2, w2))
     return sizes
@@ -122,23 +126,53 @@ def _deconv_block(n_in: int, n_out: int, output_padding: tuple[int, int]) -> nn.
 
 
 class _ConvGeometry:
-    """Block count, channel list and per-block sizes shared by a conv encoder and its decoder."""
+    """Block count, channel list and per-block sizes shared by a conv encoder and its decoder.
 
-    def __init__(self, image_shape: Sequence[int], channels: Sequence[int]):
+    ``min_size``: the smallest side the blocks may leave (:func:`conv_feature_sizes`); the
+    default 2 is the flat-code networks', a VQ-VAE passes its ``min_grid_size``.
+    """
+
+    def __init__(self, image_shape: Sequence[int], channels: Sequence[int], min_size: int = 2):
         self.image_shape = _check_image_shape(image_shape)
         _check_sizes("channels", channels, non_empty=True)
         _, h, w = self.image_shape
-        self.sizes = conv_feature_sizes(h, w, max_blocks=len(channels))
+        self.sizes = conv_feature_sizes(h, w, max_blocks=len(channels), min_size=min_size)
         if len(self.sizes) < 2:
+            fix = (
+                "use model/network=mlp, or larger images"
+                if min_size == 2
+                else f"lower model.min_grid_size (now {min_size}), or use larger images"
+            )
             raise ConfigError(
                 allowed=f"a conv network cannot take images of shape {self.image_shape}: its "
-                "stride-2 blocks need height and width >= 3; use model/network=mlp, or larger "
-                "images (data.source.image_size with data=image_folder or data=celeba, "
+                f"stride-2 blocks need height and width >= {2 * min_size - 1}; {fix} "
+                "(data.source.image_size with data=image_folder or data=celeba, "
                 "data.source.image_shape with data=synthetic)"
             )
         self.channels = [int(c) for c in channels[: len(self.sizes) - 1]]
         last_h, last_w = self.sizes[-1]
         self.flat_features = self.channels[-1] * last_h * last_w
+
+
+def _down_blocks(in_channels: int, geometry: _ConvGeometry) -> nn.Sequential:
+    """The stride-2 blocks of a conv encoder: ``in_channels`` image channels to
+    ``geometry.channels[-1]`` at ``geometry.sizes[-1]``."""
+    inputs = [in_channels, *geometry.channels[:-1]]
+    return nn.Sequential(
+        *(_conv_block(c_in, c_out) for c_in, c_out in zip(inputs, geometry.channels, strict=True))
+    )
+
+
+def _up_blocks(geometry: _ConvGeometry) -> nn.Sequential:
+    """The transposed-conv blocks of a conv decoder, undoing :func:`_down_blocks` exactly."""
+    # Block i upsamples sizes[i+1] -> sizes[i]; channels run back from the deepest to the first.
+    out_channels = [geometry.channels[0], *geometry.channels[:-1]]
+    blocks = []
+    for i in reversed(range(len(geometry.channels))):
+        (h_out, w_out), (h_in, w_in) = geometry.sizes[i], geometry.sizes[i + 1]
+        padding = (h_out - (2 * h_in - 1), w_out - (2 * w_in - 1))
+        blocks.append(_deconv_block(geometry.channels[i], out_channels[i], padding))
+    return nn.Sequential(*blocks)
 
 
 class ConvEncoder(nn.Module):
@@ -153,13 +187,7 @@ class ConvEncoder(nn.Module):
         geometry = _ConvGeometry(image_shape, channels)
         self.image_shape = geometry.image_shape
         self.out_features = out_features
-        in_channels = [self.image_shape[0], *geometry.channels[:-1]]
-        self.blocks = nn.Sequential(
-            *(
-                _conv_block(c_in, c_out)
-                for c_in, c_out in zip(in_channels, geometry.channels, strict=True)
-            )
-        )
+        self.blocks = _down_blocks(self.image_shape[0], geometry)
         self.head = nn.Linear(geometry.flat_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,19 +209,59 @@ class ConvDecoder(nn.Module):
         self.image_shape = geometry.image_shape
         self.latent_shape = (geometry.channels[-1], *geometry.sizes[-1])
         self.head = nn.Linear(latent_dim, geometry.flat_features)
-        # Block i upsamples sizes[i+1] -> sizes[i]; channels run back from the deepest to the first.
-        out_channels = [geometry.channels[0], *geometry.channels[:-1]]
-        blocks = []
-        for i in reversed(range(len(geometry.channels))):
-            (h_out, w_out), (h_in, w_in) = geometry.sizes[i], geometry.sizes[i + 1]
-            padding = (h_out - (2 * h_in - 1), w_out - (2 * w_in - 1))
-            blocks.append(_deconv_block(geometry.channels[i], out_channels[i], padding))
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = _up_blocks(geometry)
         self.out = nn.Conv2d(geometry.channels[0], self.image_shape[0], kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         features = self.head(z).view(-1, *self.latent_shape)  # (B, C_last, h_last, w_last)
         return self.out(self.blocks(features))  # (B, C, H, W)
+
+
+class ConvGridEncoder(nn.Module):
+    """Images (B, C, H, W) to a grid of vectors (B, out_channels, h, w): :class:`ConvEncoder`'s
+    stride-2 blocks, then a 1x1 convolution in place of its linear head, so each grid position
+    keeps a vector of its own (a VQ-VAE's encoder).
+
+    Attributes:
+        grid_shape: (h, w), the sides the blocks leave: as many blocks as ``channels`` has while
+            both sides stay >= ``min_size``.
+    """
+
+    def __init__(
+        self, image_shape: Sequence[int], channels: Sequence[int], out_channels: int, min_size: int
+    ):
+        super().__init__()
+        geometry = _ConvGeometry(image_shape, channels, min_size)
+        self.image_shape = geometry.image_shape
+        self.grid_shape: tuple[int, int] = geometry.sizes[-1]
+        self.blocks = _down_blocks(self.image_shape[0], geometry)
+        self.head = nn.Conv2d(geometry.channels[-1], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))  # (B, out_channels, h, w)
+
+
+class ConvGridDecoder(nn.Module):
+    """A grid of vectors (B, in_channels, h, w) to (B, C, H, W): a 3x3 Conv-BatchNorm-LeakyReLU
+    to the deepest block's channels, then :class:`ConvDecoder`'s transposed-conv blocks and its
+    3x3 output convolution."""
+
+    def __init__(
+        self, image_shape: Sequence[int], channels: Sequence[int], in_channels: int, min_size: int
+    ):
+        super().__init__()
+        geometry = _ConvGeometry(image_shape, channels, min_size)
+        self.image_shape = geometry.image_shape
+        self.head = nn.Sequential(
+            nn.Conv2d(in_channels, geometry.channels[-1], kernel_size=3, padding=1),
+            nn.BatchNorm2d(geometry.channels[-1]),
+            nn.LeakyReLU(),
+        )
+        self.blocks = _up_blocks(geometry)
+        self.out = nn.Conv2d(geometry.channels[0], self.image_shape[0], kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blocks(self.head(z)))  # (B, C, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +301,27 @@ class Network:
         b, _, h, w = x.shape
         channels = condition.to(x.dtype)[:, :, None, None].expand(b, -1, h, w)
         return torch.cat([x, channels], dim=1)
+
+    def grid_encoder(
+        self, image_shape: Sequence[int], out_channels: int, min_size: int
+    ) -> nn.Module:
+        """An encoder from images (B, C, H, W) to a grid of vectors (B, out_channels, h, w), its
+        sides >= ``min_size``, with the grid's (h, w) as ``grid_shape`` (a VQ-VAE's encoder).
+        Only bodies with a spatial layout have one."""
+        raise ConfigError(
+            allowed=f"{type(self).__name__} keeps no spatial grid of codes: a VQ-VAE needs a "
+            "conv body (model/network=two_block_conv or conv)"
+        )
+
+    def grid_decoder(
+        self, image_shape: Sequence[int], in_channels: int, min_size: int
+    ) -> nn.Module:
+        """A decoder from a grid (B, in_channels, h, w) of :meth:`grid_encoder`'s shape to outputs
+        (B, C, H, W)."""
+        raise ConfigError(
+            allowed=f"{type(self).__name__} keeps no spatial grid of codes: a VQ-VAE needs a "
+            "conv body (model/network=two_block_conv or conv)"
+        )
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -328,3 +417,13 @@ class Conv(Network):
 
     def decoder(self, image_shape: Sequence[int], latent_dim: int) -> ConvDecoder:
         return ConvDecoder(image_shape, self.channels, latent_dim)
+
+    def grid_encoder(
+        self, image_shape: Sequence[int], out_channels: int, min_size: int
+    ) -> ConvGridEncoder:
+        return ConvGridEncoder(image_shape, self.channels, out_channels, min_size)
+
+    def grid_decoder(
+        self, image_shape: Sequence[int], in_channels: int, min_size: int
+    ) -> ConvGridDecoder:
+        return ConvGridDecoder(image_shape, self.channels, in_channels, min_size)

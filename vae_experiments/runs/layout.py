@@ -18,6 +18,11 @@ A run directory (``outputs/<date>/<time>/`` or ``multirun/<date>/<time>/<job>/``
                               made before: they keep it, :func:`tensorboard_dir`)
     csv/, wandb/              the other loggers' files
     images/                   reconstruction and sample grids as PNG
+    prior.pt                  VQ-VAE: its second stage, the prior over code grids fitted to a
+                              checkpoint's codes (its recipe, weights, that checkpoint's step, bits
+                              per code), written at the end of training and by fit_prior.py;
+                              load_run attaches it (runs/priors.py)
+    prior.earlier-<n>.pt      a prior.pt that a later fit replaced, kept
     analysis/<call>/          a folder per call of an analysis command (evaluate, sample), named
                               after what made it (``evaluate-best-test-k5000``); never reused
 
@@ -43,6 +48,9 @@ LOG_FILE = "train.log"  # Hydra's job log, named after hydra.job.name in configs
 SWEEP_CONFIG_FILE = "multirun.yaml"
 SEARCH_FILE = "search.yaml"  # a search's trials and best one, in its sweep dir (cli/search.py)
 IMAGES_DIR = "images"
+PRIOR_FILE = "prior.pt"  # a VQ-VAE's prior over code grids (runs/priors.py)
+#: A replaced prior.pt, kept: ``prior.earlier-<n>.pt`` (n from 1).
+EARLIER_PRIOR_PATTERN = "prior.earlier-{}.pt"
 ANALYSIS_DIR = "analysis"
 #: TensorBoard's event files (``events.out.tfevents.<second>.<host>.<pid>.<n>``).
 EVENT_FILE_GLOB = "events.out.tfevents.*"

@@ -43,6 +43,7 @@ from vae_experiments.runs.layout import (
     find_checkpoint,
     run_dir_of,
 )
+from vae_experiments.runs.priors import load_prior
 from vae_experiments.targets import format_value, instantiate, resolve_target
 
 
@@ -67,7 +68,10 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def load_run(
-    run: str | Path, checkpoint: str = BEST, map_location: str | torch.device = "cpu"
+    run: str | Path,
+    checkpoint: str = BEST,
+    map_location: str | torch.device = "cpu",
+    code_prior: bool = True,
 ) -> tuple[LatentModel, DictConfig]:
     """Loads a trained model and its config from a run directory or a checkpoint file.
 
@@ -75,11 +79,16 @@ def load_run(
         run: a run directory or a ``.ckpt`` file inside one.
         checkpoint: ``best`` (lowest validation loss) or ``last``; ignored for a ``.ckpt`` path.
         map_location: device to load the weights to.
+        code_prior: a VQ-VAE: attach the run's prior over code grids (False: the first stage
+            alone, e.g. to fit a new prior).
 
     Returns:
         The model in eval mode, its parameters frozen (``requires_grad=False``: what it returns,
         ``loss`` terms included, are plain tensors, as in a notebook one wants them;
-        ``model.requires_grad_(True)`` to train it on), and the run's config (``config.yaml``).
+        ``model.requires_grad_(True)`` to train it on), and the run's config (``config.yaml``). A
+        VQ-VAE gets the run's prior over code grids (``prior.pt``,
+        :mod:`~vae_experiments.runs.priors`) attached as its ``code_prior`` when that prior was
+        fitted to this checkpoint; else a warning says so.
 
     Raises:
         FileNotFoundError: ``run`` is no run directory or has no such checkpoint.
@@ -94,7 +103,19 @@ def load_run(
     model.load_state_dict(model_state(state))
     # Frozen: torch warns when a tensor that requires grad is turned into a number (float(),
     # .item()), and refuses .numpy() of it; a loaded run is for looking at.
-    return model.to(map_location).eval().requires_grad_(False), cfg
+    model = model.to(map_location).eval().requires_grad_(False)
+    if model.discrete_codes and code_prior:  # a VQ-VAE: its second stage, if fitted to this one
+        prior = load_prior(
+            run_dir,
+            ckpt_path,
+            int(state.get("global_step", 0)),
+            model.grid_shape,
+            model.num_codes,
+        )
+        if prior is not None:
+            prior = prior.to(map_location).requires_grad_(False)
+        model.set_code_prior(prior)
+    return model, cfg
 
 
 def load_data(cfg: DictConfig, **overrides: Any) -> ImageData:

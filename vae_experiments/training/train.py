@@ -48,6 +48,7 @@ from vae_experiments.training.callbacks import (
     shows_progress_bars,
 )
 from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
+from vae_experiments.training.code_prior_callback import CodePriorSamples
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
@@ -202,12 +203,20 @@ def train(
         ImageGrids(callbacks_cfg.image_grids.num_images, run_dir / "images", data.class_names),
     ]
     latent_cfg = callbacks_cfg.get("latent_samples")
+    code_prior: CodePriorSamples | None = None
     if latent_cfg is not None and latent_cfg.enabled and not model.has_prior:
-        callbacks.append(
-            LatentSamples(
-                latent_cfg.num_samples, latent_cfg.components, run_dir / "images", seed=cfg.seed
+        if model.discrete_codes:  # a VQ-VAE: its prior over code grids, after testing
+            code_prior = CodePriorSamples(latent_cfg.num_samples, run_dir, seed=cfg.seed)
+            callbacks.append(code_prior)
+        else:
+            callbacks.append(
+                LatentSamples(
+                    latent_cfg.num_samples,
+                    latent_cfg.components,
+                    run_dir / "images",
+                    seed=cfg.seed,
+                )
             )
-        )
     trainer_options = {}
     if cfg.trainer.get("enable_progress_bar", True) and shows_progress_bars():
         callbacks.append(StepProgressBar(refresh_rate=callbacks_cfg.progress_bar.refresh_rate))
@@ -278,6 +287,8 @@ def train(
             ) from None
     metrics: dict[str, float] = {key: float(value) for key, value in results[0].items()}
     metrics.update(training)
+    if code_prior is not None:  # the prior's bits per code (the first process's)
+        metrics.update(code_prior.results)
     metrics.update(stale_analysis_metrics(run_dir, metrics))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / METRICS_FILE, metrics)
