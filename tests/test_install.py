@@ -132,7 +132,15 @@ def test_a_plain_pip_install_trains_from_another_directory(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", ["vae-train", "vae-evaluate", "vae-sample", "vae-compare-pca", "vae-summarize"]
+    "command",
+    [
+        "vae-train",
+        "vae-evaluate",
+        "vae-sample",
+        "vae-fit-prior",
+        "vae-compare-pca",
+        "vae-summarize",
+    ],
 )
 def test_every_command_has_a_console_script(command):
     assert shutil.which(command) or (Path(sys.executable).parent / command).exists(), (
