@@ -72,5 +72,6 @@ def test_group_options_lists_a_nested_groups_files():
             "linear",
             "mlp",
             "small_tanh_mlp",
+            "two_block_conv",
         ]
         assert "vae" in hydra_compat.group_options("model")
