@@ -29,7 +29,7 @@ from vae_experiments.models.likelihoods import DiscretizedLogistic, Laplace
 from vae_experiments.pictures import PADDING, image_grid
 from vae_experiments.runs import load_run
 from vae_experiments.targets import ConfigError, instantiate
-from vae_experiments.training.module import CollapseWatch, LitModel
+from vae_experiments.training.module import CollapseWatch, LitModel, collapse_patience
 
 IMAGE_SHAPE = (1, 8, 8)
 LEVELS = torch.arange(256, dtype=torch.float64) / 255  # every value of an 8-bit pixel
@@ -307,6 +307,16 @@ def test_collapse_is_warned_about_when_it_persists_and_its_end_is_said():
     assert [watch.update(0, epoch, warmup_over=False) for epoch in range(4)] == [None] * 4
     assert watch.update(0, 4, warmup_over=True) == "collapsed"
     assert watch.since == 0 and not watch.at_end()
+
+
+def test_collapse_patience_grows_with_the_run():
+    # The README's 30-epoch MLP VAE on digits has no active unit in its first 4 validations and
+    # ends with 12 of 16: a 30-epoch run waits 6, a short one 3, an unlimited one 3.
+    assert [collapse_patience(epochs) for epochs in (2, 4, 15, 16, 30, 100)] == [3, 3, 3, 4, 6, 20]
+    assert collapse_patience(None) == collapse_patience(-1) == 3
+    watch = CollapseWatch(patience=collapse_patience(30))
+    assert [watch.update(0, epoch) for epoch in range(4)] == [None] * 4
+    assert watch.update(4, 4) is None  # units opened before the warning: nothing to say
 
 
 def test_a_collapsed_posterior_is_warned_about_once_when_it_persists(tmp_path, caplog):

@@ -25,8 +25,20 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SETTINGS_KEY = "configured_settings"
 NEVER = torch.iinfo(torch.int64).max  # the "first non-finite step" of a term that never was
 #: Validations in a row with no active latent unit (after any KL warm-up) before the log says
-#: "posterior collapse": a VAE often starts with none and opens units within a few epochs.
+#: "posterior collapse", at the least: a VAE often starts with none and opens units within a few
+#: epochs (the README's MLP VAE on digits has none until its fifth).
 COLLAPSE_PATIENCE = 3
+#: ... and at least this share of the run's epochs (a 30-epoch run waits 6 validations).
+COLLAPSE_PATIENCE_SHARE = 0.2
+
+
+def collapse_patience(max_epochs: int | None) -> int:
+    """Validations in a row with no active unit before the collapse warning in a run of
+    ``max_epochs`` (None or -1: no limit): :data:`COLLAPSE_PATIENCE`, or a
+    :data:`COLLAPSE_PATIENCE_SHARE` of the epochs where that is more."""
+    if max_epochs is None or max_epochs < 1:
+        return COLLAPSE_PATIENCE
+    return max(COLLAPSE_PATIENCE, math.ceil(COLLAPSE_PATIENCE_SHARE * max_epochs))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -621,7 +633,7 @@ class LitModel(pl.LightningModule):
     def _log_active_units(self) -> None:
         """Logs ``val/active_units`` (Burda et al.'s count over the whole validation split, all
         processes), warns about posterior collapse when no unit has been active for
-        :data:`COLLAPSE_PATIENCE` validations in a row after the KL warm-up (or at the end of
+        :func:`collapse_patience` validations in a row after the KL warm-up (or at the end of
         training), and says when units open up again after that warning. One collective and
         one host sync per validation epoch."""
         units = self._active_units
@@ -637,6 +649,7 @@ class LitModel(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         warmup = getattr(self.model, "kl_warmup_steps", 0) or 0
+        self._collapse.patience = collapse_patience(self.trainer.max_epochs)
         event = self._collapse.update(active, self.current_epoch, self.global_step >= warmup)
         if not self.trainer.is_global_zero:
             return
