@@ -188,7 +188,8 @@ def main() -> None:
 
     @torch.no_grad()
     def mean_loss(images: torch.Tensor, max_batches: int | None) -> float:
-        encoder.eval(), decoder.eval()
+        encoder.eval()
+        decoder.eval()
         size = args.eval_batch_size or args.batch_size
         starts = range(0, len(images), size)[:max_batches]
         total = torch.zeros((), device=device)
@@ -206,7 +207,8 @@ def main() -> None:
     sync()
     mark = (time.perf_counter(), time.process_time())
     for epoch in range(args.epochs):
-        encoder.train(), decoder.train()
+        encoder.train()
+        decoder.train()
         order = torch.randperm(len(train), device=device)
         for i in range(steps):
             x = train.index_select(0, order[i * batch : (i + 1) * batch]).float().div_(255)
