@@ -211,3 +211,12 @@ def test_the_hand_written_networks_have_our_models_layers(case):
     activations = {type(m).__name__ for m in [*encoder.modules(), *decoder.modules()]}
     ours = {type(m).__name__ for m in model.modules()}
     assert activations & {"Tanh", "ReLU", "LeakyReLU"} == ours & {"Tanh", "ReLU", "LeakyReLU"}
+
+
+def test_ours_runs_at_a_terminal_as_a_user_types_it(tmp_path):
+    benchmark = load_benchmark()
+    script = "import sys; print('terminal', sys.stderr.isatty()); sys.exit(3)"
+    output = tmp_path / "run.out"
+    status, _ = benchmark.run_process([sys.executable, "-c", script], output)
+    assert status == 3
+    assert "terminal True" in output.read_text()  # so train.py draws its progress bar
