@@ -227,10 +227,14 @@ class DSpritesFile(FactorFile):
     format = "a dSprites .npz (imgs, latents_classes)"
 
     def _read_labels(self) -> np.ndarray:
+        if not zipfile.is_zipfile(self.path):
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+            raise self._bad(
+                f"cannot read it as an .npz archive: it is no zip file (starts {head!r})"
+            )
         try:
             with np.load(self.path) as npz:
-                if not isinstance(npz, np.lib.npyio.NpzFile):
-                    raise self._bad("it is a single .npy array, not an .npz archive")
                 missing = [k for k in ("imgs", "latents_classes") if k not in npz.files]
                 if missing:
                     raise self._bad(
@@ -240,7 +244,9 @@ class DSpritesFile(FactorFile):
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             if isinstance(exc, DataError):
                 raise
-            raise self._bad(f"cannot read it as an .npz archive ({exc})") from None
+            # numpy's words for an array of Python objects advise unpickling it: never do.
+            reason = "an array of Python objects" if "pickle" in str(exc) else str(exc)
+            raise self._bad(f"cannot read it as an .npz archive ({reason})") from None
         if classes.ndim != 2 or classes.shape[1] != 6 or classes.dtype.kind not in "iu":
             raise self._bad(
                 f"latents_classes is {classes.dtype} {classes.shape}, not integers (N, 6)"

@@ -144,9 +144,10 @@ def _inside(shape: int, u: Tensor, v: Tensor) -> Tensor:
         return torch.maximum(u.abs(), v.abs()) <= 1 / math.sqrt(2)
     if shape == 1:  # ellipse twice as long as wide
         return u.square() + (2 * v).square() <= 1
-    # heart: (x^2 + y^2 - 1)^3 <= x^2 y^3, pointing down; its lobes reach about 1.37 from the
-    # origin, so 1.4 fits it in the circle, and 0.12 centres it vertically.
-    x, y = 1.4 * u, 1.4 * v + 0.12
+    # heart: (x^2 + y^2 - 1)^3 <= x^2 y^3, pointing down; shrunk by 1.4 and moved by 0.3 it
+    # fits in the circle (0.93 at most) with its centre of mass at the origin, so that turning
+    # it leaves it where it is.
+    x, y = 1.4 * u, 1.4 * v + 0.3
     return (x.square() + y.square() - 1).pow(3) <= x.square() * y.pow(3)
 
 
@@ -208,7 +209,7 @@ class Shapes(ImageSource):
         path: A dSprites ``.npz`` or 3D Shapes ``.h5`` file to read instead of rendering.
         keep: A subset of the file's factor values, per factor name: a count (evenly spaced
             among its values) or a list of value indices; factors left out keep every value.
-            Only with a ``path``.
+            Only with a ``path``; null (or empty) keeps every image.
         test_size: Test images: an int count, or a float fraction of all images.
         val_size: Validation images: an int count, or a float fraction of the non-test images.
         cache: Keep the images in a memory-mapped array in ``cache_dir``, made once (true), or
@@ -220,7 +221,7 @@ class Shapes(ImageSource):
         self,
         factors: Mapping[str, Any],
         path: str | os.PathLike[str] | None,
-        keep: Mapping[str, Any],
+        keep: Mapping[str, Any] | None,
         test_size: int | float,
         val_size: int | float,
         cache: bool,
