@@ -10,6 +10,9 @@ matches the files now. A build writes into a temporary file in the same folder, 
 disk and renames it into place, so an interrupted build never leaves a cache that looks valid.
 One process builds a cache at a time (a lock file beside it); the others wait and then use it.
 
+Images that are generated or read from one file (the rendered shapes, a dSprites ``.npz``) are
+cached the same way by :func:`ensure_array`, keyed by a description of what made them.
+
 Where caches live: a file source's ``cache_dir``, else :func:`default_cache_dir`; other caches
 of a dataset (the sample-quality classifier of :mod:`vae_experiments.analysis.classifier`) go
 in the same folder, :func:`cache_dir_of`.

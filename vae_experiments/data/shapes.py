@@ -246,6 +246,7 @@ class Shapes(ImageSource):
         else:
             self.file = open_factor_file(self.path, _plain(keep))
             self.values = None
+        self._array: Tensor | None = None  # the images, once made or mapped
 
     @staticmethod
     def _rendered_values(factors: Mapping[str, Any]) -> tuple[tuple[Any, ...], ...]:
@@ -307,6 +308,11 @@ class Shapes(ImageSource):
 
     def _images(self) -> Tensor:
         """Every image (N, C, H, W) in label order: from the cache, made first if need be."""
+        if self._array is None:
+            self._array = self._make_images()
+        return self._array
+
+    def _make_images(self) -> Tensor:
         if self.file is not None:
             meta, fill = self.file.cache_meta(), self.file.read_images
             name = f"{self.file.kind}-{self.path.stem}"
