@@ -706,6 +706,7 @@ CONFIG_FAKES = {
     "celeba": fake_celeba,
     "image_folder": fake_image_folder,
     "synthetic": lambda root: {"num_train": 64, "num_val": 16, "num_test": 16},
+    "shapes": lambda root: {"factors": {"shape": 3, "scale": 1, "orientation": 1, "x": 8, "y": 8}},
 }
 
 
@@ -729,7 +730,8 @@ def test_image_folder_config_requires_path():
 
 
 @pytest.mark.parametrize(
-    "overrides", [["data=celeba"], ["data=image_folder", "data.source.path=/images"]]
+    "overrides",
+    [["data=celeba"], ["data=image_folder", "data.source.path=/images"], ["data=shapes"]],
 )
 def test_decoded_image_cache_defaults_to_the_user_cache_folder(monkeypatch, tmp_path, overrides):
     cfg = compose_config(overrides)

@@ -84,6 +84,18 @@ class ImageData:
         return self.source.class_names
 
     @property
+    def factor_names(self) -> tuple[str, ...] | None:
+        """The factors the label columns index, for data with known factors (labels (N, F));
+        None for class-labelled or unlabelled data (labels (N,)). See
+        :attr:`ImageSource.factor_names <vae_experiments.data.source.ImageSource.factor_names>`."""
+        return self.source.factor_names
+
+    @property
+    def factor_sizes(self) -> tuple[int, ...] | None:
+        """How many values each factor of :attr:`factor_names` takes; None without factors."""
+        return self.source.factor_sizes
+
+    @property
     def num_classes(self) -> int | None:
         """How many classes the labels index; None for data without classes."""
         names = self.class_names
@@ -158,7 +170,11 @@ class ImageData:
 
     def _check_labels(self, splits: dict[str, Dataset]) -> None:
         """Refuse labels outside the source's classes (a conditional model indexes its
-        class vectors with them, unchecked on the hot path)."""
+        class vectors with them, unchecked on the hot path), or factor labels that are not
+        (N, F) indices within the factors' sizes."""
+        if self.factor_sizes is not None:
+            self._check_factor_labels(splits)
+            return
         count = self.num_classes
         if count is None:
             return
@@ -171,6 +187,23 @@ class ImageData:
                 raise ValueError(
                     f"{self.name}'s {name} labels run from {low} to {high}, but it has {count} "
                     f"classes (labels 0 to {count - 1}): are the label files those of the images?"
+                )
+
+    def _check_factor_labels(self, splits: dict[str, Dataset]) -> None:
+        sizes = torch.tensor(self.factor_sizes)
+        for name, dataset in splits.items():
+            labels = getattr(dataset, "labels", None)
+            if labels is None:
+                continue
+            if labels.ndim != 2 or labels.shape[1] != len(sizes):
+                raise ValueError(
+                    f"{self.name}'s {name} labels have shape {tuple(labels.shape)}, not "
+                    f"(N, {len(sizes)}): one index per factor ({', '.join(self.factor_names)})"
+                )
+            if len(labels) and (bool((labels < 0).any()) or bool((labels >= sizes).any())):
+                raise ValueError(
+                    f"{self.name}'s {name} labels fall outside the factors' sizes "
+                    f"{tuple(self.factor_sizes)}"
                 )
 
     def _binarize_splits(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:
