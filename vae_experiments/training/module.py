@@ -530,6 +530,13 @@ class LitModel(pl.LightningModule):
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch[0], batch[1], "test")
 
+    def on_fit_start(self) -> None:
+        # In every training process, once it exists: torch's per-step CUDA check without NVML.
+        lightning_compat.pause_nvml_cuda_check()
+
+    def on_fit_end(self) -> None:
+        lightning_compat.restore_nvml_cuda_check()
+
     def on_train_epoch_start(self) -> None:
         self._means["train"].reset()
 
