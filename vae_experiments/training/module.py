@@ -16,7 +16,11 @@ from vae_experiments.analysis.likelihood import ACTIVE_UNIT_THRESHOLD, ActiveUni
 from vae_experiments.data.batches import BatchGroup
 from vae_experiments.models import LatentModel
 from vae_experiments.training import lightning_compat
-from vae_experiments.training.optimizer_settings import apply_changed_settings, configured_settings
+from vae_experiments.training.optimizer_settings import (
+    apply_changed_settings,
+    build_optimizer,
+    configured_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -562,6 +566,7 @@ class LitModel(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._warn_if_warmup_outlasts_run()
+        self._unfuse_if_refused()
         # After Lightning restored the optimizer and scheduler: what the config changed since
         # the checkpoint (resume=DIR optimizer.lr=...) takes effect now.
         before, self._settings_at_checkpoint = self._settings_at_checkpoint, None
@@ -758,8 +763,28 @@ class LitModel(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_means("test", sync=True)
 
+    def _fused_allowed(self) -> bool:
+        """Whether the optimizer may be torch's fused one: not where Lightning refuses to clip
+        gradients of an optimizer that unscales them itself (mixed precision)."""
+        trainer = self.trainer
+        mixed = str(trainer.precision).endswith("-mixed")
+        return not (mixed and trainer.gradient_clip_val)
+
+    def _unfuse_if_refused(self) -> None:
+        """A run resumed with clipping under mixed precision from a checkpoint of a fused
+        optimizer: the restored param groups say fused, which Lightning refuses to clip; torch's
+        other implementations read the same state (the other way round they would not)."""
+        if self._fused_allowed():
+            return
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                if group.get("fused"):
+                    group["fused"] = False
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = build_optimizer(
+            self.optimizer_factory, self.parameters(), fused_allowed=self._fused_allowed()
+        )
         if self.lr_scheduler_config is None:
             return optimizer
         config = dict(self.lr_scheduler_config)
