@@ -353,7 +353,7 @@ def iterate_split(
     Args:
         data: Set-up data (:meth:`ImageData.setup` is called if it was not).
         split: "train", "val" or "test".
-        batch_size: Images per batch; None uses ``data.batch_size``.
+        batch_size: Images per batch; None uses ``data.eval_batch_size``.
         device: Where the batches go.
     """
     if split not in SPLIT_NAMES:
@@ -363,7 +363,7 @@ def iterate_split(
     dataset = data.splits[split]
     sampler = ShuffledBatchSampler(
         len(dataset),
-        batch_size or data.batch_size,
+        batch_size or data.eval_batch_size,
         shuffle=False,
         drop_last=False,
         seed=0,

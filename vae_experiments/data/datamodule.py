@@ -80,8 +80,9 @@ class ImageDataModule(pl.LightningDataModule):
     def _dataloader(self, split: str, train: bool) -> DataLoader:
         self.data.setup()
         dataset = self._device_splits[split] if split in self._device_splits else self._place(split)
+        batch_size = self.data.batch_size if train else self.data.eval_batch_size
         sampler = ShuffledBatchSampler(
-            len(dataset), self.data.batch_size, shuffle=train, drop_last=train, seed=self.data.seed
+            len(dataset), batch_size, shuffle=train, drop_last=train, seed=self.data.seed
         )
         if train:
             self._configure_train_sampler(sampler, dataset)

@@ -26,6 +26,12 @@ def pixel_kind(binarize: str) -> str:
     return EIGHT_BIT if binarize == "none" else BINARY
 
 
+#: ``eval_batch_size=auto``'s smallest batch: the Burda preset's validation of 5,000
+#: Fashion-MNIST images took 0.83 s of arithmetic at 500 against 1.43 s at batch 20 here (one
+#: thread), before Lightning's ~3 ms per batch (0.75 s more at 20); larger batches gained little.
+AUTO_EVAL_BATCH_SIZE = 500
+
+
 class ImageData:
     """A source's splits, loaded once, with the settings that turn them into batches.
 
@@ -34,7 +40,11 @@ class ImageData:
 
     Args:
         source: Where the images come from, e.g. :class:`~vae_experiments.data.Digits`.
-        batch_size: Images per batch, per process.
+        batch_size: Images per training batch, per process.
+        eval_batch_size: Images per validation and test batch, per process, or "auto": the
+            larger of ``batch_size`` and :data:`AUTO_EVAL_BATCH_SIZE`. Evaluation keeps no
+            graph, so its batches can be larger, and every batch costs Lightning's fixed
+            per-batch work: a validation of 5,000 images at batch 20 is 250 of them.
         num_workers: DataLoader worker processes for splits decoded per batch (in-memory splits
             are served from the main process), and threads decoding or checking files.
         seed: Run seed; drives the training shuffle.
@@ -56,6 +66,7 @@ class ImageData:
         split_seed: int,
         binarize: str,
         on_device: str | bool,
+        eval_batch_size: int | str = "auto",
     ) -> None:
         if not isinstance(source, ImageSource):
             raise ConfigError(
@@ -65,6 +76,13 @@ class ImageData:
             )
         self.source = source
         self.batch_size = at_least("batch_size", batch_size, 1)
+        if eval_batch_size == "auto":
+            eval_batch_size = max(self.batch_size, AUTO_EVAL_BATCH_SIZE)
+        elif isinstance(eval_batch_size, str) or isinstance(eval_batch_size, bool):
+            raise ConfigError(
+                "eval_batch_size", eval_batch_size, "must be an integer >= 1 or auto"
+            )
+        self.eval_batch_size = at_least("eval_batch_size", eval_batch_size, 1)
         self.num_workers = at_least("num_workers", num_workers, 0)
         self.seed = seed
         self.split_seed = split_seed

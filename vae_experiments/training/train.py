@@ -51,6 +51,7 @@ from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.code_prior_callback import CodePriorSamples
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
+from vae_experiments.training import lightning_compat
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
 from vae_experiments.training.module import LitModel
 from vae_experiments.training.step_groups import steps_per_group, ungrouped_because
@@ -256,6 +257,8 @@ def train(
             raise RunInterrupted(
                 signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
             ) from None
+        finally:  # a fit that raised did not reach the module's on_fit_end
+            lightning_compat.restore_nvml_cuda_check()
 
         # The last validation epoch's terms (what a search with optimized_metric=val/loss
         # compares) and the training's extent and times, over all sessions of a resumed run:
