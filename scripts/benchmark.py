@@ -63,7 +63,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from time import monotonic  # noqa: E402
@@ -359,7 +359,9 @@ def batch_limit(cfg, split: str) -> int | None:
 
 def eval_batch_size(cfg) -> int:
     """The batch size our run validates and tests at."""
-    return int(cfg.data.get(EVAL_BATCH_SIZE_KEY) or cfg.data.batch_size)
+    from vae_experiments.data.images import evaluation_batch_size
+
+    return evaluation_batch_size(cfg.data.batch_size, cfg.data.get(EVAL_BATCH_SIZE_KEY, "auto"))
 
 
 def epoch_lr_schedule(cfg) -> tuple[list[int], float] | None:
@@ -416,12 +418,9 @@ def hand_written_options(cfg, num_val: int) -> list[str]:
             "--channels",
             ",".join(str(c) for c in model.network.channels),
         ]
-    options += [
-        "--batch-size",
-        str(cfg.data.batch_size),
-        "--eval-batch-size",
-        str(eval_batch_size(cfg)),
-    ]
+    # Validation and test at the run's batch size, as a user writes it (ours evaluates in
+    # batches of data.eval_batch_size: a default of ours), over the images our run evaluates.
+    options += ["--batch-size", str(cfg.data.batch_size)]
     options += ["--binarize", cfg.data.binarize, "--lr", repr(float(optimizer.lr))]
     if optimizer.get("eps") is not None:
         options += ["--eps", repr(float(optimizer.eps))]
@@ -431,10 +430,12 @@ def hand_written_options(cfg, num_val: int) -> list[str]:
     if schedule is not None:
         options += ["--lr-milestones", ",".join(str(m) for m in schedule[0])]
         options += ["--lr-gamma", repr(schedule[1])]
-    for split in ("train", "val", "test"):
+    if batch_limit(cfg, "train") is not None:
+        options += ["--max-train-batches", str(batch_limit(cfg, "train"))]
+    for split in ("val", "test"):
         limit = batch_limit(cfg, split)
-        if limit is not None:
-            options += [f"--max-{split}-batches", str(limit)]
+        if limit is not None:  # our run's limit counts batches of data.eval_batch_size
+            options += [f"--max-{split}-images", str(limit * eval_batch_size(cfg))]
     return options
 
 
@@ -469,6 +470,19 @@ def hand_written_run(
 
 
 # ----------------------------------------------------------------------------- the plain loop
+
+
+@contextlib.contextmanager
+def user_environment() -> Iterator[None]:
+    """While inside, ``os.environ`` is :data:`USER_ENV` (what the benchmark started with)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(USER_ENV)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def plain_training(
@@ -709,24 +723,33 @@ def time_training_case(
     channels_last = is_conv and cfg.channels_last  # ours' memory format: every loop uses it
     (workdir / name).mkdir(parents=True, exist_ok=True)
 
+    # The images our run validates (its limit counts batches of data.eval_batch_size), which
+    # the loops here validate at the run's batch size, as the hand-written loop does.
+    val_images = splits["val"]
+    if batch_limit(cfg, "val") is not None:
+        val_images = val_images[: batch_limit(cfg, "val") * val_batch_size]
+
     def plain(repeat: int) -> Run:
         model = build_model(cfg, image_shape)
-        with PeakMemory(device) as memory:
+        # Importing our code imported Lightning, which set PYTORCH_NVML_BASED_CUDA_CHECK=1 in
+        # this process (an NVML query per optimizer step, which our training pauses): this loop
+        # runs in the environment the benchmark started with, as the hand-written one does.
+        with PeakMemory(device) as memory, user_environment():
             wall, cpu = plain_training(
                 model,
                 splits["train"],
-                splits["val"],
+                val_images,
                 batch_size,
                 args.epochs,
                 instantiate(cfg.optimizer, key="optimizer"),
                 args.seed,
                 batch_limit(cfg, "train"),
-                batch_limit(cfg, "val"),
+                None,
                 device,
                 dynamic_binarization=cfg.data.get("binarize") == "dynamic",
                 channels_last=channels_last,
                 lr_schedule=epoch_lr_schedule(cfg),
-                val_batch_size=val_batch_size,
+                val_batch_size=batch_size,
             )
         loss = mean_loss(model, test_images, val_batch_size, channels_last)
         return Run(wall, cpu, loss, memory.label, torch.get_num_threads())

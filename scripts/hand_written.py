@@ -131,8 +131,8 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-train-batches", type=int, default=None)
-    p.add_argument("--max-val-batches", type=int, default=None)
-    p.add_argument("--max-test-batches", type=int, default=None)
+    p.add_argument("--max-val-images", type=int, default=None, help="validate on the first N")
+    p.add_argument("--max-test-images", type=int, default=None, help="test on the first N")
     p.add_argument("--val-size", type=int, default=5000, help="carved from the train file")
     p.add_argument("--binarize", choices=["none", "dynamic"], default="none")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -187,17 +187,17 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     @torch.no_grad()
-    def mean_loss(images: torch.Tensor, max_batches: int | None) -> float:
+    def mean_loss(images: torch.Tensor, max_images: int | None) -> float:
         encoder.eval()
         decoder.eval()
+        images = images[:max_images]
         size = args.eval_batch_size or args.batch_size
-        starts = range(0, len(images), size)[:max_batches]
         total = torch.zeros((), device=device)
-        for first in starts:
+        for first in range(0, len(images), size):
             x = images[first : first + size].float().div_(255)
             x = x.contiguous(memory_format=memory_format)
             total += negative_elbo(encoder, decoder, x).sum()
-        return total.item() / min(len(images), len(starts) * size)
+        return total.item() / len(images)
 
     batch = args.batch_size
     steps = len(train) // batch
@@ -221,14 +221,14 @@ def main() -> None:
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        val_loss = mean_loss(val, args.max_val_batches)
+        val_loss = mean_loss(val, args.max_val_images)
         print(f"epoch {epoch + 1}: val loss {val_loss:.2f}", file=sys.stderr, flush=True)
         sync()
         now = (time.perf_counter(), time.process_time())
         wall.append(now[0] - mark[0])
         cpu.append(now[1] - mark[1])
         mark = now
-    test_loss = mean_loss(test, args.max_test_batches)
+    test_loss = mean_loss(test, args.max_test_images)
 
     ours = ("vae_experiments", "pytorch_lightning", "lightning", "hydra")
     result = {

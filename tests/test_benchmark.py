@@ -92,11 +92,12 @@ def test_the_hand_written_loop_gets_the_burda_presets_settings():
     given = dict(zip(options[::2], options[1::2], strict=True))
     assert given["--network"] == "mlp" and given["--hidden"] == "200,200"
     assert given["--activation"] == "tanh" and given["--latent"] == "50"
-    assert given["--batch-size"] == given["--eval-batch-size"] == "20"
+    # Validation at the run's batch size, as a user writes it (ours: data.eval_batch_size).
+    assert given["--batch-size"] == "20" and "--eval-batch-size" not in given
     assert given["--binarize"] == "dynamic" and float(given["--eps"]) == 1e-4
     assert given["--lr-milestones"].startswith("1,4,13,")  # Burda's schedule, as ours has it
     assert math.isclose(float(given["--lr-gamma"]), 10 ** (-1 / 7))
-    assert given["--max-train-batches"] == "1000" and "--max-val-batches" not in given
+    assert given["--max-train-batches"] == "1000" and "--max-val-images" not in given
 
 
 def test_the_hand_written_loop_refuses_what_it_does_not_have():
@@ -129,7 +130,7 @@ def test_hand_written_loop_trains_and_imports_nothing_of_ours(tmp_path, options)
     env = {**os.environ, "VAE_DATA_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     sizes = ["--val-size", "16", "--batch-size", "8", "--latent", "2", "--epochs", "2"]
     done = subprocess.run(
-        [sys.executable, str(HAND_WRITTEN), *sizes, *options, "--max-val-batches", "1"],
+        [sys.executable, str(HAND_WRITTEN), *sizes, *options, "--max-val-images", "8"],
         capture_output=True,
         text=True,
         env=env,

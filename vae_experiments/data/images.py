@@ -32,6 +32,16 @@ def pixel_kind(binarize: str) -> str:
 AUTO_EVAL_BATCH_SIZE = 500
 
 
+def evaluation_batch_size(batch_size: int, eval_batch_size: int | str) -> int:
+    """Images per validation/test batch for ``data.eval_batch_size`` (an integer, or ``auto``:
+    the larger of ``batch_size`` and :data:`AUTO_EVAL_BATCH_SIZE`)."""
+    if eval_batch_size == "auto":
+        return max(batch_size, AUTO_EVAL_BATCH_SIZE)
+    if isinstance(eval_batch_size, str | bool):
+        raise ConfigError("eval_batch_size", eval_batch_size, "must be an integer >= 1 or auto")
+    return at_least("eval_batch_size", eval_batch_size, 1)
+
+
 class ImageData:
     """A source's splits, loaded once, with the settings that turn them into batches.
 
@@ -76,13 +86,7 @@ class ImageData:
             )
         self.source = source
         self.batch_size = at_least("batch_size", batch_size, 1)
-        if eval_batch_size == "auto":
-            eval_batch_size = max(self.batch_size, AUTO_EVAL_BATCH_SIZE)
-        elif isinstance(eval_batch_size, str) or isinstance(eval_batch_size, bool):
-            raise ConfigError(
-                "eval_batch_size", eval_batch_size, "must be an integer >= 1 or auto"
-            )
-        self.eval_batch_size = at_least("eval_batch_size", eval_batch_size, 1)
+        self.eval_batch_size = evaluation_batch_size(self.batch_size, eval_batch_size)
         self.num_workers = at_least("num_workers", num_workers, 0)
         self.seed = seed
         self.split_seed = split_seed

@@ -38,6 +38,7 @@ from vae_experiments.runs import (
     write_json_atomic,
 )
 from vae_experiments.targets import instantiate
+from vae_experiments.training import lightning_compat
 from vae_experiments.training.callbacks import (
     EpochLog,
     EpochTimer,
@@ -51,7 +52,6 @@ from vae_experiments.training.checkpoint_io import AtomicCheckpointIO
 from vae_experiments.training.code_prior_callback import CodePriorSamples
 from vae_experiments.training.interrupt import Interruption, RunInterrupted
 from vae_experiments.training.latent_callback import LatentSamples
-from vae_experiments.training import lightning_compat
 from vae_experiments.training.lightning_compat import quiet_lightning_noise
 from vae_experiments.training.module import LitModel
 from vae_experiments.training.step_groups import steps_per_group, ungrouped_because
