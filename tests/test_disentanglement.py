@@ -1,0 +1,228 @@
+"""Disentanglement metrics (MIG, DCI, SAP) on codes whose answer is known, each checked against a
+small computation of its own."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vae_experiments.analysis.disentanglement import (
+    SCORE_KEYS,
+    best_factors,
+    dci,
+    dci_from_importance,
+    discretize,
+    disentanglement_scores,
+    factor_entropies,
+    latent_factor_scores,
+    mig,
+    mutual_information_matrix,
+    sap,
+)
+
+SIZES = (2, 3, 4)  # values per factor: small, so the tests are fast and the trees learn them
+
+
+def grid_factors(n: int, seed: int = 0, sizes: tuple[int, ...] = SIZES) -> np.ndarray:
+    """(n, F) random value indices of factors with ``sizes`` values."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, s, n) for s in sizes], axis=1)
+
+
+def noisy_codes(factors: np.ndarray, noise: float = 0.02, seed: int = 1) -> np.ndarray:
+    """Codes that are the factors (scaled to [0, 1]) plus small Gaussian noise: (n, F)."""
+    rng = np.random.default_rng(seed)
+    scaled = factors / np.maximum(factors.max(0), 1)
+    return scaled + noise * rng.standard_normal(factors.shape)
+
+
+def rotation(dim: int, seed: int = 2) -> np.ndarray:
+    """A random orthogonal (dim, dim) matrix with no near-zero entry's worth of alignment."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, dim)))
+    return q
+
+
+# --------------------------------------------------------------------------------------------
+# Mutual information, by hand
+
+
+def hand_mi(a: list[int], b: list[int]) -> float:
+    """MI in nats from the definition, summing over the pairs of values."""
+    n = len(a)
+    total = 0.0
+    for va in set(a):
+        for vb in set(b):
+            joint = sum(1 for x, y in zip(a, b, strict=True) if x == va and y == vb) / n
+            if joint:
+                total += joint * math.log(joint / ((a.count(va) / n) * (b.count(vb) / n)))
+    return total
+
+
+def test_mutual_information_matches_the_definition_on_a_tiny_example():
+    binned = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [2, 1], [2, 1]])
+    factors = np.array([[0, 1], [0, 0], [1, 1], [1, 0], [1, 0], [0, 0]])
+    got = mutual_information_matrix(binned, factors)
+    for j in range(2):
+        for k in range(2):
+            expected = hand_mi(binned[:, j].tolist(), factors[:, k].tolist())
+            assert got[j, k] == pytest.approx(expected, abs=1e-12)
+    # A copy of a uniform binary factor carries log 2 of it; an independent one none.
+    copy = mutual_information_matrix(np.array([[0], [0], [1], [1]]), np.array([[0], [0], [1], [1]]))
+    independent = mutual_information_matrix(
+        np.array([[0], [1], [0], [1]]), np.array([[0], [0], [1], [1]])
+    )
+    assert copy[0, 0] == pytest.approx(math.log(2))
+    assert independent[0, 0] == pytest.approx(0.0, abs=1e-12)
+    assert factor_entropies(np.array([[0], [0], [1], [2]]))[0] == pytest.approx(
+        -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    )
+
+
+def test_discretize_cuts_each_latent_into_equal_width_bins_as_numpy_histogram_counts():
+    codes = np.random.default_rng(0).standard_normal((500, 3)) * [1.0, 5.0, 0.1]
+    binned = discretize(codes, bins=7)
+    assert binned.min() == 0 and binned.max() == 6
+    for j in range(3):
+        counts, _ = np.histogram(codes[:, j], bins=7)
+        assert np.array_equal(np.bincount(binned[:, j], minlength=7), counts)
+    assert (discretize(np.ones((4, 1)), bins=5) == discretize(np.ones((4, 1)), 5)[0]).all()
+
+
+def test_mig_on_a_tiny_example_is_the_gap_over_the_entropy_by_hand():
+    # Latent 0 copies the binary factor; latent 1 agrees with it on 3 of 4 images.
+    factors = np.array([[0], [0], [1], [1]])
+    codes = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    result = mig(codes, factors, bins=2)
+    second = hand_mi([0, 1, 1, 1], [0, 0, 1, 1])
+    assert result["mig"] == pytest.approx((math.log(2) - second) / math.log(2))
+    assert result["normalized_mi"][0][0] == pytest.approx(1.0)
+    assert result["settings"]["bins"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The three metrics on codes whose answer is known
+
+
+def test_codes_that_are_the_factors_score_near_one():
+    factors = grid_factors(600)
+    codes = noisy_codes(factors)
+    scores = disentanglement_scores(codes, factors, ["shape", "scale", "posx"])
+    assert scores["mig"] > 0.9
+    assert scores["dci_disentanglement"] > 0.9
+    assert scores["dci_completeness"] > 0.9
+    assert scores["dci_informativeness"] > 0.95
+    assert scores["latent_factor"]["best_factor"] == ["shape (1.00)", "scale (1.00)", "posx (1.00)"]
+
+
+def test_random_codes_score_near_zero():
+    factors = grid_factors(600)
+    codes = np.random.default_rng(5).standard_normal((600, 4))
+    scores = disentanglement_scores(codes, factors)
+    assert scores["mig"] < 0.05
+    assert scores["dci_disentanglement"] < 0.1
+    assert scores["sap"] < 0.05
+    assert scores["dci_informativeness"] < 0.6  # near chance: 1/2, 1/3, 1/4
+
+
+def test_a_rotation_of_the_factors_drops_mig_but_keeps_informativeness():
+    factors = grid_factors(1000)
+    codes = noisy_codes(factors, noise=0.01)
+    rotated = (codes - 0.5) @ rotation(codes.shape[1])
+    aligned = disentanglement_scores(codes, factors)
+    mixed = disentanglement_scores(rotated, factors)
+    assert mixed["mig"] < 0.5 * aligned["mig"]
+    assert mixed["dci_disentanglement"] < aligned["dci_disentanglement"] - 0.2
+    assert mixed["dci_informativeness"] > 0.85  # the information is all there, mixed
+
+
+def test_dci_from_an_importance_matrix_by_hand():
+    assert dci_from_importance(np.eye(3)) == pytest.approx((1.0, 1.0), abs=1e-8)
+    assert dci_from_importance(np.ones((3, 3))) == pytest.approx((0.0, 0.0), abs=1e-8)
+    # Latent 0 informs both factors equally, latent 1 only factor 1.
+    r = np.array([[0.5, 0.5], [0.0, 1.0]])
+    entropy_1 = 1.0  # latent 0: (1/2, 1/2) in base 2
+    d_expected = (1 - entropy_1) * 1.0 / 2.0 + 1.0 * 1.0 / 2.0
+    column = np.array([1 / 3, 2 / 3])  # factor 1: importance 0.5 and 1.0, normalised
+    h_column = -np.sum(column * np.log2(column))
+    c_expected = 1.0 * 0.5 / 2.0 + (1 - h_column) * 1.5 / 2.0
+    d, c = dci_from_importance(r)
+    assert d == pytest.approx(d_expected, abs=1e-6)
+    assert c == pytest.approx(c_expected, abs=1e-6)
+
+
+def test_dci_states_its_settings_and_predicts_held_out_codes():
+    factors = grid_factors(300)
+    result = dci(noisy_codes(factors), factors, seed=3)
+    assert result["settings"]["regressor"] == "random_forest"
+    assert result["settings"]["num_train"] + result["settings"]["num_test"] == 300
+    assert result["settings"]["num_test"] == 60 and result["settings"]["seed"] == 3
+    importance = np.array(result["importance"])
+    assert importance.shape == (3, 3)
+    assert np.allclose(importance.sum(0), 1.0)  # a tree ensemble's importances sum to 1
+    assert np.argmax(importance, axis=0).tolist() == [0, 1, 2]
+
+
+def test_sap_of_binary_factors_is_the_gap_over_a_coin_flip():
+    # A binary factor is predicted perfectly from its own latent and at chance (1/2, balanced)
+    # from the other: SAP is about 1 - 1/2.
+    factors = grid_factors(800, sizes=(2, 2))
+    result = sap(noisy_codes(factors), factors)
+    scores = np.array(result["score_matrix"])
+    assert np.diag(scores) == pytest.approx([1.0, 1.0], abs=0.01)
+    assert scores[0, 1] == pytest.approx(0.5, abs=0.1) and scores[1, 0] == pytest.approx(
+        0.5, abs=0.1
+    )
+    # The gap by hand, from the score matrix.
+    expected = np.mean([scores[0, 0] - scores[1, 0], scores[1, 1] - scores[0, 1]])
+    assert result["sap"] == pytest.approx(expected)
+    assert result["settings"]["classifier_settings"] == {"C": 0.01, "class_weight": "balanced"}
+    random = sap(np.random.default_rng(5).standard_normal((800, 2)), factors)
+    assert random["sap"] < 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# What a report needs
+
+
+def test_constant_factors_are_left_out_and_named():
+    factors = grid_factors(300)
+    with_colour = np.concatenate([np.zeros((300, 1), dtype=np.int64), factors], axis=1)
+    scores = disentanglement_scores(
+        torch.from_numpy(noisy_codes(factors)).float(),
+        torch.from_numpy(with_colour),
+        ["color", "shape", "scale", "posx"],
+    )
+    assert scores["constant_factors"] == ["color"]
+    assert scores["factor_names"] == ["shape", "scale", "posx"]
+    assert set(scores["per_factor"]) == {"shape", "scale", "posx"}
+    assert set(SCORE_KEYS) <= set(scores)
+    assert all(0.0 <= scores[key] <= 1.0 for key in SCORE_KEYS)
+    assert set(scores["settings"]) == {"mig", "dci", "sap"}
+    assert scores["settings"]["mig"]["bins"] == 20
+
+
+def test_latent_factor_scores_and_best_factors():
+    factors = grid_factors(400)
+    codes = noisy_codes(factors)[:, [2, 0, 1]]  # latent 0 carries factor 2, ...
+    scores, used = latent_factor_scores(codes, factors)
+    assert used == [0, 1, 2]
+    assert np.argmax(scores, axis=1).tolist() == [2, 0, 1]
+    assert best_factors(scores, ["a", "b", "c"])[0].startswith("c (")
+
+
+@pytest.mark.parametrize(
+    ("codes", "factors", "message"),
+    [
+        (np.zeros((5, 2)), np.zeros((4, 1), dtype=np.int64), "N=5"),
+        (np.zeros((5, 1)), np.arange(5)[:, None], "at least 2 latents"),
+        (np.zeros((5, 2)), np.zeros((5, 1)), "integer"),
+        (np.zeros((5, 2)), np.zeros((5, 1), dtype=np.int64), "single value"),
+        (np.full((5, 2), np.nan), np.arange(5)[:, None], "finite"),
+    ],
+)
+def test_bad_input_says_what_is_wrong(codes, factors, message):
+    with pytest.raises(ValueError, match=message):
+        mig(codes, factors)
