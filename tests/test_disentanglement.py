@@ -3,6 +3,7 @@ small computation of its own."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -226,3 +227,114 @@ def test_latent_factor_scores_and_best_factors():
 def test_bad_input_says_what_is_wrong(codes, factors, message):
     with pytest.raises(ValueError, match=message):
         mig(codes, factors)
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/evaluate.py on data with factors (data=shapes; here digits given two factors)
+
+
+def compose_evaluate(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from vae_experiments.configs import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("evaluate", overrides=overrides)
+
+
+@pytest.fixture
+def digits_with_factors(monkeypatch):
+    """Every run's digits labelled as data with known factors are (the contract data=shapes
+    keeps): labels (N, 2), the digit and its ink in quartiles, with ImageData.factor_names."""
+    import vae_experiments.runs as runs
+    from vae_experiments.data.images import ImageData
+
+    load_data = runs.load_data
+    monkeypatch.setattr(
+        ImageData, "factor_names", property(lambda self: ("digit", "ink")), raising=False
+    )
+    monkeypatch.setattr(ImageData, "factor_sizes", property(lambda self: (10, 4)), raising=False)
+
+    def load(cfg, **overrides):
+        data = load_data(cfg, **overrides)
+        for dataset in data.splits.values():
+            ink = dataset.images.float().mean((1, 2, 3))
+            quartile = torch.bucketize(ink, torch.quantile(ink, torch.tensor([0.25, 0.5, 0.75])))
+            dataset.labels = torch.stack([dataset.labels, quartile], dim=1)  # (N, 2)
+        return data
+
+    monkeypatch.setattr(runs, "load_data", load)
+
+
+def test_evaluate_scores_the_codes_of_data_with_factors(
+    trained_runs, tmp_path, capsys, caplog, digits_with_factors
+):
+    import shutil
+
+    from vae_experiments.cli.evaluate import evaluate
+    from vae_experiments.runs import read_metrics
+
+    run = shutil.copytree(trained_runs("vae"), tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        record = evaluate(compose_evaluate([f"run={run}", "k=2", "device=cpu", "seed=3"]))
+    out = capsys.readouterr().out
+    scores = record["disentanglement"]
+    metrics = read_metrics(run)
+    for key in SCORE_KEYS:
+        assert metrics[f"test/disentanglement.{key}"] == scores[key]
+        assert 0.0 <= scores[key] <= 1.0
+    test_images = metrics["test/log_px_images"]
+    assert metrics["test/disentanglement.images"] == scores["images"] == test_images
+    assert scores["factor_names"] == ["digit", "ink"]
+    assert len(scores["latent_factor"]["best_factor"]) == 4  # one per latent
+    assert scores["settings"]["mig"]["bins"] == 20
+    assert scores["settings"]["dci"]["regressor"] == "random_forest"
+    assert scores["settings"]["dci"]["seed"] == 3
+    # The labels are factors: no classifier to measure samples with, said once, not an error.
+    assert record["sample_quality"] is None and "test/fd_classifier" not in metrics
+    assert "labelled by factors (digit, ink), not by classes" in caplog.text
+    assert f"Disentanglement: the codes (posterior means) of {test_images} test images" in out
+    assert "MIG" in out and "20 equal-width bins per latent" in out and "z0: " in out
+    saved = json.loads(
+        (run / "analysis" / "evaluate-best-test-k2" / "evaluate_test.json").read_text()
+    )
+    assert saved["disentanglement"]["mig"] == scores["mig"]
+
+
+def test_evaluate_scores_an_autoencoders_codes_and_checks_its_settings(
+    trained_runs, tmp_path, capsys, digits_with_factors
+):
+    import shutil
+
+    from vae_experiments.cli.evaluate import UsageError, evaluate
+    from vae_experiments.runs import read_metrics
+
+    run = shutil.copytree(trained_runs("ae"), tmp_path / "run")
+    overrides = [f"run={run}", "device=cpu", "disentanglement.images=100"]
+    record = evaluate(compose_evaluate([*overrides, "disentanglement.bins=10"]))
+    assert record["metrics"] == {} and record["disentanglement"]["images"] == 100
+    assert record["disentanglement"]["settings"]["mig"]["bins"] == 10
+    assert read_metrics(run)["test/disentanglement.images"] == 100
+    for setting, message in [
+        ("disentanglement.bins=1", "disentanglement.bins must be an integer >= 2, got .*=1"),
+        ("disentanglement.regressor=lasso", "must be one of random_forest, gradient_boosting"),
+        ("disentanglement.test_fraction=1.5", "between 0 and 1 .*test_fraction=1.5"),
+        ("disentanglement.images=5", "need at least 10 images"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            evaluate(compose_evaluate([*overrides, setting]))
+    # Nothing left to measure of an AE: no likelihood, no sample quality, no disentanglement.
+    with pytest.raises(UsageError, match="needs a VAE.*quality.samples=0 leaves nothing"):
+        evaluate(compose_evaluate([*overrides, "disentanglement.images=0", "quality.samples=0"]))
+
+
+def test_evaluate_on_data_without_factors_writes_no_disentanglement(trained_runs, tmp_path):
+    import shutil
+
+    from vae_experiments.cli.evaluate import evaluate
+    from vae_experiments.runs import read_metrics
+
+    run = shutil.copytree(trained_runs("vae"), tmp_path / "run")
+    record = evaluate(compose_evaluate([f"run={run}", "k=2", "device=cpu", "quality.samples=0"]))
+    assert record["disentanglement"] is None
+    assert not any(key.startswith("test/disentanglement.") for key in read_metrics(run))

@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 #: Equal-width bins per latent for the mutual information (disentanglement_lib's default).
 DEFAULT_BINS = 20
@@ -65,9 +64,10 @@ SAP_SETTINGS = {"C": 0.01, "class_weight": "balanced"}
 
 def _as_arrays(codes: Any, factors: Any) -> tuple[np.ndarray, np.ndarray]:
     """Codes (N, D) as float64 and factors (N, F) as int64 numpy arrays, checked."""
-    if isinstance(codes, torch.Tensor):
+    # torch tensors without importing torch: sweep reports import this module for its names.
+    if hasattr(codes, "detach"):
         codes = codes.detach().cpu().double().numpy()
-    if isinstance(factors, torch.Tensor):
+    if hasattr(factors, "detach"):
         factors = factors.detach().cpu().numpy()
     codes = np.asarray(codes, dtype=np.float64)
     factors = np.asarray(factors)
@@ -402,6 +402,9 @@ def sap(
 
 #: The scalar scores of :func:`disentanglement_scores`, in the order reports show them.
 SCORE_KEYS = ("mig", "dci_disentanglement", "dci_completeness", "dci_informativeness", "sap")
+#: What ``scripts/evaluate.py`` writes them under in metrics.json, after ``{split}/``:
+#: ``test/disentanglement.mig``, ... and ``test/disentanglement.images`` (the codes scored).
+METRIC_PREFIX = "disentanglement."
 
 
 def disentanglement_scores(
