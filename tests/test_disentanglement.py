@@ -338,3 +338,128 @@ def test_evaluate_on_data_without_factors_writes_no_disentanglement(trained_runs
     record = evaluate(compose_evaluate([f"run={run}", "k=2", "device=cpu", "quality.samples=0"]))
     assert record["disentanglement"] is None
     assert not any(key.startswith("test/disentanglement.") for key in read_metrics(run))
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/summarize.py: the report over seeds, and traversals that name each latent's factor
+
+
+def scored_metrics(score: float, recon: float) -> dict:
+    metrics = {f"test/disentanglement.{key}": score for key in SCORE_KEYS}
+    return {**metrics, "test/recon": recon, "test/kl": 1.0, "test/loss": recon + 1.0}
+
+
+def test_the_report_shows_each_configurations_mean_and_spread_over_its_seeds(tmp_path, capsys):
+    import csv
+    import statistics
+
+    from tests.test_sweeps import make_run
+    from vae_experiments.cli.summarize import main
+
+    scores = {("vae", 0): 0.1, ("vae", 1): 0.2, ("vae", 2): 0.3, ("btcvae", 0): 0.5}
+    scores[("btcvae", 1)] = 0.7
+    for (model, seed), score in scores.items():
+        make_run(
+            tmp_path / "sweep" / f"{model}_{seed}",
+            [f"model={model}", f"seed={seed}"],
+            scored_metrics(score, recon=10.0 + seed),
+        )
+    failed = {"status": "failed", "error": "boom"}
+    make_run(tmp_path / "sweep" / "vae_3", ["model=vae", "seed=3"], status=failed)
+    make_run(tmp_path / "sweep" / "ae_0", ["model=ae", "seed=0"], scored_metrics(0.9, 5.0))
+
+    # Automatic: the runs have the scores.
+    assert main([str(tmp_path / "sweep"), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    report = (tmp_path / "sweep" / "disentanglement.md").read_text()
+    assert report in out
+    assert "6 scored runs in 3 configurations" in report and "Locatello et al. 2019" in report
+    header = (
+        "| model | runs | seeds | mig | dci_disentanglement | dci_completeness | "
+        "dci_informativeness | sap | test/recon | test/kl |"
+    )
+    assert header in report
+    assert "| btcvae | 2 | 0,1 | 0.6 ± 0.14 | 0.6 ± 0.14 |" in report
+    assert "| vae | 3 | 0,1,2 | 0.2 ± 0.1 | 0.2 ± 0.1 |" in report
+    assert report.count("| 11 ± 1 | 1 ± 0 |") == 1  # vae: recon 10, 11, 12; the failed run left out
+    assert "| ae | 1 | 0 | 0.9 | 0.9 |" in report
+    assert "WARNING: 1 configuration with a single seed, no spread" in report
+    assert "No evaluation record found" in report  # these runs were never evaluated
+
+    rows = list(csv.DictReader((tmp_path / "sweep" / "disentanglement.csv").open()))
+    vae = next(row for row in rows if row["model"] == "vae")
+    mig = "test/disentanglement.mig"
+    assert float(vae[f"{mig}:mean"]) == pytest.approx(0.2)
+    assert float(vae[f"{mig}:std"]) == pytest.approx(statistics.stdev([0.1, 0.2, 0.3]))
+    assert (float(vae[f"{mig}:min"]), float(vae[f"{mig}:max"])) == (0.1, 0.3)
+    assert vae[f"{mig}:n"] == "3" and vae["seeds"] == "0 1 2"
+
+    # Asked for: the table's columns are the scores, the best MIG first.
+    assert main([str(tmp_path / "sweep"), "--no-plot", "--disentanglement"]) == 0
+    out = capsys.readouterr().out
+    assert "sorted by test/disentanglement.mig, descending" in out
+    # Nothing scored yet: what to run.
+    make_run(tmp_path / "plain" / "vae", ["model=vae"], {"test/loss": 1.0})
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "plain"), "--disentanglement"])
+    assert exit_info.value.code == 2
+    assert "no run has test/disentanglement.mig: score each run first with" in (
+        capsys.readouterr().err
+    )
+
+
+def test_seed_keys():
+    from vae_experiments.analysis.sweeps import is_seed_key
+
+    assert is_seed_key("seed") and is_seed_key("data.seed")
+    assert not is_seed_key("data.split_seed") and not is_seed_key("model.beta")
+
+
+def test_row_labels_name_each_latents_factor():
+    from vae_experiments.analysis.disentanglement import factor_row_labels
+
+    labels = factor_row_labels(["z0: -1.6 to 1.7", "z1: -2 to 0.5"], ["posx (0.62)", "shape (0.1)"])
+    assert labels == ["z0: posx (0.62), -1.6 to 1.7", "z1: shape (0.1), -2 to 0.5"]
+    with pytest.raises(ValueError, match="2 traversal rows for 1 latents"):
+        factor_row_labels(["z0: 0 to 1", "z1: 0 to 1"], ["posx (0.62)"])
+
+
+def test_summarize_draws_a_traversal_per_run_with_each_rows_factor(
+    trained_runs, tmp_path, capsys, monkeypatch, digits_with_factors
+):
+    import shutil
+
+    import yaml
+
+    import vae_experiments.pictures as pictures
+    from vae_experiments.cli.evaluate import evaluate
+    from vae_experiments.cli.summarize import main
+
+    sweep = tmp_path / "sweep"
+    records = {}
+    for seed in (0, 1):
+        run = shutil.copytree(trained_runs("vae"), sweep / str(seed))
+        (run / ".hydra").mkdir(exist_ok=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}"]))
+        overrides = ["k=2", "device=cpu", "quality.samples=0", "disentanglement.images=200"]
+        records[seed] = evaluate(compose_evaluate([f"run={run}", *overrides]))
+    capsys.readouterr()
+    grids = []
+    image_grid = pictures.image_grid
+
+    def recording_grid(rows, min_side=48, row_labels=None):
+        grids.append(row_labels)
+        return image_grid(rows, min_side, row_labels)
+
+    monkeypatch.setattr(pictures, "image_grid", recording_grid)
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert (sweep / "traversal_0.png").is_file() and (sweep / "traversal_1.png").is_file()
+    assert "- `0`: traversal_0.png" in out
+    assert "Scored by scripts/evaluate.py on 200 test codes; MIG with 20 equal-width bins" in out
+    assert len(grids) == 2
+    best = records[0]["disentanglement"]["latent_factor"]["best_factor"]
+    assert len(grids[0]) == len(best) == 4  # a row per latent
+    for j, (label, factor) in enumerate(zip(grids[0], best, strict=True)):
+        assert label.startswith(f"z{j}: {factor}, ") and " to " in label
+    assert factor.split(" (")[0] in ("digit", "ink")

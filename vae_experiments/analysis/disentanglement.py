@@ -186,6 +186,20 @@ def best_factors(
     return [f"{factor_names[int(np.argmax(row))]} ({float(np.max(row)):.2f})" for row in scores]
 
 
+def factor_row_labels(range_labels: Sequence[str], best: Sequence[str]) -> list[str]:
+    """Row labels of a latent traversal that say what each latent captures: a traversal's
+    ``"z3: -1.6 to 1.7"`` (:func:`~vae_experiments.analysis.latent.traversal_labels`) and the
+    latent's :func:`best_factors` entry ``"posx (0.62)"`` -> ``"z3: posx (0.62), -1.6 to 1.7"``.
+    """
+    if len(range_labels) != len(best):
+        raise ValueError(f"{len(range_labels)} traversal rows for {len(best)} latents' factors")
+    labels = []
+    for row, factor in zip(range_labels, best, strict=True):
+        name, _, sweep = row.partition(": ")
+        labels.append(f"{name}: {factor}, {sweep}")
+    return labels
+
+
 def mig(codes: Any, factors: Any, bins: int = DEFAULT_BINS) -> dict[str, Any]:
     """Mutual Information Gap (Chen et al. 2018): per factor v_k, the gap between the two latents
     with the highest MI(z_j; v_k), divided by H(v_k); averaged over the factors.

@@ -597,6 +597,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     from vae_experiments.analysis.likelihood import check_vae, evaluate_vae
     from vae_experiments.runs import (
         CHECKPOINT_CHOICES,
+        EVALUATE_RECORD_PATTERN,
         METRICS_FILE,
         after_earlier_event_files,
         find_checkpoint,
@@ -770,7 +771,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     if is_vae and results["log_px_is"] != "likelihood":
         log.warning("log p(x) of %s is %s", run_dir, results["log_px_note"])
     # Before metrics.json: the run's summary never holds a value that no record explains.
-    record_path = out_dir / f"evaluate_{cfg.split}.json"
+    record_path = out_dir / EVALUATE_RECORD_PATTERN.format(cfg.split)
     write_json_atomic(record_path, record)
 
     metrics_path = run_dir / METRICS_FILE
