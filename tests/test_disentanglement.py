@@ -463,3 +463,33 @@ def test_summarize_draws_a_traversal_per_run_with_each_rows_factor(
     for j, (label, factor) in enumerate(zip(grids[0], best, strict=True)):
         assert label.startswith(f"z{j}: {factor}, ") and " to " in label
     assert factor.split(" (")[0] in ("digit", "ink")
+
+
+@pytest.mark.slow  # a subprocess for one message (evaluate() refuses it in the tests above)
+def test_a_bad_setting_is_one_error_line_before_anything_is_written(trained_runs, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    run = shutil.copytree(trained_runs("vae"), tmp_path / "run")
+    before = (run / "metrics.json").read_bytes()
+    analyses = sorted((run / "analysis").glob("*"))
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "evaluate.py"),
+        f"run={run}",
+        "disentanglement.regressor=lasso",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: disentanglement.regressor must be one of random_forest, gradient_boosting, got "
+        "disentanglement.regressor=lasso"
+    )
+    assert "Traceback" not in done.stderr
+    assert sorted((run / "analysis").glob("*")) == analyses  # no call folder left behind
+    assert (run / "metrics.json").read_bytes() == before
