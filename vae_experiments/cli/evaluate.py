@@ -22,8 +22,8 @@ the split's images in the features of a classifier of the dataset
 disentanglement of the model's codes (posterior means) of the split against the factors
 (:mod:`vae_experiments.analysis.disentanglement`): ``{split}/disentanglement.mig``,
 ``.dci_disentanglement``, ``.dci_completeness``, ``.dci_informativeness``, ``.sap`` and
-``.images``, with the estimators' settings and each latent's factor in the record. It writes the whole evaluation, with the checkpoint
-and ``k`` that made it, into a new folder for this call,
+``.images``, with the estimators' settings and each latent's factor in the record. It writes
+the whole evaluation, with the checkpoint and ``k`` that made it, into a new folder for this call,
 ``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``, ... when that name is
 taken: an earlier evaluation's files are never replaced)::
 
@@ -355,15 +355,21 @@ def measure_disentanglement(
             f"the {split} split's labels have shape {tuple(factors.shape)}, not (N, factors): "
             "the data names factors but does not label the images with them"
         )
-    scores = disentanglement_scores(
-        codes,
-        factors,
-        datamodule.factor_names,
-        bins=settings["bins"],
-        regressor=settings["regressor"],
-        test_fraction=settings["test_fraction"],
-        seed=seed,
-    )
+    try:
+        scores = disentanglement_scores(
+            codes,
+            factors,
+            datamodule.factor_names,
+            bins=settings["bins"],
+            regressor=settings["regressor"],
+            test_fraction=settings["test_fraction"],
+            seed=seed,
+        )
+    except ValueError as exc:  # e.g. every factor constant among these images
+        raise UsageError(
+            f"no disentanglement metrics of the {split} split's first {n} images: {exc}; "
+            "disentanglement.images=0 leaves them out"
+        ) from None
     scores["images"] = int(codes.shape[0])
     scores["seconds"] = round(time.perf_counter() - start, 3)
     return scores
