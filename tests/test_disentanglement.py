@@ -245,9 +245,17 @@ def compose_evaluate(overrides: list[str]):
 @pytest.fixture
 def digits_with_factors(monkeypatch):
     """Every run's digits labelled as data with known factors are (the contract data=shapes
-    keeps): labels (N, 2), the digit and its ink in quartiles, with ImageData.factor_names."""
+    keeps): labels (N, 2), the digit and its ink in quartiles, with ImageData.factor_names; the
+    sample-quality classifier refuses factor labels as unlabelled data (as data=shapes makes
+    load_or_train_classifier do)."""
+    import vae_experiments.analysis.classifier as classifier
     import vae_experiments.runs as runs
     from vae_experiments.data.images import ImageData
+
+    def no_classes(train_images, train_labels, *args, **kwargs):
+        raise classifier.UnlabelledDataError(f"the labels are {train_labels.shape[1]} factors")
+
+    monkeypatch.setattr(classifier, "load_or_train_classifier", no_classes)
 
     load_data = runs.load_data
     monkeypatch.setattr(
@@ -292,7 +300,7 @@ def test_evaluate_scores_the_codes_of_data_with_factors(
     assert scores["settings"]["dci"]["seed"] == 3
     # The labels are factors: no classifier to measure samples with, said once, not an error.
     assert record["sample_quality"] is None and "test/fd_classifier" not in metrics
-    assert "labelled by factors (digit, ink), not by classes" in caplog.text
+    assert "no sample quality: the labels are 2 factors" in caplog.text
     assert f"Disentanglement: the codes (posterior means) of {test_images} test images" in out
     assert "MIG" in out and "20 equal-width bins per latent" in out and "z0: " in out
     saved = json.loads(

@@ -448,12 +448,6 @@ def dataset_classifier(quality_data: Any, device: str) -> Any:
         x, y = load_split(quality_data, name)
         return x.mul(255).round_().to(torch.uint8), y
 
-    factor_names = getattr(quality_data, "factor_names", None)
-    if factor_names is not None:
-        raise UnlabelledDataError(
-            f"the images are labelled by factors ({', '.join(factor_names)}), not by classes a "
-            "classifier could learn"
-        )
     train_x, train_y = uint8_split("train")
     test_x, test_y = uint8_split("test")
     name = type(quality_data.source).__name__.lower()
