@@ -387,10 +387,12 @@ def test_the_report_shows_each_configurations_mean_and_spread_over_its_seeds(tmp
         "dci_informativeness | sap | test/recon | test/kl |"
     )
     assert header in report
-    assert "| btcvae | 2 | 0,1 | 0.6 ± 0.14 | 0.6 ± 0.14 |" in report
-    assert "| vae | 3 | 0,1,2 | 0.2 ± 0.1 | 0.2 ± 0.1 |" in report
-    assert report.count("| 11 ± 1 | 1 ± 0 |") == 1  # vae: recon 10, 11, 12; the failed run left out
-    assert "| ae | 1 | 0 | 0.9 | 0.9 |" in report
+    assert "| btcvae | 2 | 0,1 | 0.6000 ± 0.14 | 0.6000 ± 0.14 |" in report
+    assert "| vae | 3 | 0,1,2 | 0.2000 ± 0.10 | 0.2000 ± 0.10 |" in report
+    assert (
+        report.count("| 11.00 ± 1.0 | 1.000 ± 0 |") == 1
+    )  # vae: recon 10, 11, 12; the failed run left out
+    assert "| ae | 1 | 0 | 0.9000 | 0.9000 |" in report
     assert "WARNING: 1 configuration with a single seed, no spread" in report
     assert "No evaluation record found" in report  # these runs were never evaluated
 

@@ -444,6 +444,15 @@ def seed_groups(table: SummaryTable) -> list[SeedGroup]:
     return list(groups.values())
 
 
+def _significant(value: float, digits: int) -> str:
+    """``value`` to ``digits`` significant digits, never in exponent notation (``1425``,
+    ``660``, ``0.0059``), so a mean and its spread line up."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{round(value, decimals):.{decimals}f}"
+
+
 def _short(metric: str) -> str:
     """``test/disentanglement.mig`` -> ``mig``; other metrics as they are."""
     return metric.removeprefix(f"test/{METRIC_PREFIX}")
@@ -465,9 +474,9 @@ def seed_report(groups: Sequence[SeedGroup], metrics: Sequence[str]) -> str:
             if stats is None:
                 cells.append("")
             elif stats["n"] == 1:
-                cells.append(f"{stats['mean']:.4g}")
+                cells.append(_significant(stats["mean"], 4))
             else:
-                cells.append(f"{stats['mean']:.4g} ± {stats['std']:.2g}")
+                cells.append(f"{_significant(stats['mean'], 4)} ± {_significant(stats['std'], 2)}")
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
