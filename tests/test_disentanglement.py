@@ -258,10 +258,10 @@ def digits_with_factors(monkeypatch):
     monkeypatch.setattr(classifier, "load_or_train_classifier", no_classes)
 
     load_data = runs.load_data
-    monkeypatch.setattr(
-        ImageData, "factor_names", property(lambda self: ("digit", "ink")), raising=False
-    )
-    monkeypatch.setattr(ImageData, "factor_sizes", property(lambda self: (10, 4)), raising=False)
+    # Factors only once the digits are loaded as classes (ImageData checks labels at setup).
+    for name in ("factor_names", "factor_sizes"):
+        fake = property(lambda self, name=name: self.__dict__.get(f"fake_{name}"))
+        monkeypatch.setattr(ImageData, name, fake, raising=False)
 
     def load(cfg, **overrides):
         data = load_data(cfg, **overrides)
@@ -269,6 +269,7 @@ def digits_with_factors(monkeypatch):
             ink = dataset.images.float().mean((1, 2, 3))
             quartile = torch.bucketize(ink, torch.quantile(ink, torch.tensor([0.25, 0.5, 0.75])))
             dataset.labels = torch.stack([dataset.labels, quartile], dim=1)  # (N, 2)
+        data.fake_factor_names, data.fake_factor_sizes = ("digit", "ink"), (10, 4)
         return data
 
     monkeypatch.setattr(runs, "load_data", load)
