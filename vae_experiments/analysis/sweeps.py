@@ -28,6 +28,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
+from vae_experiments.analysis.disentanglement import METRIC_PREFIX, SCORE_KEYS
 from vae_experiments.runs.records import (
     DELETED,
     RunRecord,
@@ -46,7 +47,9 @@ __all__ = [
     "DELETED",
     "RunRecord",
     "SummaryTable",
+    "SeedGroup",
     "collect_runs",
+    "disentanglement_metrics",
     "find_run_dirs",
     "generation_metrics",
     "parse_override",
@@ -55,6 +58,8 @@ __all__ = [
     "plot_summary",
     "read_run",
     "run_unit",
+    "seed_groups",
+    "seed_report",
     "summary_table",
     "unit_groups",
     "write_summary",
@@ -358,6 +363,139 @@ def generation_metrics(records: Sequence[RunRecord]) -> list[str]:
             "python scripts/evaluate.py run=<run dir>"
         )
     return [key for key in GENERATION_METRICS if key in available]
+
+
+# --------------------------------------------------------------------------------------------
+# Disentanglement: each model's scores over its seeds
+
+#: The columns of a disentanglement report (``summarize.py --disentanglement``): the scores
+#: ``scripts/evaluate.py`` writes on data with factors, then reconstruction and KL beside them.
+DISENTANGLEMENT_METRICS = tuple(f"test/{METRIC_PREFIX}{key}" for key in SCORE_KEYS)
+DISENTANGLEMENT_BESIDE = ("test/recon", "test/kl")
+
+
+def disentanglement_metrics(records: Sequence[RunRecord]) -> list[str]:
+    """The :data:`DISENTANGLEMENT_METRICS`, then those of :data:`DISENTANGLEMENT_BESIDE` that
+    some run has.
+
+    Raises:
+        ValueError: no run has ``test/disentanglement.mig`` (none was scored), saying what to run.
+    """
+    available = {key for record in records for key in record.metrics}
+    if DISENTANGLEMENT_METRICS[0] not in available:
+        raise ValueError(
+            f"no run has {DISENTANGLEMENT_METRICS[0]}: score each run first with python "
+            "scripts/evaluate.py run=<run dir> (on data with factors, e.g. data=shapes)"
+        )
+    return [*DISENTANGLEMENT_METRICS, *(k for k in DISENTANGLEMENT_BESIDE if k in available)]
+
+
+def is_seed_key(key: str) -> bool:
+    """A key that seeds a run (``seed``, ``data.seed``) rather than configuring it; the data's
+    ``split_seed`` changes the data and is not one."""
+    return key == "seed" or key.endswith(".seed")
+
+
+@dataclass
+class SeedGroup:
+    """Finished runs of one configuration that differ only in their seed.
+
+    Attributes:
+        settings: the swept keys other than the seed -> this group's value.
+        runs: its runs, in the table's order.
+        seeds: each run's seed (``seed``), in the same order.
+    """
+
+    settings: dict[str, Any]
+    runs: list[RunRecord]
+    seeds: list[Any]
+
+    def statistics(self, metric: str) -> dict[str, float] | None:
+        """``mean``, ``std`` (the sample standard deviation, N - 1; 0 for one run), ``min``,
+        ``max`` and ``n`` of ``metric`` over the runs that have it (NaN left out); None when
+        none has."""
+        values = [
+            float(r.metrics[metric])
+            for r in self.runs
+            if is_number(r.metrics.get(metric)) and not math.isnan(r.metrics[metric])
+        ]
+        if not values:
+            return None
+        n = len(values)
+        mean = sum(values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+        return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def seed_groups(table: SummaryTable) -> list[SeedGroup]:
+    """The table's finished runs grouped by their config minus the seed: by the values of its
+    swept keys other than :func:`is_seed_key` ones; groups in the order of their first run."""
+    keys = [k for k in table.swept if not is_seed_key(k)]
+    groups: dict[str, SeedGroup] = {}
+    for record in table.records:
+        if not record.ok:
+            continue
+        settings = {k: table.settings[record.name].get(k) for k in keys}
+        name = format_value(settings)
+        if name not in groups:
+            groups[name] = SeedGroup(settings, [], [])
+        groups[name].runs.append(record)
+        groups[name].seeds.append(record.setting("seed"))
+    return list(groups.values())
+
+
+def _significant(value: float, digits: int) -> str:
+    """``value`` to ``digits`` significant digits, never in exponent notation (``1425``,
+    ``660``, ``0.0059``), so a mean and its spread line up."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{round(value, decimals):.{decimals}f}"
+
+
+def _short(metric: str) -> str:
+    """``test/disentanglement.mig`` -> ``mig``; other metrics as they are."""
+    return metric.removeprefix(f"test/{METRIC_PREFIX}")
+
+
+def seed_report(groups: Sequence[SeedGroup], metrics: Sequence[str]) -> str:
+    """Markdown: one row per configuration, each metric as ``mean ± std`` over its seeds."""
+    keys = list(groups[0].settings) if groups else []
+    columns = [*keys, "runs", "seeds", *(_short(m) for m in metrics)]
+    lines = [
+        "| " + " | ".join(_md_cell(c) for c in columns) + " |",
+        "|" + "|".join(" --- " for _ in [*keys, "runs", "seeds"]) + "|" + " ---: |" * len(metrics),
+    ]
+    for group in groups:
+        cells = [format_value(group.settings[k]) for k in keys]
+        cells += [str(len(group.runs)), ",".join(format_value(s) for s in group.seeds)]
+        for metric in metrics:
+            stats = group.statistics(metric)
+            if stats is None:
+                cells.append("")
+            elif stats["n"] == 1:
+                cells.append(_significant(stats["mean"], 4))
+            else:
+                cells.append(f"{_significant(stats['mean'], 4)} ± {_significant(stats['std'], 2)}")
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_report_csv(groups: Sequence[SeedGroup], metrics: Sequence[str]) -> str:
+    """The same groups as CSV: per metric its mean, std, min, max and n, full precision."""
+    keys = list(groups[0].settings) if groups else []
+    stats_names = ("mean", "std", "min", "max", "n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*keys, "runs", "seeds", *(f"{m}:{s}" for m in metrics for s in stats_names)])
+    for group in groups:
+        row = [_csv_cell(group.settings[k]) for k in keys]
+        row += [len(group.runs), " ".join(format_value(s) for s in group.seeds)]
+        for metric in metrics:
+            stats = group.statistics(metric) or {}
+            row += [_csv_cell(stats.get(s)) for s in stats_names]
+        writer.writerow(row)
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,8 +18,12 @@ that samples (a VAE from its prior, an autoencoder through a density fitted to i
 the split's images in the features of a classifier of the dataset
 (:mod:`vae_experiments.analysis.quality`): ``{split}/fd_classifier``, ``{split}/sample_precision``,
 ``{split}/sample_recall`` and ``{split}/quality_samples`` (and ``{split}/fid_inception`` with
-``quality.inception_weights``). It writes the whole evaluation, with the checkpoint
-and ``k`` that made it, into a new folder for this call,
+``quality.inception_weights``). On data with known factors (``data=shapes``), it scores the
+disentanglement of the model's codes (posterior means) of the split against the factors
+(:mod:`vae_experiments.analysis.disentanglement`): ``{split}/disentanglement.mig``,
+``.dci_disentanglement``, ``.dci_completeness``, ``.dci_informativeness``, ``.sap`` and
+``.images``, with the estimators' settings and each latent's factor in the record. It writes
+the whole evaluation, with the checkpoint and ``k`` that made it, into a new folder for this call,
 ``<run>/analysis/evaluate-<checkpoint>-<split>-k<k>/`` (``_1``, ``_2``, ... when that name is
 taken: an earlier evaluation's files are never replaced)::
 
@@ -40,6 +44,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from vae_experiments.analysis.disentanglement import METRIC_PREFIX, SCORE_KEYS
 from vae_experiments.cli.common import (
     BAD_INPUT_ERRORS,
     UsageError,
@@ -74,6 +79,11 @@ QUALITY_KEYS = {
     "quality_samples": "num_samples",
     "fid_inception": "fid_inception",
 }
+#: metrics.json / TensorBoard keys of the disentanglement metrics (data with factors), after
+#: ``{split}/`` and :data:`~vae_experiments.analysis.disentanglement.METRIC_PREFIX`
+#: (``test/disentanglement.mig``): the scores of :func:`~vae_experiments.analysis.
+#: disentanglement.disentanglement_scores`, and the images scored.
+DISENTANGLEMENT_KEYS = (*SCORE_KEYS, "images")
 #: What quality.density may be: the model's own prior, or a density fitted to its codes.
 QUALITY_DENSITIES = ("auto", "prior", "gmm", "diag_gaussian")
 #: The metrics.json names of a conditional model's (CVAE's) numbers that differ in meaning: its
@@ -261,6 +271,154 @@ def sampler_of(model: Any, density: str, has_codes: bool) -> str:
     return density
 
 
+def disentanglement_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``disentanglement:`` settings checked, or None when ``disentanglement.images=0``
+    turns the metrics off (they run only on data with factors).
+
+    Raises:
+        UsageError: a bad value, naming its key and what it may be.
+    """
+    from vae_experiments.analysis.disentanglement import DCI_REGRESSORS
+
+    node = cfg.get("disentanglement")
+    if node is None:
+        return None
+    images = node.get("images")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise UsageError(
+            "disentanglement.images must be an integer >= 0 (0: no disentanglement metrics), "
+            f"got disentanglement.images={images}"
+        )
+    if images == 0:
+        return None
+    if images < 10:
+        raise UsageError(
+            f"disentanglement.images={images}: the metrics hold out a part of the codes to test "
+            "their predictors and need at least 10 images; use 1000 or more for numbers to report"
+        )
+    bins = node.get("bins")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise UsageError(
+            f"disentanglement.bins must be an integer >= 2, got disentanglement.bins={bins}"
+        )
+    if node.get("regressor") not in DCI_REGRESSORS:
+        raise UsageError(
+            f"disentanglement.regressor must be one of {', '.join(DCI_REGRESSORS)}, got "
+            f"disentanglement.regressor={node.get('regressor')}"
+        )
+    fraction = node.get("test_fraction")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise UsageError(
+            "disentanglement.test_fraction must be a number between 0 and 1 (exclusive), got "
+            f"disentanglement.test_fraction={fraction}"
+        )
+    return {
+        "images": images,
+        "bins": bins,
+        "regressor": str(node.regressor),
+        "test_fraction": float(fraction),
+    }
+
+
+def measure_disentanglement(
+    model: Any,
+    datamodule: Any,
+    settings: dict[str, Any],
+    split: str,
+    num_images: int,
+    batch_size: int,
+    seed: int,
+    device: str,
+) -> dict[str, Any]:
+    """MIG, DCI and SAP (:func:`~vae_experiments.analysis.disentanglement.
+    disentanglement_scores`) of the model's codes (``encode``: a VAE's posterior means) of the
+    split's first ``min(settings["images"], num_images)`` images against their factor labels
+    (N, F); with ``images`` and ``seconds``."""
+    from vae_experiments.analysis.disentanglement import disentanglement_scores
+    from vae_experiments.analysis.latent import encode_split
+    from vae_experiments.runs import iterate_split
+
+    n = min(settings["images"], num_images)
+
+    def batches():
+        left = n  # the split's first n images, in order
+        for x, y in iterate_split(datamodule, split, batch_size, device):
+            if left <= 0:
+                break
+            yield x[:left], y[:left]
+            left -= len(x)
+
+    start = time.perf_counter()
+    codes, factors = encode_split(model, batches(), return_labels=True)
+    if factors.ndim != 2:
+        raise UsageError(
+            f"the {split} split's labels have shape {tuple(factors.shape)}, not (N, factors): "
+            "the data names factors but does not label the images with them"
+        )
+    try:
+        scores = disentanglement_scores(
+            codes,
+            factors,
+            datamodule.factor_names,
+            bins=settings["bins"],
+            regressor=settings["regressor"],
+            test_fraction=settings["test_fraction"],
+            seed=seed,
+        )
+    except ValueError as exc:  # e.g. every factor constant among these images
+        raise UsageError(
+            f"no disentanglement metrics of the {split} split's first {n} images: {exc}; "
+            "disentanglement.images=0 leaves them out"
+        ) from None
+    scores["images"] = int(codes.shape[0])
+    scores["seconds"] = round(time.perf_counter() - start, 3)
+    return scores
+
+
+def format_disentanglement_table(scores: dict[str, Any], split: str) -> str:
+    """The disentanglement metrics as a small text table, with what each latent captures most
+    and the estimators' settings."""
+    settings = scores["settings"]
+    dci, sap = settings["dci"], settings["sap"]
+    rows = [
+        ("MIG", f"{scores['mig']:.4f}", f"{settings['mig']['bins']} equal-width bins per latent"),
+        (
+            "DCI disentanglement",
+            f"{scores['dci_disentanglement']:.4f}",
+            f"{dci['regressor']} per factor",
+        ),
+        ("DCI completeness", f"{scores['dci_completeness']:.4f}", ""),
+        (
+            "DCI informativeness",
+            f"{scores['dci_informativeness']:.4f}",
+            f"test accuracy ({dci['num_train']} codes train, {dci['num_test']} test)",
+        ),
+        ("SAP", f"{scores['sap']:.4f}", "one-latent linear classifiers' accuracy gap"),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    table = "\n".join(
+        f"  {name:<{width}}  {value:>10}  {note}".rstrip() for name, value, note in rows
+    )
+    lines = [""]
+    for j, best in enumerate(scores["latent_factor"]["best_factor"]):
+        item = f"z{j}: {best}"
+        if lines[-1] and len(lines[-1]) + len(item) > 90:
+            lines.append("")
+        lines[-1] += f", {item}" if lines[-1] else item
+    captures = "\n".join(f"    {line}" for line in lines)
+    left_out = (
+        f"; constant, left out: {', '.join(scores['constant_factors'])}"
+        if scores["constant_factors"]
+        else ""
+    )
+    return (
+        f"Disentanglement: the codes (posterior means) of {scores['images']} {split} images "
+        f"against their factors ({', '.join(scores['factor_names'])}{left_out}), seed "
+        f"{dci['seed']}, SAP's split as DCI's ({sap['num_test']} held out):\n{table}\n"
+        f"  the factor each latent carries most of (normalised mutual information):\n{captures}"
+    )
+
+
 def dataset_classifier(quality_data: Any, device: str) -> Any:
     """The dataset's classifier (:func:`~vae_experiments.analysis.classifier.
     load_or_train_classifier`: trained and cached on first use), before any long work.
@@ -439,6 +597,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     from vae_experiments.analysis.likelihood import check_vae, evaluate_vae
     from vae_experiments.runs import (
         CHECKPOINT_CHOICES,
+        EVALUATE_RECORD_PATTERN,
         METRICS_FILE,
         after_earlier_event_files,
         find_checkpoint,
@@ -470,24 +629,39 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
     max_images = int_setting("max_images", cfg.get("max_images"), null="the whole split")
 
     quality = quality_settings(cfg)
+    disentanglement = disentanglement_settings(cfg)
 
     try:
         ckpt_path = find_checkpoint(cfg.run, cfg.checkpoint)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
     model, run_cfg = load_run(ckpt_path, map_location=device)
+    not_a_vae = None  # why the model has no likelihood to evaluate
     try:
         check_vae(model)
-        is_vae = True
     except ValueError as exc:
-        if quality is None:
-            raise UsageError(
-                f"{exc} (run={cfg.run}); quality.samples=0 leaves nothing to evaluate"
-            ) from exc
-        is_vae = False  # no likelihood: the quality of its samples alone
+        not_a_vae = f"{exc} (run={cfg.run}); quality.samples=0 leaves nothing to evaluate"
+        if quality is None and disentanglement is None:
+            raise UsageError(not_a_vae) from exc
+    is_vae = not_a_vae is None  # else the quality of its samples (and its codes) alone
     if quality is not None:
         sampler_of(model, quality["density"], hasattr(model, "encode"))
     datamodule = load_data(run_cfg)
+    # Data with known factors (ImageData.factor_names): the disentanglement of the model's codes.
+    if getattr(datamodule, "factor_names", None) is None or disentanglement is None:
+        disentanglement = None
+    elif getattr(model, "discrete_codes", False) or not hasattr(model, "encode"):
+        log.warning(
+            "no disentanglement metrics: %s has no code vector per image", type(model).__name__
+        )
+        disentanglement = None
+    elif getattr(model, "latent_dim", 2) < 2:
+        raise UsageError(
+            f"the disentanglement metrics compare latents and need at least 2, the run has "
+            f"latent_dim={model.latent_dim}; disentanglement.images=0 leaves them out"
+        )
+    if not is_vae and quality is None and disentanglement is None:  # data without factors
+        raise UsageError(not_a_vae)
     batch_size = int(cfg.eval.batch_size or datamodule.batch_size)
     num_images = len(datamodule.splits[cfg.split])
     if max_images is not None:
@@ -507,7 +681,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         try:
             classifier = dataset_classifier(quality_data, device)
         except UnlabelledDataError as exc:
-            if not is_vae:
+            if not is_vae and disentanglement is None:
                 raise UsageError(f"no sample quality of {type(model).__name__}: {exc}") from None
             # What worked before sample quality existed still does: the likelihood alone.
             log.warning("no sample quality: %s; quality.samples=0 skips this warning", exc)
@@ -558,6 +732,18 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
             model, datamodule, quality_data, classifier, quality, cfg.split, int(cfg.seed), device
         )
         sample_quality["seconds"] = round(time.perf_counter() - start, 3)
+    disentanglement_scores = None
+    if disentanglement is not None:
+        disentanglement_scores = measure_disentanglement(
+            model,
+            datamodule,
+            disentanglement,
+            cfg.split,
+            num_images,
+            batch_size,
+            int(cfg.seed),
+            device,
+        )
     prior_bits = None
     if getattr(model, "discrete_codes", False) and model.code_prior is not None:
         from vae_experiments.analysis.code_prior import split_bits_per_code
@@ -580,11 +766,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         "likelihood": type(model.likelihood).__name__,
         "sample_quality": sample_quality,
         "prior_bits_per_code": prior_bits,
+        "disentanglement": disentanglement_scores,
     }
     if is_vae and results["log_px_is"] != "likelihood":
         log.warning("log p(x) of %s is %s", run_dir, results["log_px_note"])
     # Before metrics.json: the run's summary never holds a value that no record explains.
-    record_path = out_dir / f"evaluate_{cfg.split}.json"
+    record_path = out_dir / EVALUATE_RECORD_PATTERN.format(cfg.split)
     write_json_atomic(record_path, record)
 
     metrics_path = run_dir / METRICS_FILE
@@ -611,6 +798,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
                 dropped.add(f"{cfg.split}/{key}")
     if prior_bits is not None:
         new[f"{cfg.split}/prior_bits_per_code"] = prior_bits
+    if disentanglement_scores is not None:
+        for key in DISENTANGLEMENT_KEYS:
+            new[f"{cfg.split}/{METRIC_PREFIX}{key}"] = disentanglement_scores[key]
     kept = {key: value for key, value in metrics.items() if key not in dropped}
     write_json_atomic(metrics_path, {**kept, **new})
     step = int(metrics.get("steps", 0))  # where training's test/* points are
@@ -633,6 +823,11 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
         print(
             f"\n{run_dir} ({ckpt_path.name}), {sample_quality['seconds']:.1f} s\n"
             + format_quality_table(sample_quality, cfg.split)
+        )
+    if disentanglement_scores is not None:
+        print(
+            f"\n{run_dir} ({ckpt_path.name}), {disentanglement_scores['seconds']:.1f} s\n"
+            + format_disentanglement_table(disentanglement_scores, cfg.split)
         )
     if prior_bits is not None:
         h, w = model.grid_shape

@@ -6,6 +6,11 @@ named relative to the folder they share), writes ``summary.md``, ``summary.csv``
 ``summary_<metric>.png`` there (or into ``--out``; needed with several directories), and prints
 the table. ``--generation`` compares generators: the sample quality ``scripts/evaluate.py``
 measured beside each run's likelihood or reconstruction terms, best Fréchet distance first.
+``--disentanglement`` (automatic when some run has ``test/disentanglement.mig``): the
+disentanglement metrics ``scripts/evaluate.py`` scored on data with factors, per configuration as
+the mean and spread over its seeds beside reconstruction and KL (``disentanglement.md``,
+``disentanglement.csv``), and one latent traversal per run whose rows name the factor each
+latent carries most of (``traversal_<run>.png``).
 
 Exit status: 0 when written (runs that failed or have not finished are listed, with a warning),
 1 when the directory holds no run or no run has finished, 2 for a bad argument.
@@ -14,23 +19,31 @@ Exit status: 0 when written (runs that failed or have not finished are listed, w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vae_experiments.analysis.sweeps import (
+    DISENTANGLEMENT_METRICS,
     collect_runs,
     default_x,
+    disentanglement_metrics,
     find_run_dirs,
     format_value,
     generation_metrics,
     plot_search,
+    seed_groups,
+    seed_report,
+    seed_report_csv,
     summary_table,
     write_summary,
 )
-from vae_experiments.runs.records import read_run, read_search
+from vae_experiments.runs.records import RunRecord, evaluation_records, read_run, read_search
 
 log = logging.getLogger("summarize")
 
@@ -87,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
         "test/sample_recall (scripts/evaluate.py) and the ELBO or reconstruction terms (unless "
         "--metrics is given), with the model; sorted by test/fd_classifier unless --sort is given",
     )
+    parser.add_argument(
+        "--disentanglement",
+        action="store_true",
+        help="compare disentanglement (automatic when some run has test/disentanglement.mig): "
+        "the table's columns are the scores scripts/evaluate.py wrote on data with factors and "
+        "reconstruction and KL (unless --metrics is given), sorted by test/disentanglement.mig, "
+        "highest first, unless --sort is given; also disentanglement.md/.csv (each "
+        "configuration's mean and spread over its seeds) and a latent traversal per run "
+        "(traversal_<run>.png) whose rows name the factor each latent carries most of",
+    )
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     return parser
 
@@ -107,6 +130,139 @@ def best_trial_lines(table, search: dict, metric: str) -> str:
         f"{search['direction']}d over {len(table.records)} trials)\n"
         f"best config: {command}\n"
     )
+
+
+#: Images per row of a run's latent traversal (as scripts/sample.py draws them).
+TRAVERSAL_STEPS = 9
+
+
+def scored_evaluation(record: RunRecord) -> dict[str, Any] | None:
+    """The ``scripts/evaluate.py`` record behind a run's ``test/disentanglement.mig`` in
+    metrics.json (the newest evaluation of the test split with that score), or None."""
+    mig = record.metrics.get(DISENTANGLEMENT_METRICS[0])
+    for _, evaluation in evaluation_records(record.path, "test"):
+        scores = evaluation.get("disentanglement") or {}
+        if scores.get("mig") == mig:
+            return evaluation
+    return None
+
+
+def scoring_settings(evaluation: dict[str, Any]) -> str:
+    """How an evaluation scored the codes, in one line."""
+    scores = evaluation["disentanglement"]
+    settings = scores["settings"]
+    dci = settings["dci"]
+    return (
+        f"{scores['images']} {evaluation['split']} codes; MIG with {settings['mig']['bins']} "
+        f"equal-width bins per latent; DCI with a {dci['regressor']} per factor, SAP with "
+        f"one-latent linear classifiers, both trained on {dci['num_train']} codes and tested on "
+        f"{dci['num_test']}; seed {dci['seed']}"
+    )
+
+
+def write_traversal(record: RunRecord, evaluation: dict[str, Any], path: Path) -> Path:
+    """The run's latent traversal (:func:`~vae_experiments.analysis.latent.latent_traversal`
+    over the evaluated codes' 5% to 95% quantiles), each row labelled with the factor that
+    latent carries most of (the evaluation's normalised mutual information)."""
+    from vae_experiments.analysis.disentanglement import factor_row_labels
+    from vae_experiments.analysis.latent import encode_split, latent_traversal, traversal_labels
+    from vae_experiments.pictures import image_grid, save_grid
+    from vae_experiments.runs import load_data, load_run, load_split
+
+    checkpoint = Path(evaluation["checkpoint"])
+    # A run moved since its evaluation: the same checkpoint, where the run is now.
+    with contextlib.suppress(ValueError):
+        checkpoint = record.path / checkpoint.relative_to(evaluation["run"])
+    model, cfg = load_run(checkpoint, map_location="cpu")
+    data = load_data(cfg)
+    images, _ = load_split(data, evaluation["split"], limit=evaluation["disentanglement"]["images"])
+    codes = encode_split(model, images.split(data.batch_size))
+    rows = latent_traversal(model, codes, steps=TRAVERSAL_STEPS).split(TRAVERSAL_STEPS)
+    best = evaluation["disentanglement"]["latent_factor"]["best_factor"]
+    labels = factor_row_labels(traversal_labels(codes), best)
+    return save_grid(image_grid(list(rows), row_labels=labels), path)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def write_disentanglement_report(
+    table, metrics: list[str], out_dir: Path, traversals: bool = True
+) -> tuple[str, list[Path]]:
+    """Writes ``disentanglement.md`` and ``disentanglement.csv`` (each configuration's mean and
+    spread over its seeds) and, with ``traversals``, ``traversal_<run>.png`` per scored run.
+
+    Returns:
+        The report's text, and the paths written.
+    """
+    groups = seed_groups(table)
+    scored = [r for r in table.records if r.ok and DISENTANGLEMENT_METRICS[0] in r.metrics]
+    evaluations = {r.name: scored_evaluation(r) for r in scored}
+    settings = {scoring_settings(e) for e in evaluations.values() if e is not None}
+    if len(settings) == 1:
+        how = f"Scored by scripts/evaluate.py on {settings.pop()}."
+    elif settings:
+        how = "WARNING: the runs were scored with different settings:\n" + "\n".join(
+            f"- {s}" for s in sorted(settings)
+        )
+    else:
+        how = "No evaluation record found beside the scores (analysis/evaluate-*/)."
+    single = sum(1 for group in groups if len(group.runs) == 1)
+    lines = [
+        "# Disentanglement over seeds",
+        "",
+        f"{plural(len(scored), 'scored run')} in {plural(len(groups), 'configuration')} (runs "
+        "that differ only in their seed). Each cell: the mean ± the sample standard deviation "
+        "over the configuration's seeds (min, max and n in disentanglement.csv). These scores "
+        "vary more between seeds than between methods (Locatello et al. 2019): compare "
+        "configurations by their spread, not by their means alone.",
+        "",
+        how,
+        "",
+        seed_report(groups, metrics),
+    ]
+    if single:
+        lines += [
+            f"WARNING: {plural(single, 'configuration')} with a single seed, no spread: train "
+            "each with several (python train.py -m ... seed=0,1,2).",
+            "",
+        ]
+    out_dir = Path(out_dir)
+    written = []
+    if traversals:
+        pictures = []
+        for record in scored:
+            evaluation = evaluations[record.name]
+            if evaluation is None:
+                log.warning("no traversal of %s: no evaluation record of its scores", record.name)
+                continue
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", record.name).strip("._") or "run"
+            try:
+                path = write_traversal(record, evaluation, out_dir / f"traversal_{name}.png")
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("no traversal of %s: %s", record.name, err)
+                continue
+            written.append(path)
+            pictures.append(f"- `{record.name}`: {path.name}")
+        if pictures:
+            lines += [
+                "Latent traversals (one row per latent, swept from its 5% to its 95% quantile "
+                "over the scored codes, the others at their median; each row names the factor "
+                "the latent carries most of, with its normalised mutual information):",
+                "",
+                *pictures,
+                "",
+            ]
+    text = "\n".join(lines).rstrip() + "\n"
+    for name, content in (
+        ("disentanglement.md", text),
+        ("disentanglement.csv", seed_report_csv(groups, metrics)),
+    ):
+        (out_dir / name).write_text(content)
+        written.insert(0 if name.endswith(".md") else 1, out_dir / name)
+    return text, written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,6 +304,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             keys.append("model")  # a column where the runs' models differ
         if args.sort is None:
             args.sort = columns[0]
+    # Scores of data with factors: a report over seeds beside the table, asked for or not.
+    scored = any(DISENTANGLEMENT_METRICS[0] in r.metrics for r in records)
+    disentanglement = None
+    if args.disentanglement or (scored and not args.generation):
+        try:
+            disentanglement = disentanglement_metrics(records)
+        except ValueError as err:
+            parser.error(str(err))
+        if "model" not in keys:
+            keys.append("model")
+        if args.disentanglement:
+            metrics = metrics or disentanglement
+            if args.sort is None:
+                args.sort, args.descending = disentanglement[0], True
     if args.sort is None:  # hydra/sweeper=optuna: rank by what it optimized
         args.sort = search["optimized_metric"] if search else "test/loss"
         args.descending = args.descending or bool(search and search["direction"] == "maximize")
@@ -183,7 +353,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_search(table, args.sort, list(search["searched"]), log_keys).savefig(path, dpi=120)
         written.append(path)
 
+    report = None
+    if disentanglement is not None:
+        try:
+            report, report_files = write_disentanglement_report(
+                table, disentanglement, out_dir, traversals=not args.no_plot
+            )
+        except OSError as err:
+            log.error(
+                "cannot write into %s (%s); choose another folder with --out DIR", out_dir, err
+            )
+            return 1
+        written += report_files
+
     print(table.to_markdown())
+    if report is not None:
+        print(report)
     if search:
         print(best_trial_lines(table, search, args.sort))
     if not args.no_plot and any(p.suffix == ".png" for p in written):

@@ -27,6 +27,7 @@ from vae_experiments.runs.layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DIED,
+    EVALUATE_RECORD_PATTERN,
     EVENT_FILE_GLOB,
     FAILED,
     FINISHED,
@@ -48,7 +49,7 @@ from vae_experiments.runs.layout import (
     tensorboard_dir,
 )
 from vae_experiments.runs.lock import RunLock, RunLocked
-from vae_experiments.runs.records import RunRecord, collect_runs, read_run
+from vae_experiments.runs.records import RunRecord, collect_runs, evaluation_records, read_run
 
 __all__ = [
     "read_command_overrides",
@@ -59,6 +60,7 @@ __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
     "DIED",
+    "EVALUATE_RECORD_PATTERN",
     "DiskFullError",
     "EVENT_FILE_GLOB",
     "FAILED",
@@ -79,6 +81,7 @@ __all__ = [
     "build_model",
     "checkpoint_path",
     "collect_runs",
+    "evaluation_records",
     "find_checkpoint",
     "holds_a_run",
     "is_first_process",

@@ -52,6 +52,8 @@ PRIOR_FILE = "prior.pt"  # a VQ-VAE's prior over code grids (runs/priors.py)
 #: A replaced prior.pt, kept: ``prior.earlier-<n>.pt`` (n from 1).
 EARLIER_PRIOR_PATTERN = "prior.earlier-{}.pt"
 ANALYSIS_DIR = "analysis"
+#: scripts/evaluate.py's record of one call, in its folder under analysis/: ``evaluate_<split>.json``.
+EVALUATE_RECORD_PATTERN = "evaluate_{}.json"
 #: TensorBoard's event files (``events.out.tfevents.<second>.<host>.<pid>.<n>``).
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 #: Where runs made before the events moved into the run directory itself kept them.

@@ -32,8 +32,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_experiments.runs.files import read_command_overrides, read_group_choices
 from vae_experiments.runs.layout import (
+    ANALYSIS_DIR,
     CONFIG_FILE,
     DIED,
+    EVALUATE_RECORD_PATTERN,
     FINISHED,
     HYDRA_CONFIG_FILE,
     HYDRA_OVERRIDES_FILE,
@@ -251,3 +253,21 @@ def read_search(sweep_dir: str | Path) -> dict[str, Any] | None:
     except (OSError, yaml.YAMLError):
         return None
     return search if isinstance(search, dict) else None
+
+
+def evaluation_records(
+    run_dir: str | Path, split: str = "test"
+) -> list[tuple[Path, dict[str, Any]]]:
+    """Every ``scripts/evaluate.py`` record of ``split`` in the run's ``analysis/`` folder
+    (``evaluate-*/evaluate_<split>.json``, and those of ``-m`` calls one folder deeper), newest
+    first, as (path, record); an unreadable one is skipped with a warning."""
+    analysis = Path(run_dir) / ANALYSIS_DIR
+    name = EVALUATE_RECORD_PATTERN.format(split)
+    paths = [*analysis.glob(f"evaluate*/{name}"), *analysis.glob(f"evaluate*/*/{name}")]
+    found = []
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            found.append((path, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("cannot read %s: %s", path, err)
+    return found
