@@ -17,7 +17,7 @@ from vae_experiments.config_checks import (
     check_optimizer,
     choose_likelihood,
     cpu_processes,
-    supply_num_classes,
+    supply_model_args,
     trains_until_stopped,
 )
 from vae_experiments.cpu_memory import reuse_freed_cpu_memory
@@ -133,15 +133,26 @@ def train(
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
-    # Everything is built before any data is read, so a bad value fails in a second: the data
-    # object knows its image shape from its config alone.
+    # check_config built the model, optimizer and schedule once (on the meta device), so a bad
+    # value has failed in a second already: the data object knows its image shape from its
+    # config alone, and the model is built for real once the data is read, as some of its
+    # arguments come from the data (the training set's size of a β-TCVAE).
     data = instantiate(cfg.data, key="data")
     datamodule = ImageDataModule(data)
     image_shape = [int(size) for size in data.image_shape]
     with open_dict(cfg):
         cfg.model.image_shape = image_shape
-    # A model that needs labels gets the data's number of classes, or the error naming both.
-    supply_num_classes(cfg, data, read_group_choices(run_dir))
+    choices = read_group_choices(run_dir)
+    # A model that needs labels and data without classes: the error naming both, before reading.
+    supply_model_args(cfg, data, choices)
+    # Read the data before building the trainer, so a missing or broken dataset fails first.
+    # Downloads happen once per machine (local rank 0); other ranks start after it finished.
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        datamodule.prepare_data()
+    datamodule.setup("fit")
+    # The data reads no global random numbers: the model's initial weights are those of the
+    # seed, as when it was built before the data.
+    supply_model_args(cfg, data, choices)
     model = build_model(cfg)
     optimizer = instantiate(cfg.optimizer, key="optimizer")
     lr_scheduler = build_lr_scheduler(cfg.get("scheduler"))
@@ -159,11 +170,6 @@ def train(
         sum(p.numel() for p in model.parameters()),
         tuple(image_shape),
     )
-    # Read the data before building the trainer, so a missing or broken dataset fails first.
-    # Downloads happen once per machine (local rank 0); other ranks start after it finished.
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        datamodule.prepare_data()
-    datamodule.setup("fit")
     if is_first_process():
         # What load_run and resume= rebuild the run from; written once the data was read, so
         # that bad data (a DataError) changes nothing of a resumed run.
@@ -236,9 +242,9 @@ def train(
     )
     # Runs saved before the key existed trained one step at a time, and resume so.
     most = int(cfg.get("steps_per_group", 1))
-    group = steps_per_group(most, trainer, data.splits["train"], optimizer, lr_scheduler)
+    group = steps_per_group(most, trainer, data.splits["train"], optimizer, lr_scheduler, model)
     datamodule.groups_refused = ungrouped_because(
-        trainer, data.splits["train"], optimizer, lr_scheduler
+        trainer, data.splits["train"], optimizer, lr_scheduler, model
     )
     if group > 1 or datamodule.groups_refused is None:
         # Also at steps_per_group=1: a checkpoint made inside a grouped epoch ends it in groups.
