@@ -642,9 +642,9 @@ def adversary_problems(cfg: DictConfig) -> list[ConfigError]:
         return []  # build_problems names it
     model = model_class.__name__
     found = []
-    least = getattr(model_class, "min_batch_size", 1)
+    least = getattr(model_class, "min_batch_size", None)  # with min_batch_reason
     batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
-    if _is_int(batch_size) and batch_size < least:
+    if least is not None and _is_int(batch_size) and batch_size < least:
         found.append(
             ConfigError(
                 "data.batch_size",

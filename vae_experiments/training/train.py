@@ -13,6 +13,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import (
     build_lr_scheduler,
+    check_by_building,
     check_config,
     check_optimizer,
     choose_likelihood,
@@ -133,18 +134,18 @@ def train(
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
-    # check_config built the model, optimizer and schedule once (on the meta device), so a bad
-    # value has failed in a second already: the data object knows its image shape from its
-    # config alone, and the model is built for real once the data is read, as some of its
+    # Everything is built before any data is read, so a bad value fails in a second: the data
+    # object knows its image shape from its config alone, and the model, optimizer and schedule
+    # are built once on the meta device (a model that needs labels on data without classes
+    # fails here too). The model is built for real once the data is read, as some of its
     # arguments come from the data (the training set's size of a β-TCVAE).
+    choices = read_group_choices(run_dir)
+    check_by_building(cfg, choices)
     data = instantiate(cfg.data, key="data")
     datamodule = ImageDataModule(data)
     image_shape = [int(size) for size in data.image_shape]
     with open_dict(cfg):
         cfg.model.image_shape = image_shape
-    choices = read_group_choices(run_dir)
-    # A model that needs labels and data without classes: the error naming both, before reading.
-    supply_model_args(cfg, data, choices)
     # Read the data before building the trainer, so a missing or broken dataset fails first.
     # Downloads happen once per machine (local rank 0); other ranks start after it finished.
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
