@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -398,3 +399,62 @@ def test_each_objective_trains_from_the_command_line_on_digits(tmp_path, model):
         )
     if model[0] == "model=beta_vae_capacity":
         assert metrics["test/capacity"] == 25.0
+
+
+@pytest.mark.slow  # reads the data and builds the trainer first: up to a minute on a busy CPU
+def test_a_model_with_an_adversary_is_refused_several_processes(tmp_path):
+    result = run_train_py(
+        "model=factorvae",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: trainer.devices=2 is invalid: FactorVAE has an adversary and trains in one "
+        "process (DDP would not synchronise its two backward passes per step): use trainer=cpu "
+        "or trainer.devices=1"
+    )
+    assert not (tmp_path / "run").exists()  # nothing left that blocks the corrected command
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_factorvae_and_resume_finishes_it(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            *FAST,
+            *SMALL_FACTORVAE,
+            "trainer.max_epochs=6",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGINT
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["signal"] == "SIGINT"
+    assert checkpoint(run_dir)["global_step"] == status["step"] < 6 * STEPS_PER_EPOCH
+    assert len(checkpoint(run_dir)["optimizer_states"]) == 2
+
+    resumed = run_train_py(f"resume={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+    straight = train_run(tmp_path / "straight", [*SMALL_FACTORVAE, "trainer.max_epochs=6"])
+    assert_same_training(straight, run_dir)

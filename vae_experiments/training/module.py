@@ -613,7 +613,7 @@ class LitModel(pl.LightningModule):
         clip = trainer.gradient_clip_val
         if clip:
             tries.append(f"a lower trainer.gradient_clip_val (now {clip:g})")
-        else:
+        elif self.automatic_optimization:  # a model with an adversary is refused clipping
             tries.append("trainer.gradient_clip_val=1.0 (clips the gradients)")
         precision = str(trainer.precision)
         if precision not in ("32-true", "64-true"):
@@ -762,17 +762,22 @@ class LitModel(pl.LightningModule):
     def _adversarial_optimizers(self) -> list[torch.optim.Optimizer]:
         """The two optimizers of a model with an adversary, the model's first: ``optimizer``
         over the model's own parameters, ``model.adversary_optimizer`` over the adversary's."""
-        if self.trainer.world_size > 1:
-            raise ConfigError(
-                "trainer.devices",
-                self.trainer.world_size,
-                f"{type(self.model).__name__} has an adversary and trains in one process (its "
-                "two backward passes per step are not synchronised across processes): use "
-                "trainer=cpu or trainer.devices=1",
-            )
+        self.check_processes(self.trainer.world_size)
         if self.lr_scheduler_config is not None:  # config_checks refuses it with the config
             raise ConfigError(
                 "scheduler", allowed=f"{type(self.model).__name__} takes no lr schedule"
             )
         own, adversary = split_parameters(self.model)
         return [self.optimizer_factory(own), self.model.adversary_optimizer(adversary)]
+
+    def check_processes(self, world_size: int) -> None:
+        """Refuses training a model with an adversary in several processes (``world_size`` > 1):
+        DDP expects one backward pass per forward, and its two would not be synchronised."""
+        if world_size > 1 and not self.automatic_optimization:
+            raise ConfigError(
+                "trainer.devices",
+                world_size,
+                f"{type(self.model).__name__} has an adversary and trains in one process (DDP "
+                "would not synchronise its two backward passes per step): use trainer=cpu or "
+                "trainer.devices=1",
+            )

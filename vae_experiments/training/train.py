@@ -241,6 +241,7 @@ def train(
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
     )
+    module.check_processes(trainer.world_size)  # a model with an adversary: one process
     # Runs saved before the key existed trained one step at a time, and resume so.
     most = int(cfg.get("steps_per_group", 1))
     group = steps_per_group(most, trainer, data.splits["train"], optimizer, lr_scheduler, model)
