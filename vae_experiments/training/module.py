@@ -264,6 +264,9 @@ class LitModel(pl.LightningModule):
     clipping and accumulation, 16-bit precision's gradient scaler, L-BFGS; and several
     processes (DDP) when training starts. Groups of batches fall back to one batch per pass
     (``step_groups``, with the reason logged).
+
+    Args:
+        model: the model to train.
         optimizer: a partial optimizer (Hydra ``_partial_: true``) taking the parameters.
         lr_scheduler: optional Lightning lr-scheduler dict whose ``scheduler`` is a partial taking
             the optimizer; other keys (``interval``, ``monitor``, ...) are passed to Lightning.
