@@ -53,7 +53,15 @@ from vae_experiments.targets import ConfigError
 DATA_CONFIG_DIR = Path(CONFIG_DIR) / "data"
 DATA_CONFIGS = sorted(p.stem for p in DATA_CONFIG_DIR.glob("*.yaml"))
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-LOADER_KEYS = ("batch_size", "num_workers", "seed", "split_seed", "binarize", "on_device")
+LOADER_KEYS = (
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "seed",
+    "split_seed",
+    "binarize",
+    "on_device",
+)
 
 
 def make_data(source: type, source_kwargs: dict, **overrides) -> ImageData:
@@ -182,6 +190,27 @@ def test_batch_larger_than_training_split_becomes_one_full_batch(world_size, per
     batches = list(sampler)
     assert len(sampler) == 1 and len(batches) == 1
     assert len(batches[0]) == per_process
+
+
+def test_validation_and_test_batches_have_their_own_size():
+    """data.eval_batch_size: evaluation keeps no graph, so its batches may be larger than
+    training's; auto is the larger of batch_size and 500."""
+    from vae_experiments.data.images import AUTO_EVAL_BATCH_SIZE
+
+    assert make_digits(batch_size=16).eval_batch_size == AUTO_EVAL_BATCH_SIZE == 500
+    assert make_digits(batch_size=600).eval_batch_size == 600
+    data = make_digits(batch_size=16, eval_batch_size=100)
+    module = ImageDataModule(data)
+    module.setup()
+    train_sizes = {len(images) for images, _ in module.train_dataloader()}
+    val_sizes = [len(images) for images, _ in module.val_dataloader()]
+    test_sizes = [len(images) for images, _ in iterate_split(data, "test")]
+    assert train_sizes == {16}
+    assert val_sizes == [100, len(data.splits["val"]) - 100]
+    assert test_sizes[0] == 100 and sum(test_sizes) == len(data.splits["test"])
+    for bad in (0, "big", True):
+        with pytest.raises(ConfigError, match="eval_batch_size"):
+            make_digits(eval_batch_size=bad)
 
 
 def test_empty_training_shard_fails_clearly():
@@ -425,7 +454,7 @@ def test_idx_datamodule_loads_both_layouts(tmp_path, gz, layout, cls):
     written = read_idx(folder / (IDX_NAMES["train_labels"] + suffix)).long().sort().values
     assert torch.equal(train_val, written)
     images, labels = next(iter(ImageDataModule(datamodule).val_dataloader()))
-    assert images.shape == (8, 1, 28, 28) and images.dtype == torch.uint8
+    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.uint8  # one eval batch
     assert labels.dtype == torch.int64 and labels.max() <= 9
 
 
@@ -706,6 +735,7 @@ CONFIG_FAKES = {
     "celeba": fake_celeba,
     "image_folder": fake_image_folder,
     "synthetic": lambda root: {"num_train": 64, "num_val": 16, "num_test": 16},
+    "shapes": lambda root: {"factors": {"shape": 3, "scale": 1, "orientation": 1, "x": 8, "y": 8}},
 }
 
 
@@ -729,7 +759,8 @@ def test_image_folder_config_requires_path():
 
 
 @pytest.mark.parametrize(
-    "overrides", [["data=celeba"], ["data=image_folder", "data.source.path=/images"]]
+    "overrides",
+    [["data=celeba"], ["data=image_folder", "data.source.path=/images"], ["data=shapes"]],
 )
 def test_decoded_image_cache_defaults_to_the_user_cache_folder(monkeypatch, tmp_path, overrides):
     cfg = compose_config(overrides)
@@ -810,7 +841,7 @@ def test_data_package_and_iterating_a_split_do_not_import_lightning():
         "data = ImageData(Digits(val_size=0.1, test_size=0.2), batch_size=64, num_workers=0,\n"
         "                 seed=0, split_seed=0, binarize='static', on_device='auto')\n"
         "x, y = next(iterate_split(data, 'test'))\n"
-        "assert x.shape == (64, 1, 8, 8), x.shape\n"
+        "assert x.shape == (359, 1, 8, 8), x.shape\n"  # the whole split: one eval batch
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
         "               ('pytorch_lightning', 'lightning', 'hydra'))\n"
         "assert not heavy, heavy\n"

@@ -311,3 +311,42 @@ def test_hook_name_attributes_are_what_lightning_sets_on_the_module_around_hooks
         # Set while fitting, to hook names (and None): never a parameter, buffer or module.
         assert "training_step" in set_on_module[name]
         assert "on_train_batch_end" in set_on_module[name]
+
+
+def test_lightning_still_sets_the_nvml_check_that_training_pauses(tmp_path, monkeypatch):
+    """``import lightning_fabric`` sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which makes every
+    optimizer step ask NVML whether a GPU exists; our training processes unset it while they
+    fit and put it back after. If Lightning stops setting it, the pause can go."""
+    import os
+    import subprocess
+
+    from tests.conftest import train_run
+    from vae_experiments.training.module import LitModel
+
+    variable = lightning_compat.NVML_CHECK_VARIABLE
+    env = {key: value for key, value in os.environ.items() if key != variable}
+    code = f"import os, lightning_fabric; print(os.environ.get({variable!r}))"
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert shown.stdout.strip() == "1", shown.stderr
+
+    monkeypatch.setenv(variable, "1")
+    seen_in_steps = set()
+    original = LitModel._step
+
+    def step(self, x, y, stage, *args, **kwargs):
+        if stage != "test":  # the test runs after the fit, as Lightning set it
+            seen_in_steps.add(os.environ.get(variable))
+        return original(self, x, y, stage, *args, **kwargs)
+
+    monkeypatch.setattr(LitModel, "_step", step)
+    train_run(tmp_path / "run", ["model=ae", "logger=none", "trainer.max_epochs=1"])
+    assert seen_in_steps == {None}  # paused in every training and validation step
+    assert os.environ.get(variable) == "1"  # and back after the fit
+
+    lightning_compat.pause_nvml_cuda_check()
+    with pytest.raises(RuntimeError):  # a fit that raises still puts it back (train.py)
+        try:
+            raise RuntimeError("a fit that failed")
+        finally:
+            lightning_compat.restore_nvml_cuda_check()
+    assert os.environ.get(variable) == "1"

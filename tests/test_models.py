@@ -105,6 +105,37 @@ def test_every_model_config_builds_and_has_the_interface(name, image_shape):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+@pytest.mark.parametrize("kl_warmup", [False, True])
+def test_a_step_nobody_logs_has_the_same_loss_and_gradients_without_monitoring_terms(
+    name, kl_warmup
+):
+    """``loss(..., monitor=False)``, the training steps between logging points: the same loss
+    and gradients bit for bit from the same random draws, only monitoring terms left out."""
+    overrides = ["model.kl_warmup_steps=10"] if kl_warmup and name in ("vae", "cvae") else []
+    model = build_from_config(name, overrides=overrides).train()
+    x = torch.bernoulli(torch.rand(4, *IMAGE_SHAPE))
+    y = torch.tensor([0, 1, 2, 1])
+    # The codebook's own updates (EMA, restarts) happen in the loss: each pass starts alike.
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    results = []
+    for monitor in (True, False):
+        model.load_state_dict(start)
+        torch.manual_seed(1)
+        model.zero_grad()
+        terms = model.loss(x, y, step=3, monitor=monitor)
+        terms["loss"].backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((terms, grads))
+    (full, full_grads), (lean, lean_grads) = results
+    assert set(lean) <= set(full) and "loss" in lean
+    assert set(full) - set(lean) <= {"elbo", "recon_mse"}
+    for term, value in lean.items():
+        assert torch.equal(value, full[term]), term
+    assert len(lean_grads) == len(full_grads)
+    assert all(torch.equal(a, b) for a, b in zip(lean_grads, full_grads, strict=True))
+
+
 def config_files(group: str) -> list[str]:
     """The options of a config group nested in ``model/``, e.g. ``network``: a new file there is
     tested for free."""

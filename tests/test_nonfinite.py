@@ -27,8 +27,8 @@ def break_loss_from(monkeypatch, first_step: int, term: str = "recon", training:
     in evaluation. ``recon`` is the loss, so it makes ``loss`` nan too."""
     original = Autoencoder.loss
 
-    def loss(self, x, y=None, step=None):
-        terms = original(self, x, y, step)
+    def loss(self, x, y=None, step=None, monitor=True):
+        terms = original(self, x, y, step, monitor)
         broken = (step is not None and step >= first_step) if training else not self.training
         if broken:
             terms[term] = terms[term] * math.nan

@@ -46,6 +46,7 @@ RESUMABLE = [
     "model/network=mlp",
     "model.network.hidden_dims=[32]",
     "data.binarize=dynamic",
+    "data.eval_batch_size=32",  # validation in several batches, for the signals sent in it
     "logger=none",
 ]
 STEPS_PER_EPOCH = 1294 // 32  # digits' training split in FAST's batches of 32
@@ -569,6 +570,7 @@ def test_resume_refuses_max_epochs_below_the_checkpoints_epoch(tmp_path):
 #: The data settings a resume may change: how the data are loaded, not which.
 DATA_LOADING = {
     "data.num_workers",
+    "data.eval_batch_size",
     "data.on_device",
     "data.source.cache",
     "data.source.cache_dir",

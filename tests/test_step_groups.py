@@ -227,10 +227,10 @@ def stop_during_step(monkeypatch, signal_step: int) -> None:
     """SIGTERM arrives while the model computes the loss of step ``signal_step`` (0-based)."""
     original = VAE.loss
 
-    def loss(self, x, y=None, step=None):
+    def loss(self, x, y=None, step=None, monitor=True):
         if step == signal_step and self.training:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, x, y, step)
+        return original(self, x, y, step, monitor)
 
     monkeypatch.setattr(VAE, "loss", loss)
 

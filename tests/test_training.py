@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -225,12 +226,38 @@ def test_term_means_weight_by_images_and_reduce_over_processes():
     class TwoProcesses:  # another process added one image with loss 10 and kl 2
         def reduce(self, tensor, reduce_op):
             assert reduce_op == "sum"
-            return tensor + torch.tensor([10.0, 2.0, 1.0])
+            # (sums, images) per term
+            return tensor + torch.tensor([[10.0, 2.0], [1.0, 1.0]])
 
     means.add({"loss": torch.tensor(2.0), "kl": torch.tensor(1.0)}, batch_size=4)
     result = means.pop(TwoProcesses())
     assert float(result["loss"]) == pytest.approx((8.0 + 10.0) / 5)
     assert float(result["kl"]) == pytest.approx((4.0 + 2.0) / 5)
+
+
+def test_term_means_of_batches_with_fewer_terms_count_only_the_batches_that_had_them():
+    """Training steps nobody logs leave the monitoring terms out (``monitor=False``): each
+    term's mean is over the images of the batches that had it, and the non-finite record
+    still names the step and the term."""
+    from vae_experiments.training.module import TermMeans
+
+    means = TermMeans()
+    means.add({"loss": torch.tensor(1.0), "kl": torch.tensor(2.0)}, batch_size=2, step=0)
+    means.add(
+        {"loss": torch.tensor(3.0), "kl": torch.tensor(4.0), "elbo": torch.tensor(-5.0)},
+        batch_size=2,
+        step=1,
+    )
+    means.add({"loss": torch.tensor(5.0), "kl": torch.tensor(math.inf)}, batch_size=4, step=2)
+    result = means.pop()
+    assert list(result) == ["loss", "kl", "elbo"]
+    assert float(result["loss"]) == pytest.approx((2 + 6 + 20) / 8)
+    assert float(result["elbo"]) == -5.0  # its one batch only
+    fault = means.first_nonfinite()
+    assert (fault.step, fault.values) == (2, {"kl": math.inf})
+    # After a reset, a term no batch had is left out rather than reported as 0/0.
+    means.add({"loss": torch.tensor(1.0), "kl": torch.tensor(1.0)}, batch_size=1, step=3)
+    assert list(means.pop()) == ["loss", "kl"]
 
 
 def test_train_terms_are_logged_at_the_logging_interval(tmp_path):

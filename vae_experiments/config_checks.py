@@ -574,9 +574,13 @@ def supply_num_classes(
         data_name = (
             f"data={choices['data']}" if "data" in choices else f"data.source._target_={source}"
         )
+        if data.factor_names is not None:
+            why = f"its labels are factors ({', '.join(data.factor_names)}), not classes"
+        else:
+            why = f"{data.name} images are unlabelled: every label is 0"
         raise ConfigError(
             allowed=f"{model} needs class labels (a {model_class.__name__}), and {data_name} has "
-            f"none ({data.name} images are unlabelled: every label is 0); train it on labelled "
+            f"none ({why}); train it on labelled "
             f"data ({LABELLED_DATA}), or choose a model without labels (model=vae)"
         )
     with open_dict(cfg):

@@ -425,14 +425,15 @@ def _call(target: Callable[..., Any], key: str, arguments: Mapping[str, Any]) ->
 
 
 def _keyed_partial(target: type, key: str, arguments: Mapping[str, Any]) -> Callable[..., Any]:
-    """``functools.partial(target, **arguments)`` whose ConfigErrors name ``key`` when called;
+    """``functools.partial(target, **arguments)`` (keywords given at the call replace the
+    config's, as a partial's do) whose ConfigErrors name ``key`` when called;
     a ``ValueError`` from a torch optimizer or scheduler about its arguments (``Invalid learning
     rate: -1``) becomes a ConfigError naming the node too."""
 
     @functools.wraps(target)
     def build(*args: Any, **more: Any) -> Any:
         try:
-            return target(*args, **arguments, **more)
+            return target(*args, **{**arguments, **more})
         except ConfigError as error:
             raise error.under(key) from None
         except ValueError as error:

@@ -253,8 +253,15 @@ def load_or_train_classifier(
 
     Raises:
         CorruptClassifierError: the cache file exists but does not load (names it).
-        UnlabelledDataError: the training split has a single label.
+        UnlabelledDataError: the training split has a single label, or its labels are
+            factors (N, F) rather than classes.
     """
+    if train_labels.ndim == 2:
+        raise UnlabelledDataError(
+            f"the labels are {train_labels.shape[1]} factors per image (data with known "
+            "factors, e.g. data=shapes), not classes: a classifier needs class-labelled data "
+            "(digits, MNIST, Fashion-MNIST, an image folder with class subfolders)"
+        )
     _check_data(train_images, train_labels, "training")
     _check_data(test_images, test_labels, "test")
     path = classifier_file(cache_dir, name, train_images, train_labels)

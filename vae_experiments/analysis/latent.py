@@ -54,7 +54,8 @@ def encode_split(
         return_labels: also return the labels (needs ``(images, labels)`` pairs).
 
     Returns:
-        Codes (N, latent_dim) on the model's device; with ``return_labels``, also labels (N,).
+        Codes (N, latent_dim) on the model's device; with ``return_labels``, also labels (N,)
+        (or (N, F): factors).
     """
     was_training = model.training
     model.eval()

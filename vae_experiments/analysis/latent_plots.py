@@ -43,6 +43,7 @@ def latent_scatter(
     path: str | Path,
     title: str | None = None,
     seed: int = 0,
+    label_name: str = "label",
 ) -> Path:
     """Writes a PNG scatter of codes (N, D) coloured by label: 2-D codes directly, wider codes as
     their 2-D PCA projection (the title says which).
@@ -54,6 +55,7 @@ def latent_scatter(
         path: the PNG to write (folders are created).
         title: first title line (the projection is named on the second).
         seed: order in which points are drawn (shuffled, so no class hides the others).
+        label_name: what the labels are, for the legend or colourbar (a factor's name).
     """
     points, (xlabel, ylabel), description = project_2d(codes)
     n = points.shape[0]
@@ -83,7 +85,7 @@ def latent_scatter(
             ]
             ax.legend(
                 handles=handles,
-                title="label",
+                title=label_name,
                 loc="center left",
                 bbox_to_anchor=(1.01, 0.5),
                 frameon=False,
@@ -98,7 +100,7 @@ def latent_scatter(
                 c=label_values[order],
                 cmap="viridis",
             )
-            figure.colorbar(mappable, ax=ax, label="label")
+            figure.colorbar(mappable, ax=ax, label=label_name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if codes.shape[1] == 1:

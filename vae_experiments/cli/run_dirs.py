@@ -92,6 +92,7 @@ RESUME_MAY_CHANGE = (
     "callbacks.progress_bar",
     "data.num_workers",
     "data.on_device",
+    "data.eval_batch_size",
     "data.source.cache",
     "data.source.cache_dir",
     "data.source.download",

@@ -238,12 +238,17 @@ def sample_latents(
         image_grid(list(traversal.split(traversal_steps)), row_labels=labels),
         out_dir / "traversal.png",
     )
+    scatter_labels, label_name = test_labels, "label"
+    if test_labels.ndim == 2:  # factors (N, F): coloured by the first (the shape's, for shapes)
+        names = datamodule.factor_names or ["factor 0"]
+        scatter_labels, label_name = test_labels[:, 0], names[0]
     paths["latent_scatter"] = latent_scatter(
         test_codes,
-        test_labels,
+        scatter_labels,
         out_dir / "latent_scatter.png",
         title=f"{type(model).__name__} test codes ({run_dir.name})",
         seed=seed,
+        label_name=label_name,
     )
 
     result = {

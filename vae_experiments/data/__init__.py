@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from vae_experiments.data.idx import MNIST, FashionMNIST, IdxImages, read_idx
     from vae_experiments.data.image_folder import ImageFolder
     from vae_experiments.data.images import ImageData
+    from vae_experiments.data.shapes import Shapes
     from vae_experiments.data.source import ImageSource
     from vae_experiments.data.synthetic import Synthetic
 
@@ -51,6 +52,7 @@ _NEEDS_TORCH = {
     "ImageFolder": "vae_experiments.data.image_folder",
     "ImageData": "vae_experiments.data.images",
     "ImageSource": "vae_experiments.data.source",
+    "Shapes": "vae_experiments.data.shapes",
     "Synthetic": "vae_experiments.data.synthetic",
 }
 
@@ -72,6 +74,7 @@ __all__ = [
     "ImageSource",
     "BatchGroup",
     "ShuffledBatchSampler",
+    "Shapes",
     "Synthetic",
     "TensorImages",
     "iterate_split",

@@ -28,7 +28,8 @@ class TensorImages(Dataset):
 
     Args:
         images: uint8 images (N, C, H, W), values 0..255.
-        labels: int64 labels (N,).
+        labels: int64 labels (N,) (a class per image), or (N, F) (an index per factor, for
+            data with known factors).
     """
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
@@ -38,9 +39,10 @@ class TensorImages(Dataset):
                 f"of shape {tuple(images.shape)}"
             )
         labels = torch.as_tensor(labels, dtype=torch.int64)
-        if labels.shape != (images.shape[0],):
+        if labels.ndim not in (1, 2) or labels.shape[0] != images.shape[0]:
             raise ValueError(
-                f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}"
+                f"labels must have shape ({images.shape[0]},) or ({images.shape[0]}, F), got "
+                f"{tuple(labels.shape)}"
             )
         self.images = images
         self.labels = labels
@@ -51,6 +53,7 @@ class TensorImages(Dataset):
     def __getitem__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Return uint8 images (B, C, H, W) and int64 labels (B,) for 1-D ``indices`` (B,);
         for 2-D ``indices`` (S, B), a group of S batches: images (S, B, C, H, W), labels (S, B).
+        Factor labels keep their last dimension: (B, F), (S, B, F).
         """
         # index_select, not images[indices]: advanced indexing of a uint8 (N, C, H, W) tensor is
         # ~40x slower on a CPU (1.4 ms vs 0.03 ms for 128 Fashion-MNIST images).
@@ -59,7 +62,10 @@ class TensorImages(Dataset):
         labels = self.labels.index_select(0, flat)
         if indices.ndim == 1:
             return images, labels
-        return images.view(*indices.shape, *images.shape[1:]), labels.view(indices.shape)
+        return (
+            images.view(*indices.shape, *images.shape[1:]),
+            labels.view(*indices.shape, *labels.shape[1:]),
+        )
 
 
 class BatchGroup:
@@ -339,7 +345,7 @@ def iterate_split(
     device: str | torch.device = "cpu",
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Every image of a split, in order, as float batches (B, C, H, W) in [0, 1]
-    and int64 labels (B,), on ``device``.
+    and int64 labels (B,) (or (B, F): factors), on ``device``.
 
     Binarised splits come out as stored (val/test are binarised once with a fixed seed, so an
     evaluation sees the same data every time).
@@ -347,7 +353,7 @@ def iterate_split(
     Args:
         data: Set-up data (:meth:`ImageData.setup` is called if it was not).
         split: "train", "val" or "test".
-        batch_size: Images per batch; None uses ``data.batch_size``.
+        batch_size: Images per batch; None uses ``data.eval_batch_size``.
         device: Where the batches go.
     """
     if split not in SPLIT_NAMES:
@@ -357,7 +363,7 @@ def iterate_split(
     dataset = data.splits[split]
     sampler = ShuffledBatchSampler(
         len(dataset),
-        batch_size or data.batch_size,
+        batch_size or data.eval_batch_size,
         shuffle=False,
         drop_last=False,
         seed=0,
@@ -374,7 +380,8 @@ def load_split(
     device: str | torch.device = "cpu",
     limit: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """A whole split (or its first ``limit`` images): float images (N, C, H, W), labels (N,)."""
+    """A whole split (or its first ``limit`` images): float images (N, C, H, W), labels (N,)
+    (or (N, F): factors)."""
     images, labels, count = [], [], 0
     for x, y in iterate_split(data, split, device=device):
         images.append(x)

@@ -10,6 +10,9 @@ matches the files now. A build writes into a temporary file in the same folder, 
 disk and renames it into place, so an interrupted build never leaves a cache that looks valid.
 One process builds a cache at a time (a lock file beside it); the others wait and then use it.
 
+Images that are generated or read from one file (the rendered shapes, a dSprites ``.npz``) are
+cached the same way by :func:`ensure_array`, keyed by a description of what made them.
+
 Where caches live: a file source's ``cache_dir``, else :func:`default_cache_dir`; other caches
 of a dataset (the sample-quality classifier of :mod:`vae_experiments.analysis.classifier`) go
 in the same folder, :func:`cache_dir_of`.
@@ -23,9 +26,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -312,6 +316,90 @@ def _decode_into(
     return found
 
 
+def ensure_array(
+    npy: Path,
+    meta: dict[str, Any],
+    shape: tuple[int, ...],
+    fill: Callable[[np.ndarray], None],
+    instead: str,
+) -> Tensor:
+    """The uint8 array ``shape`` cached at ``npy`` (memory-mapped copy-on-write), made by
+    ``fill(out)`` first when it is missing or was made from something else: for images that are
+    generated or read from one file rather than decoded from image files (the rendered shapes,
+    a dSprites ``.npz``).
+
+    The cache counts when its JSON holds ``meta`` (what decides the pixels: a renderer's
+    version and grid, a file's fingerprint and the rows kept), as :func:`ensure_cache`'s do;
+    built the same way (a temporary file synced and renamed, the JSON last, under a lock).
+
+    Args:
+        npy: Where the array goes.
+        meta: JSON-able description of the contents; a cache with another is rebuilt.
+        shape: The array's shape, e.g. (N, C, H, W).
+        fill: Writes every element of the (uninitialised) array it is given.
+        instead: What ``data.source.cache=false`` does, for the error of an unwritable folder.
+
+    Raises:
+        UnwritableCacheError: ``npy``'s folder cannot be written.
+    """
+    expected = {"version": CACHE_VERSION, "shape": list(shape), **meta}
+    cached = _load_array(npy, expected)
+    if cached is not None:
+        log.info("using the cached images in %s", npy)
+        return cached
+    _make_folder(npy.parent, instead)
+    with _build_lock(npy):
+        # Another process may have built it while this one waited for the lock.
+        cached = _load_array(npy, expected)
+        if cached is None:
+            _build_array(npy, expected, shape, fill)
+            cached = _load_array(npy, expected)
+    if cached is None:
+        raise RuntimeError(f"{npy} was just built but cannot be read back")
+    return cached
+
+
+def _load_array(npy: Path, expected: dict[str, Any]) -> Tensor | None:
+    """The array at ``npy`` if its JSON says ``expected`` and the array has its shape."""
+    try:
+        if json.loads(_meta_file(npy).read_text()) != expected:
+            return None
+        array = np.load(npy, mmap_mode="c")
+    except (OSError, ValueError) as exc:
+        if _meta_file(npy).exists():
+            log.warning("ignoring unreadable cache %s (%s); rebuilding it", npy, exc)
+        return None
+    if array.dtype != np.uint8 or list(array.shape) != expected["shape"]:
+        log.warning("ignoring cache %s: its array does not match %s", npy, _meta_file(npy))
+        return None
+    return torch.from_numpy(array)
+
+
+def _build_array(
+    npy: Path, meta: dict[str, Any], shape: tuple[int, ...], fill: Callable[[np.ndarray], None]
+) -> None:
+    """Make the array of :func:`ensure_array` and its JSON (we hold the lock)."""
+    for stale in npy.parent.glob(f"{npy.name}.tmp*"):  # left by a killed build
+        stale.unlink(missing_ok=True)
+    tmp = npy.with_name(f"{npy.name}.tmp{os.getpid()}")
+    start = time.perf_counter()
+    log.info("caching %s images into %s", "x".join(map(str, shape)), npy)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        fill(out)
+        out.flush()
+        del out
+        _fsync(tmp)
+        # The JSON marks a complete cache: drop the old one before the array changes.
+        _meta_file(npy).unlink(missing_ok=True)
+        os.replace(tmp, npy)
+        _write_atomic(_meta_file(npy), json.dumps(meta, indent=1))
+        _fsync_folder(npy.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("cached %d images in %.1f s into %s", shape[0], time.perf_counter() - start, npy)
+
+
 def _copy_rows(source: Path, target: Path, rows: list[int]) -> None:
     """Write the given rows of the array at ``source`` as a new array at ``target``."""
     array = np.load(source, mmap_mode="r")
@@ -324,7 +412,9 @@ def _copy_rows(source: Path, target: Path, rows: list[int]) -> None:
     del out, array
 
 
-def _make_folder(folder: Path) -> None:
+def _make_folder(folder: Path, instead: str = "to decode the files every epoch instead") -> None:
+    """Create the cache folder, or raise :class:`UnwritableCacheError` saying what to set
+    (``data.source.cache=false`` and what it does ``instead``)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
@@ -332,8 +422,7 @@ def _make_folder(folder: Path) -> None:
     except OSError as exc:
         raise UnwritableCacheError(
             f"cannot write the decoded-image cache in {folder} ({exc}). Set "
-            "data.source.cache_dir to a writable folder, or data.source.cache=false to decode "
-            "the files every epoch instead."
+            f"data.source.cache_dir to a writable folder, or data.source.cache=false {instead}."
         ) from exc
 
 

@@ -80,8 +80,9 @@ class ImageDataModule(pl.LightningDataModule):
     def _dataloader(self, split: str, train: bool) -> DataLoader:
         self.data.setup()
         dataset = self._device_splits[split] if split in self._device_splits else self._place(split)
+        batch_size = self.data.batch_size if train else self.data.eval_batch_size
         sampler = ShuffledBatchSampler(
-            len(dataset), self.data.batch_size, shuffle=train, drop_last=train, seed=self.data.seed
+            len(dataset), batch_size, shuffle=train, drop_last=train, seed=self.data.seed
         )
         if train:
             self._configure_train_sampler(sampler, dataset)
@@ -219,7 +220,8 @@ class ImageDataModule(pl.LightningDataModule):
             self._resume_steps_per_item = int(state.get("steps_per_item", 1))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled full batches of uint8 (B, C, H, W) images and int64 (B,) labels."""
+        """Shuffled full batches of uint8 (B, C, H, W) images and int64 (B,) labels ((B, F)
+        for data with known factors)."""
         return self._dataloader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -235,7 +237,7 @@ class ImageDataModule(pl.LightningDataModule):
     ) -> tuple[Tensor | BatchGroup, Tensor]:
         """Turn a device batch into float32 images (B, C, H, W) and int64 labels (B,), a group
         of training batches into a :class:`BatchGroup` of S such batches and labels (S, B); and
-        count the training batches.
+        count the training batches. Factor labels keep their last dimension: (B, F), (S, B, F).
 
         Under ``binarize="dynamic"`` training images are resampled from Bernoulli(x) each step.
         A group's batches are converted (and resampled) one at a time, as they are taken: in

@@ -11,7 +11,9 @@ class ImageSource:
     A source knows the shape of its images from its arguments alone, so a model can be built
     before any data is read, and loads its "train", "val" and "test" splits as uint8 images
     (N, C, H, W) with int64 labels (N,) (indices into :attr:`class_names`; all 0 for a source
-    without classes): :class:`~vae_experiments.data.batches.TensorImages` in memory, or
+    without classes), or (N, F) for a source with known factors (each column the index of a
+    factor's value, see :attr:`factor_names`):
+    :class:`~vae_experiments.data.batches.TensorImages` in memory, or
     :class:`~vae_experiments.data.files.ImageFiles` decoded per batch. Batching, binarisation
     and devices are :class:`~vae_experiments.data.images.ImageData`'s business.
     """
@@ -26,6 +28,19 @@ class ImageSource:
         """The names of the classes the labels index (label ``i`` is ``class_names[i]``), or
         None when the source has no class labels (its labels are all 0). Known before the
         images are read; a folder source lists its folder."""
+        return None
+
+    @property
+    def factor_names(self) -> tuple[str, ...] | None:
+        """The factors of variation the label columns index (``labels[:, f]`` is the index of
+        factor ``factor_names[f]``'s value), or None for class-labelled or unlabelled data,
+        whose labels are (N,)."""
+        return None
+
+    @property
+    def factor_sizes(self) -> tuple[int, ...] | None:
+        """How many values each factor of :attr:`factor_names` takes (its labels run from 0 to
+        the size - 1), or None without factors."""
         return None
 
     def carved_sizes(self) -> dict[str, int | float]:

@@ -49,17 +49,24 @@ class Autoencoder(LatentModel):
         return self.encoder(x)
 
     def loss(
-        self, x: torch.Tensor, y: torch.Tensor | None = None, step: int | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        step: int | None = None,
+        monitor: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x (B, C, H, W), each summed over pixels and averaged over B.
 
         Returns ``loss`` (= ``recon``), ``recon`` (minus the likelihood's log-probability: the
         squared error for ``SquaredError``) and ``recon_mse`` (squared error in data space).
-        The labels ``y`` and ``step`` are unused; they keep the signature common to all models.
+        ``monitor=False`` leaves ``recon_mse`` out. The labels ``y`` and ``step`` are unused;
+        they keep the signature common to all models.
         """
         inputs = self.corruption(x) if self.training and self.corruption is not None else x
         output = self.decoder(self.encoder(inputs))
         recon = -self.likelihood.log_prob(x, output).mean()
+        if not monitor:
+            return {"loss": recon, "recon": recon}
         recon_mse = squared_error(x, self.likelihood.mean(output).detach()).mean()
         return {"loss": recon, "recon": recon, "recon_mse": recon_mse}
 

@@ -21,7 +21,7 @@ def squared_error(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor
 class LatentModel(nn.Module):
     """Base of all models: ``encode`` to a code, ``decode`` to an image, ``loss`` to named terms.
 
-    Subclasses implement ``encode(x, y) -> (B, latent_dim)``, ``loss(x, y, step) -> dict`` and
+    Subclasses implement ``encode(x, y) -> (B, latent_dim)``, ``loss(x, y, step, monitor) -> dict`` and
     ``sample(n, generator, y) -> (n, C, H, W)``. Every model takes the images' labels ``y``
     (B,) beside the images, in one signature; a model that does not need them ignores them
     (``y=None`` is fine), and one that does sets :attr:`needs_labels` and conditions its
@@ -76,8 +76,17 @@ class LatentModel(nn.Module):
         raise NotImplementedError
 
     def loss(
-        self, x: torch.Tensor, y: torch.Tensor | None = None, step: int | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        step: int | None = None,
+        monitor: bool = True,
     ) -> dict[str, torch.Tensor]:
+        """Named scalar terms of a batch x (B, C, H, W) with labels y, each averaged over the
+        batch; ``"loss"`` is what training minimises, at optimiser step ``step`` (None in
+        evaluation). ``monitor=False`` is a training step whose terms nobody logs: a model may
+        then leave out the terms that only describe training (``recon_mse``, ``elbo``) and
+        skip their arithmetic, but ``"loss"`` must be the same bit for bit."""
         raise NotImplementedError
 
     def sample(

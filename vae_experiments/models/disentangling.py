@@ -82,9 +82,9 @@ class CapacityVAE(VAE):
         monitor: bool = True,
     ) -> dict[str, torch.Tensor]:
         """The VAE's terms for images x (B, C, H, W), with ``loss = recon + gamma * |kl - C|``
-        (batch means, nats per image) and ``capacity`` = C. ``monitor`` is accepted for the
-        training module's contract; every term is computed either way."""
-        terms = super().loss(x, y, step)  # the VAE's terms, every one (its loss is replaced)
+        (batch means, nats per image) and ``capacity`` = C; ``monitor=False`` leaves out what
+        the VAE's leaves out (``elbo``, ``recon_mse``), and ``loss`` is the same."""
+        terms = super().loss(x, y, step, monitor=monitor)  # the VAE's (its loss is replaced)
         capacity = self.capacity(step)
         terms["loss"] = terms["recon"] + self.gamma * (terms["kl"] - capacity).abs()
         terms["capacity"] = terms["loss"].new_tensor(capacity)

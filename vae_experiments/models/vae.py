@@ -75,6 +75,9 @@ class VAE(LatentModel):
     """
 
     has_prior = True
+    #: Whether KL(q(z | x) || p(z)) has the closed form :func:`gaussian_kl` (one Gaussian layer
+    #: against N(0, I)); a stack estimates it from its samples.
+    analytic_kl = True
 
     def __init__(
         self,
@@ -218,7 +221,11 @@ class VAE(LatentModel):
         return self.beta * min(1.0, (step + 1) / self.kl_warmup_steps)
 
     def loss(
-        self, x: torch.Tensor, y: torch.Tensor | None = None, step: int | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        step: int | None = None,
+        monitor: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x (B, C, H, W) with labels y (B,) (used by a conditional
         model, where every term is conditioned on them); per image, averaged over the batch.
@@ -231,11 +238,18 @@ class VAE(LatentModel):
         error of the reconstruction: from the first sampled z in training (no extra decoder
         pass), from the posterior mean in evaluation, so that it is deterministic and comparable
         with the other models.
+
+        ``monitor=False`` (a training step whose terms nobody logs) leaves out ``elbo`` and
+        ``recon_mse``, and where the KL is analytic and ``k = 1`` computes neither log-weights
+        nor prior densities (the ELBO's gradient needs only ``recon`` and the closed-form KL):
+        ``loss``, ``recon`` and ``kl`` are the same bit for bit, from the same random draws.
         """
         mu, logvar = self.posterior(x, y)  # (B, D) each
         n = x.shape[0]
         # For k = 1 and one layer, the same draws as randn_like(mu): the VAE as it always was.
         noise = torch.randn(n, self.k, self.noise_dim, device=mu.device, dtype=mu.dtype)
+        if not monitor and self.k == 1 and self.analytic_kl:
+            return self._elbo_objective(x, y, noise, mu, logvar, step)
         log_w, log_px_z, output = self._log_weights(x, noise, (mu, logvar), y)  # (B, K) each
         recon = -log_px_z.mean(1)  # (B,)
         kl = self.kl_estimate((mu, logvar), (log_px_z - log_w).mean(1))  # (B,)
@@ -246,6 +260,9 @@ class VAE(LatentModel):
             bound = iwae_bound(log_w)  # (B,)
             terms["loss"] = -bound.mean()
             terms["iwae_bound"] = bound.mean()
+        terms["recon"], terms["kl"] = recon.mean(), kl.mean()
+        if not monitor:
+            return terms
         with torch.no_grad():
             if self.training:
                 first = output.view(n, self.k, *output.shape[1:])[:, 0]  # (B, C, H, W)
@@ -253,13 +270,34 @@ class VAE(LatentModel):
             else:
                 reconstruction = self.decode(mu, y)
             recon_mse = squared_error(x, reconstruction).mean()
-        return {
-            **terms,
-            "recon": recon.mean(),
-            "kl": kl.mean(),
-            "elbo": -(recon + kl).mean(),
-            "recon_mse": recon_mse,
-        }
+        return {**terms, "elbo": -(recon + kl).mean(), "recon_mse": recon_mse}
+
+    def _elbo_objective(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        noise: torch.Tensor,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        step: int | None,
+    ) -> dict[str, torch.Tensor]:
+        """``loss``, ``recon`` and ``kl`` of the k = 1 ELBO with the analytic KL: one decoder
+        pass, the likelihood and the closed form, nothing else. The same arithmetic, on the same
+        values, as :meth:`loss`'s general path (which reaches these through the log-weights),
+        so the loss and its gradients are bit for bit those of that path.
+
+        Args:
+            x: images (B, C, H, W); y: their labels (B,) or None.
+            noise: standard normal draws (B, 1, latent_dim).
+            mu, logvar: the posterior's (B, latent_dim) each.
+            step: the optimiser step, for the KL weight.
+        """
+        z = self.reparameterise(mu, logvar, noise[:, 0])  # (B, D)
+        output = self.decoder(self.decoder_input(z, y))  # (B, C, H, W)
+        recon = -self.likelihood.log_prob(x, output)  # (B,)
+        kl = gaussian_kl(mu, logvar)  # (B,)
+        loss = (recon + self.kl_weight(step) * kl).mean()
+        return {"loss": loss, "recon": recon.mean(), "kl": kl.mean()}
 
     def sample_codes(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n draws of z from the prior N(0, I): (n, latent_dim), on the model's device (drawn on
@@ -300,6 +338,8 @@ class HierarchicalVAE(VAE):
         likelihood: p(x | z1) given the decoder output.
         beta, kl_warmup_steps, k: as for :class:`VAE` (the KL weighted is that of all layers).
     """
+
+    analytic_kl = False
 
     def __init__(
         self,

@@ -146,7 +146,11 @@ class VQVAE(LatentModel):
         return self.likelihood.mean(self.decoder(self.quantizer.lookup(z)))
 
     def loss(
-        self, x: torch.Tensor, y: torch.Tensor | None = None, step: int | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        step: int | None = None,
+        monitor: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x (B, C, H, W); per image, averaged over the batch.
 
@@ -155,8 +159,9 @@ class VQVAE(LatentModel):
         error of the reconstruction; ``perplexity`` (exp of the entropy of the batch's code
         histogram) and ``codes_in_use`` (codes chosen at least once) describe the batch's use
         of the codebook, and are averaged over batches like the other terms. In training mode
-        the codebook's own updates (EMA, dead-code restarts) happen here too. The labels ``y``
-        and ``step`` are unused; they keep the signature common to all models.
+        the codebook's own updates (EMA, dead-code restarts) happen here too. ``monitor=False``
+        leaves ``recon_mse`` out. The labels ``y`` and ``step`` are unused; they keep the
+        signature common to all models.
         """
         quantized = self.quantizer(self.encoder(x))
         output = self.decoder(quantized.straight_through)
@@ -164,11 +169,11 @@ class VQVAE(LatentModel):
         loss = recon + self.commitment_weight * quantized.commitment_loss
         if self.quantizer.ema_decay is None:
             loss = loss + quantized.codebook_loss
-        recon_mse = squared_error(x, self.likelihood.mean(output).detach()).mean()
+        terms = {"loss": loss.mean(), "recon": recon.mean()}
+        if monitor:
+            terms["recon_mse"] = squared_error(x, self.likelihood.mean(output).detach()).mean()
         return {
-            "loss": loss.mean(),
-            "recon": recon.mean(),
-            "recon_mse": recon_mse,
+            **terms,
             "codebook": quantized.codebook_loss.detach().mean(),
             "commitment": quantized.commitment_loss.detach().mean(),
             "perplexity": quantized.perplexity,

@@ -106,8 +106,10 @@ class ImageGrids(pl.Callback):
 
 class EpochTimer(pl.Callback):
     """Wall time of every training epoch, from the end of the one before (from its own start for
-    a session's first epoch) to its own end, validation pass and image grids included; and the
-    run's training time in all, over every resume (both are kept in checkpoints).
+    a session's first epoch) to its own end, validation pass and image grids included, and the
+    process's CPU time over the same span (``time.process_time``: all its threads; what
+    ``scripts/benchmark.py --clock cpu`` compares); and the run's training time in all, over
+    every resume (all three are kept in checkpoints).
 
     An epoch ends here before its checkpoints are written (Lightning runs checkpoint callbacks
     last), so the checkpoint of an epoch holds that epoch's time too: a run stopped in its final
@@ -119,7 +121,9 @@ class EpochTimer(pl.Callback):
     def __init__(self) -> None:
         super().__init__()
         self.epoch_seconds: list[float] = []
+        self.epoch_cpu_seconds: list[float] = []
         self._start: float | None = None
+        self._cpu_start = 0.0
         self._seconds_before: float = 0.0  # training time of the sessions before this one
         self._fit_start: float | None = None
 
@@ -128,13 +132,14 @@ class EpochTimer(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._start is None:  # a session's first epoch
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.process_time()
         if self._start is not None:
             self.epoch_seconds.append(now - self._start)
-        self._start = now
+            self.epoch_cpu_seconds.append(cpu_now - self._cpu_start)
+        self._start, self._cpu_start = now, cpu_now
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = None
@@ -157,11 +162,17 @@ class EpochTimer(pl.Callback):
         return statistics.median(times) if times else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_seconds": self.train_seconds, "epoch_seconds": list(self.epoch_seconds)}
+        return {
+            "train_seconds": self.train_seconds,
+            "epoch_seconds": list(self.epoch_seconds),
+            "epoch_cpu_seconds": list(self.epoch_cpu_seconds),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.epoch_seconds = [float(t) for t in state_dict.get("epoch_seconds", [])]
+        # Checkpoints written before CPU times were kept have none.
+        self.epoch_cpu_seconds = [float(t) for t in state_dict.get("epoch_cpu_seconds", [])]
 
 
 class LastValidation(pl.Callback):

@@ -18,7 +18,11 @@ from vae_experiments.models import LatentModel
 from vae_experiments.models.adversary import ADVERSARY_LOSS, has_adversary, split_parameters
 from vae_experiments.targets import ConfigError
 from vae_experiments.training import lightning_compat
-from vae_experiments.training.optimizer_settings import apply_changed_settings, configured_settings
+from vae_experiments.training.optimizer_settings import (
+    apply_changed_settings,
+    build_optimizer,
+    configured_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,10 @@ class TermMeans:
     or the record below are read (at most every :data:`FOLD_EVERY` batches otherwise), so a
     step costs no host sync and next to no time.
 
+    Batches may bring different sets of terms (a training step that nobody logs leaves the
+    monitoring terms out: ``model.loss(..., monitor=False)``): each term's mean is over the
+    images of the batches that had it.
+
     Given the step, :meth:`add` also has the first step at which each term was not finite, and
     its value there, recorded on the device; :meth:`first_nonfinite` reads that record (a sync).
     """
@@ -128,11 +136,11 @@ class TermMeans:
     FOLD_EVERY = 256
 
     def __init__(self) -> None:
-        self.names: list[str] = []
+        self.names: list[str] = []  # every term seen, in the order first seen
         self._sums: torch.Tensor | None = None  # (num_terms,): sums weighted by batch size
-        self._count = 0  # images added: batch sizes are host integers, so no tensor is needed
-        # Added and not yet summed: (terms, batch size, step or None) per batch.
-        self._pending: list[tuple[tuple[torch.Tensor, ...], int, int | None]] = []
+        self._counts: list[int] = []  # images added per term: host integers, no tensor needed
+        # Added and not yet summed: (names, terms, batch size, step or None) per batch.
+        self._pending: list[tuple[tuple[str, ...], tuple[torch.Tensor, ...], int, int | None]] = []
         self._first_bad_step: torch.Tensor | None = None  # (num_terms,) int64; NEVER if finite
         self._first_bad_value: torch.Tensor | None = None  # (num_terms,): the value at that step
 
@@ -140,54 +148,86 @@ class TermMeans:
         """Starts the means afresh; the record of non-finite steps is kept."""
         self._fold()
         self._sums = None
-        self._count = 0
+        self._counts = [0] * len(self.names)
 
     def add(
         self, terms: Mapping[str, torch.Tensor], batch_size: int, step: int | None = None
     ) -> None:
         """Adds a batch's terms (each a scalar mean over its ``batch_size`` images); with
         ``step``, records which of them are not finite at that step."""
-        if not self.names:
-            self.names = list(terms)
         # detach: a kept term must not keep its batch's autograd graph alive.
-        self._pending.append((tuple(value.detach() for value in terms.values()), batch_size, step))
+        values = tuple(value.detach() for value in terms.values())
+        self._pending.append((tuple(terms), values, batch_size, step))
         if len(self._pending) >= self.FOLD_EVERY:
             self._fold()
 
+    def _columns(self, names: tuple[str, ...]) -> list[int]:
+        """The positions of ``names`` in :attr:`names`, added where new (the sums and records
+        grown to match)."""
+        new = [name for name in names if name not in self.names]
+        if new:
+            self.names += new
+            self._counts += [0] * len(new)
+            grow = len(new)
+            if self._sums is not None:
+                self._sums = torch.cat([self._sums, self._sums.new_zeros(grow)])
+            if self._first_bad_step is not None:
+                self._first_bad_step = torch.cat(
+                    [self._first_bad_step, self._first_bad_step.new_full((grow,), NEVER)]
+                )
+                self._first_bad_value = torch.cat(
+                    [self._first_bad_value, self._first_bad_value.new_zeros(grow)]
+                )
+        return [self.names.index(name) for name in names]
+
     def _fold(self) -> None:
-        """Sums the pending batches into the means and the non-finite record (a few kernels,
-        no sync)."""
+        """Sums the pending batches into the means and the non-finite record (a few kernels per
+        set of terms, no sync)."""
         if not self._pending:
             return
         rows, self._pending = self._pending, []
-        # (batches, num_terms) in float32 whatever the precision the terms came in.
-        values = torch.stack([value.float() for terms, _, _ in rows for value in terms])
-        values = values.view(len(rows), len(self.names))
-        sizes = [size for _, size, _ in rows]
-        weights = torch.tensor(sizes, dtype=values.dtype).to(values.device, non_blocking=True)
-        sums = (values * weights[:, None]).sum(0)
-        self._sums = sums if self._sums is None else self._sums.add_(sums)
-        self._count += sum(sizes)
-        stepped = [index for index, (_, _, step) in enumerate(rows) if step is not None]
-        if stepped:
-            steps = torch.tensor([rows[index][2] for index in stepped], dtype=torch.int64)
-            steps = steps.to(values.device, non_blocking=True)
-            if len(stepped) < len(rows):
-                values = values[stepped]
-            self._record_nonfinite(values, steps)
+        by_names: dict[tuple[str, ...], list] = {}
+        for row in rows:
+            by_names.setdefault(row[0], []).append(row)
+        for names, group in by_names.items():
+            # (batches, terms) in float32 whatever the precision the terms came in.
+            values = torch.stack([value.float() for _, terms, _, _ in group for value in terms])
+            values = values.view(len(group), len(names))
+            positions = self._columns(names)
+            columns = torch.tensor(positions, device=values.device)
+            sizes = [size for _, _, size, _ in group]
+            weights = torch.tensor(sizes, dtype=values.dtype).to(values.device, non_blocking=True)
+            sums = (values * weights[:, None]).sum(0)
+            if self._sums is None:
+                self._sums = values.new_zeros(len(self.names))
+            self._sums.index_add_(0, columns, sums)
+            for position in positions:
+                self._counts[position] += sum(sizes)
+            stepped = [index for index, (_, _, _, step) in enumerate(group) if step is not None]
+            if stepped:
+                steps = torch.tensor([group[index][3] for index in stepped], dtype=torch.int64)
+                steps = steps.to(values.device, non_blocking=True)
+                if len(stepped) < len(group):
+                    values = values[stepped]
+                self._record_nonfinite(values, steps, columns)
 
-    def _record_nonfinite(self, values: torch.Tensor, steps: torch.Tensor) -> None:
-        """Merges the first non-finite step of each term in ``values`` (batches, num_terms),
-        taken at ``steps`` (batches,), into the record."""
+    def _record_nonfinite(
+        self, values: torch.Tensor, steps: torch.Tensor, columns: torch.Tensor
+    ) -> None:
+        """Merges the first non-finite step of each term in ``values`` (batches, terms), taken
+        at ``steps`` (batches,), into the record at ``columns`` (terms,)."""
         bad_steps = torch.where(torch.isfinite(values), NEVER, steps[:, None])
-        first_steps, first_rows = bad_steps.min(0)  # (num_terms,) each
+        first_steps, first_rows = bad_steps.min(0)  # (terms,) each
         first_values = values.gather(0, first_rows[None]).squeeze(0)
         if self._first_bad_step is None:
-            self._first_bad_step, self._first_bad_value = first_steps, first_values
-            return
-        first = first_steps < self._first_bad_step
-        self._first_bad_step = torch.where(first, first_steps, self._first_bad_step)
-        self._first_bad_value = torch.where(first, first_values, self._first_bad_value)
+            self._first_bad_step = first_steps.new_full((len(self.names),), NEVER)
+            self._first_bad_value = first_values.new_zeros(len(self.names))
+        known_steps = self._first_bad_step[columns]
+        first = first_steps < known_steps
+        self._first_bad_step[columns] = torch.where(first, first_steps, known_steps)
+        self._first_bad_value[columns] = torch.where(
+            first, first_values, self._first_bad_value[columns]
+        )
 
     def first_nonfinite(self, strategy: Any = None) -> NonFiniteTerms | None:
         """The first recorded step at which any term was not finite, over all processes when
@@ -217,16 +257,19 @@ class TermMeans:
 
     def pop(self, strategy: Any = None) -> dict[str, torch.Tensor]:
         """The means since the last reset (summed over processes through ``strategy.reduce`` when
-        given), and a reset. Empty when nothing was added."""
+        given), and a reset: each term's over the images of the batches that had it, the terms
+        no batch had since the reset left out. Empty when nothing was added."""
         self._fold()
         if self._sums is None:
             return {}
-        sums = torch.cat([self._sums, self._sums.new_full((1,), self._count)])
+        counts = torch.tensor(self._counts, dtype=self._sums.dtype).to(self._sums.device)
+        sums = torch.stack([self._sums, counts])  # (2, num_terms)
         if strategy is not None:
             sums = strategy.reduce(sums, reduce_op="sum")
+        had = [index for index, count in enumerate(self._counts) if count]
         self.reset()
-        means = sums[:-1] / sums[-1]
-        return dict(zip(self.names, means.unbind(), strict=True))
+        means = sums[0] / sums[1]
+        return {self.names[index]: means[index] for index in had}
 
 
 class LitModel(pl.LightningModule):
@@ -238,6 +281,10 @@ class LitModel(pl.LightningModule):
     at each epoch's end over the steps since, so that every epoch has a point),
     validation and test terms once per epoch as the mean over all images of all processes.
     Terms are accumulated on the device, so a step costs no host sync and no logging call.
+    Training steps whose point is not written (all but the logging step and the epoch's last)
+    call ``model.loss(..., monitor=False)``: the objective's terms (``loss``, ``recon``,
+    ``kl``, ...) are means over every step, the monitoring terms (``elbo``, ``recon_mse``) those
+    of the steps that wrote the point.
 
     Training batches may come in groups of S batches (:class:`BatchGroup`) from the data module
     (``steps_per_group``, :mod:`~vae_experiments.training.step_groups`): one optimizer step
@@ -318,13 +365,16 @@ class LitModel(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+    def _step(
+        self, x: torch.Tensor, y: torch.Tensor, stage: str, monitor: bool = True
+    ) -> torch.Tensor:
         """The loss (a scalar) of images x (B, C, H, W) with labels y (B,), its terms added to
-        ``stage``'s means."""
+        ``stage``'s means; ``monitor=False`` (a training step whose terms no point reads) lets
+        the model leave out the terms that only describe training."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         step = self.global_step if stage == "train" else None
-        terms = self.model.loss(x, y=y, step=step)
+        terms = self.model.loss(x, y=y, step=step, monitor=monitor)
         self._means[stage].add(terms, x.shape[0], step=step)
         if stage == "val" and self._active_units is not None:
             # One more encoder pass, in validation only; sums stay on the device.
@@ -405,9 +455,12 @@ class LitModel(pl.LightningModule):
             logs = (self.global_step + 1) // interval > first_step // interval
         else:
             logs = self._logs_this_step()
-        loss = self._step(images, labels, "train")
+        epoch_ends = batch_idx + 1 == self.trainer.num_training_batches
+        # Every term on the steps whose point is written (the logging step, the epoch's last);
+        # the others only what the objective needs.
+        loss = self._step(images, labels, "train", monitor=logs or epoch_ends)
         # Where the host reads the metrics anyway, and before the epoch's checkpoint.
-        if logs or batch_idx + 1 == self.trainer.num_training_batches:
+        if logs or epoch_ends:
             self._raise_if_nonfinite()
         if logs:
             self._log_train_point()
@@ -480,7 +533,7 @@ class LitModel(pl.LightningModule):
         closure)."""
         trainer = self.trainer
         optimizer = trainer.optimizers[0]
-        loss = self._step(x, y, "train")
+        loss = self._step(x, y, "train", monitor=False)
         optimizer.zero_grad()
         if torch.is_autocast_enabled(x.device.type):
             # Lightning runs backward outside its autocast context (bf16-mixed): so do we.
@@ -505,11 +558,13 @@ class LitModel(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         step = self.global_step
         logs = self._logs_this_step()
-        terms = self.model.loss(x, y=y, step=step)
+        epoch_ends = batch_idx + 1 == self.trainer.num_training_batches
+        # Every term on the steps whose point is written, as in training_step.
+        terms = self.model.loss(x, y=y, step=step, monitor=logs or epoch_ends)
         self._means["train"].add(terms, x.shape[0], step=step)
         # Where the host reads the metrics anyway, and before the epoch's checkpoint; before the
         # steps, so that a non-finite loss never reaches the weights.
-        if logs or batch_idx + 1 == self.trainer.num_training_batches:
+        if logs or epoch_ends:
             self._raise_if_nonfinite()
         model_optimizer = self.optimizers()[0]  # Lightning's wrapper: its step counts global_step
         adversary_optimizer = self.trainer.optimizers[1]  # plain torch: a step counted once
@@ -529,6 +584,13 @@ class LitModel(pl.LightningModule):
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch[0], batch[1], "test")
+
+    def on_fit_start(self) -> None:
+        # In every training process, once it exists: torch's per-step CUDA check without NVML.
+        lightning_compat.pause_nvml_cuda_check()
+
+    def on_fit_end(self) -> None:
+        lightning_compat.restore_nvml_cuda_check()
 
     def on_train_epoch_start(self) -> None:
         self._means["train"].reset()
@@ -555,6 +617,7 @@ class LitModel(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._warn_if_warmup_outlasts_run()
+        self._unfuse_if_refused()
         # After Lightning restored the optimizer and scheduler: what the config changed since
         # the checkpoint (resume=DIR optimizer.lr=...) takes effect now.
         before, self._settings_at_checkpoint = self._settings_at_checkpoint, None
@@ -752,10 +815,30 @@ class LitModel(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_means("test", sync=True)
 
+    def _fused_allowed(self) -> bool:
+        """Whether the optimizer may be torch's fused one: not where Lightning refuses to clip
+        gradients of an optimizer that unscales them itself (mixed precision)."""
+        trainer = self.trainer
+        mixed = str(trainer.precision).endswith("-mixed")
+        return not (mixed and trainer.gradient_clip_val)
+
+    def _unfuse_if_refused(self) -> None:
+        """A run resumed with clipping under mixed precision from a checkpoint of a fused
+        optimizer: the restored param groups say fused, which Lightning refuses to clip; torch's
+        other implementations read the same state (the other way round they would not)."""
+        if self._fused_allowed():
+            return
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                if group.get("fused"):
+                    group["fused"] = False
+
     def configure_optimizers(self) -> Any:
         if not self.automatic_optimization:
             return self._adversarial_optimizers()
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = build_optimizer(
+            self.optimizer_factory, self.parameters(), fused_allowed=self._fused_allowed()
+        )
         if self.lr_scheduler_config is None:
             return optimizer
         config = dict(self.lr_scheduler_config)
@@ -771,7 +854,11 @@ class LitModel(pl.LightningModule):
                 "scheduler", allowed=f"{type(self.model).__name__} takes no lr schedule"
             )
         own, adversary = split_parameters(self.model)
-        return [self.optimizer_factory(own), self.model.adversary_optimizer(adversary)]
+        fused = self._fused_allowed()
+        return [
+            build_optimizer(self.optimizer_factory, own, fused_allowed=fused),
+            build_optimizer(self.model.adversary_optimizer, adversary, fused_allowed=fused),
+        ]
 
     def check_processes(self, world_size: int) -> None:
         """Refuses training a model with an adversary in several processes (``world_size`` > 1):

@@ -39,6 +39,7 @@ from vae_experiments.runs import (
     write_json_atomic,
 )
 from vae_experiments.targets import instantiate
+from vae_experiments.training import lightning_compat
 from vae_experiments.training.callbacks import (
     EpochLog,
     EpochTimer,
@@ -264,6 +265,8 @@ def train(
             raise RunInterrupted(
                 signal_name, interruption.saved, trainer.global_step, trainer.current_epoch
             ) from None
+        finally:  # a fit that raised did not reach the module's on_fit_end
+            lightning_compat.restore_nvml_cuda_check()
 
         # The last validation epoch's terms (what a search with optimized_metric=val/loss
         # compares) and the training's extent and times, over all sessions of a resumed run:
