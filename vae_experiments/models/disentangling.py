@@ -185,7 +185,8 @@ class BetaTCVAE(VAE):
         """Terms for images x (B, C, H, W), per image, averaged over the batch: ``recon``
         (-log p(x | z), one z per image), ``mi``, ``tc``, ``dim_kl`` (:func:`mws_kl_terms`),
         ``loss = recon + alpha * mi + beta * tc + gamma * dim_kl``, and the VAE's ``kl``,
-        ``elbo`` and ``recon_mse`` (left out with ``monitor=False``; ``loss`` is the same)."""
+        ``elbo`` and ``recon_mse`` (the last two left out with ``monitor=False``; ``loss`` is
+        the same)."""
         codes = _sampled_codes(self, x, y)
         log_qz_x = _standard_normal_log_prob(codes.noise) - 0.5 * codes.logvar.sum(1)  # (B,)
         split = mws_kl_terms(codes.z, codes.mu, codes.logvar, log_qz_x, self.dataset_size)
@@ -195,10 +196,13 @@ class BetaTCVAE(VAE):
             + self.beta * split["tc"]
             + self.gamma * split["dim_kl"]
         )
+        kl = gaussian_kl(codes.mu, codes.logvar)  # (B,): analytic, for the true ELBO
         terms = {"loss": loss.mean(), "recon": codes.recon.mean()}
         terms.update({name: value.mean() for name, value in split.items()})
+        terms["kl"] = kl.mean()
         if monitor:
-            terms.update(_monitored_terms(self, x, y, codes))
+            terms["elbo"] = -(codes.recon + kl).mean()
+            terms["recon_mse"] = _recon_mse(self, x, y, codes)
         return terms
 
 
@@ -292,7 +296,7 @@ class FactorVAE(VAE):
         """Terms for images x (B, C, H, W), B >= 2, per image, averaged over the batch:
         ``loss = recon + kl + gamma * tc`` (``tc`` D's logit of each image's code), and
         ``adversary_loss`` (D's binary cross-entropy, mean over its 2 * (B // 2) codes); the
-        VAE's ``kl``, ``elbo`` and ``recon_mse`` (``recon_mse`` left out with
+        VAE's ``kl``, ``elbo`` and ``recon_mse`` (the last two left out with
         ``monitor=False``; ``loss`` is the same)."""
         codes = _sampled_codes(self, x, y)
         kl = gaussian_kl(codes.mu, codes.logvar)  # (B,)
@@ -304,10 +308,10 @@ class FactorVAE(VAE):
             "kl": kl.mean(),
             "tc": tc.mean(),
             ADVERSARY_LOSS: adversary,
-            "elbo": -(codes.recon + kl).mean(),
         }
         if monitor:
-            terms["recon_mse"] = _monitored_terms(self, x, y, codes)["recon_mse"]
+            terms["elbo"] = -(codes.recon + kl).mean()
+            terms["recon_mse"] = _recon_mse(self, x, y, codes)
         return terms
 
 
@@ -342,17 +346,12 @@ def _sampled_codes(model: VAE, x: torch.Tensor, y: torch.Tensor | None) -> _Code
     return _Codes(mu=mu, logvar=logvar, noise=noise, z=z, output=output, recon=recon)
 
 
-def _monitored_terms(
-    model: VAE, x: torch.Tensor, y: torch.Tensor | None, codes: _Codes
-) -> dict[str, torch.Tensor]:
-    """The VAE's ``kl`` (analytic), ``elbo`` and ``recon_mse`` (the squared error of the
-    reconstruction from the sampled z in training, from the posterior mean in evaluation, as
-    :meth:`VAE.loss` has it), batch means."""
-    kl = gaussian_kl(codes.mu, codes.logvar)  # (B,)
+def _recon_mse(model: VAE, x: torch.Tensor, y: torch.Tensor | None, codes: _Codes) -> torch.Tensor:
+    """The squared error of the reconstruction, batch mean: from the sampled z in training,
+    from the posterior mean in evaluation, as :meth:`VAE.loss` has it."""
     with torch.no_grad():
         if model.training:
             reconstruction = model.likelihood.mean(codes.output)
         else:
             reconstruction = model.decode(codes.mu, y)
-        recon_mse = squared_error(x, reconstruction).mean()
-    return {"kl": kl.mean(), "elbo": -(codes.recon + kl).mean(), "recon_mse": recon_mse}
+        return squared_error(x, reconstruction).mean()
