@@ -30,6 +30,13 @@ from vae_experiments.targets import ConfigError, instantiate, resolve_target
 
 IMAGE_SHAPE = (1, 8, 8)
 NUM_CLASSES = 3  # of the labels a model that needs them is built for here
+DATASET_SIZE = 100  # the training set's size, for a model that weights by it (β-TCVAE)
+#: Terms a model logs beside its kind's (loss, recon, recon_mse; kl, elbo for a VAE).
+EXTRA_TERMS = {
+    "BetaTCVAE": {"mi", "tc", "dim_kl"},
+    "CapacityVAE": {"capacity"},
+    "FactorVAE": {"tc", "adversary_loss"},
+}
 
 
 def build_from_config(name: str, image_shape=IMAGE_SHAPE, overrides=()):
@@ -40,6 +47,8 @@ def build_from_config(name: str, image_shape=IMAGE_SHAPE, overrides=()):
     supplied = {"image_shape": list(image_shape)}
     if getattr(resolve_target(cfg.model._target_), "needs_labels", False):
         supplied["num_classes"] = NUM_CLASSES
+    if getattr(resolve_target(cfg.model._target_), "needs_dataset_size", False):
+        supplied["dataset_size"] = DATASET_SIZE
     return instantiate(small_model_config(cfg.model), key="model", **supplied)
 
 
@@ -85,6 +94,7 @@ def test_every_model_config_builds_and_has_the_interface(name, image_shape):
     terms = model.loss(x, y, step=0)
     expected = {"loss", "recon", "recon_mse"} | ({"kl", "elbo"} if model.has_prior else set())
     expected |= {"iwae_bound"} if getattr(model, "k", 1) > 1 else set()
+    expected |= EXTRA_TERMS.get(type(model).__name__, set())
     if model.discrete_codes:
         expected |= {"codebook", "commitment", "perplexity", "codes_in_use"}
     assert set(terms) == expected

@@ -27,7 +27,14 @@ def run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict, 
     return read_metrics(run_dir), run_dir
 
 
-VAES = ("vae", "iwae", "hvae", "cvae")
+VAES = ("vae", "iwae", "hvae", "cvae", "btcvae", "beta_vae_capacity", "factorvae")
+#: Terms a model logs beside its kind's.
+EXTRA_TERMS = {
+    "iwae": {"iwae_bound"},
+    "btcvae": {"mi", "tc", "dim_kl"},
+    "beta_vae_capacity": {"capacity"},
+    "factorvae": {"tc", "adversary_loss"},
+}
 #: The VQ-VAE's terms beside the reconstruction's.
 VQ_TERMS = {f"test/{term}" for term in ("codebook", "commitment", "perplexity", "codes_in_use")}
 #: The bits per code of its prior and of the code frequencies, fitted at the end of training.
@@ -44,9 +51,8 @@ def expected_test_metrics(model_name: str) -> set[str]:
         return base | VQ_TERMS
     if model_name not in VAES:
         return base
-    return (
-        base | {"test/kl", "test/elbo"} | ({"test/iwae_bound"} if model_name == "iwae" else set())
-    )
+    extra = {f"test/{term}" for term in EXTRA_TERMS.get(model_name, ())}
+    return base | {"test/kl", "test/elbo"} | extra
 
 
 def load_test_images(cfg_overrides: list[str]) -> torch.Tensor:
@@ -68,6 +74,8 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
         overrides += ["model.network.hidden_dims=[32]", "model.latent_dims=[4,2]"]
     if name == "vqvae":  # a small prior, fitted for one epoch
         overrides += ["model.prior.channels=8", "model.prior.layers=2", "model.prior.epochs=1"]
+    if name == "factorvae":  # a small discriminator
+        overrides += ["model.discriminator_dims=[32,32]"]
     metrics, run_dir = run(tmp_path, overrides)
 
     expected = expected_test_metrics(name)
@@ -101,6 +109,9 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
         "hvae": ".HierarchicalVAE",
         "cvae": ".CVAE",
         "vqvae": ".VQVAE",
+        "btcvae": ".BetaTCVAE",
+        "beta_vae_capacity": ".CapacityVAE",
+        "factorvae": ".FactorVAE",
     }
     assert cfg.model._target_.endswith(targets.get(name, ".Autoencoder"))
     assert not model.training

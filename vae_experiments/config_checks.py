@@ -1,7 +1,8 @@
 """Checks of a composed training config, before any data is read or any model is built, and
 the choices made from the config and the data's description before them: the likelihood the
-data call for (:func:`choose_likelihood`, for ``model/likelihood=auto``) and the number of
-classes of a model that needs labels (:func:`supply_num_classes`).
+data call for (:func:`choose_likelihood`, for ``model/likelihood=auto``) and the model's
+arguments that come from the data (:func:`supply_model_args`: the number of classes of a model
+that needs labels, the training set's size of one that weights by it).
 
 Every message names the key, the bad value and what is allowed, in the form the command line
 takes, e.g. ``data.batch_size=0 is invalid: must be an integer >= 1``. A check applies only
@@ -193,7 +194,8 @@ def config_problems(cfg: DictConfig) -> list[ConfigError]:
 #: The nodes that training builds, with the arguments it passes at build time (the loggers
 #: under ``logger`` are found by :func:`logger_nodes`).
 BUILT_NODES: dict[str, tuple[str, ...]] = {
-    "model": ("image_shape", "num_classes"),  # num_classes: models that need labels only
+    # num_classes, dataset_size: models that need them only (supply_model_args)
+    "model": ("image_shape", "num_classes", "dataset_size"),
     "data": (),
     "optimizer": (),
     "scheduler.scheduler": (),
@@ -452,7 +454,7 @@ def check_by_building(cfg: DictConfig, choices: dict[str, str] | None = None) ->
 
     Args:
         cfg: the composed training config.
-        choices: its config-group choices, to name them in a message (:func:`supply_num_classes`).
+        choices: its config-group choices, to name them in a message (:func:`supply_model_args`).
 
     Raises:
         ConfigError: what a constructor refused, naming the key; a model that needs labels on
@@ -466,7 +468,7 @@ def check_by_building(cfg: DictConfig, choices: dict[str, str] | None = None) ->
         data = targets.instantiate(cfg.data, key="data")
         model_cfg = OmegaConf.create({"model": targets.to_container(cfg.model)})
         model_cfg.model.image_shape = [int(size) for size in data.image_shape]
-        supply_num_classes(model_cfg, data, choices)  # as training does, from the data
+        supply_model_args(model_cfg, data, choices)  # as training does, from the data
         with torch.device("meta"):
             model = build_model(model_cfg)
         optimizer = targets.instantiate(cfg.optimizer, key="optimizer")
@@ -490,6 +492,7 @@ def check_config(cfg: DictConfig, lightning: bool = True) -> None:
         *tracker_problems(cfg),
         *tracker_store_problems(cfg),
         *build_problems(cfg, lightning),
+        *adversary_problems(cfg),
         *machine_problems(cfg),
     ]
     raise_all(problems)
@@ -583,3 +586,124 @@ def supply_num_classes(
     with open_dict(cfg):
         cfg.model.num_classes = num_classes
     return num_classes
+
+
+#: What stands in for the training set's size where a model is built before the data is read
+#: (:func:`check_by_building`, on the meta device): it shifts only logged terms by constants.
+DATASET_SIZE_UNREAD = 1
+
+
+def supply_model_args(
+    cfg: DictConfig, data: ImageData, choices: dict[str, str] | None = None
+) -> dict[str, int]:
+    """Sets the model's arguments that come from the data, as ``model.image_shape`` is: the one
+    owner of them.
+
+    - ``model.num_classes`` where the model needs labels (:func:`supply_num_classes`);
+    - ``model.dataset_size``, the training split's size, where the model's class sets
+      ``needs_dataset_size`` (β-TCVAE's minibatch-weighted sampling). Known once the data is
+      loaded (``data.setup()``); before (the config checks), :data:`DATASET_SIZE_UNREAD`
+      stands in.
+
+    Returns:
+        The arguments set, by name (empty for a model that needs none).
+
+    Raises:
+        ConfigError: as :func:`supply_num_classes`.
+    """
+    supplied = {}
+    num_classes = supply_num_classes(cfg, data, choices)
+    if num_classes is not None:
+        supplied["num_classes"] = num_classes
+    model_class = targets.resolve_target(cfg.model.get("_target_"), "model")
+    if getattr(model_class, "needs_dataset_size", False):
+        splits = data.splits
+        size = DATASET_SIZE_UNREAD if splits is None else len(splits["train"])
+        with open_dict(cfg):
+            cfg.model.dataset_size = size
+        supplied["dataset_size"] = size
+    return supplied
+
+
+#: Why a model with an adversary (a second optimizer) trains with fewer of the trainer's options.
+ADVERSARY_REASON = (
+    "steps its two optimizers itself, in its training step (Lightning's manual optimization)"
+)
+
+
+def adversary_problems(cfg: DictConfig) -> list[ConfigError]:
+    """The settings a model with an adversary cannot train with (FactorVAE: ``has_adversary``,
+    :mod:`vae_experiments.models.adversary`), each with what to use instead: an lr scheduler,
+    gradient clipping, gradient accumulation, a gradient scaler (16-bit precision), an
+    optimizer that needs a closure (L-BFGS); and batches smaller than the model's
+    ``min_batch_size``. Found without building."""
+    target = OmegaConf.select(cfg, "model._target_", default=None)
+    if not isinstance(target, str):
+        return []
+    try:
+        model_class = targets.resolve_target(target, "model")
+    except ConfigError:
+        return []  # build_problems names it
+    model = model_class.__name__
+    found = []
+    least = getattr(model_class, "min_batch_size", None)  # with min_batch_reason
+    batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
+    if least is not None and _is_int(batch_size) and batch_size < least:
+        found.append(
+            ConfigError(
+                "data.batch_size",
+                batch_size,
+                f"must be >= {least} for {model}: {model_class.min_batch_reason}",
+            )
+        )
+    if not getattr(model_class, "has_adversary", False):
+        return found
+    because = f"{model} has an adversary and {ADVERSARY_REASON}"
+    scheduler = OmegaConf.select(cfg, "scheduler.scheduler._target_", default=None)
+    if scheduler is not None:
+        found.append(
+            ConfigError(
+                "scheduler.scheduler._target_",
+                scheduler,
+                f"{because} and takes no lr schedule: use scheduler=none",
+            )
+        )
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    if clip:
+        found.append(
+            ConfigError(
+                "trainer.gradient_clip_val",
+                clip,
+                f"{because} and clips no gradients: use trainer.gradient_clip_val=null",
+            )
+        )
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
+    if accumulate not in (None, 1):
+        found.append(
+            ConfigError(
+                "trainer.accumulate_grad_batches",
+                accumulate,
+                f"{because} and accumulates no gradients: use trainer.accumulate_grad_batches=1",
+            )
+        )
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if precision in ("16-mixed", "16"):
+        found.append(
+            ConfigError(
+                "trainer.precision",
+                precision,
+                f"{because}, without a gradient scaler: use trainer.precision=bf16-mixed or "
+                "32-true",
+            )
+        )
+    optimizer = str(OmegaConf.select(cfg, "optimizer._target_", default=""))
+    if optimizer.endswith("LBFGS"):
+        found.append(
+            ConfigError(
+                "optimizer._target_",
+                optimizer,
+                f"{because}, one step per batch, and L-BFGS evaluates the loss itself: use "
+                "optimizer=adam",
+            )
+        )
+    return found

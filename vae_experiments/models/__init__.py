@@ -8,6 +8,7 @@ from vae_experiments.models.autoencoder import Autoencoder
 from vae_experiments.models.base import LatentModel
 from vae_experiments.models.corruption import GaussianNoise, Masking
 from vae_experiments.models.cvae import CVAE
+from vae_experiments.models.disentangling import BetaTCVAE, CapacityVAE, FactorVAE
 from vae_experiments.models.likelihoods import Bernoulli, Gaussian, Likelihood, SquaredError
 from vae_experiments.models.networks import (
     MLP,
@@ -24,6 +25,9 @@ from vae_experiments.models.vqvae import VQVAE
 
 __all__ = [
     "CVAE",
+    "BetaTCVAE",
+    "CapacityVAE",
+    "FactorVAE",
     "MLP",
     "VAE",
     "VQVAE",

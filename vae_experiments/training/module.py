@@ -15,6 +15,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from vae_experiments.analysis.likelihood import ACTIVE_UNIT_THRESHOLD, ActiveUnits
 from vae_experiments.data.batches import BatchGroup
 from vae_experiments.models import LatentModel
+from vae_experiments.models.adversary import ADVERSARY_LOSS, has_adversary, split_parameters
+from vae_experiments.targets import ConfigError
 from vae_experiments.training import lightning_compat
 from vae_experiments.training.optimizer_settings import (
     apply_changed_settings,
@@ -296,6 +298,20 @@ class LitModel(pl.LightningModule):
     checks the weights. So no checkpoint holds weights trained through a non-finite loss.
     Non-finite validation and test terms are logged as warnings.
 
+    A model with an adversary (:mod:`~vae_experiments.models.adversary`: FactorVAE's
+    discriminator; an adversarial AE's or a VAE-GAN's would fit the same shape) gets two
+    optimizers: ``optimizer`` over its own parameters, its ``adversary_optimizer`` over its
+    :meth:`adversary_parameters`. Lightning 2.x steps several optimizers only under manual
+    optimization, which this module uses for such models only: each batch, one ``loss`` call,
+    then the model's step on ``loss`` and the adversary's on ``adversary_loss``
+    (:meth:`_adversarial_step`). ``global_step`` counts the model's steps (batches), as for
+    every other model; both optimizers' states are in every checkpoint and restored on resume;
+    signals stop after the step, as for any model; the non-finite checks are the same. Refused
+    with the config, by name (``config_checks.adversary_problems``): an lr scheduler, gradient
+    clipping and accumulation, 16-bit precision's gradient scaler, L-BFGS; and several
+    processes (DDP) when training starts. Groups of batches fall back to one batch per pass
+    (``step_groups``, with the reason logged).
+
     Args:
         model: the model to train.
         optimizer: a partial optimizer (Hydra ``_partial_: true``) taking the parameters.
@@ -319,6 +335,8 @@ class LitModel(pl.LightningModule):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        # Two optimizers: Lightning steps them only under manual optimization (this module does).
+        self.automatic_optimization = not has_adversary(model)
         if compile:
             # The networks, not the loss: the loss branches on Python values (the step of a KL
             # warm-up, train/eval), which would recompile; the networks see only fixed shapes.
@@ -426,6 +444,8 @@ class LitModel(pl.LightningModule):
         :class:`~vae_experiments.data.ImageDataModule`, one optimizer step each: this method
         takes the first steps itself (:meth:`_own_steps`) and returns the last trained batch's
         loss for Lightning's automatic optimization to step on."""
+        if not self.automatic_optimization:
+            return self._adversarial_step(batch[0], batch[1], batch_idx)
         images, labels = batch[0], batch[1]
         first_step = self.global_step
         if isinstance(images, BatchGroup):
@@ -528,6 +548,37 @@ class LitModel(pl.LightningModule):
         optimizer.step()
         lightning_compat.count_optimizer_step(trainer)
 
+    def _adversarial_step(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """The training step of a model with an adversary, on images x (B, C, H, W) with labels
+        y: one ``loss`` call, then the model's optimizer steps on ``loss`` and the adversary's
+        on ``adversary_loss``, in that order (Kim & Mnih's algorithm 2). Each zeroes its
+        gradients before its backward pass, so gradients that ``loss`` left in the adversary's
+        parameters are not used. Returns the model's loss (detached)."""
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        step = self.global_step
+        logs = self._logs_this_step()
+        epoch_ends = batch_idx + 1 == self.trainer.num_training_batches
+        # Every term on the steps whose point is written, as in training_step.
+        terms = self.model.loss(x, y=y, step=step, monitor=logs or epoch_ends)
+        self._means["train"].add(terms, x.shape[0], step=step)
+        # Where the host reads the metrics anyway, and before the epoch's checkpoint; before the
+        # steps, so that a non-finite loss never reaches the weights.
+        if logs or epoch_ends:
+            self._raise_if_nonfinite()
+        model_optimizer = self.optimizers()[0]  # Lightning's wrapper: its step counts global_step
+        adversary_optimizer = self.trainer.optimizers[1]  # plain torch: a step counted once
+        for optimizer, loss in (
+            (model_optimizer, terms["loss"]),
+            (adversary_optimizer, terms[ADVERSARY_LOSS]),
+        ):
+            optimizer.zero_grad()
+            self.manual_backward(loss)  # outside autocast, as Lightning's backward
+            optimizer.step()
+        if logs:
+            self._log_train_point()
+        return terms["loss"].detach()
+
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch[0], batch[1], "val")
 
@@ -574,8 +625,9 @@ class LitModel(pl.LightningModule):
             return
         schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
         factory = self.lr_scheduler_config["scheduler"] if self.lr_scheduler_config else None
+        # The model's optimizer: an adversary's is the model's config (model.adversary_optimizer).
         applied = apply_changed_settings(
-            before, self._configured_settings(), self.trainer.optimizers, schedulers, factory
+            before, self._configured_settings(), self.trainer.optimizers[:1], schedulers, factory
         )
         if applied:
             log.info("changed since the checkpoint, now in effect: %s", "; ".join(applied))
@@ -627,7 +679,7 @@ class LitModel(pl.LightningModule):
         clip = trainer.gradient_clip_val
         if clip:
             tries.append(f"a lower trainer.gradient_clip_val (now {clip:g})")
-        else:
+        elif self.automatic_optimization:  # a model with an adversary is refused clipping
             tries.append("trainer.gradient_clip_val=1.0 (clips the gradients)")
         precision = str(trainer.precision)
         if precision not in ("32-true", "64-true"):
@@ -782,6 +834,8 @@ class LitModel(pl.LightningModule):
                     group["fused"] = False
 
     def configure_optimizers(self) -> Any:
+        if not self.automatic_optimization:
+            return self._adversarial_optimizers()
         optimizer = build_optimizer(
             self.optimizer_factory, self.parameters(), fused_allowed=self._fused_allowed()
         )
@@ -790,3 +844,30 @@ class LitModel(pl.LightningModule):
         config = dict(self.lr_scheduler_config)
         config["scheduler"] = config["scheduler"](optimizer)
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _adversarial_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The two optimizers of a model with an adversary, the model's first: ``optimizer``
+        over the model's own parameters, ``model.adversary_optimizer`` over the adversary's."""
+        self.check_processes(self.trainer.world_size)
+        if self.lr_scheduler_config is not None:  # config_checks refuses it with the config
+            raise ConfigError(
+                "scheduler", allowed=f"{type(self.model).__name__} takes no lr schedule"
+            )
+        own, adversary = split_parameters(self.model)
+        fused = self._fused_allowed()
+        return [
+            build_optimizer(self.optimizer_factory, own, fused_allowed=fused),
+            build_optimizer(self.model.adversary_optimizer, adversary, fused_allowed=fused),
+        ]
+
+    def check_processes(self, world_size: int) -> None:
+        """Refuses training a model with an adversary in several processes (``world_size`` > 1):
+        DDP expects one backward pass per forward, and its two would not be synchronised."""
+        if world_size > 1 and not self.automatic_optimization:
+            raise ConfigError(
+                "trainer.devices",
+                world_size,
+                f"{type(self.model).__name__} has an adversary and trains in one process (DDP "
+                "would not synchronise its two backward passes per step): use trainer=cpu or "
+                "trainer.devices=1",
+            )

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vae_experiments.data.batches import TensorImages
+from vae_experiments.models.adversary import has_adversary
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,12 @@ def ungrouped_because(
     train_split: Dataset,
     optimizer_factory: Any,
     lr_scheduler: Mapping[str, Any] | None,
+    model: Any = None,
 ) -> str | None:
     """Why this run's batches cannot be grouped (each reason is something a group's own steps
     would do differently from Lightning's), or None when they can."""
+    if has_adversary(model):
+        return "the model has an adversary: its training step steps two optimizers itself"
     if not isinstance(train_split, TensorImages):
         return "the training images are read from files batch by batch"
     if trainer.world_size > 1:
@@ -86,13 +90,14 @@ def steps_per_group(
     train_split: Dataset,
     optimizer_factory: Any,
     lr_scheduler: Mapping[str, Any] | None,
+    model: Any = None,
 ) -> int:
     """Optimizer steps per group of batches for this run: the largest divisor of
     ``trainer.log_every_n_steps`` up to ``most`` (the config's ``steps_per_group``), or 1 when
     :func:`ungrouped_because` gives a reason (logged)."""
     if most <= 1:
         return 1
-    reason = ungrouped_because(trainer, train_split, optimizer_factory, lr_scheduler)
+    reason = ungrouped_because(trainer, train_split, optimizer_factory, lr_scheduler, model)
     if reason is not None:
         log.info("steps_per_group=%d: one step per pass of Lightning's loop, as %s", most, reason)
         return 1

@@ -44,6 +44,7 @@ NOT_HPARAMS = (
     "data.seed",  # the run's seed, shown as `seed`
     "model.image_shape",  # from the data
     "model.num_classes",  # from the data
+    "model.dataset_size",  # from the data (β-TCVAE)
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",

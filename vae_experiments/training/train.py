@@ -13,11 +13,12 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vae_experiments.config_checks import (
     build_lr_scheduler,
+    check_by_building,
     check_config,
     check_optimizer,
     choose_likelihood,
     cpu_processes,
-    supply_num_classes,
+    supply_model_args,
     trains_until_stopped,
 )
 from vae_experiments.cpu_memory import reuse_freed_cpu_memory
@@ -135,14 +136,25 @@ def train(
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
     # Everything is built before any data is read, so a bad value fails in a second: the data
-    # object knows its image shape from its config alone.
+    # object knows its image shape from its config alone, and the model, optimizer and schedule
+    # are built once on the meta device (a model that needs labels on data without classes
+    # fails here too). The model is built for real once the data is read, as some of its
+    # arguments come from the data (the training set's size of a β-TCVAE).
+    choices = read_group_choices(run_dir)
+    check_by_building(cfg, choices)
     data = instantiate(cfg.data, key="data")
     datamodule = ImageDataModule(data)
     image_shape = [int(size) for size in data.image_shape]
     with open_dict(cfg):
         cfg.model.image_shape = image_shape
-    # A model that needs labels gets the data's number of classes, or the error naming both.
-    supply_num_classes(cfg, data, read_group_choices(run_dir))
+    # Read the data before building the trainer, so a missing or broken dataset fails first.
+    # Downloads happen once per machine (local rank 0); other ranks start after it finished.
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        datamodule.prepare_data()
+    datamodule.setup("fit")
+    # The data reads no global random numbers: the model's initial weights are those of the
+    # seed, as when it was built before the data.
+    supply_model_args(cfg, data, choices)
     model = build_model(cfg)
     optimizer = instantiate(cfg.optimizer, key="optimizer")
     lr_scheduler = build_lr_scheduler(cfg.get("scheduler"))
@@ -160,11 +172,6 @@ def train(
         sum(p.numel() for p in model.parameters()),
         tuple(image_shape),
     )
-    # Read the data before building the trainer, so a missing or broken dataset fails first.
-    # Downloads happen once per machine (local rank 0); other ranks start after it finished.
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        datamodule.prepare_data()
-    datamodule.setup("fit")
     if is_first_process():
         # What load_run and resume= rebuild the run from; written once the data was read, so
         # that bad data (a DataError) changes nothing of a resumed run.
@@ -235,11 +242,12 @@ def train(
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
     )
+    module.check_processes(trainer.world_size)  # a model with an adversary: one process
     # Runs saved before the key existed trained one step at a time, and resume so.
     most = int(cfg.get("steps_per_group", 1))
-    group = steps_per_group(most, trainer, data.splits["train"], optimizer, lr_scheduler)
+    group = steps_per_group(most, trainer, data.splits["train"], optimizer, lr_scheduler, model)
     datamodule.groups_refused = ungrouped_because(
-        trainer, data.splits["train"], optimizer, lr_scheduler
+        trainer, data.splits["train"], optimizer, lr_scheduler, model
     )
     if group > 1 or datamodule.groups_refused is None:
         # Also at steps_per_group=1: a checkpoint made inside a grouped epoch ends it in groups.
