@@ -283,7 +283,7 @@ def test_evaluate_of_an_autoencoder_without_sample_quality_is_a_usage_error(trai
     [
         ({"n": 0}, "n must be an integer >= 1, got n=0"),
         ({"components": 0}, "components must be an integer >= 1, got components=0"),
-        ({"density": "gmn"}, "density must be one of diag_gaussian, gmm, prior"),
+        ({"density": "gmn"}, "density must be one of auto, diag_gaussian, gmm, prior"),
         ({"checkpoint": "bset"}, "checkpoint must be best or last"),
         ({"traversal_steps": 1}, "traversal_steps must be an integer >= 2"),
         ({"traversal_dims": 0}, "traversal_dims must be null (all of them) or an integer >= 1"),

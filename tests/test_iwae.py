@@ -267,6 +267,8 @@ def test_the_presets_are_there():
         "burda_vae_2layer",
         "burda_iwae_2layer_k50",
         "hinton_deep_ae",
+        "sohn_cvae",
+        "vandenoord_vqvae",
     }
 
 
@@ -280,6 +282,28 @@ def test_a_preset_sets_the_papers_setting_and_takes_overrides_after_it():
     assert cfg.trainer.max_epochs == 50
     assert list(cfg.scheduler.scheduler.milestones) == [1, 4, 13, 40, 121, 364, 1093]
     assert cfg.scheduler.scheduler.gamma == pytest.approx(10 ** (-1 / 7))
+
+
+def test_the_cvae_preset_sets_sohn_et_al_s_networks():
+    cfg = compose_config(["experiment=sohn_cvae"])
+    assert cfg.model._target_.endswith(".CVAE") and cfg.model.latent_dim == 200
+    assert list(cfg.model.network.hidden_dims) == [1000, 1000]
+    assert cfg.model.network.activation == "relu"
+    assert cfg.data.source._target_.endswith(".MNIST") and cfg.data.binarize == "dynamic"
+    assert cfg.optimizer.lr == 1e-3
+
+
+def test_the_vqvae_preset_sets_van_den_oord_et_al_s_setting():
+    cfg = compose_config(["experiment=vandenoord_vqvae", "data=digits"])
+    assert cfg.model._target_.endswith(".VQVAE")
+    assert cfg.model.num_codes == 512 and cfg.model.commitment_weight == 0.25
+    assert cfg.model.ema_decay is None and cfg.model.dead_code_steps is None
+    assert cfg.model.network.channels == [256, 256] and cfg.model.network.residual_blocks == 2
+    assert cfg.optimizer.lr == 2e-4 and cfg.data.batch_size == 128
+    assert cfg.trainer.max_epochs * 430 >= 250_000  # Fashion-MNIST: 430 batches of 128
+    model = instantiate(cfg.model, key="model", image_shape=[1, 28, 28])
+    assert model.encoder.grid_shape == (7, 7)  # two stride-2 blocks
+    assert len(model.encoder.residual) == len(model.decoder.residual) == 2
 
 
 def test_the_burda_schedule_gives_their_learning_rates():
@@ -296,11 +320,15 @@ def test_the_burda_schedule_gives_their_learning_rates():
     assert rates == pytest.approx(expected, rel=1e-9)
 
 
-# One preset in the default run (two layers, k=50: the most machinery); the others with -m slow.
+# Two presets in the default run (two layers, k=50: the most machinery; the VQ-VAE's residual
+# body); the others with -m slow.
+DEFAULT_RUN_PRESETS = {"burda_iwae_2layer_k50", "vandenoord_vqvae"}
+
+
 @pytest.mark.parametrize(
     "name",
     [
-        name if name == "burda_iwae_2layer_k50" else pytest.param(name, marks=pytest.mark.slow)
+        name if name in DEFAULT_RUN_PRESETS else pytest.param(name, marks=pytest.mark.slow)
         for name in EXPERIMENTS
     ],
 )

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vae_experiments.models.networks import MLP, Conv, Linear, conv_feature_sizes
+from vae_experiments.models.networks import (
+    MLP,
+    Conv,
+    Linear,
+    ResidualBlock,
+    conv_feature_sizes,
+)
 from vae_experiments.targets import ConfigError
 
 CHANNELS = [32, 64, 128, 256, 512]
@@ -80,8 +86,50 @@ def test_too_small_image_for_conv_says_what_to_do():
         (lambda: MLP([64, 0]), r"^hidden_dims=\[64, 0\] is invalid: must be a list of integers"),
         (lambda: Conv([]), r"^channels=\[\] is invalid: must be a non-empty list of integers"),
         (lambda: Conv([8, -1]), r"^channels=\[8, -1\] is invalid"),
+        (lambda: Conv([8], residual_blocks=-1), r"^residual_blocks=-1 is invalid: must be an int"),
+        (lambda: Conv([8], residual_blocks=1.5), r"^residual_blocks=1.5 is invalid"),
     ],
 )
 def test_bad_sizes_fail_with_their_argument(build, message):
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+# --- residual blocks (the VQ-VAE paper's body) -------------------------------------------------
+
+
+def test_a_residual_block_adds_relu_conv3_relu_conv1_to_its_input():
+    torch.manual_seed(0)
+    block = ResidualBlock(5)
+    x = torch.randn(2, 5, 7, 6)
+    conv3, conv1 = block.body[1], block.body[3]
+    assert (conv3.kernel_size, conv1.kernel_size) == ((3, 3), (1, 1))
+    h = torch.nn.functional.conv2d(x.relu(), conv3.weight, conv3.bias, padding=1)
+    expected = x + torch.nn.functional.conv2d(h.relu(), conv1.weight, conv1.bias)
+    torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("image_shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_residual_blocks_keep_every_conv_shape(image_shape):
+    network = Conv([16, 16], residual_blocks=2)
+    x = torch.rand(2, *image_shape)
+    encoder, decoder = network.encoder(image_shape, 6), network.decoder(image_shape, 3)
+    assert len(encoder.residual) == len(decoder.residual) == 2
+    assert decoder(encoder(x)[:, :3]).shape == x.shape
+    grid_encoder = network.grid_encoder(image_shape, 4, min_size=4)
+    grid_decoder = network.grid_decoder(image_shape, 4, min_size=4)
+    grid = grid_encoder(x)
+    assert grid.shape == (2, 4, *grid_encoder.grid_shape)
+    assert grid_decoder(grid).shape == x.shape
+    assert all(
+        isinstance(b, ResidualBlock) for b in [*grid_encoder.residual, *grid_decoder.residual]
+    )
+
+
+def test_no_residual_blocks_leave_the_weights_as_they_were():
+    """residual_blocks=0 (the default) adds no parameter: checkpoints saved before the option
+    load as they are."""
+    for build in ("encoder", "decoder", "grid_encoder", "grid_decoder"):
+        args = (6, 4) if build.startswith("grid") else (6,)
+        keys = getattr(Conv([8, 16]), build)((1, 28, 28), *args).state_dict()
+        assert not any(key.startswith("residual") for key in keys)

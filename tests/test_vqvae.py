@@ -431,6 +431,20 @@ def test_a_run_without_its_prior_loads_and_says_how_to_sample(vq_run, tmp_path):
     assert not (run_dir / "analysis").exists() or not list((run_dir / "analysis").iterdir())
 
 
+def test_sample_without_a_density_draws_through_the_vqvaes_prior(vq_run, tmp_path, trained_runs):
+    """density=auto, sample.py's default: a VQ-VAE's prior.pt (it has no code vectors to fit a
+    gmm to), and the call's folder is named by it; every other model's gmm, as before."""
+    from vae_experiments.cli.sample import auto_density, sample_latents
+
+    assert auto_density(vq_run, "auto") == "prior"
+    assert auto_density(trained_runs("ae"), "auto") == "gmm"
+    assert auto_density(vq_run, "frequencies") == "frequencies"
+    assert auto_density(tmp_path / "no run", "auto") == "gmm"  # sample_latents says what is wrong
+    result = sample_latents(vq_run, n=4, out_dir=tmp_path / "call")
+    assert result["sampled"]["density"] == "prior"
+    assert (tmp_path / "call" / "samples_prior.png").is_file()
+
+
 def test_resume_trains_on_and_fits_a_new_prior_keeping_the_earlier(vq_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(vq_run, run_dir)

@@ -21,6 +21,9 @@ A VQ-VAE's codes are grids of codebook indices: ``density=prior`` draws them fro
 fitted prior (``prior.pt``, ``scripts/fit_prior.py``), ``density=frequencies`` from each position's
 code frequencies, fitted now; the call writes ``samples_<density>.png`` and ``code_priors.json``
 (the test codes' bits per code under each).
+
+``density=auto``, the default, is ``prior`` for a VQ-VAE (it has nothing else to sample through)
+and ``gmm`` for every other model, and the folder is named by what it became.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.cli.common import (
     BAD_INPUT_ERRORS,
@@ -54,12 +57,39 @@ from vae_experiments.targets import format_value, to_container
 DENSITIES_FILE = "latent_densities.json"
 log = logging.getLogger(__name__)
 
+#: ``density=auto``: what a run's samples come from when the command line names no density.
+AUTO_DENSITY = "auto"
+
+
+def auto_density(run: str | Path | None, density: str) -> str:
+    """``density`` as the call uses it (also an OmegaConf resolver, which names the call's
+    folder): ``auto`` is ``prior`` for a run whose model has discrete codes (a VQ-VAE: its
+    fitted prior over code grids) and ``gmm`` for every other model; any other value as given.
+
+    Reads the run's ``config.yaml`` only. A run that cannot be read gives ``gmm``: the command
+    then reports what is wrong with ``run=`` in its own words, before writing anything.
+    """
+    if density != AUTO_DENSITY:
+        return density
+    from hydra.utils import get_class
+
+    from vae_experiments.runs.files import load_config
+
+    try:
+        model_class = get_class(str(load_config(run_dir_of(run)).model._target_))
+    except Exception:  # noqa: BLE001 - any unreadable run: sample_latents says why
+        return "gmm"
+    return "prior" if getattr(model_class, "discrete_codes", False) else "gmm"
+
+
 register_resolvers()  # ${analysis_dir:...} in configs/sample.yaml, before Hydra composes it
+if not OmegaConf.has_resolver("auto_density"):
+    OmegaConf.register_new_resolver("auto_density", auto_density, use_cache=True)
 
 
 def sample_latents(
     run: str | Path,
-    density: str = "gmm",
+    density: str = AUTO_DENSITY,
     components: int = 10,
     n: int = 64,
     checkpoint: str = "best",
@@ -114,11 +144,11 @@ def sample_latents(
     # Every setting is checked before the checkpoint is read, and the model before anything
     # is written: a mistake leaves nothing behind (main() removes the call's empty folder).
     run_dir = run_dir_of(run)
-    if density not in [*DENSITIES, *CODE_DENSITIES]:
+    if density not in [AUTO_DENSITY, *DENSITIES, *CODE_DENSITIES]:
         raise UsageError(
-            f"density must be one of {', '.join([*DENSITIES, *CODE_DENSITIES])} (prior: a VAE's "
-            f"own, or a VQ-VAE's fitted prior; {CODE_DENSITIES[1]}: a VQ-VAE's), got "
-            f"density={density}"
+            f"density must be one of {', '.join([AUTO_DENSITY, *DENSITIES, *CODE_DENSITIES])} "
+            f"(auto: a VQ-VAE's prior, else gmm; prior: a VAE's own, or a VQ-VAE's fitted prior; "
+            f"{CODE_DENSITIES[1]}: a VQ-VAE's), got density={density}"
         )
     if checkpoint not in CHECKPOINT_CHOICES:
         raise UsageError(f"checkpoint must be best or last, got checkpoint={checkpoint}")
@@ -138,6 +168,8 @@ def sample_latents(
             f"label={format_value(label)}: {type(model).__name__} is not conditioned on labels; "
             "leave label out (label= is for conditional models, model=cvae)"
         )
+    if density == AUTO_DENSITY:  # as auto_density names the command's folder
+        density = "prior" if model.discrete_codes else "gmm"
     if model.discrete_codes:  # a VQ-VAE: priors over code grids, not densities over vectors
         return sample_code_grids(
             model, cfg, run, ckpt, density, components, n, checkpoint, seed, batch_size, out_dir

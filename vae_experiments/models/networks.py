@@ -125,6 +125,30 @@ def _deconv_block(n_in: int, n_out: int, output_padding: tuple[int, int]) -> nn.
     )
 
 
+class ResidualBlock(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(x)))) at constant channels and size (B, C, h, w): the
+    residual 3x3 block of van den Oord et al. 2017's VQ-VAE ("ReLU, 3x3 conv, ReLU, 1x1 conv"),
+    its hidden width the block's channels."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)  # (B, C, h, w)
+
+
+def _residual_stack(channels: int, blocks: int) -> nn.Sequential:
+    """``blocks`` :class:`ResidualBlock` s at the deepest conv block's channels; none (an empty
+    Sequential, no parameters, the same state_dict as before the option) for 0."""
+    return nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)))
+
+
 class _ConvGeometry:
     """Block count, channel list and per-block sizes shared by a conv encoder and its decoder.
 
@@ -182,16 +206,23 @@ class ConvEncoder(nn.Module):
     from the image shape, so the same config serves 8x8, 28x28, 64x64 or non-square images.
     """
 
-    def __init__(self, image_shape: Sequence[int], channels: Sequence[int], out_features: int):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        channels: Sequence[int],
+        out_features: int,
+        residual_blocks: int = 0,
+    ):
         super().__init__()
         geometry = _ConvGeometry(image_shape, channels)
         self.image_shape = geometry.image_shape
         self.out_features = out_features
         self.blocks = _down_blocks(self.image_shape[0], geometry)
+        self.residual = _residual_stack(geometry.channels[-1], residual_blocks)
         self.head = nn.Linear(geometry.flat_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.blocks(x)  # (B, C_last, h_last, w_last)
+        features = self.residual(self.blocks(x))  # (B, C_last, h_last, w_last)
         return self.head(features.flatten(1))
 
 
@@ -203,18 +234,25 @@ class ConvDecoder(nn.Module):
     input's height and width, whatever they are.
     """
 
-    def __init__(self, image_shape: Sequence[int], channels: Sequence[int], latent_dim: int):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        channels: Sequence[int],
+        latent_dim: int,
+        residual_blocks: int = 0,
+    ):
         super().__init__()
         geometry = _ConvGeometry(image_shape, channels)
         self.image_shape = geometry.image_shape
         self.latent_shape = (geometry.channels[-1], *geometry.sizes[-1])
         self.head = nn.Linear(latent_dim, geometry.flat_features)
+        self.residual = _residual_stack(geometry.channels[-1], residual_blocks)
         self.blocks = _up_blocks(geometry)
         self.out = nn.Conv2d(geometry.channels[0], self.image_shape[0], kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         features = self.head(z).view(-1, *self.latent_shape)  # (B, C_last, h_last, w_last)
-        return self.out(self.blocks(features))  # (B, C, H, W)
+        return self.out(self.blocks(self.residual(features)))  # (B, C, H, W)
 
 
 class ConvGridEncoder(nn.Module):
@@ -228,17 +266,23 @@ class ConvGridEncoder(nn.Module):
     """
 
     def __init__(
-        self, image_shape: Sequence[int], channels: Sequence[int], out_channels: int, min_size: int
+        self,
+        image_shape: Sequence[int],
+        channels: Sequence[int],
+        out_channels: int,
+        min_size: int,
+        residual_blocks: int = 0,
     ):
         super().__init__()
         geometry = _ConvGeometry(image_shape, channels, min_size)
         self.image_shape = geometry.image_shape
         self.grid_shape: tuple[int, int] = geometry.sizes[-1]
         self.blocks = _down_blocks(self.image_shape[0], geometry)
+        self.residual = _residual_stack(geometry.channels[-1], residual_blocks)
         self.head = nn.Conv2d(geometry.channels[-1], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x))  # (B, out_channels, h, w)
+        return self.head(self.residual(self.blocks(x)))  # (B, out_channels, h, w)
 
 
 class ConvGridDecoder(nn.Module):
@@ -247,7 +291,12 @@ class ConvGridDecoder(nn.Module):
     3x3 output convolution."""
 
     def __init__(
-        self, image_shape: Sequence[int], channels: Sequence[int], in_channels: int, min_size: int
+        self,
+        image_shape: Sequence[int],
+        channels: Sequence[int],
+        in_channels: int,
+        min_size: int,
+        residual_blocks: int = 0,
     ):
         super().__init__()
         geometry = _ConvGeometry(image_shape, channels, min_size)
@@ -257,11 +306,12 @@ class ConvGridDecoder(nn.Module):
             nn.BatchNorm2d(geometry.channels[-1]),
             nn.LeakyReLU(),
         )
+        self.residual = _residual_stack(geometry.channels[-1], residual_blocks)
         self.blocks = _up_blocks(geometry)
         self.out = nn.Conv2d(geometry.channels[0], self.image_shape[0], kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.out(self.blocks(self.head(z)))  # (B, C, H, W)
+        return self.out(self.blocks(self.residual(self.head(z))))  # (B, C, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,24 +456,39 @@ class Conv(Network):
     Args:
         channels: block channels from the image side; blocks the image is too small for are
             dropped from the end. Images must be at least 3x3 (one block).
+        residual_blocks: :class:`ResidualBlock` s at the deepest block's channels, after the
+            encoder's stride-2 blocks and before the decoder's transposed ones (the VQ-VAE
+            paper's two); 0, the default, for none. The default is for run configs saved
+            before the key existed; configs give it.
     """
 
-    def __init__(self, channels: list[int]):
+    def __init__(self, channels: list[int], residual_blocks: int = 0):
         _check_sizes("channels", channels, non_empty=True)
+        if (
+            not isinstance(residual_blocks, int)
+            or isinstance(residual_blocks, bool)
+            or residual_blocks < 0
+        ):
+            raise ConfigError("residual_blocks", residual_blocks, "must be an integer >= 0")
         self.channels = [int(c) for c in channels]
+        self.residual_blocks = int(residual_blocks)
 
     def encoder(self, image_shape: Sequence[int], out_features: int) -> ConvEncoder:
-        return ConvEncoder(image_shape, self.channels, out_features)
+        return ConvEncoder(image_shape, self.channels, out_features, self.residual_blocks)
 
     def decoder(self, image_shape: Sequence[int], latent_dim: int) -> ConvDecoder:
-        return ConvDecoder(image_shape, self.channels, latent_dim)
+        return ConvDecoder(image_shape, self.channels, latent_dim, self.residual_blocks)
 
     def grid_encoder(
         self, image_shape: Sequence[int], out_channels: int, min_size: int
     ) -> ConvGridEncoder:
-        return ConvGridEncoder(image_shape, self.channels, out_channels, min_size)
+        return ConvGridEncoder(
+            image_shape, self.channels, out_channels, min_size, self.residual_blocks
+        )
 
     def grid_decoder(
         self, image_shape: Sequence[int], in_channels: int, min_size: int
     ) -> ConvGridDecoder:
-        return ConvGridDecoder(image_shape, self.channels, in_channels, min_size)
+        return ConvGridDecoder(
+            image_shape, self.channels, in_channels, min_size, self.residual_blocks
+        )
