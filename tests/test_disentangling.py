@@ -141,6 +141,17 @@ def test_btcvae_refuses_a_dataset_size_below_one():
         btcvae(dataset_size=0)
 
 
+def test_the_beta_vae_preset_is_the_vae_with_beta_4_and_its_networks_swappable():
+    """``model=beta_vae`` (one sweep compares it with btcvae, factorvae) is ``model=vae
+    model.beta=4 model.latent_dim=10``, and ``model/network=`` still reaches its network."""
+    preset = compose_config(["model=beta_vae", "model/network=mlp"]).model
+    by_keys = compose_config(
+        ["model=vae", "model.beta=4", "model.latent_dim=10", "model/network=mlp"]
+    ).model
+    assert OmegaConf.to_container(preset) == OmegaConf.to_container(by_keys)
+    assert preset.network._target_.endswith(".MLP")
+
+
 # --- β-VAE with capacity annealing ------------------------------------------------------------
 
 
