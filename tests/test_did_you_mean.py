@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import CONFIG_DIR, REPO_ROOT
+from tests.conftest import CONFIG_DIR, MODEL_CONFIGS, REPO_ROOT
 from tests.test_cli import run_cli
 from vae_experiments.cli import train as train_cli
 from vae_experiments.cli.did_you_mean import closest_key_message, unknown_key_messages
@@ -104,7 +104,7 @@ def test_closest_key_message_walks_the_path():
 @pytest.mark.parametrize(
     ("group", "options"),
     [
-        ("model", ["ae", "cvae", "denoising_ae", "hvae", "iwae", "linear_ae", "vae"]),
+        ("model", MODEL_CONFIGS),
         ("data", ["celeba", "digits", "fashion_mnist", "image_folder", "mnist"]),
         ("trainer", ["cpu", "ddp", "default", "gpu"]),
     ],
@@ -174,7 +174,8 @@ def test_a_key_of_the_old_flat_model_configs_gets_the_override_that_replaced_it(
 OLD_DATA_KEYS = [
     (
         "data.path=/pics",
-        "it is data.source.path with data=image_folder; data=digits has no such setting",
+        "it is data.source.path with data=image_folder or data=shapes; data=digits has no such "
+        "setting",
         "image_folder",
     ),
     (
@@ -198,14 +199,14 @@ OLD_DATA_KEYS = [
     ),
     (
         "data.cache_dir=/cache",
-        "it is data.source.cache_dir with data=celeba or data=image_folder; data=digits has "
-        "no such setting",
+        "it is data.source.cache_dir with data=celeba, data=image_folder or data=shapes; "
+        "data=digits has no such setting",
         "celeba",
     ),
     (
         "data.cache=false",
-        "it is data.source.cache with data=celeba or data=image_folder; data=digits has no "
-        "such setting",
+        "it is data.source.cache with data=celeba, data=image_folder or data=shapes; "
+        "data=digits has no such setting",
         "image_folder",
     ),
     (

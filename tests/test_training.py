@@ -27,7 +27,7 @@ def run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict, 
     return read_metrics(run_dir), run_dir
 
 
-VAES = ("vae", "iwae", "hvae", "cvae", "btcvae", "beta_vae_capacity", "factorvae")
+VAES = ("vae", "beta_vae", "iwae", "hvae", "cvae", "btcvae", "beta_vae_capacity", "factorvae")
 #: Terms a model logs beside its kind's.
 EXTRA_TERMS = {
     "iwae": {"iwae_bound"},
@@ -105,6 +105,7 @@ def test_each_model_trains_and_writes_its_run(tmp_path, name):
     model, cfg = load_run(run_dir)
     targets = {
         "vae": ".VAE",
+        "beta_vae": ".VAE",
         "iwae": ".VAE",
         "hvae": ".HierarchicalVAE",
         "cvae": ".CVAE",
