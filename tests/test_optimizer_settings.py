@@ -10,6 +10,7 @@ import torch
 
 from vae_experiments.training.optimizer_settings import (
     apply_changed_settings,
+    build_optimizer,
     configured_settings,
 )
 
@@ -88,3 +89,39 @@ def test_plateau_scales_the_lr_it_reached():
         before, configured_settings(adam(lr=2e-3), plateau), [optimizer], [scheduler], plateau
     )
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_adam_is_fused_where_the_config_leaves_it_open_and_lightning_allows_it():
+    from tests.conftest import compose_config
+    from vae_experiments.targets import instantiate
+
+    weight = [torch.nn.Parameter(torch.ones(3))]
+    factory = instantiate(compose_config([]).optimizer, key="optimizer")  # optimizer=adam
+    assert factory.keywords["fused"] is None  # the config leaves it open
+    assert build_optimizer(factory, weight).param_groups[0]["fused"] is True
+    refused = build_optimizer(factory, weight, fused_allowed=False)
+    assert not refused.param_groups[0]["fused"]
+    off = instantiate(compose_config(["optimizer.fused=false"]).optimizer, key="optimizer")
+    assert build_optimizer(off, weight).param_groups[0]["fused"] is False
+    lbfgs = instantiate(compose_config(["optimizer=lbfgs"]).optimizer, key="optimizer")
+    assert "fused" not in build_optimizer(lbfgs, weight).param_groups[0]  # has no such argument
+    # The same update as torch's default implementation, to float precision.
+    plain, fused = (
+        adam()(weight),
+        build_optimizer(factory, [w := torch.nn.Parameter(torch.ones(3))]),
+    )
+    for optimizer, parameter in ((plain, weight[0]), (fused, w)):
+        for _ in range(3):
+            parameter.grad = torch.tensor([1.0, -2.0, 0.5])
+            optimizer.step()
+    assert torch.allclose(weight[0], w, atol=1e-6)
+
+
+def test_how_the_update_is_computed_is_not_reapplied_on_resume():
+    """A restored optimizer's state is laid out for the implementation it ran (a fused one keeps
+    its step counts on the parameters' device): ``fused`` and ``foreach`` stay as restored."""
+    optimizer, _ = trained(adam(), None, epochs=1)
+    before = {"optimizer": {"lr": 1e-3, "fused": None, "foreach": None}, "scheduler": {}}
+    now = {"optimizer": {"lr": 1e-3, "fused": True, "foreach": True}, "scheduler": {}}
+    assert apply_changed_settings(before, now, [optimizer]) == []
+    assert optimizer.param_groups[0]["fused"] is None

@@ -88,6 +88,24 @@ def test_resuming_after_an_epoch_ends_like_a_straight_run(tmp_path, straight_run
     assert_same_training(straight_run, run_dir)
 
 
+def test_a_fused_run_resumed_with_clipping_under_mixed_precision_trains_unfused(tmp_path):
+    """Lightning refuses to clip the gradients of a fused optimizer under mixed precision: a run
+    trained fused (the default) and resumed with both goes on with torch's unfused Adam, which
+    reads the same state."""
+    run_dir = train_run(tmp_path / "run", [*RESUMABLE, "trainer.max_epochs=1"])
+    saved = checkpoint(run_dir)["optimizer_states"][0]["param_groups"][0]
+    assert saved["fused"] is True
+    mixed = ["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"]
+    train(
+        compose_config([*FAST, *RESUMABLE, *mixed]),
+        run_dir,
+        ckpt_path=run_dir / "checkpoints/last.ckpt",
+    )
+    resumed = checkpoint(run_dir)
+    assert resumed["global_step"] == 2 * STEPS_PER_EPOCH
+    assert not resumed["optimizer_states"][0]["param_groups"][0]["fused"]
+
+
 @pytest.mark.parametrize(
     "stop_step",
     [1, STEPS_PER_EPOCH + 17, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH - 1],
