@@ -240,3 +240,16 @@ def test_help_lists_the_groups_to_choose_from_each_option_documented(tmp_path):
         if f"`{option}`" not in readme
     ]
     assert undocumented == []
+
+
+def test_a_fused_optimizer_with_clipping_under_mixed_precision_is_refused_before_training():
+    """Lightning refuses it after the run started; optimizer.fused=null (the default) picks the
+    unfused implementation there, and an explicit true is refused at once, naming the keys."""
+    clipped = ["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"]
+    with pytest.raises(ConfigError) as error:
+        check_config(compose_config([*clipped, "optimizer.fused=true"]))
+    message = str(error.value)
+    assert "optimizer.fused=true is invalid" in message
+    assert "trainer.gradient_clip_val=1.0" in message and "optimizer.fused=null" in message
+    check_config(compose_config(clipped))  # the default chooses for itself
+    check_config(compose_config(["optimizer.fused=true", "trainer.gradient_clip_val=1.0"]))

@@ -493,9 +493,31 @@ def check_config(cfg: DictConfig, lightning: bool = True) -> None:
         *tracker_store_problems(cfg),
         *build_problems(cfg, lightning),
         *adversary_problems(cfg),
+        *fused_optimizer_problems(cfg),
         *machine_problems(cfg),
     ]
     raise_all(problems)
+
+
+def fused_optimizer_problems(cfg: DictConfig) -> list[ConfigError]:
+    """``optimizer.fused=true`` with gradient clipping under mixed precision: Lightning refuses
+    to clip the gradients of an optimizer that unscales them itself, after the run started.
+    (``optimizer.fused=null``, the default, chooses the unfused implementation there.)"""
+    fused = OmegaConf.select(cfg, "optimizer.fused", default=None)
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if fused is True and clip and precision.endswith("-mixed"):
+        return [
+            ConfigError(
+                "optimizer.fused",
+                fused,
+                f"cannot go with trainer.gradient_clip_val={clip} under "
+                f"trainer.precision={precision}: Lightning does not clip the gradients of a "
+                "fused optimizer in mixed precision. Use optimizer.fused=null (fused where it "
+                "can be) or trainer.gradient_clip_val=null",
+            )
+        ]
+    return []
 
 
 #: The ``_target_`` of ``model/likelihood=auto`` (configs/model/likelihood/auto.yaml).
