@@ -397,3 +397,20 @@ def test_a_kl_warmup_longer_than_the_run_is_warned_about_at_its_start(tmp_path, 
         f"{steps / 2000:.2g} of model.beta=1 by the last step"
     )
     assert f"Lower model.kl_warmup_steps (e.g. {steps // 10}" in warning
+
+
+def test_a_model_whose_loss_takes_no_monitor_keyword_trains_as_before(tmp_path, monkeypatch):
+    """A model written to the earlier ``loss(x, y, step)`` gets every step in full."""
+    from vae_experiments.models import VAE
+
+    original = VAE.loss
+    calls = []
+
+    def loss(self, x, y=None, step=None):  # the signature README gave before ``monitor``
+        calls.append(step)
+        return original(self, x, y, step)
+
+    monkeypatch.setattr(VAE, "loss", loss)
+    metrics, _ = run(tmp_path, ["model=vae", *SMALL, "trainer.max_epochs=1"])
+    assert metrics["steps"] == 1294 // 32 and "test/elbo" in metrics
+    assert len([step for step in calls if step is not None]) == metrics["steps"]

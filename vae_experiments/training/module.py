@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -351,6 +352,12 @@ class LitModel(pl.LightningModule):
         self._saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
         self._settings_at_checkpoint: dict[str, Any] | None = None
         # Models with a prior: active units of the posterior means over each validation epoch.
+        # A model written before ``monitor`` existed (``loss(x, y, step)``) gets every step in
+        # full, as it always did.
+        parameters = inspect.signature(model.loss).parameters
+        self._loss_takes_monitor = "monitor" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        )
         counts_units = getattr(model, "has_prior", False) and hasattr(model, "posterior_means")
         self._active_units = ActiveUnits(model.latent_dims) if counts_units else None
         self._collapse = CollapseWatch()
@@ -374,12 +381,21 @@ class LitModel(pl.LightningModule):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         step = self.global_step if stage == "train" else None
-        terms = self.model.loss(x, y=y, step=step, monitor=monitor)
+        terms = self._model_terms(x, y, step, monitor)
         self._means[stage].add(terms, x.shape[0], step=step)
         if stage == "val" and self._active_units is not None:
             # One more encoder pass, in validation only; sums stay on the device.
             self._active_units.add(self.model.posterior_means(x, y))
         return terms["loss"]
+
+    def _model_terms(
+        self, x: torch.Tensor, y: torch.Tensor, step: int | None, monitor: bool
+    ) -> dict[str, torch.Tensor]:
+        """``model.loss`` of images x (B, C, H, W) with labels y at ``step``: with ``monitor``
+        where the model's loss takes it (every model of ours), else every term."""
+        if self._loss_takes_monitor:
+            return self.model.loss(x, y=y, step=step, monitor=monitor)
+        return self.model.loss(x, y=y, step=step)
 
     def _logs_this_step(self) -> bool:
         """Whether the trainer writes step metrics after this step (every log_every_n_steps)."""
@@ -560,7 +576,7 @@ class LitModel(pl.LightningModule):
         logs = self._logs_this_step()
         epoch_ends = batch_idx + 1 == self.trainer.num_training_batches
         # Every term on the steps whose point is written, as in training_step.
-        terms = self.model.loss(x, y=y, step=step, monitor=logs or epoch_ends)
+        terms = self._model_terms(x, y, step, monitor=logs or epoch_ends)
         self._means["train"].add(terms, x.shape[0], step=step)
         # Where the host reads the metrics anyway, and before the epoch's checkpoint; before the
         # steps, so that a non-finite loss never reaches the weights.
