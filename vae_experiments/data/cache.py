@@ -257,11 +257,7 @@ def build_cache(
             "alpha_background": files.alpha_background,
             "min_size": min_size,
         }
-        # The JSON marks a complete cache: drop the old one before the array changes.
-        _meta_file(npy).unlink(missing_ok=True)
-        os.replace(tmp, npy)
-        _write_atomic(_meta_file(npy), json.dumps(meta, indent=1))
-        _fsync_folder(npy.parent)
+        _publish(tmp, npy, meta)
     finally:
         tmp.unlink(missing_ok=True)
         compact.unlink(missing_ok=True)
@@ -273,6 +269,15 @@ def build_cache(
         len(files) / max(seconds, 1e-9),
         npy,
     )
+
+
+def _publish(tmp: Path, npy: Path, meta: dict[str, Any]) -> None:
+    """Puts the finished, synced array ``tmp`` in place at ``npy`` and writes its JSON last."""
+    # The JSON marks a complete cache: drop the old one before the array changes.
+    _meta_file(npy).unlink(missing_ok=True)
+    os.replace(tmp, npy)
+    _write_atomic(_meta_file(npy), json.dumps(meta, indent=1))
+    _fsync_folder(npy.parent)
 
 
 def _decode_into(
@@ -390,11 +395,7 @@ def _build_array(
         out.flush()
         del out
         _fsync(tmp)
-        # The JSON marks a complete cache: drop the old one before the array changes.
-        _meta_file(npy).unlink(missing_ok=True)
-        os.replace(tmp, npy)
-        _write_atomic(_meta_file(npy), json.dumps(meta, indent=1))
-        _fsync_folder(npy.parent)
+        _publish(tmp, npy, meta)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("cached %d images in %.1f s into %s", shape[0], time.perf_counter() - start, npy)
