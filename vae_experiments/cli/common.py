@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -121,6 +122,29 @@ def discard_unused(out_dir: str | Path, command: str) -> bool:
                 break
         return True
     return False
+
+
+def run_call(
+    command: str,
+    cfg: DictConfig,
+    work: Callable[[str], object],
+    refused: tuple[type[BaseException], ...] = (UsageError, *BAD_INPUT_ERRORS),
+) -> None:
+    """Runs an analysis command's ``work(out_dir)`` in the folder Hydra made for this call,
+    after recording the call (:func:`save_call`). If it stops before writing anything, the
+    folder goes (:func:`discard_unused`); an error of the ``refused`` kinds ends the command
+    with one ``error:`` line (exit 2), anything else propagates."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out_dir = HydraConfig.get().runtime.output_dir  # this call's own folder
+    save_call(out_dir, command, cfg, list(HydraConfig.get().overrides.task))
+    try:
+        work(out_dir)
+    except BaseException as error:
+        discard_unused(out_dir, command)  # stopped before writing: leave no folder behind
+        if isinstance(error, refused):
+            config_error_exit(str(error))
+        raise
 
 
 def int_setting(key: str, value: object, minimum: int = 1, null: str | None = None) -> int | None:

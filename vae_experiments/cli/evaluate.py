@@ -41,23 +41,19 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.analysis.disentanglement import METRIC_PREFIX, SCORE_KEYS
 from vae_experiments.cli.common import (
-    BAD_INPUT_ERRORS,
     UsageError,
     analysis_dir,
-    discard_unused,
     int_setting,
     register_resolvers,
     resolve_device,
+    run_call,
     run_dir_of,
-    save_call,
 )
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
-from vae_experiments.cli.run_dirs import config_error_exit
 from vae_experiments.configs import CONFIG_DIR
 
 #: metrics.json / TensorBoard keys this command adds, after the split name.
@@ -846,12 +842,4 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, An
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """``python scripts/evaluate.py run=<run dir or .ckpt> [k=5000] [split=test] ...``."""
-    out_dir = HydraConfig.get().runtime.output_dir  # this call's own folder (configs/evaluate.yaml)
-    save_call(out_dir, "evaluate", cfg, list(HydraConfig.get().overrides.task))
-    try:
-        evaluate(cfg, out_dir)
-    except BaseException as exc:
-        discard_unused(out_dir, "evaluate")  # stopped before writing: leave no folder behind
-        if isinstance(exc, (UsageError, *BAD_INPUT_ERRORS)):
-            config_error_exit(str(exc))
-        raise
+    run_call("evaluate", cfg, lambda out_dir: evaluate(cfg, out_dir))

@@ -31,19 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vae_experiments.cli.common import (
+    UsageError,
     analysis_dir,
-    discard_unused,
     register_resolvers,
     resolve_device,
+    run_call,
     run_dir_of,
-    save_call,
 )
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
-from vae_experiments.cli.run_dirs import config_error_exit
 from vae_experiments.configs import CONFIG_DIR
 
 #: ``prior=`` that means the run's own (``model.prior`` of its config.yaml).
@@ -52,10 +50,6 @@ RECORD_FILE = "fit_prior.json"
 log = logging.getLogger(__name__)
 
 register_resolvers()  # ${analysis_dir:...} in configs/fit_prior.yaml, before Hydra composes it
-
-
-class UsageError(ValueError):
-    """A bad command line or a run this command cannot take: one ``error:`` line."""
 
 
 def _recipe(model: Any, prior: str, epochs: int | None) -> Any:
@@ -247,10 +241,10 @@ def _log_scalars(run_dir: Path, values: dict[str, float], step: int) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="fit_prior")
 def main(cfg: DictConfig) -> None:
     """``python scripts/fit_prior.py run=<VQ-VAE run dir> [prior=own] [epochs=...] ...``."""
-    out_dir = HydraConfig.get().runtime.output_dir  # this call's own folder (fit_prior.yaml)
-    save_call(out_dir, "fit_prior", cfg, list(HydraConfig.get().overrides.task))
-    try:
-        fit_prior(
+    run_call(
+        "fit_prior",
+        cfg,
+        lambda out_dir: fit_prior(
             run=cfg.run,
             checkpoint=cfg.checkpoint,
             prior=cfg.prior,
@@ -260,9 +254,6 @@ def main(cfg: DictConfig) -> None:
             device=cfg.device,
             batch_size=cfg.batch_size,
             out_dir=out_dir,
-        )
-    except BaseException as error:
-        discard_unused(out_dir, "fit_prior")  # stopped before writing: leave no folder behind
-        if isinstance(error, UsageError):
-            config_error_exit(str(error))
-        raise
+        ),
+        refused=(UsageError,),
+    )

@@ -35,22 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vae_experiments.cli.common import (
-    BAD_INPUT_ERRORS,
     UsageError,
     analysis_dir,
-    discard_unused,
     int_setting,
     register_resolvers,
     resolve_device,
+    run_call,
     run_dir_of,
-    save_call,
 )
 from vae_experiments.cli.did_you_mean import suggest_keys_on_failure
-from vae_experiments.cli.run_dirs import config_error_exit
 from vae_experiments.configs import CONFIG_DIR
 from vae_experiments.targets import format_value, to_container
 
@@ -443,10 +439,10 @@ def sample_code_grids(
 @suggest_keys_on_failure(CONFIG_DIR, "sample")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    out_dir = HydraConfig.get().runtime.output_dir  # this call's own folder (configs/sample.yaml)
-    save_call(out_dir, "sample", cfg, list(HydraConfig.get().overrides.task))
-    try:
-        sample_latents(
+    run_call(
+        "sample",
+        cfg,
+        lambda out_dir: sample_latents(
             run=cfg.run,
             density=cfg.density,
             components=cfg.components,
@@ -459,9 +455,5 @@ def main(cfg: DictConfig) -> None:
             traversal_dims=cfg.traversal_dims,
             out_dir=out_dir,
             label=to_container(cfg.get("label")),
-        )
-    except BaseException as exc:
-        discard_unused(out_dir, "sample")  # stopped before writing: leave no folder behind
-        if isinstance(exc, (UsageError, *BAD_INPUT_ERRORS)):
-            config_error_exit(str(exc))
-        raise
+        ),
+    )
